@@ -1,0 +1,184 @@
+//! Builds the parts, binds the listener, and orders shutdown (invariant 9):
+//! signal → stop accepting → finish in-flight requests → close the queue so workers commit what
+//! is queued → stop the scheduler (drains stop, locks are released) → wait for every task, all
+//! within `SHUTDOWN_TIMEOUT`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::flush::Flusher;
+use crate::http::{AppState, router};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::pulse::Limits;
+use crate::store::{Store, StoreError};
+
+/// Why the service could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build the Processor client: {0}")]
+    Processor(#[from] reqwest::Error),
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+    #[error("shutdown did not finish within {0:?}")]
+    ShutdownTimeout(std::time::Duration),
+}
+
+/// A built, bound, not yet running service.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+}
+
+impl App {
+    /// Builds every part and binds `cfg.listen_addr` (port 0 picks a free port).
+    pub async fn build(cfg: Config) -> Result<App, AppError> {
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::new(&cfg)?;
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let ingest = Ingest::start(
+            &cfg,
+            store.clone(),
+            metrics.clone(),
+            &tracker,
+            hard_stop.clone(),
+        );
+        let flusher = Arc::new(Flusher::new(&cfg, store.clone(), metrics.clone())?);
+        if cfg.processor_url.is_none() {
+            warn!(
+                "PROCESSOR_URL is not set: windows are sealed and kept in Redis, but not delivered"
+            );
+        }
+        let listener =
+            TcpListener::bind(cfg.listen_addr)
+                .await
+                .map_err(|source| AppError::Bind {
+                    addr: cfg.listen_addr,
+                    source,
+                })?;
+        let limits = Arc::new(Limits {
+            max_field_len: cfg.max_field_len,
+            max_amount: cfg.max_amount,
+            allowed_units: cfg.allowed_units.clone(),
+        });
+        let state = AppState {
+            cfg: Arc::new(cfg),
+            limits,
+            ingest,
+            store,
+            flusher,
+            metrics,
+            shutdown: CancellationToken::new(),
+        };
+        Ok(App {
+            listener,
+            state,
+            tracker,
+            hard_stop,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `signal` resolves, then shuts down in order.
+    pub async fn run_until_stopped(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let App {
+            listener,
+            state,
+            tracker,
+            hard_stop,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        let deadline = state.cfg.shutdown_timeout;
+        info!(addr = %listener.local_addr().map_err(AppError::Serve)?, ack_mode = ?state.cfg.ack_mode, window = ?state.cfg.window, shards = state.cfg.shards, "pulse-ingestor listening");
+
+        tracker.spawn(state.flusher.clone().run(shutdown.clone()));
+        {
+            let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+            tokio::spawn(async move {
+                signal.await;
+                info!("shutdown requested: no new connections, finishing in-flight requests");
+                shutdown.cancel();
+                tokio::time::sleep(deadline).await;
+                hard_stop.cancel();
+            });
+        }
+        let started = Instant::now();
+        let ingest = state.ingest.clone();
+        let serve = axum::serve(listener, router(state.clone())).with_graceful_shutdown({
+            let s = shutdown.clone();
+            async move { s.cancelled().await }
+        });
+        tokio::select! {
+            r = serve => r.map_err(AppError::Serve)?,
+            _ = hard_stop.cancelled() => warn!("in-flight requests did not finish before the deadline"),
+        }
+        // No request can queue anything now: let the workers commit what is queued.
+        ingest.close();
+        tracker.close();
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = hard_stop.cancelled() => {}
+        }
+        if hard_stop.is_cancelled() && !tracker.is_empty() {
+            error!(
+                queued = ingest.depth(),
+                "shutdown deadline reached before the queue was committed"
+            );
+            return Err(AppError::ShutdownTimeout(deadline));
+        }
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shutdown complete"
+        );
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

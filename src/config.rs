@@ -1,0 +1,529 @@
+//! Typed configuration, read from environment variables (and `.env`, loaded by `main` only).
+//!
+//! Every variable name is a const and every default a const with its reason. Parsing collects
+//! *all* problems and reports them together, so a bad `.env` is fixed in one go (exit code 64).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Names of the environment variables, one vocabulary across binaries, compose file and docs.
+pub mod env {
+    pub const LISTEN_ADDR: &str = "LISTEN_ADDR";
+    pub const REDIS_URL: &str = "REDIS_URL";
+    pub const REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
+    pub const REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
+    pub const KEY_PREFIX: &str = "KEY_PREFIX";
+    pub const SHARDS: &str = "SHARDS";
+    pub const WINDOW: &str = "WINDOW";
+    pub const STABILISATION_DELAY: &str = "STABILISATION_DELAY";
+    pub const PROCESSOR_URL: &str = "PROCESSOR_URL";
+    pub const PROCESSOR_TOKEN: &str = "PROCESSOR_TOKEN";
+    pub const PROCESSOR_TIMEOUT: &str = "PROCESSOR_TIMEOUT";
+    pub const BATCH_SIZE: &str = "BATCH_SIZE";
+    pub const DELIVERY_CONCURRENCY: &str = "DELIVERY_CONCURRENCY";
+    pub const DELIVERY_MAX_BACKOFF: &str = "DELIVERY_MAX_BACKOFF";
+    pub const DELIVERY_MAX_ATTEMPTS: &str = "DELIVERY_MAX_ATTEMPTS";
+    pub const DRAIN_INTERVAL: &str = "DRAIN_INTERVAL";
+    pub const LOCK_TTL: &str = "LOCK_TTL";
+    pub const QUEUE_CAPACITY: &str = "QUEUE_CAPACITY";
+    pub const WORKERS: &str = "WORKERS";
+    pub const WORKER_BATCH: &str = "WORKER_BATCH";
+    pub const ACK_MODE: &str = "ACK_MODE";
+    pub const MAX_BODY_BYTES: &str = "MAX_BODY_BYTES";
+    pub const MAX_BATCH_ITEMS: &str = "MAX_BATCH_ITEMS";
+    pub const MAX_FIELD_LEN: &str = "MAX_FIELD_LEN";
+    pub const MAX_AMOUNT: &str = "MAX_AMOUNT";
+    pub const ALLOWED_UNITS: &str = "ALLOWED_UNITS";
+    pub const DEDUPE_TTL: &str = "DEDUPE_TTL";
+    pub const RETRY_AFTER: &str = "RETRY_AFTER";
+    pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
+    pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+    pub const LOG_FORMAT: &str = "LOG_FORMAT";
+}
+
+/// Defaults, each with the reason it was chosen.
+pub mod defaults {
+    use std::time::Duration;
+    /// All interfaces, the port the earlier Go ingestor used.
+    pub const LISTEN_ADDR: &str = "0.0.0.0:8070";
+    /// A local Redis, as `scripts/run_ingestor.sh` starts one.
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+    /// Connections are multiplexed; a few per core keeps Redis busy without head-of-line waits.
+    pub const REDIS_POOL_SIZE: usize = 16;
+    /// Long enough for a loaded Redis, short enough that a client gets its 503 before it gives up.
+    pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const KEY_PREFIX: &str = "pulses";
+    /// 16 shards spread one Redis Cluster's masters evenly and keep each drain small.
+    pub const SHARDS: u32 = 16;
+    /// Billing is hourly.
+    pub const WINDOW: Duration = Duration::from_secs(3600);
+    /// The earlier sender's delay; correctness does not depend on it (writes are atomic).
+    pub const STABILISATION_DELAY: Duration = Duration::from_secs(5);
+    pub const PROCESSOR_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The earlier sender's batch size, which the Processor is known to accept.
+    pub const BATCH_SIZE: usize = 500;
+    pub const DELIVERY_CONCURRENCY: usize = 4;
+    /// Backoff between delivery retries is capped so a recovered Processor is found quickly.
+    pub const DELIVERY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+    /// Attempts for one batch within one drain pass; the window stays pending and the next pass
+    /// tries again, so nothing is given up.
+    pub const DELIVERY_MAX_ATTEMPTS: u32 = 8;
+    /// How often pending windows are retried between boundaries.
+    pub const DRAIN_INTERVAL: Duration = Duration::from_secs(10);
+    /// A dead holder's lock frees within this time; renewed every third of it.
+    pub const LOCK_TTL: Duration = Duration::from_secs(15);
+    /// Pulses waiting for a worker; the earlier service's buffer size.
+    pub const QUEUE_CAPACITY: usize = 50_000;
+    /// Pulses per worker commit: large enough to amortise a round trip, small enough that one
+    /// Redis script call stays well under a millisecond.
+    pub const WORKER_BATCH: usize = 2_048;
+    /// Fits a batch of `MAX_BATCH_ITEMS` pulses with long names.
+    pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+    pub const MAX_BATCH_ITEMS: usize = 10_000;
+    pub const MAX_FIELD_LEN: usize = 256;
+    /// Far above any real usage figure, far below where sums lose integer precision in f64.
+    pub const MAX_AMOUNT: f64 = 1e15;
+    /// Client retries within an hour are recognised.
+    pub const DEDUPE_TTL: Duration = Duration::from_secs(3600);
+    pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+/// When a request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// 202 after the pulse is committed to Redis.
+    Durable,
+    /// 202 once queued, as the earlier Go ingestor did; the queue is lost on a crash.
+    Enqueued,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The service's whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP API address (`LISTEN_ADDR`).
+    pub listen_addr: SocketAddr,
+    /// The Redis to use (`REDIS_URL`).
+    pub redis_url: String,
+    /// Pooled multiplexed connections (`REDIS_POOL_SIZE`).
+    pub redis_pool_size: usize,
+    /// Per-command response timeout (`REDIS_TIMEOUT`).
+    pub redis_timeout: Duration,
+    /// Key namespace (`KEY_PREFIX`); keys are `{<prefix>:<shard>}:...`.
+    pub key_prefix: String,
+    /// Number of shards (`SHARDS`).
+    pub shards: u32,
+    /// Aggregation window (`WINDOW`), whole seconds.
+    pub window: Duration,
+    /// Wait after a window ends before its drain (`STABILISATION_DELAY`).
+    pub stabilisation_delay: Duration,
+    /// Downstream Processor (`PROCESSOR_URL`); unset keeps sealed windows pending.
+    pub processor_url: Option<String>,
+    /// Bearer token sent to the Processor (`PROCESSOR_TOKEN`).
+    pub processor_token: Option<String>,
+    /// Timeout of one Processor request (`PROCESSOR_TIMEOUT`).
+    pub processor_timeout: Duration,
+    /// Records per Processor request (`BATCH_SIZE`).
+    pub batch_size: usize,
+    /// Processor requests in flight per replica (`DELIVERY_CONCURRENCY`).
+    pub delivery_concurrency: usize,
+    /// Cap of the exponential retry backoff (`DELIVERY_MAX_BACKOFF`).
+    pub delivery_max_backoff: Duration,
+    /// Attempts per batch within one drain pass (`DELIVERY_MAX_ATTEMPTS`).
+    pub delivery_max_attempts: u32,
+    /// Pending windows are retried this often (`DRAIN_INTERVAL`).
+    pub drain_interval: Duration,
+    /// Drain lock lifetime, renewed while draining (`LOCK_TTL`).
+    pub lock_ttl: Duration,
+    /// Pulses queued or being committed, at most (`QUEUE_CAPACITY`).
+    pub queue_capacity: usize,
+    /// Commit workers (`WORKERS`).
+    pub workers: usize,
+    /// Pulses per worker commit, at most (`WORKER_BATCH`).
+    pub worker_batch: usize,
+    /// When requests are answered (`ACK_MODE`).
+    pub ack_mode: AckMode,
+    /// Request body limit in bytes (`MAX_BODY_BYTES`).
+    pub max_body_bytes: usize,
+    /// Pulses per batch request (`MAX_BATCH_ITEMS`).
+    pub max_batch_items: usize,
+    /// Longest tenant, SKU, unit or pulse id, in bytes (`MAX_FIELD_LEN`).
+    pub max_field_len: usize,
+    /// Largest `used_amount` accepted (`MAX_AMOUNT`).
+    pub max_amount: f64,
+    /// Units accepted; `None` accepts any (`ALLOWED_UNITS`, comma separated).
+    pub allowed_units: Option<Vec<String>>,
+    /// How long a pulse id is remembered (`DEDUPE_TTL`).
+    pub dedupe_ttl: Duration,
+    /// `Retry-After` sent with 503 (`RETRY_AFTER`).
+    pub retry_after: Duration,
+    /// Shutdown finishes within this (`SHUTDOWN_TIMEOUT`).
+    pub shutdown_timeout: Duration,
+    /// Required bearer token for `/admin/*` (`ADMIN_TOKEN`); unset leaves them open.
+    pub admin_token: Option<String>,
+    /// `text` or `json` (`LOG_FORMAT`).
+    pub log_format: LogFormat,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<(String, String)>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
+        for (var, msg) in &self.problems {
+            writeln!(f, "  {var}: {msg}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    vars: &'a HashMap<String, String>,
+    problems: Vec<(String, String)>,
+}
+
+impl Reader<'_> {
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+    }
+
+    fn fail(&mut self, name: &str, msg: impl Into<String>) {
+        self.problems.push((name.to_string(), msg.into()));
+    }
+
+    fn parse<T: std::str::FromStr>(&mut self, name: &str, default: T, what: &str) -> T {
+        match self.raw(name) {
+            None => default,
+            Some(v) => match v.parse() {
+                Ok(x) => x,
+                Err(_) => {
+                    self.fail(name, format!("expected {what}, got {v:?}"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn count(&mut self, name: &str, default: usize, min: usize, max: usize) -> usize {
+        let v = self.parse(name, default, "a whole number");
+        if v < min || v > max {
+            self.fail(name, format!("must be between {min} and {max}, got {v}"));
+            return default;
+        }
+        v
+    }
+
+    fn duration(&mut self, name: &str, default: Duration, min: Duration) -> Duration {
+        let Some(v) = self.raw(name) else {
+            return default;
+        };
+        match humantime::parse_duration(v) {
+            Ok(d) if d >= min => d,
+            Ok(_) => {
+                self.fail(
+                    name,
+                    format!("must be at least {}", humantime::format_duration(min)),
+                );
+                default
+            }
+            Err(e) => {
+                self.fail(
+                    name,
+                    format!(
+                        "expected a duration with a unit such as 500ms, 5s or 1h, got {v:?} ({e})"
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn string(&self, name: &str) -> Option<String> {
+        self.raw(name).map(str::to_string)
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Builds a configuration from a map of variables (tests use this, never the environment).
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut r = Reader {
+            vars,
+            problems: Vec::new(),
+        };
+        let listen_addr = r.parse(
+            env::LISTEN_ADDR,
+            defaults::LISTEN_ADDR
+                .parse()
+                .expect("default address parses"),
+            "an address such as 0.0.0.0:8070",
+        );
+        let redis_url = r
+            .string(env::REDIS_URL)
+            .unwrap_or_else(|| defaults::REDIS_URL.into());
+        if !(redis_url.starts_with("redis://")
+            || redis_url.starts_with("rediss://")
+            || redis_url.starts_with("redis+unix://")
+            || redis_url.starts_with("unix://"))
+        {
+            r.fail(
+                env::REDIS_URL,
+                format!("expected a redis:// URL, got {redis_url:?}"),
+            );
+        }
+        let redis_pool_size = r.count(env::REDIS_POOL_SIZE, defaults::REDIS_POOL_SIZE, 1, 1024);
+        let redis_timeout = r.duration(
+            env::REDIS_TIMEOUT,
+            defaults::REDIS_TIMEOUT,
+            Duration::from_millis(10),
+        );
+        let key_prefix = r
+            .string(env::KEY_PREFIX)
+            .unwrap_or_else(|| defaults::KEY_PREFIX.into());
+        if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
+            r.fail(
+                env::KEY_PREFIX,
+                "must not contain '{', '}' or control characters",
+            );
+        }
+        let shards = r.count(env::SHARDS, defaults::SHARDS as usize, 1, 16_384) as u32;
+        let window = r.duration(env::WINDOW, defaults::WINDOW, Duration::from_secs(1));
+        if window.subsec_nanos() != 0 {
+            r.fail(env::WINDOW, "must be a whole number of seconds");
+        }
+        let stabilisation_delay = r.duration(
+            env::STABILISATION_DELAY,
+            defaults::STABILISATION_DELAY,
+            Duration::ZERO,
+        );
+        let processor_url = r.string(env::PROCESSOR_URL);
+        if let Some(u) = &processor_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            r.fail(
+                env::PROCESSOR_URL,
+                format!("expected an http:// or https:// URL, got {u:?}"),
+            );
+        }
+        let processor_token = r.string(env::PROCESSOR_TOKEN);
+        let processor_timeout = r.duration(
+            env::PROCESSOR_TIMEOUT,
+            defaults::PROCESSOR_TIMEOUT,
+            Duration::from_millis(10),
+        );
+        let batch_size = r.count(env::BATCH_SIZE, defaults::BATCH_SIZE, 1, 100_000);
+        let delivery_concurrency = r.count(
+            env::DELIVERY_CONCURRENCY,
+            defaults::DELIVERY_CONCURRENCY,
+            1,
+            256,
+        );
+        let delivery_max_backoff = r.duration(
+            env::DELIVERY_MAX_BACKOFF,
+            defaults::DELIVERY_MAX_BACKOFF,
+            Duration::from_millis(1),
+        );
+        let delivery_max_attempts = r.count(
+            env::DELIVERY_MAX_ATTEMPTS,
+            defaults::DELIVERY_MAX_ATTEMPTS as usize,
+            1,
+            1_000,
+        ) as u32;
+        let drain_interval = r.duration(
+            env::DRAIN_INTERVAL,
+            defaults::DRAIN_INTERVAL,
+            Duration::from_millis(50),
+        );
+        let lock_ttl = r.duration(
+            env::LOCK_TTL,
+            defaults::LOCK_TTL,
+            Duration::from_millis(300),
+        );
+        let queue_capacity = r.count(env::QUEUE_CAPACITY, defaults::QUEUE_CAPACITY, 1, 10_000_000);
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = r.count(env::WORKERS, cpus, 1, 1024);
+        let worker_batch = r.count(env::WORKER_BATCH, defaults::WORKER_BATCH, 1, 100_000);
+        let ack_mode = match r.raw(env::ACK_MODE).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("durable") => AckMode::Durable,
+            Some("enqueued") => AckMode::Enqueued,
+            Some(other) => {
+                r.fail(
+                    env::ACK_MODE,
+                    format!("expected durable or enqueued, got {other:?}"),
+                );
+                AckMode::Durable
+            }
+        };
+        let max_body_bytes = r.count(env::MAX_BODY_BYTES, defaults::MAX_BODY_BYTES, 64, 1 << 30);
+        let max_batch_items = r.count(
+            env::MAX_BATCH_ITEMS,
+            defaults::MAX_BATCH_ITEMS,
+            1,
+            1_000_000,
+        );
+        let max_field_len = r.count(env::MAX_FIELD_LEN, defaults::MAX_FIELD_LEN, 1, 65_536);
+        let max_amount = r.parse(env::MAX_AMOUNT, defaults::MAX_AMOUNT, "a number");
+        if !(max_amount.is_finite() && max_amount > 0.0 && max_amount <= 1e300) {
+            r.fail(
+                env::MAX_AMOUNT,
+                "must be a positive number no larger than 1e300",
+            );
+        }
+        let allowed_units = r.string(env::ALLOWED_UNITS).map(|s| {
+            s.split(',')
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect::<Vec<_>>()
+        });
+        let dedupe_ttl = r.duration(
+            env::DEDUPE_TTL,
+            defaults::DEDUPE_TTL,
+            Duration::from_secs(1),
+        );
+        let retry_after = r.duration(
+            env::RETRY_AFTER,
+            defaults::RETRY_AFTER,
+            Duration::from_secs(1),
+        );
+        let shutdown_timeout = r.duration(
+            env::SHUTDOWN_TIMEOUT,
+            defaults::SHUTDOWN_TIMEOUT,
+            Duration::from_millis(100),
+        );
+        let admin_token = r.string(env::ADMIN_TOKEN);
+        let log_format = match r
+            .raw(env::LOG_FORMAT)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                r.fail(
+                    env::LOG_FORMAT,
+                    format!("expected text or json, got {other:?}"),
+                );
+                LogFormat::Text
+            }
+        };
+        if !r.problems.is_empty() {
+            return Err(ConfigError {
+                problems: r.problems,
+            });
+        }
+        Ok(Config {
+            listen_addr,
+            redis_url,
+            redis_pool_size,
+            redis_timeout,
+            key_prefix,
+            shards,
+            window,
+            stabilisation_delay,
+            processor_url,
+            processor_token,
+            processor_timeout,
+            batch_size,
+            delivery_concurrency,
+            delivery_max_backoff,
+            delivery_max_attempts,
+            drain_interval,
+            lock_ttl,
+            queue_capacity,
+            workers,
+            worker_batch,
+            ack_mode,
+            max_body_bytes,
+            max_batch_items,
+            max_field_len,
+            max_amount,
+            allowed_units,
+            dedupe_ttl,
+            retry_after,
+            shutdown_timeout,
+            admin_token,
+            log_format,
+        })
+    }
+
+    /// The window length in whole seconds, as the scripts use it.
+    pub fn window_secs(&self) -> u64 {
+        self.window.as_secs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(c.window, Duration::from_secs(3600));
+        assert_eq!(c.shards, 16);
+        assert_eq!(c.batch_size, 500);
+        assert_eq!(c.ack_mode, AckMode::Durable);
+        assert_eq!(c.listen_addr.port(), 8070);
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let c =
+            Config::from_map(&map(&[("WINDOW", "2s"), ("STABILISATION_DELAY", "500ms")])).unwrap();
+        assert_eq!(c.window, Duration::from_secs(2));
+        assert_eq!(c.stabilisation_delay, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn every_bad_variable_is_reported_at_once() {
+        let err = Config::from_map(&map(&[
+            ("WINDOW", "60"),
+            ("SHARDS", "zero"),
+            ("ACK_MODE", "sometimes"),
+            ("PROCESSOR_URL", "ftp://x"),
+            ("WINDOW", "1500ms"),
+        ]))
+        .unwrap_err();
+        let vars: Vec<_> = err.problems.iter().map(|(v, _)| v.as_str()).collect();
+        assert!(vars.contains(&"WINDOW"), "{err}");
+        assert!(vars.contains(&"SHARDS"), "{err}");
+        assert!(vars.contains(&"ACK_MODE"), "{err}");
+        assert!(vars.contains(&"PROCESSOR_URL"), "{err}");
+    }
+
+    #[test]
+    fn a_window_without_unit_is_refused() {
+        let err = Config::from_map(&map(&[("WINDOW", "60")])).unwrap_err();
+        assert!(err.to_string().contains("WINDOW"));
+    }
+}

@@ -1,0 +1,375 @@
+//! Drain: deliver a shard's sealed windows to the Processor, deleting only what was accepted.
+//!
+//! Under the shard's lock (random token, `PX` ttl, renewed every third of it, released by
+//! compare-and-delete) each pending window is streamed with `HSCAN` into batches of
+//! `BATCH_SIZE`; at most `DELIVERY_CONCURRENCY` batches are in flight per replica, so memory is
+//! bounded by batch size × in-flight whatever the hour's size (invariant 7). A batch's fields are
+//! `HDEL`ed after its 2xx (invariant 5); a rejected batch is moved to dead-letter; a batch that
+//! keeps failing stays and the window stays pending for the next pass.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::processor::{ProcessorClient, ProcessorError, Record, backoff, rfc3339};
+use crate::pulse::{decode_field, record_id};
+use crate::store::{Conn, PendingWindow, Store, StoreError};
+
+/// What the drain needs; shared by the scheduler and the admin routes.
+pub struct Drainer {
+    pub store: Store,
+    pub processor: Option<ProcessorClient>,
+    pub metrics: Arc<Metrics>,
+    pub batch_size: usize,
+    pub max_attempts: u32,
+    pub max_backoff: Duration,
+    pub lock_ttl: Duration,
+    /// Batches one window drain keeps in flight.
+    pub concurrency: usize,
+    /// Bounds the Processor requests in flight across every shard this replica drains.
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// The outcome of draining one shard.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DrainReport {
+    /// Another replica held the lock.
+    pub busy: bool,
+    pub windows_finished: u64,
+    pub records_delivered: u64,
+    pub records_dead_lettered: u64,
+    /// Windows still pending when the pass ended (failures, or not yet due).
+    pub windows_left: u64,
+}
+
+impl std::ops::AddAssign for DrainReport {
+    fn add_assign(&mut self, o: Self) {
+        self.busy |= o.busy;
+        self.windows_finished += o.windows_finished;
+        self.records_delivered += o.records_delivered;
+        self.records_dead_lettered += o.records_dead_lettered;
+        self.windows_left += o.windows_left;
+    }
+}
+
+enum BatchResult {
+    Delivered(u64),
+    DeadLettered(u64),
+    Failed,
+}
+
+impl Drainer {
+    /// Drains the shard's windows that ended at or before `due_before` (Redis seconds), oldest
+    /// first, under the shard's lock. Stops early, leaving data in place, when `cancel` fires.
+    pub async fn drain_shard(
+        &self,
+        shard: u32,
+        due_before: u64,
+        cancel: &CancellationToken,
+    ) -> Result<DrainReport, StoreError> {
+        let Some(processor) = &self.processor else {
+            return Ok(DrainReport::default());
+        };
+        let mut conn: Conn = (*self.store.conn().await?).clone();
+        let pending = self.store.pending(&mut conn, shard).await?;
+        if !pending.iter().any(|w| w.end <= due_before) {
+            return Ok(DrainReport {
+                windows_left: pending.len() as u64,
+                ..Default::default()
+            });
+        }
+        let token = hex::encode(rand::rng().random::<[u8; 16]>());
+        if !self
+            .store
+            .try_lock(&mut conn, shard, &token, self.lock_ttl)
+            .await?
+        {
+            return Ok(DrainReport {
+                busy: true,
+                windows_left: pending.len() as u64,
+                ..Default::default()
+            });
+        }
+        self.metrics.locks_held.inc();
+        let started = Instant::now();
+        // Lost lock or shutdown: stop sending; what was not deleted stays for the next holder.
+        let stop = cancel.child_token();
+        let renewer = tokio::spawn(renew(
+            self.store.clone(),
+            conn.clone(),
+            shard,
+            token.clone(),
+            self.lock_ttl,
+            stop.clone(),
+        ));
+        let result = self
+            .drain_locked(processor, &mut conn, shard, due_before, &stop)
+            .await;
+        stop.cancel();
+        let _ = renewer.await;
+        if let Err(e) = self.store.release_lock(&mut conn, shard, &token).await {
+            warn!(shard, error = %e, "could not release drain lock; it expires by itself");
+        }
+        self.metrics.locks_held.dec();
+        self.metrics
+            .drain_duration
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn drain_locked(
+        &self,
+        processor: &ProcessorClient,
+        conn: &mut Conn,
+        shard: u32,
+        due_before: u64,
+        stop: &CancellationToken,
+    ) -> Result<DrainReport, StoreError> {
+        let mut report = DrainReport::default();
+        // Read again under the lock: the previous holder may have finished some.
+        let pending = self.store.pending(conn, shard).await?;
+        let mut iter = pending.into_iter();
+        for w in iter.by_ref() {
+            if w.end > due_before || stop.is_cancelled() {
+                report.windows_left += 1;
+                break;
+            }
+            let (delivered, dead) = self.drain_window(processor, conn, shard, &w, stop).await?;
+            report.records_delivered += delivered;
+            report.records_dead_lettered += dead;
+            if self.store.finish_window(conn, shard, &w).await? {
+                report.windows_finished += 1;
+                info!(
+                    shard,
+                    window_start = w.start,
+                    records = delivered,
+                    dead_lettered = dead,
+                    "window delivered"
+                );
+            } else {
+                // Keep hours in order: a window that could not be finished blocks later ones
+                // until the next pass.
+                report.windows_left += 1;
+                break;
+            }
+        }
+        report.windows_left += iter.count() as u64;
+        Ok(report)
+    }
+
+    /// Streams one sealed window to the Processor. Returns (delivered, dead-lettered) records.
+    async fn drain_window(
+        &self,
+        processor: &ProcessorClient,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+        stop: &CancellationToken,
+    ) -> Result<(u64, u64), StoreError> {
+        let key = self.store.keys.sealed(shard, w.start);
+        let mut cursor = 0u64;
+        let mut buffer: Vec<(String, String)> = Vec::with_capacity(self.batch_size);
+        let mut inflight = FuturesUnordered::new();
+        let (mut delivered, mut dead) = (0u64, 0u64);
+        let mut tally = |r: BatchResult| match r {
+            BatchResult::Delivered(n) => delivered += n,
+            BatchResult::DeadLettered(n) => dead += n,
+            BatchResult::Failed => {}
+        };
+        loop {
+            let (next, pairs) = self
+                .store
+                .hscan(conn, &key, cursor, self.batch_size)
+                .await?;
+            cursor = next;
+            buffer.extend(pairs);
+            while buffer.len() >= self.batch_size || (cursor == 0 && !buffer.is_empty()) {
+                let take = buffer.len().min(self.batch_size);
+                let batch: Vec<(String, String)> = buffer.drain(..take).collect();
+                // Bound what this window holds in memory: one scan chunk plus `concurrency`
+                // batches. The futures only make progress while polled, so wait here, not on
+                // the semaphore.
+                while inflight.len() >= self.concurrency {
+                    if let Some(r) = inflight.next().await {
+                        tally(r?);
+                    }
+                }
+                let c = conn.clone();
+                inflight.push(async move {
+                    let _permit = self.in_flight.acquire().await.expect("never closed");
+                    self.deliver_batch(processor, c, shard, w, batch, stop)
+                        .await
+                });
+            }
+            if cursor == 0 || stop.is_cancelled() {
+                break;
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            tally(r?);
+        }
+        Ok((delivered, dead))
+    }
+
+    async fn deliver_batch(
+        &self,
+        processor: &ProcessorClient,
+        mut conn: Conn,
+        shard: u32,
+        w: &PendingWindow,
+        batch: Vec<(String, String)>,
+        stop: &CancellationToken,
+    ) -> Result<BatchResult, StoreError> {
+        let (window_start, window_end) = (rfc3339(w.start), rfc3339(w.end));
+        let mut records = Vec::with_capacity(batch.len());
+        let mut fields = Vec::with_capacity(batch.len());
+        let mut undecodable = Vec::new();
+        for (field, value) in &batch {
+            match (decode_field(field.as_bytes()), value.parse::<f64>()) {
+                (Some((tenant_id, product_sku, use_unit)), Ok(used_amount))
+                    if used_amount.is_finite() =>
+                {
+                    records.push(Record {
+                        record_id: record_id(w.start, field),
+                        tenant_id,
+                        product_sku,
+                        use_unit,
+                        used_amount,
+                        window_start: window_start.clone(),
+                        window_end: window_end.clone(),
+                    });
+                    fields.push(field.as_str());
+                }
+                _ => undecodable.push(field.as_str()),
+            }
+        }
+        let mut dead = 0;
+        if !undecodable.is_empty() {
+            let reason =
+                serde_json::json!({"status": null, "error": "field or amount not readable"})
+                    .to_string();
+            dead += self
+                .store
+                .dead_letter(&mut conn, shard, w, &reason, &undecodable)
+                .await?;
+            self.metrics.dead_letters.inc_by(dead);
+        }
+        if records.is_empty() {
+            return Ok(BatchResult::DeadLettered(dead));
+        }
+        let batch_id = batch_id(&records);
+        let body = bytes::Bytes::from(serde_json::to_vec(&records).expect("records serialise"));
+        let mut attempt = 0;
+        loop {
+            if stop.is_cancelled() {
+                return Ok(BatchResult::Failed);
+            }
+            match processor.send(&batch_id, body.clone()).await {
+                Ok(()) => {
+                    self.store
+                        .hdel(&mut conn, &self.store.keys.sealed(shard, w.start), &fields)
+                        .await?;
+                    self.metrics.records_delivered.inc_by(records.len() as u64);
+                    self.metrics.batches_delivered.inc();
+                    return Ok(BatchResult::Delivered(records.len() as u64));
+                }
+                Err(ProcessorError::Rejected { status, body }) => {
+                    self.metrics
+                        .delivery_failures
+                        .with_label_values(&["rejected"])
+                        .inc();
+                    warn!(
+                        shard,
+                        window_start = w.start,
+                        status,
+                        records = records.len(),
+                        "processor rejected a batch; dead-lettering it"
+                    );
+                    let reason = serde_json::json!({"status": status, "error": body}).to_string();
+                    let moved = self
+                        .store
+                        .dead_letter(&mut conn, shard, w, &reason, &fields)
+                        .await?;
+                    self.metrics.dead_letters.inc_by(moved);
+                    return Ok(BatchResult::DeadLettered(dead + moved));
+                }
+                Err(ProcessorError::Retryable {
+                    reason,
+                    detail,
+                    retry_after,
+                }) => {
+                    self.metrics
+                        .delivery_failures
+                        .with_label_values(&[reason])
+                        .inc();
+                    attempt += 1;
+                    if attempt >= self.max_attempts {
+                        warn!(shard, window_start = w.start, reason, %detail, attempts = attempt, "batch not delivered; it stays pending for the next pass");
+                        return Ok(BatchResult::Failed);
+                    }
+                    self.metrics.delivery_retries.inc();
+                    let wait = retry_after
+                        .map(|d| d.min(self.max_backoff))
+                        .unwrap_or_else(|| backoff(attempt - 1, self.max_backoff));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => return Ok(BatchResult::Failed),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A batch's id: derived from its record ids, so a re-sent batch carries the same key.
+fn batch_id(records: &[Record]) -> String {
+    let mut h = Sha256::new();
+    for r in records {
+        h.update(r.record_id.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Renews the lock every third of its ttl; cancels `stop` if it was lost.
+async fn renew(
+    store: Store,
+    mut conn: Conn,
+    shard: u32,
+    token: String,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = stop.cancelled() => return,
+        }
+        match store.renew_lock(&mut conn, shard, &token, ttl).await {
+            Ok(true) => failures = 0,
+            Ok(false) => {
+                warn!(shard, "drain lock lost; stopping this drain");
+                stop.cancel();
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                // Two misses in a row leave a third of the ttl: stop before another replica can
+                // take over, so two holders never send the same window at once.
+                if failures >= 2 {
+                    warn!(shard, error = %e, "cannot renew drain lock; stopping this drain");
+                    stop.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}

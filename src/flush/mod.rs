@@ -1,0 +1,287 @@
+//! Seal and delivery: the scheduler every replica runs, and the drain it drives.
+//!
+//! At each window boundary (Redis clock) the scheduler calls the seal script for every shard —
+//! idempotent, so with many replicas only the first call per shard toggles (invariant 3). A
+//! window becomes due for delivery `STABILISATION_DELAY` after it ended; due windows are drained
+//! under per-shard locks. The first pass runs at start-up, so windows a crashed replica left
+//! pending are delivered; failed windows are retried every `DRAIN_INTERVAL`.
+
+pub mod drain;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::join_all;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::processor::ProcessorClient;
+use crate::store::{Conn, PendingWindow, Store, StoreError};
+pub use drain::{DrainReport, Drainer};
+
+/// The result of sealing every shard once.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SealSummary {
+    /// Redis time when sealing, unix seconds.
+    pub redis_now: u64,
+    /// Start of the current window.
+    pub window_start: u64,
+    /// Shards this call toggled (0 when another replica or a write got there first).
+    pub toggled: u32,
+}
+
+/// Pending windows across every shard.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PendingStatus {
+    pub windows: Vec<ShardWindow>,
+    pub dead_letters: Vec<ShardWindow>,
+}
+
+/// One shard's window awaiting delivery (or holding dead letters).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardWindow {
+    pub shard: u32,
+    pub window_start: u64,
+    pub window_end: u64,
+    pub records: u64,
+    /// Seconds since the window ended.
+    pub age_seconds: u64,
+}
+
+/// Seals and drains; one per replica.
+pub struct Flusher {
+    pub drainer: Drainer,
+    store: Store,
+    metrics: Arc<Metrics>,
+    stabilisation_delay: Duration,
+    drain_interval: Duration,
+    shard_parallelism: usize,
+}
+
+impl Flusher {
+    pub fn new(cfg: &Config, store: Store, metrics: Arc<Metrics>) -> Result<Self, reqwest::Error> {
+        let processor = match &cfg.processor_url {
+            Some(url) => Some(ProcessorClient::new(
+                url,
+                cfg.processor_token.clone(),
+                cfg.processor_timeout,
+            )?),
+            None => None,
+        };
+        Ok(Flusher {
+            drainer: Drainer {
+                store: store.clone(),
+                processor,
+                metrics: metrics.clone(),
+                batch_size: cfg.batch_size,
+                max_attempts: cfg.delivery_max_attempts,
+                max_backoff: cfg.delivery_max_backoff,
+                lock_ttl: cfg.lock_ttl,
+                concurrency: cfg.delivery_concurrency,
+                in_flight: Arc::new(Semaphore::new(cfg.delivery_concurrency)),
+            },
+            store,
+            metrics,
+            stabilisation_delay: cfg.stabilisation_delay,
+            drain_interval: cfg.drain_interval,
+            shard_parallelism: cfg.delivery_concurrency,
+        })
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        Ok((*self.store.conn().await?).clone())
+    }
+
+    /// Runs the seal script on every shard (pipelined on one connection).
+    pub async fn seal_once(&self) -> Result<SealSummary, StoreError> {
+        let conn = self.conn().await?;
+        let replies = join_all((0..self.store.shards).map(|s| {
+            let mut c = conn.clone();
+            async move { self.store.seal(&mut c, s).await }
+        }))
+        .await;
+        let mut summary = SealSummary {
+            redis_now: 0,
+            window_start: 0,
+            toggled: 0,
+        };
+        for r in replies {
+            let r =
+                r.inspect_err(|_| self.metrics.redis_errors.with_label_values(&["seal"]).inc())?;
+            summary.redis_now = summary.redis_now.max(r.redis_now);
+            if r.window_start >= summary.window_start {
+                summary.window_start = r.window_start;
+                self.metrics
+                    .observe_window(r.window_start, Some(&r.generation));
+            }
+            summary.toggled += u32::from(r.toggled);
+        }
+        self.metrics.seals.inc_by(u64::from(summary.toggled));
+        if summary.toggled > 0 {
+            info!(
+                window_start = summary.window_start,
+                shards = summary.toggled,
+                "sealed ended window"
+            );
+        }
+        Ok(summary)
+    }
+
+    /// Drains every shard's windows that are due: ended at least the stabilisation delay ago,
+    /// or simply ended when `ignore_delay` (the admin flush).
+    pub async fn drain_once(
+        &self,
+        redis_now: u64,
+        ignore_delay: bool,
+        cancel: &CancellationToken,
+    ) -> Result<DrainReport, StoreError> {
+        let delay = if ignore_delay {
+            0
+        } else {
+            self.stabilisation_delay.as_secs_f64().ceil() as u64
+        };
+        let due_before = redis_now.saturating_sub(delay);
+        let reports: Vec<_> = futures::stream::iter(0..self.store.shards)
+            .map(|s| async move { (s, self.drainer.drain_shard(s, due_before, cancel).await) })
+            .buffer_unordered(self.shard_parallelism)
+            .collect()
+            .await;
+        let mut total = DrainReport::default();
+        for (shard, r) in reports {
+            match r {
+                Ok(r) => total += r,
+                Err(e) => {
+                    self.metrics
+                        .redis_errors
+                        .with_label_values(&["drain"])
+                        .inc();
+                    warn!(shard, error = %e, "drain failed; the window stays pending");
+                    total.windows_left += 1;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Every pending and dead-lettered window, with record counts and ages; updates the gauges.
+    pub async fn pending_status(&self, redis_now: u64) -> Result<PendingStatus, StoreError> {
+        let conn = self.conn().await?;
+        let per_shard = join_all((0..self.store.shards).map(|s| {
+            let mut c = conn.clone();
+            async move {
+                let pending = self.store.pending(&mut c, s).await?;
+                let dead = self.store.dead_windows(&mut c, s).await?;
+                let mut out = (Vec::new(), Vec::new());
+                for (list, key_of, into) in [(pending, 0, &mut out.0), (dead, 1, &mut out.1)] {
+                    for w in list {
+                        let key = if key_of == 0 {
+                            self.store.keys.sealed(s, w.start)
+                        } else {
+                            self.store.keys.dead(s, w.start)
+                        };
+                        let records = self.store.hlen(&mut c, &key).await?;
+                        into.push(window_row(s, &w, records, redis_now));
+                    }
+                }
+                Ok::<_, StoreError>(out)
+            }
+        }))
+        .await;
+        let mut status = PendingStatus::default();
+        for r in per_shard {
+            let (p, d) = r?;
+            status.windows.extend(p);
+            status.dead_letters.extend(d);
+        }
+        status.windows.sort_by_key(|w| (w.window_start, w.shard));
+        status
+            .dead_letters
+            .sort_by_key(|w| (w.window_start, w.shard));
+        self.metrics
+            .pending_windows
+            .set(status.windows.len() as i64);
+        self.metrics.oldest_pending_age.set(
+            status
+                .windows
+                .iter()
+                .map(|w| w.age_seconds)
+                .max()
+                .unwrap_or(0) as i64,
+        );
+        Ok(status)
+    }
+
+    /// Seals now (if a window ended) and drains every ended window without waiting for the
+    /// stabilisation delay. It never cuts the current window short.
+    pub async fn flush_now(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<(SealSummary, DrainReport), StoreError> {
+        let seal = self.seal_once().await?;
+        let report = self.drain_once(seal.redis_now, true, cancel).await?;
+        let _ = self.pending_status(seal.redis_now).await;
+        Ok((seal, report))
+    }
+
+    /// One scheduler step: seal, drain what is due, refresh the gauges. Returns how long to
+    /// sleep before the next step.
+    pub async fn tick(&self, cancel: &CancellationToken) -> Result<Duration, StoreError> {
+        let seal = self.seal_once().await?;
+        let report = self.drain_once(seal.redis_now, false, cancel).await?;
+        let status = self.pending_status(seal.redis_now).await?;
+        let window = self.store.window_secs;
+        let delay = self.stabilisation_delay.as_secs_f64().ceil() as u64;
+        // Next boundary, or the moment the earliest pending window becomes due.
+        let mut wake = seal.window_start + window;
+        for w in &status.windows {
+            let due = w.window_end + delay;
+            if due > seal.redis_now {
+                wake = wake.min(due);
+            }
+        }
+        let mut sleep = Duration::from_secs(wake.saturating_sub(seal.redis_now));
+        if report.windows_left > 0 || report.busy || !status.windows.is_empty() {
+            // Something due is still there (Processor failing, or another replica draining).
+            sleep = sleep.min(self.drain_interval);
+        }
+        debug!(
+            ?report,
+            sleep_ms = sleep.as_millis() as u64,
+            "scheduler tick"
+        );
+        // Land just after the boundary rather than just before it.
+        Ok(sleep.max(Duration::from_millis(20)) + Duration::from_millis(20))
+    }
+
+    /// The scheduler loop; returns when `shutdown` fires.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let sleep = match self.tick(&shutdown).await {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(error = %e, "scheduler step failed; retrying");
+                    self.drain_interval.min(Duration::from_secs(1))
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        debug!("scheduler stopped");
+    }
+}
+
+fn window_row(shard: u32, w: &PendingWindow, records: u64, now: u64) -> ShardWindow {
+    ShardWindow {
+        shard,
+        window_start: w.start,
+        window_end: w.end,
+        records,
+        age_seconds: now.saturating_sub(w.end),
+    }
+}

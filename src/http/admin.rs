@@ -1,0 +1,115 @@
+//! Operator routes under `/admin`, guarded by `ADMIN_TOKEN` (bearer) when it is set.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::store::StoreError;
+
+fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.cfg.admin_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant-time comparison: the token must not leak through timing.
+    let same = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn storage(state: &AppState, e: StoreError) -> ApiError {
+    tracing::warn!(error = %e, "admin request failed on redis");
+    ApiError::Unavailable {
+        message: "storage unavailable".into(),
+        retry_after: state.cfg.retry_after,
+    }
+}
+
+/// `POST /admin/flush`: seal an ended window now and drain every ended window without waiting
+/// for the stabilisation delay. The current window is never cut short.
+pub async fn flush(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let (seal, report) = state
+        .flusher
+        .flush_now(&state.shutdown)
+        .await
+        .map_err(|e| storage(&state, e))?;
+    Ok((StatusCode::OK, Json(json!({"seal": seal, "drain": report}))).into_response())
+}
+
+/// `GET /admin/pending`: pending windows with their record counts and ages, and dead letters.
+pub async fn pending(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let mut conn = state.store.conn().await.map_err(|e| storage(&state, e))?;
+    let now = state
+        .store
+        .time(&mut conn)
+        .await
+        .map_err(|e| storage(&state, e))?;
+    let status = state
+        .flusher
+        .pending_status(now)
+        .await
+        .map_err(|e| storage(&state, e))?;
+    let records: u64 = status.windows.iter().map(|w| w.records).sum();
+    let dead: u64 = status.dead_letters.iter().map(|w| w.records).sum();
+    Ok((
+        StatusCode::OK,
+        Json(json!({
+            "redis_time": now,
+            "pending_windows": status.windows.len(),
+            "pending_records": records,
+            "dead_letter_records": dead,
+            "windows": status.windows,
+            "dead_letters": status.dead_letters,
+        })),
+    )
+        .into_response())
+}
+
+/// `POST /admin/dead-letters/replay`: moves every dead-lettered record back into its window for
+/// another delivery (after the Processor was fixed).
+pub async fn replay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let store = &state.store;
+    let mut conn = store.conn().await.map_err(|e| storage(&state, e))?;
+    let mut moved = 0u64;
+    for shard in 0..store.shards {
+        let windows = store
+            .dead_windows(&mut conn, shard)
+            .await
+            .map_err(|e| storage(&state, e))?;
+        for w in windows {
+            moved += store
+                .replay_dead(&mut conn, shard, &w)
+                .await
+                .map_err(|e| storage(&state, e))?;
+        }
+    }
+    Ok((StatusCode::OK, Json(json!({"replayed_records": moved}))).into_response())
+}

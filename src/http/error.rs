@@ -1,0 +1,74 @@
+//! `ApiError`: every way a request can fail, each mapped to one documented status code.
+//! Clients see a message about their input, never internals.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::pulse::FieldError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the body is not JSON of the expected shape.
+    Malformed(String),
+    /// 401: admin token missing or wrong.
+    Unauthorized,
+    /// 413: body or batch too large.
+    TooLarge(String),
+    /// 415: neither JSON nor NDJSON.
+    UnsupportedMediaType(String),
+    /// 422: fields are missing or invalid; each is named.
+    Invalid(Vec<FieldError>),
+    /// 503: queue full, Redis unavailable, or shutting down; retry after the given time.
+    Unavailable {
+        message: String,
+        retry_after: Duration,
+    },
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            ApiError::Malformed(m) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "malformed JSON", "detail": m}),
+            ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "missing or invalid admin token"}),
+            ),
+            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, json!({"error": m})),
+            ApiError::UnsupportedMediaType(m) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"error": m}))
+            }
+            ApiError::Invalid(errors) => {
+                let summary = errors
+                    .iter()
+                    .map(|e| match e.index {
+                        Some(i) => format!("[{i}].{} {}", e.field, e.message),
+                        None => format!("{} {}", e.field, e.message),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"error": summary, "fields": errors}),
+                )
+            }
+            ApiError::Unavailable { message, .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, json!({"error": message}))
+            }
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if let ApiError::Unavailable { retry_after, .. } = self {
+            let secs = retry_after.as_secs().max(1).to_string();
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&secs).expect("digits are a valid header"),
+            );
+        }
+        resp
+    }
+}

@@ -1,0 +1,49 @@
+//! `GET /healthz`, `GET /readyz`, `GET /metrics`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+
+/// Alive: the process answers.
+pub async fn healthz() -> Response {
+    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+}
+
+/// Ready: Redis answers a PING and the queue has room (below 90 % of its capacity).
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let redis = state.store.ping().await;
+    let depth = state.ingest.depth();
+    let capacity = state.ingest.capacity();
+    let queue_ok = depth * 10 < capacity * 9;
+    let ready = redis.is_ok() && queue_ok && !state.shutdown.is_cancelled();
+    let body = json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "redis": match &redis { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
+        "queue_depth": depth,
+        "queue_capacity": capacity,
+        "shutting_down": state.shutdown.is_cancelled(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.queue_depth.set(state.ingest.depth() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,157 @@
+//! `POST /ingest` and `POST /ingest/batch`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::ingest::{CommitError, SubmitError};
+use crate::pulse::{DecodeError, Pulse};
+
+/// Which body format a request declared.
+#[derive(PartialEq)]
+enum Format {
+    Json,
+    Ndjson,
+}
+
+/// A missing content type is read as JSON, as the earlier service's clients did not always set
+/// one; anything else that is not JSON (or NDJSON for batches) is refused.
+fn format(headers: &HeaderMap, allow_ndjson: bool) -> Result<Format, ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(Format::Json);
+    };
+    let ct = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match ct.as_str() {
+        "application/json" => Ok(Format::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" if allow_ndjson => {
+            Ok(Format::Ndjson)
+        }
+        _ => Err(ApiError::UnsupportedMediaType(if allow_ndjson {
+            "content type must be application/json or application/x-ndjson".into()
+        } else {
+            "content type must be application/json".into()
+        })),
+    }
+}
+
+fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge("request body is larger than the limit".into())
+        } else {
+            ApiError::Malformed(r.body_text())
+        }
+    })
+}
+
+fn idempotency_key<'h>(
+    state: &AppState,
+    headers: &'h HeaderMap,
+) -> Result<Option<&'h str>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v.to_str().map_err(|_| {
+        ApiError::Invalid(vec![crate::pulse::FieldError {
+            index: None,
+            field: "Idempotency-Key".into(),
+            message: "must be visible ASCII".into(),
+        }])
+    })?;
+    state
+        .limits
+        .idempotency_key(key)
+        .map_err(|e| ApiError::Invalid(vec![e]))?;
+    Ok(Some(key))
+}
+
+fn decode_error(state: &AppState, e: DecodeError) -> ApiError {
+    match e {
+        DecodeError::Malformed(m) => ApiError::Malformed(m),
+        DecodeError::Invalid(errs) => {
+            state.metrics.pulses.with_label_values(&["rejected"]).inc();
+            ApiError::Invalid(errs)
+        }
+        DecodeError::TooManyItems { max } => {
+            ApiError::TooLarge(format!("a batch holds at most {max} pulses"))
+        }
+    }
+}
+
+/// Queues the pulses and, in durable mode, waits for their commit.
+async fn submit(state: &AppState, pulses: Vec<Pulse>) -> Result<Response, ApiError> {
+    let n = pulses.len();
+    state.metrics.pulses_received.inc_by(n as u64);
+    let unavailable = |message: String| ApiError::Unavailable {
+        message,
+        retry_after: state.cfg.retry_after,
+    };
+    let rx = state.ingest.submit(pulses).map_err(|e| match e {
+        SubmitError::Full => unavailable("ingest queue is full; retry later".into()),
+        SubmitError::Closed => unavailable("shutting down; retry on another replica".into()),
+    })?;
+    let Some(rx) = rx else {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "queued", "pulses": n})),
+        )
+            .into_response());
+    };
+    match rx.await {
+        Ok(Ok(o)) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "committed", "accepted": o.accepted, "duplicates": o.duplicates})),
+        )
+            .into_response()),
+        Ok(Err(CommitError::Unavailable(_))) => Err(unavailable("storage unavailable; nothing was counted, retry later".into())),
+        Ok(Err(CommitError::Partial(_))) => Err(unavailable(
+            "storage failed part-way; retry with the same pulse_id or Idempotency-Key to complete it exactly".into(),
+        )),
+        Err(_) => Err(unavailable("shutting down; retry later".into())),
+    }
+}
+
+pub async fn one(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    format(&headers, false)?;
+    let raw = body(raw)?;
+    let key = idempotency_key(&state, &headers)?;
+    let pulse = state
+        .limits
+        .decode_one(&raw, key)
+        .map_err(|e| decode_error(&state, e))?;
+    submit(&state, vec![pulse]).await
+}
+
+pub async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let fmt = format(&headers, true)?;
+    let raw = body(raw)?;
+    let key = idempotency_key(&state, &headers)?;
+    // A batch can never be larger than the queue it must fit into.
+    let max = state.cfg.max_batch_items.min(state.ingest.capacity());
+    let pulses = state
+        .limits
+        .decode_batch(&raw, fmt == Format::Ndjson, key, max)
+        .map_err(|e| decode_error(&state, e))?;
+    submit(&state, pulses).await
+}

@@ -1,0 +1,85 @@
+//! The HTTP API: `router(state)` builds every route.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /ingest` | one pulse |
+//! | `POST /ingest/batch` | a JSON array or NDJSON of pulses, all or nothing |
+//! | `GET /healthz`, `GET /readyz` | liveness; readiness (Redis reachable, queue not saturated) |
+//! | `GET /metrics` | Prometheus text format |
+//! | `POST /admin/flush`, `GET /admin/pending`, `POST /admin/dead-letters/replay` | operators |
+
+mod admin;
+pub mod error;
+mod health;
+mod ingest;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::flush::Flusher;
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::pulse::Limits;
+use crate::store::Store;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub cfg: Arc<Config>,
+    pub limits: Arc<Limits>,
+    pub ingest: Ingest,
+    pub store: Store,
+    pub flusher: Arc<Flusher>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled at shutdown; admin drains stop with it.
+    pub shutdown: CancellationToken,
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/ingest", post(ingest::one))
+        .route("/ingest/batch", post(ingest::batch))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/admin/flush", post(admin::flush))
+        .route("/admin/pending", get(admin::pending))
+        .route("/admin/dead-letters/replay", post(admin::replay))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Counts every request by route and status, and times it.
+async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}

@@ -1,0 +1,160 @@
+//! The bounded ingest queue and the workers that group-commit it to Redis.
+//!
+//! A request reserves one permit per pulse from a semaphore of `QUEUE_CAPACITY` permits before
+//! it is queued; with none left it is answered 503 at once (invariant 7) — nothing waits
+//! unbounded and nothing is dropped silently. Permits return when the worker has committed, so
+//! the bound covers queued *and* in-flight pulses. Workers take up to `WORKER_BATCH` pulses,
+//! pre-aggregate pulses without ids that share a key, and commit one script call per shard; the
+//! calls of one commit share a multiplexed connection and are pipelined.
+
+mod worker;
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AckMode, Config};
+use crate::metrics::Metrics;
+use crate::pulse::Pulse;
+use crate::store::Store;
+
+/// What a committed request gets back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// Pulses counted by this request.
+    pub accepted: usize,
+    /// Pulses recognised as re-sends of a pulse id already counted.
+    pub duplicates: usize,
+}
+
+/// Why a commit failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// Redis failed before counting anything of this request.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis failed for part of a batch spanning several shards, or timed out: some pulses may
+    /// have been counted. A retry with the same pulse ids or `Idempotency-Key` completes it
+    /// exactly.
+    #[error("redis failed part-way: {0}")]
+    Partial(String),
+}
+
+/// Why a request could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: answer 503 with `Retry-After`.
+    Full,
+    /// The service is shutting down.
+    Closed,
+}
+
+pub(crate) struct Job {
+    pulses: Vec<Pulse>,
+    reply: Option<oneshot::Sender<Result<Outcome, CommitError>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The handle request handlers use to queue pulses.
+#[derive(Clone)]
+pub struct Ingest {
+    tx: async_channel::Sender<Job>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    ack: AckMode,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    /// Starts `cfg.workers` workers on `tracker`. `hard_stop` ends retries of enqueued pulses
+    /// when the shutdown deadline is reached.
+    pub fn start(
+        cfg: &Config,
+        store: Store,
+        metrics: Arc<Metrics>,
+        tracker: &TaskTracker,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        let (tx, rx) = async_channel::unbounded::<Job>();
+        metrics.queue_capacity.set(cfg.queue_capacity as i64);
+        let permits = Arc::new(Semaphore::new(cfg.queue_capacity));
+        for id in 0..cfg.workers {
+            let w = worker::Worker {
+                id,
+                rx: rx.clone(),
+                store: store.clone(),
+                metrics: metrics.clone(),
+                max_batch: cfg.worker_batch,
+                retry_forever: cfg.ack_mode == AckMode::Enqueued,
+                hard_stop: hard_stop.clone(),
+                permits: permits.clone(),
+                capacity: cfg.queue_capacity,
+            };
+            tracker.spawn(w.run());
+        }
+        Ingest {
+            tx,
+            permits,
+            capacity: cfg.queue_capacity,
+            ack: cfg.ack_mode,
+            metrics,
+        }
+    }
+
+    /// The acknowledgement mode.
+    pub fn ack_mode(&self) -> AckMode {
+        self.ack
+    }
+
+    /// Pulses queued or being committed.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.permits.available_permits()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Queues pulses. In durable mode the returned receiver resolves once they are committed.
+    pub fn submit(
+        &self,
+        pulses: Vec<Pulse>,
+    ) -> Result<Option<oneshot::Receiver<Result<Outcome, CommitError>>>, SubmitError> {
+        let n = pulses.len() as u32;
+        let permit = match self.permits.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.metrics
+                    .pulses
+                    .with_label_values(&["shed"])
+                    .inc_by(u64::from(n));
+                return Err(SubmitError::Full);
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(SubmitError::Closed),
+        };
+        let (reply, rx) = match self.ack {
+            AckMode::Durable => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            AckMode::Enqueued => (None, None),
+        };
+        self.tx
+            .try_send(Job {
+                pulses,
+                reply,
+                _permit: permit,
+            })
+            .map_err(|_| SubmitError::Closed)?;
+        self.metrics.queue_depth.set(self.depth() as i64);
+        Ok(rx)
+    }
+
+    /// Stops taking pulses. Workers commit what is queued, then exit.
+    pub fn close(&self) {
+        self.permits.close();
+        self.tx.close();
+    }
+}

@@ -1,0 +1,237 @@
+//! A commit worker: takes a group of queued requests and commits them, one script per shard.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::Connection;
+use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use super::{CommitError, Job, Outcome};
+use crate::metrics::Metrics;
+use crate::pulse::{dedupe_digest, encode_field, shard_of};
+use crate::store::{Store, StoreError, WriteItem};
+
+pub(crate) struct Worker {
+    pub id: usize,
+    pub rx: async_channel::Receiver<Job>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub max_batch: usize,
+    /// Enqueued mode: nobody waits for the answer, so a failed commit is retried until it
+    /// succeeds or the shutdown deadline passes.
+    pub retry_forever: bool,
+    pub hard_stop: CancellationToken,
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub capacity: usize,
+}
+
+/// The pulses of one shard in one commit.
+#[derive(Default)]
+struct ShardBatch {
+    items: Vec<WriteItem>,
+    /// For each item carrying a pulse id: the job it belongs to.
+    owner: Vec<Option<usize>>,
+    /// Item index of each pre-aggregated key without id.
+    merged: HashMap<String, usize>,
+    /// Pulses without id per job, counted when the shard commits.
+    plain: HashMap<usize, usize>,
+}
+
+impl Worker {
+    pub async fn run(self) {
+        let mut conn: Option<Connection> = None;
+        while let Ok(first) = self.rx.recv().await {
+            let mut n = first.pulses.len();
+            let mut jobs = vec![first];
+            while n < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(j) => {
+                        n += j.pulses.len();
+                        jobs.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.metrics.commit_batch.observe(n as f64);
+            commit_once(&self, &mut conn, jobs).await;
+            // The jobs (and their permits) are gone now.
+            self.metrics
+                .queue_depth
+                .set((self.capacity - self.permits.available_permits()) as i64);
+        }
+        debug!(worker = self.id, "ingest worker stopped");
+    }
+}
+
+/// Commits one group of jobs and answers each of them.
+pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Connection>, jobs: Vec<Job>) {
+    let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
+    for (j, job) in jobs.iter().enumerate() {
+        for p in &job.pulses {
+            let shard = shard_of(&p.tenant_id, w.store.shards);
+            let b = shards.entry(shard).or_default();
+            let field = encode_field(&p.tenant_id, &p.product_sku, &p.use_unit);
+            match &p.pulse_id {
+                Some(id) => {
+                    b.items.push(WriteItem {
+                        field,
+                        amount: p.used_amount,
+                        digest: Some(dedupe_digest(&p.tenant_id, id)),
+                    });
+                    b.owner.push(Some(j));
+                }
+                None => {
+                    *b.plain.entry(j).or_default() += 1;
+                    if let Some(&i) = b.merged.get(&field) {
+                        b.items[i].amount += p.used_amount;
+                    } else {
+                        b.merged.insert(field.clone(), b.items.len());
+                        b.items.push(WriteItem {
+                            field,
+                            amount: p.used_amount,
+                            digest: None,
+                        });
+                        b.owner.push(None);
+                    }
+                }
+            }
+        }
+    }
+    let mut shards: Vec<(u32, ShardBatch)> = shards.into_iter().collect();
+    let mut outcomes = vec![Outcome::default(); jobs.len()];
+    let mut failed: Vec<Option<CommitError>> = vec![None; jobs.len()];
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let results = match write_all(w, conn, &shards).await {
+            Ok(r) => r,
+            Err(e) => shards
+                .iter()
+                .map(|_| Err(StoreError::Pool(e.to_string())))
+                .collect(),
+        };
+        let mut retry = Vec::new();
+        let mut any_ok = false;
+        for ((shard, b), res) in shards.into_iter().zip(results) {
+            match res {
+                Ok(reply) => {
+                    any_ok = true;
+                    w.metrics.observe_window(reply.window_start, None);
+                    for (i, counted) in reply.counted.iter().enumerate() {
+                        if let Some(j) = b.owner[i] {
+                            if *counted {
+                                outcomes[j].accepted += 1;
+                            } else {
+                                outcomes[j].duplicates += 1;
+                            }
+                        }
+                    }
+                    for (j, c) in &b.plain {
+                        outcomes[*j].accepted += c;
+                    }
+                }
+                Err(e) => {
+                    w.metrics.redis_errors.with_label_values(&["write"]).inc();
+                    if e.is_ambiguous() || w.retry_forever {
+                        warn!(worker = w.id, shard, error = %e, "commit failed");
+                    }
+                    if w.retry_forever && !w.hard_stop.is_cancelled() {
+                        retry.push((shard, b));
+                        continue;
+                    }
+                    let jobs_hit: Vec<usize> = b
+                        .owner
+                        .iter()
+                        .flatten()
+                        .copied()
+                        .chain(b.plain.keys().copied())
+                        .collect();
+                    let msg = e.to_string();
+                    for j in jobs_hit {
+                        failed[j] = Some(if e.is_ambiguous() {
+                            CommitError::Partial(msg.clone())
+                        } else {
+                            CommitError::Unavailable(msg.clone())
+                        });
+                    }
+                }
+            }
+        }
+        if retry.is_empty() {
+            break;
+        }
+        if any_ok {
+            backoff = Duration::from_millis(50);
+        }
+        *conn = None;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = w.hard_stop.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        shards = retry;
+    }
+    for (j, job) in jobs.into_iter().enumerate() {
+        let n = job.pulses.len() as u64;
+        let result = match failed[j].take() {
+            Some(e) => {
+                // A multi-shard request whose other shards committed is partial too.
+                let partial = outcomes[j].accepted + outcomes[j].duplicates > 0;
+                let e = match e {
+                    CommitError::Unavailable(m) if partial => CommitError::Partial(m),
+                    e => e,
+                };
+                if job.reply.is_none() {
+                    error!(pulses = n, error = %e, "enqueued pulses could not be committed before shutdown");
+                }
+                w.metrics.pulses.with_label_values(&["failed"]).inc_by(n);
+                Err(e)
+            }
+            None => {
+                let o = outcomes[j];
+                w.metrics
+                    .pulses
+                    .with_label_values(&["accepted"])
+                    .inc_by(o.accepted as u64);
+                w.metrics
+                    .pulses
+                    .with_label_values(&["duplicate"])
+                    .inc_by(o.duplicates as u64);
+                Ok(o)
+            }
+        };
+        if let Some(tx) = job.reply {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// Sends every shard's script call on one multiplexed connection (they are pipelined) and
+/// collects each shard's result.
+async fn write_all(
+    w: &Worker,
+    conn: &mut Option<Connection>,
+    shards: &[(u32, ShardBatch)],
+) -> Result<Vec<Result<crate::store::WriteReply, StoreError>>, StoreError> {
+    if conn.is_none() {
+        *conn = Some(w.store.conn().await?);
+    }
+    let c = conn.as_ref().expect("connection was just set");
+    let started = Instant::now();
+    let results = join_all(shards.iter().map(|(shard, b)| {
+        let mut mc = (**c).clone();
+        let store = &w.store;
+        async move { store.write(&mut mc, *shard, &b.items).await }
+    }))
+    .await;
+    w.metrics
+        .redis_write_duration
+        .observe(started.elapsed().as_secs_f64());
+    if results.iter().any(|r| matches!(r, Err(e) if e.is_ambiguous() || matches!(e, StoreError::Redis(re) if re.is_io_error()))) {
+        // Start the next commit on a fresh connection.
+        *conn = None;
+    }
+    Ok(results)
+}

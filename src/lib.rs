@@ -1,0 +1,29 @@
+//! pulse-ingestor: usage pulses in, one exact aggregate per (tenant, sku, unit) and window out.
+//!
+//! Module map — what each part owns and the invariant it keeps (numbers refer to DESIGN.md):
+//!
+//! - [`config`]: one typed [`Config`](config::Config); every bad variable is reported at once.
+//! - [`pulse`]: the pulse type, request decoding and validation, unambiguous field encoding (8),
+//!   shard choice and dedupe digests. Pure and unit-tested.
+//! - [`http`]: the axum router; maps every error to one documented status code.
+//! - [`ingest`]: the bounded queue (7) and the workers that group-commit pulses to Redis.
+//! - [`store`]: the Redis pool and the Lua scripts. Dedupe and increment happen in one script (1);
+//!   the generation is read and written inside that script (2); windows come from Redis `TIME`
+//!   (3); sealing renames the old generation to a per-window key (4); every key of a shard shares
+//!   one hash tag (10).
+//! - [`flush`]: the scheduler (seal at each boundary, drain after the stabilisation delay) and the
+//!   drain that deletes a record only after the Processor accepted it (5, 6).
+//! - [`processor`]: the Processor HTTP client and its retry policy.
+//! - [`metrics`]: every Prometheus metric, defined in one place.
+//! - [`app`]: wires the parts together and orders a graceful shutdown (9).
+
+pub mod app;
+pub mod config;
+pub mod flush;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod processor;
+pub mod pulse;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,217 @@
+//! Every Prometheus metric of the service, defined in one place.
+//!
+//! Names follow Prometheus conventions (`ingestor_<what>_<unit>`, counters end in `_total`);
+//! labels are low-cardinality — never a tenant id. The `ingestor_` namespace keeps the earlier
+//! Go service's dashboards meaningful where a metric kept its meaning.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The service's metrics and the registry they live in.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub pulses_received: IntCounter,
+    pub pulses: IntCounterVec,
+    pub queue_depth: IntGauge,
+    pub queue_capacity: IntGauge,
+    pub commit_batch: Histogram,
+    pub redis_write_duration: Histogram,
+    pub redis_errors: IntCounterVec,
+    pub current_window_start: IntGauge,
+    pub current_generation: IntGaugeVec,
+    pub seals: IntCounter,
+    pub pending_windows: IntGauge,
+    pub oldest_pending_age: IntGauge,
+    pub records_delivered: IntCounter,
+    pub batches_delivered: IntCounter,
+    pub delivery_failures: IntCounterVec,
+    pub delivery_retries: IntCounter,
+    pub dead_letters: IntCounter,
+    pub drain_duration: Histogram,
+    pub locks_held: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition is valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric registered once");
+                m
+            }};
+        }
+        let m = Metrics {
+            http_requests: reg!(IntCounterVec::new(
+                Opts::new(
+                    "ingestor_http_requests_total",
+                    "HTTP requests by route and status code"
+                ),
+                &["route", "status"]
+            )),
+            http_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "ingestor_http_request_duration_seconds",
+                    "HTTP request latency"
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route"]
+            )),
+            pulses_received: reg!(IntCounter::new(
+                "ingestor_pulses_received_total",
+                "Pulses in well-formed requests, before validation"
+            )),
+            pulses: reg!(IntCounterVec::new(
+                Opts::new(
+                    "ingestor_pulses_total",
+                    "Pulses by outcome: accepted, duplicate, rejected, shed (queue full), failed (redis)"
+                ),
+                &["outcome"]
+            )),
+            queue_depth: reg!(IntGauge::new(
+                "ingestor_queue_depth_pulses",
+                "Pulses queued or being committed"
+            )),
+            queue_capacity: reg!(IntGauge::new(
+                "ingestor_queue_capacity_pulses",
+                "Capacity of the ingest queue"
+            )),
+            commit_batch: reg!(Histogram::with_opts(
+                HistogramOpts::new("ingestor_commit_batch_pulses", "Pulses per worker commit")
+                    .buckets(vec![
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+                        4096.0
+                    ])
+            )),
+            redis_write_duration: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "ingestor_redis_write_duration_seconds",
+                    "Latency of one worker commit to Redis"
+                )
+                .buckets(LATENCY_BUCKETS.to_vec())
+            )),
+            redis_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "ingestor_redis_errors_total",
+                    "Failed Redis operations by operation"
+                ),
+                &["op"]
+            )),
+            current_window_start: reg!(IntGauge::new(
+                "ingestor_current_window_start_seconds",
+                "Start (unix seconds) of the window this replica last wrote or sealed into"
+            )),
+            current_generation: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "ingestor_current_generation",
+                    "1 for the generation currently written (A or B)"
+                ),
+                &["generation"]
+            )),
+            seals: reg!(IntCounter::new(
+                "ingestor_seals_total",
+                "Generation toggles performed by this replica (one per shard and window in the cluster)"
+            )),
+            pending_windows: reg!(IntGauge::new(
+                "ingestor_pending_windows",
+                "Sealed shard-windows awaiting delivery, as last seen by this replica"
+            )),
+            oldest_pending_age: reg!(IntGauge::new(
+                "ingestor_oldest_pending_window_age_seconds",
+                "Age of the oldest undelivered window, from its end (0 when none)"
+            )),
+            records_delivered: reg!(IntCounter::new(
+                "ingestor_records_delivered_total",
+                "Records the Processor accepted (2xx)"
+            )),
+            batches_delivered: reg!(IntCounter::new(
+                "ingestor_batches_delivered_total",
+                "Batches the Processor accepted (2xx)"
+            )),
+            delivery_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    "ingestor_delivery_failures_total",
+                    "Failed Processor requests by reason"
+                ),
+                &["reason"]
+            )),
+            delivery_retries: reg!(IntCounter::new(
+                "ingestor_delivery_retries_total",
+                "Processor requests retried after a retryable failure"
+            )),
+            dead_letters: reg!(IntCounter::new(
+                "ingestor_dead_letter_records_total",
+                "Records moved to dead-letter after a permanent rejection"
+            )),
+            drain_duration: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "ingestor_drain_duration_seconds",
+                    "Duration of one shard drain"
+                )
+                .buckets(vec![
+                    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0
+                ])
+            )),
+            locks_held: reg!(IntGauge::new(
+                "ingestor_drain_locks_held",
+                "Shard drain locks held by this replica"
+            )),
+            build_info: reg!(IntGaugeVec::new(
+                Opts::new("ingestor_build_info", "Build information; always 1"),
+                &["version", "commit"]
+            )),
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                option_env!("GIT_COMMIT").unwrap_or("unknown"),
+            ])
+            .set(1);
+        for o in ["accepted", "duplicate", "rejected", "shed", "failed"] {
+            m.pulses.with_label_values(&[o]);
+        }
+        for g in ["A", "B"] {
+            m.current_generation.with_label_values(&[g]);
+        }
+        m
+    }
+
+    /// Records which window and generation this replica last saw.
+    pub fn observe_window(&self, start: u64, generation: Option<&str>) {
+        self.current_window_start.set(start as i64);
+        if let Some(g) = generation {
+            for x in ["A", "B"] {
+                self.current_generation
+                    .with_label_values(&[x])
+                    .set(i64::from(x == g));
+            }
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,174 @@
+//! The downstream Processor: the record format, the HTTP client and the retry policy.
+//!
+//! A batch is a JSON array of [`Record`]s POSTed with an `Idempotency-Key` derived from its
+//! record ids. 2xx: delivered. Connection errors, timeouts, 408, 429 and 5xx: retryable (429's
+//! `Retry-After` is honoured, capped). Any other status: a permanent rejection, whose records
+//! are dead-lettered by the drain (invariant 5).
+
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// One aggregated record, as the Processor receives it. The first four fields are those the
+/// earlier Go ingestor posted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub tenant_id: String,
+    pub product_sku: String,
+    pub used_amount: f64,
+    pub use_unit: String,
+    /// Stable identity of `(window_start, tenant, sku, unit)`: a re-delivery carries the same id.
+    pub record_id: String,
+    /// RFC 3339, UTC.
+    pub window_start: String,
+    pub window_end: String,
+}
+
+/// Formats unix seconds as RFC 3339 UTC (`2026-11-22T10:00:00Z`).
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        .to_string()
+}
+
+/// Why a batch was not delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProcessorError {
+    /// Worth trying again later; the records stay in Redis.
+    #[error("retryable ({reason}): {detail}")]
+    Retryable {
+        /// Low-cardinality reason, used as a metric label.
+        reason: &'static str,
+        detail: String,
+        /// The Processor's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// The Processor refused the batch for good; its records go to dead-letter.
+    #[error("rejected with status {status}: {body}")]
+    Rejected { status: u16, body: String },
+}
+
+/// The Processor client.
+#[derive(Clone)]
+pub struct ProcessorClient {
+    http: reqwest::Client,
+    url: String,
+    token: Option<String>,
+}
+
+impl ProcessorClient {
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        // reqwest is built without a default crypto provider (aws-lc needs cmake and minutes of
+        // build); ring is installed once, here. A second install is a harmless no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(64)
+            .build()?;
+        Ok(ProcessorClient {
+            http,
+            url: url.to_string(),
+            token,
+        })
+    }
+
+    /// POSTs one serialised batch.
+    pub async fn send(&self, batch_id: &str, body: bytes::Bytes) -> Result<(), ProcessorError> {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", batch_id)
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect"
+                } else {
+                    "transport"
+                };
+                return Err(ProcessorError::Retryable {
+                    reason,
+                    detail: e.to_string(),
+                    retry_after: None,
+                });
+            }
+        };
+        let status = resp.status();
+        if status.is_success() {
+            // Read the body so the connection is reused; a failure here is a dropped
+            // connection after a 2xx, which still means "accepted".
+            let _ = resp.bytes().await;
+            return Ok(());
+        }
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = resp.text().await.unwrap_or_default();
+        let body: String = body.chars().take(512).collect();
+        let code = status.as_u16();
+        match code {
+            408 => Err(ProcessorError::Retryable {
+                reason: "status_408",
+                detail: body,
+                retry_after,
+            }),
+            429 => Err(ProcessorError::Retryable {
+                reason: "status_429",
+                detail: body,
+                retry_after,
+            }),
+            500..=599 => Err(ProcessorError::Retryable {
+                reason: "status_5xx",
+                detail: body,
+                retry_after,
+            }),
+            _ => Err(ProcessorError::Rejected { status: code, body }),
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: attempt 0 waits about 100 ms, doubling up to `max`;
+/// the wait is uniformly drawn from the upper half so that replicas do not retry in step.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(20));
+    let cap = base.min(max);
+    let half = cap / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn window_times_are_rfc3339() {
+        assert_eq!(rfc3339(1_795_341_600), "2026-11-22T10:00:00Z");
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_is_capped_and_grows(attempt in 0u32..64, max_ms in 1u64..120_000) {
+            let max = Duration::from_millis(max_ms);
+            let d = backoff(attempt, max);
+            prop_assert!(d <= max);
+            let uncapped = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(20));
+            prop_assert!(d >= uncapped.min(max) / 2);
+        }
+    }
+}

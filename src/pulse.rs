@@ -1,0 +1,539 @@
+//! The pulse: decoding, validation, and the pure functions that place it in Redis.
+//!
+//! Invariant 8 lives here: a `(tenant, sku, unit)` triple is encoded as a JSON array, so any valid
+//! UTF-8 — `:`, `|`, `"`, spaces, emoji — round-trips and no two triples share an encoding.
+//! Nothing in this module does I/O; everything is unit- and property-tested.
+
+use serde::Deserialize;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+/// A validated usage pulse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pulse {
+    pub tenant_id: String,
+    pub product_sku: String,
+    pub use_unit: String,
+    pub used_amount: f64,
+    /// Client-chosen id; a pulse sent again with the same id (per tenant) is counted once.
+    pub pulse_id: Option<String>,
+}
+
+/// Limits that validation enforces, taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_field_len: usize,
+    pub max_amount: f64,
+    pub allowed_units: Option<Vec<String>>,
+}
+
+/// One problem with one field of one pulse.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldError {
+    /// Index in a batch; absent for a single pulse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+/// Why a body could not be turned into pulses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodeError {
+    /// Not JSON, or not the expected shape (400).
+    Malformed(String),
+    /// JSON, but fields are missing or invalid (422).
+    Invalid(Vec<FieldError>),
+    /// More items than allowed in a batch (413).
+    TooManyItems { max: usize },
+}
+
+/// The wire form. Fields are kept loose so that every problem is reported with its field name,
+/// instead of serde's first error without one.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    tenant_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    product_sku: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    used_amount: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    use_unit: Option<&'a RawValue>,
+    /// The earlier service's README spelling.
+    #[serde(borrow, default)]
+    use_unity: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pulse_id: Option<&'a RawValue>,
+}
+
+impl Limits {
+    fn string(
+        &self,
+        raw: Option<&RawValue>,
+        field: &str,
+        required: bool,
+        errs: &mut Vec<FieldError>,
+    ) -> Option<String> {
+        let mut fail = |m: &str| {
+            errs.push(FieldError {
+                index: None,
+                field: field.to_string(),
+                message: m.to_string(),
+            })
+        };
+        let raw = match raw {
+            None => {
+                if required {
+                    fail("is required");
+                }
+                return None;
+            }
+            Some(r) => r,
+        };
+        let text = raw.get();
+        let s: String = if text.starts_with('"') {
+            match serde_json::from_str(text) {
+                Ok(s) => s,
+                Err(_) => {
+                    fail("must be a valid string");
+                    return None;
+                }
+            }
+        } else if field == "pulse_id" && text.bytes().all(|b| b.is_ascii_digit()) {
+            // Numeric ids are common in clients; they name the same pulse as their decimal text.
+            text.to_string()
+        } else if text == "null" && !required {
+            return None;
+        } else {
+            fail("must be a string");
+            return None;
+        };
+        if s.is_empty() {
+            fail("must not be empty");
+            return None;
+        }
+        if s.len() > self.max_field_len {
+            fail(&format!("must be at most {} bytes", self.max_field_len));
+            return None;
+        }
+        if s.chars().any(char::is_control) {
+            fail("must not contain control characters");
+            return None;
+        }
+        Some(s)
+    }
+
+    fn amount(&self, raw: Option<&RawValue>, errs: &mut Vec<FieldError>) -> Option<f64> {
+        let mut fail = |m: String| {
+            errs.push(FieldError {
+                index: None,
+                field: "used_amount".into(),
+                message: m,
+            })
+        };
+        let Some(raw) = raw else {
+            fail("is required".into());
+            return None;
+        };
+        let text = raw.get();
+        if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+            fail("must be a number".into());
+            return None;
+        }
+        // JSON numbers always parse as f64; out-of-range ones become infinite and are refused.
+        let v: f64 = match text.parse() {
+            Ok(v) => v,
+            Err(_) => {
+                fail("must be a number".into());
+                return None;
+            }
+        };
+        if !v.is_finite() {
+            fail("must be a finite number".into());
+            return None;
+        }
+        if v < 0.0 {
+            fail("must not be negative".into());
+            return None;
+        }
+        if v > self.max_amount {
+            fail(format!("must be at most {}", self.max_amount));
+            return None;
+        }
+        Some(v + 0.0) // -0 becomes 0
+    }
+
+    /// Validates one decoded wire pulse; `header_id` is an `Idempotency-Key` to use as its id.
+    fn validate(&self, w: &Wire<'_>, header_id: Option<&str>) -> Result<Pulse, Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let tenant_id = self.string(w.tenant_id, "tenant_id", true, &mut errs);
+        let product_sku = self.string(w.product_sku, "product_sku", true, &mut errs);
+        let (unit_raw, unit_name) = match (w.use_unit, w.use_unity) {
+            (Some(u), _) => (Some(u), "use_unit"),
+            (None, Some(u)) => (Some(u), "use_unity"),
+            (None, None) => (None, "use_unit"),
+        };
+        let use_unit = self.string(unit_raw, unit_name, true, &mut errs);
+        let used_amount = self.amount(w.used_amount, &mut errs);
+        let mut pulse_id = self.string(w.pulse_id, "pulse_id", false, &mut errs);
+        if let (Some(unit), Some(allowed)) = (&use_unit, &self.allowed_units)
+            && !allowed.iter().any(|a| a == unit)
+        {
+            errs.push(FieldError {
+                index: None,
+                field: unit_name.into(),
+                message: format!("must be one of: {}", allowed.join(", ")),
+            });
+        }
+        if pulse_id.is_none() {
+            pulse_id = header_id.map(str::to_string);
+        }
+        match (tenant_id, product_sku, use_unit, used_amount) {
+            (Some(tenant_id), Some(product_sku), Some(use_unit), Some(used_amount))
+                if errs.is_empty() =>
+            {
+                Ok(Pulse {
+                    tenant_id,
+                    product_sku,
+                    use_unit,
+                    used_amount,
+                    pulse_id,
+                })
+            }
+            _ => Err(errs),
+        }
+    }
+
+    /// Checks an `Idempotency-Key` header value like a pulse id.
+    pub fn idempotency_key(&self, key: &str) -> Result<(), FieldError> {
+        let bad = |m: &str| FieldError {
+            index: None,
+            field: "Idempotency-Key".into(),
+            message: m.into(),
+        };
+        if key.is_empty() {
+            return Err(bad("must not be empty"));
+        }
+        if key.len() > self.max_field_len {
+            return Err(bad("is too long"));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(bad("must not contain control characters"));
+        }
+        Ok(())
+    }
+
+    /// Decodes and validates a single-pulse body.
+    pub fn decode_one(
+        &self,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Pulse, DecodeError> {
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(DecodeError::Malformed("expected a JSON object".into()));
+        }
+        let wire: Wire<'_> = serde_json::from_slice(body).map_err(|e| malformed(&e))?;
+        self.validate(&wire, idempotency_key)
+            .map_err(DecodeError::Invalid)
+    }
+
+    /// Decodes and validates a batch: a JSON array, or NDJSON (one object per line). The batch
+    /// is all or nothing: every bad item is listed with its index. With an `Idempotency-Key`,
+    /// item `i` without its own id gets the id `<key>#<i>`, so a retried batch counts once.
+    pub fn decode_batch(
+        &self,
+        body: &[u8],
+        ndjson: bool,
+        idempotency_key: Option<&str>,
+        max_items: usize,
+    ) -> Result<Vec<Pulse>, DecodeError> {
+        let items: Vec<&RawValue> = if ndjson {
+            let mut v = Vec::new();
+            for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                if v.len() == max_items {
+                    return Err(DecodeError::TooManyItems { max: max_items });
+                }
+                let item: &RawValue = serde_json::from_slice(line).map_err(|e| {
+                    DecodeError::Malformed(format!("line {}: {}", i + 1, clean(&e)))
+                })?;
+                v.push(item);
+            }
+            v
+        } else {
+            let v: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| malformed(&e))?;
+            if v.len() > max_items {
+                return Err(DecodeError::TooManyItems { max: max_items });
+            }
+            v
+        };
+        if items.is_empty() {
+            return Err(DecodeError::Invalid(vec![FieldError {
+                index: None,
+                field: "body".into(),
+                message: "batch must contain at least one pulse".into(),
+            }]));
+        }
+        let mut pulses = Vec::with_capacity(items.len());
+        let mut errors = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let not_object = |m: String| FieldError {
+                index: Some(i),
+                field: "item".into(),
+                message: m,
+            };
+            if !item.get().starts_with('{') {
+                errors.push(not_object("must be a JSON object".into()));
+                continue;
+            }
+            let w: Wire<'_> = match serde_json::from_str(item.get()) {
+                Ok(w) => w,
+                Err(e) => {
+                    errors.push(not_object(clean(&e)));
+                    continue;
+                }
+            };
+            let item_key = idempotency_key.map(|k| format!("{k}#{i}"));
+            match self.validate(&w, item_key.as_deref()) {
+                Ok(p) => pulses.push(p),
+                Err(errs) => errors.extend(errs.into_iter().map(|e| FieldError {
+                    index: Some(i),
+                    ..e
+                })),
+            }
+        }
+        if errors.is_empty() {
+            Ok(pulses)
+        } else {
+            Err(DecodeError::Invalid(errors))
+        }
+    }
+}
+
+fn clean(e: &serde_json::Error) -> String {
+    e.to_string()
+}
+
+fn malformed(e: &serde_json::Error) -> DecodeError {
+    DecodeError::Malformed(clean(e))
+}
+
+/// The Redis hash field of a `(tenant, sku, unit)` triple: a JSON array of the three strings.
+pub fn encode_field(tenant: &str, sku: &str, unit: &str) -> String {
+    serde_json::to_string(&(tenant, sku, unit)).expect("strings always serialise")
+}
+
+/// The inverse of [`encode_field`]; `None` for a field this service did not write.
+pub fn decode_field(field: &[u8]) -> Option<(String, String, String)> {
+    serde_json::from_slice(field).ok()
+}
+
+/// The shard of a tenant: a stable hash, identical on every replica and release.
+pub fn shard_of(tenant: &str, shards: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) % u64::from(shards)) as u32
+}
+
+/// The dedupe digest of a pulse id, scoped by tenant: 128 bits of SHA-256 as 32 hex characters.
+/// A cryptographic hash so that one tenant cannot craft ids that collide with another's.
+pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update((tenant.len() as u64).to_be_bytes());
+    h.update(tenant.as_bytes());
+    h.update(pulse_id.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The stable identity of a delivered record: `(window_start, field)` hashed.
+pub fn record_id(window_start: u64, field: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(window_start.to_be_bytes());
+    h.update(field.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Formats an amount so that Redis `HINCRBYFLOAT` parses exactly the same value: Rust prints the
+/// shortest text that round-trips an `f64`.
+pub fn amount_arg(v: f64) -> String {
+    format!("{v:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_field_len: 64,
+            max_amount: 1e15,
+            allowed_units: None,
+        }
+    }
+
+    fn invalid(body: &str) -> Vec<FieldError> {
+        match limits().decode_one(body.as_bytes(), None) {
+            Err(DecodeError::Invalid(e)) => e,
+            other => panic!("expected Invalid for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_pulse_decodes() {
+        let p = limits()
+            .decode_one(
+                br#"{"tenant_id":"t-1","product_sku":"SKU-7","used_amount":307.5,"use_unit":"KB"}"#,
+                None,
+            )
+            .unwrap();
+        assert_eq!(p.tenant_id, "t-1");
+        assert_eq!(p.used_amount, 307.5);
+        assert_eq!(p.pulse_id, None);
+    }
+
+    #[test]
+    fn use_unity_is_an_alias() {
+        let p = limits()
+            .decode_one(
+                br#"{"tenant_id":"t","product_sku":"s","used_amount":1,"use_unity":"MB"}"#,
+                None,
+            )
+            .unwrap();
+        assert_eq!(p.use_unit, "MB");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let e = invalid(r#"{"tenant_id":"","product_sku":5,"used_amount":-1}"#);
+        let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["tenant_id", "product_sku", "use_unit", "used_amount"]
+        );
+        assert!(e[3].message.contains("negative"));
+    }
+
+    #[test]
+    fn amounts_out_of_range_are_refused() {
+        let base = |a: &str| {
+            format!(r#"{{"tenant_id":"t","product_sku":"s","use_unit":"u","used_amount":{a}}}"#)
+        };
+        assert!(invalid(&base("1e400"))[0].message.contains("finite"));
+        assert!(invalid(&base("2e15"))[0].message.contains("at most"));
+        assert!(invalid(&base("\"12\""))[0].message.contains("number"));
+        assert!(invalid(&base("\"NaN\""))[0].message.contains("number"));
+        assert!(invalid(&base("true"))[0].message.contains("number"));
+        let p = limits().decode_one(base("0").as_bytes(), None).unwrap();
+        assert_eq!(p.used_amount, 0.0);
+    }
+
+    #[test]
+    fn control_characters_and_long_strings_are_refused() {
+        let e =
+            invalid(r#"{"tenant_id":"a\u0000b","product_sku":"s","use_unit":"u","used_amount":1}"#);
+        assert_eq!(e[0].field, "tenant_id");
+        let long = "x".repeat(65);
+        let e = invalid(&format!(
+            r#"{{"tenant_id":"{long}","product_sku":"s","use_unit":"u","used_amount":1}}"#
+        ));
+        assert!(e[0].message.contains("at most 64"));
+    }
+
+    #[test]
+    fn malformed_json_is_not_invalid() {
+        for body in [
+            "",
+            "{",
+            "[]",
+            "null",
+            r#"{"tenant_id":"a","tenant_id":"b"}"#,
+        ] {
+            assert!(
+                matches!(
+                    limits().decode_one(body.as_bytes(), None),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn allow_list_applies() {
+        let l = Limits {
+            allowed_units: Some(vec!["KB".into(), "MB".into()]),
+            ..limits()
+        };
+        let r = l.decode_one(
+            br#"{"tenant_id":"t","product_sku":"s","used_amount":1,"use_unit":"TB"}"#,
+            None,
+        );
+        match r {
+            Err(DecodeError::Invalid(e)) => assert!(e[0].message.contains("KB, MB")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_lists_every_bad_index() {
+        let body = br#"[{"tenant_id":"t","product_sku":"s","used_amount":1,"use_unit":"u"},
+                        {"tenant_id":"t","product_sku":"s","used_amount":-1,"use_unit":"u"},
+                        {"product_sku":"s","used_amount":1,"use_unit":"u"}]"#;
+        match limits().decode_batch(body, false, None, 100) {
+            Err(DecodeError::Invalid(e)) => {
+                let idx: Vec<_> = e.iter().map(|e| e.index.unwrap()).collect();
+                assert_eq!(idx, [1, 2]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ndjson_batches_and_idempotency_keys() {
+        let body = b"{\"tenant_id\":\"t\",\"product_sku\":\"s\",\"used_amount\":1,\"use_unit\":\"u\"}\n\n{\"tenant_id\":\"t\",\"product_sku\":\"s\",\"used_amount\":2,\"use_unit\":\"u\",\"pulse_id\":\"own\"}\n";
+        let p = limits().decode_batch(body, true, Some("k"), 100).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].pulse_id.as_deref(), Some("k#0"));
+        assert_eq!(p[1].pulse_id.as_deref(), Some("own"));
+        assert_eq!(
+            limits().decode_batch(body, true, None, 1),
+            Err(DecodeError::TooManyItems { max: 1 })
+        );
+    }
+
+    #[test]
+    fn naive_joins_do_not_collide() {
+        assert_ne!(encode_field("a:b", "c", "d"), encode_field("a", "b:c", "d"));
+        assert_ne!(encode_field("a|b", "c", "d"), encode_field("a", "b|c", "d"));
+        assert_ne!(dedupe_digest("ab", "c"), dedupe_digest("a", "bc"));
+    }
+
+    proptest! {
+        #[test]
+        fn fields_round_trip(t in "\\PC*", s in "\\PC*", u in "\\PC*") {
+            let f = encode_field(&t, &s, &u);
+            prop_assert_eq!(decode_field(f.as_bytes()), Some((t, s, u)));
+        }
+
+        #[test]
+        fn amounts_round_trip_through_their_text(v in 0.0f64..1e15) {
+            prop_assert_eq!(amount_arg(v).parse::<f64>().unwrap(), v);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = limits().decode_one(&body, None);
+            let _ = limits().decode_batch(&body, false, None, 10);
+            let _ = limits().decode_batch(&body, true, Some("k"), 10);
+        }
+
+        #[test]
+        fn shards_stay_in_range(t in "\\PC*", n in 1u32..1000) {
+            prop_assert!(shard_of(&t, n) < n);
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! Redis: the connection pool, the key layout and the Lua scripts.
+//!
+//! Every key of shard `s` starts with the hash tag `{<prefix>:<s>}` (invariant 10), so each
+//! script touches one slot and the same code runs on Redis Cluster. The scripts live in
+//! `scripts/*.lua`; the ones that may toggle a generation are prefixed with `seal_lib.lua`, which
+//! is the only place the toggle is written (invariants 2, 3, 4).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use deadpool_redis::{Connection, Pool, PoolConfig, Runtime, Timeouts};
+use redis::Script;
+
+/// A multiplexed Redis connection; clones share one socket and pipeline their commands.
+pub type Conn = redis::aio::MultiplexedConnection;
+
+use crate::config::Config;
+
+static WRITE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/seal_lib.lua"),
+        include_str!("scripts/write.lua")
+    ))
+});
+static SEAL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/seal_lib.lua"),
+        include_str!("scripts/seal.lua")
+    ))
+});
+static DEAD_LETTER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/dead_letter.lua")));
+static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/replay.lua")));
+static LOCK_RENEW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/lock_renew.lua")));
+static LOCK_RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/lock_release.lua")));
+
+/// A Redis failure, as the rest of the service sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis pool: {0}")]
+    Pool(String),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
+}
+
+impl StoreError {
+    /// True when the command may have run although we saw an error (a timeout or a dropped
+    /// connection after sending). Such a write is never retried by the service itself.
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => e.is_timeout() || e.is_connection_dropped(),
+            _ => false,
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for StoreError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        match e {
+            deadpool_redis::PoolError::Backend(e) => StoreError::Redis(e),
+            other => StoreError::Pool(other.to_string()),
+        }
+    }
+}
+
+/// The key layout of one deployment.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+    /// `{prefix:shard}` — the hash tag every key of the shard starts with.
+    pub fn base(&self, shard: u32) -> String {
+        format!("{{{}:{shard}}}", self.prefix)
+    }
+    pub fn generation(&self, shard: u32) -> String {
+        format!("{}:gen", self.base(shard))
+    }
+    pub fn window(&self, shard: u32) -> String {
+        format!("{}:window", self.base(shard))
+    }
+    pub fn agg(&self, shard: u32, generation: &str) -> String {
+        format!("{}:agg:{generation}", self.base(shard))
+    }
+    pub fn sealed(&self, shard: u32, start: u64) -> String {
+        format!("{}:sealed:{start}", self.base(shard))
+    }
+    pub fn pending(&self, shard: u32) -> String {
+        format!("{}:pending", self.base(shard))
+    }
+    pub fn dead(&self, shard: u32, start: u64) -> String {
+        format!("{}:dead:{start}", self.base(shard))
+    }
+    pub fn dead_index(&self, shard: u32) -> String {
+        format!("{}:dead_windows", self.base(shard))
+    }
+    pub fn lock(&self, shard: u32) -> String {
+        format!("{}:lock", self.base(shard))
+    }
+}
+
+/// One pulse (or a pre-aggregated group of pulses without ids) for the write script.
+#[derive(Debug, Clone)]
+pub struct WriteItem {
+    pub field: String,
+    pub amount: f64,
+    /// Dedupe digest of the pulse id, if it has one.
+    pub digest: Option<String>,
+}
+
+/// What the write script reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteReply {
+    /// Start of the window the items were counted in.
+    pub window_start: u64,
+    /// Per item: counted (true) or a duplicate (false).
+    pub counted: Vec<bool>,
+}
+
+/// What the seal script reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealReply {
+    pub generation: String,
+    pub window_start: u64,
+    pub toggled: bool,
+    pub redis_now: u64,
+}
+
+/// A sealed window awaiting delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingWindow {
+    /// The member in the pending set: `"<start>:<end>"`.
+    pub member: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl PendingWindow {
+    pub fn parse(member: &str) -> Option<Self> {
+        let (s, e) = member.split_once(':')?;
+        Some(PendingWindow {
+            member: member.to_string(),
+            start: s.parse().ok()?,
+            end: e.parse().ok()?,
+        })
+    }
+}
+
+/// The Redis store of one deployment.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    pub keys: Keys,
+    pub shards: u32,
+    pub window_secs: u64,
+    dedupe_ttl_secs: u64,
+    timeout: Duration,
+}
+
+impl Store {
+    /// Builds the pool; connections are made lazily, so this succeeds while Redis is down.
+    pub fn new(cfg: &Config) -> Result<Self, StoreError> {
+        let mut pc = PoolConfig::new(cfg.redis_pool_size);
+        pc.timeouts = Timeouts {
+            wait: Some(cfg.redis_timeout),
+            create: Some(cfg.redis_timeout),
+            recycle: Some(cfg.redis_timeout),
+        };
+        let pool = deadpool_redis::Config {
+            url: Some(cfg.redis_url.clone()),
+            connection: None,
+            pool: Some(pc),
+        }
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(Store {
+            pool,
+            keys: Keys::new(&cfg.key_prefix),
+            shards: cfg.shards,
+            window_secs: cfg.window_secs(),
+            dedupe_ttl_secs: cfg.dedupe_ttl.as_secs().max(1),
+            timeout: cfg.redis_timeout,
+        })
+    }
+
+    /// A pooled multiplexed connection with the configured response timeout.
+    pub async fn conn(&self) -> Result<Connection, StoreError> {
+        let mut c = self.pool.get().await?;
+        c.set_response_timeout(self.timeout);
+        Ok(c)
+    }
+
+    /// Round trip to Redis (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("PING").query_async::<String>(&mut c).await?;
+        Ok(())
+    }
+
+    /// Redis' clock, in seconds — the one clock every replica agrees on.
+    pub async fn time(&self, conn: &mut Conn) -> Result<u64, StoreError> {
+        let (secs, _micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+        Ok(secs)
+    }
+
+    /// Counts items into the shard's current generation in one script call.
+    pub async fn write(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        items: &[WriteItem],
+    ) -> Result<WriteReply, StoreError> {
+        let mut inv = WRITE.key(self.keys.base(shard));
+        inv.arg(self.window_secs).arg(self.dedupe_ttl_secs);
+        for it in items {
+            inv.arg(&it.field)
+                .arg(crate::pulse::amount_arg(it.amount))
+                .arg(it.digest.as_deref().unwrap_or(""));
+        }
+        let reply: String = inv.invoke_async(conn).await?;
+        let (start, flags) = reply
+            .split_once(':')
+            .ok_or_else(|| StoreError::Reply(reply.clone()))?;
+        let window_start = start
+            .parse()
+            .map_err(|_| StoreError::Reply(reply.clone()))?;
+        let counted: Vec<bool> = flags.bytes().map(|b| b == b'1').collect();
+        if counted.len() != items.len() {
+            return Err(StoreError::Reply(reply));
+        }
+        Ok(WriteReply {
+            window_start,
+            counted,
+        })
+    }
+
+    /// Seals the shard if its window has ended (idempotent).
+    pub async fn seal(&self, conn: &mut Conn, shard: u32) -> Result<SealReply, StoreError> {
+        let (generation, window_start, toggled, redis_now): (String, u64, u8, u64) = SEAL
+            .key(self.keys.base(shard))
+            .arg(self.window_secs)
+            .invoke_async(conn)
+            .await?;
+        Ok(SealReply {
+            generation,
+            window_start,
+            toggled: toggled == 1,
+            redis_now,
+        })
+    }
+
+    /// Sealed windows of a shard awaiting delivery, oldest first.
+    pub async fn pending(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+    ) -> Result<Vec<PendingWindow>, StoreError> {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.pending(shard))
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| PendingWindow::parse(m))
+            .collect())
+    }
+
+    /// One `HSCAN` step: the next cursor and the (field, value) pairs.
+    pub async fn hscan(
+        &self,
+        conn: &mut Conn,
+        key: &str,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<(String, String)>), StoreError> {
+        let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(conn)
+            .await?;
+        let mut pairs = Vec::with_capacity(flat.len() / 2);
+        let mut it = flat.into_iter();
+        while let (Some(f), Some(v)) = (it.next(), it.next()) {
+            pairs.push((f, v));
+        }
+        Ok((next, pairs))
+    }
+
+    /// Deletes delivered fields.
+    pub async fn hdel(
+        &self,
+        conn: &mut Conn,
+        key: &str,
+        fields: &[&str],
+    ) -> Result<(), StoreError> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("HDEL")
+            .arg(key)
+            .arg(fields)
+            .query_async::<i64>(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a window from the pending set once its hash is gone. Returns false if records
+    /// are still there (for example, left by a batch that failed).
+    pub async fn finish_window(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+    ) -> Result<bool, StoreError> {
+        let left: u64 = redis::cmd("HLEN")
+            .arg(self.keys.sealed(shard, w.start))
+            .query_async(conn)
+            .await?;
+        if left > 0 {
+            return Ok(false);
+        }
+        redis::cmd("ZREM")
+            .arg(self.keys.pending(shard))
+            .arg(&w.member)
+            .query_async::<i64>(conn)
+            .await?;
+        Ok(true)
+    }
+
+    /// Moves rejected records to the window's dead-letter hash.
+    pub async fn dead_letter(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+        reason_json: &str,
+        fields: &[&str],
+    ) -> Result<u64, StoreError> {
+        let mut inv = DEAD_LETTER.key(self.keys.sealed(shard, w.start));
+        inv.key(self.keys.dead(shard, w.start))
+            .key(self.keys.dead_index(shard))
+            .arg(reason_json)
+            .arg(&w.member)
+            .arg(w.start);
+        for f in fields {
+            inv.arg(*f);
+        }
+        Ok(inv.invoke_async(conn).await?)
+    }
+
+    /// Windows of a shard holding dead-lettered records.
+    pub async fn dead_windows(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+    ) -> Result<Vec<PendingWindow>, StoreError> {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.dead_index(shard))
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| PendingWindow::parse(m))
+            .collect())
+    }
+
+    /// Moves a window's dead letters back to its sealed hash and marks it pending again.
+    pub async fn replay_dead(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+    ) -> Result<u64, StoreError> {
+        Ok(REPLAY
+            .key(self.keys.dead(shard, w.start))
+            .key(self.keys.sealed(shard, w.start))
+            .key(self.keys.pending(shard))
+            .key(self.keys.dead_index(shard))
+            .arg(&w.member)
+            .arg(w.start)
+            .invoke_async(conn)
+            .await?)
+    }
+
+    /// Length of a hash.
+    pub async fn hlen(&self, conn: &mut Conn, key: &str) -> Result<u64, StoreError> {
+        Ok(redis::cmd("HLEN").arg(key).query_async(conn).await?)
+    }
+
+    /// Takes the shard's drain lock if it is free.
+    pub async fn try_lock(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let r: Option<String> = redis::cmd("SET")
+            .arg(self.keys.lock(shard))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(conn)
+            .await?;
+        Ok(r.is_some())
+    }
+
+    /// Extends the lock if we still hold it; false means it was lost.
+    pub async fn renew_lock(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let r: i64 = LOCK_RENEW
+            .key(self.keys.lock(shard))
+            .arg(token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(conn)
+            .await?;
+        Ok(r == 1)
+    }
+
+    /// Releases the lock if we still hold it.
+    pub async fn release_lock(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        LOCK_RELEASE
+            .key(self.keys.lock(shard))
+            .arg(token)
+            .invoke_async::<i64>(conn)
+            .await?;
+        Ok(())
+    }
+}
