@@ -1,1 +1,192 @@
-fn main() {}
+//! `pulse-producer`: load simulator and books check for pulse-ingestor.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pulse_producer::ledger::{Ledger, compare};
+use pulse_producer::load::{LoadConfig, Mode, run};
+use pulse_producer::processor::Totals;
+use pulse_producer::traffic::{Skew, Traffic};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Load simulator and books check for pulse-ingestor",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send pulses (the default).
+    Run(RunArgs),
+    /// Compare a ledger with the reference Processor's totals; exit 1 with a diff if they differ.
+    Verify {
+        #[arg(long, num_args = 1.., required = true)]
+        ledger: Vec<PathBuf>,
+        /// Base URL of the reference Processor.
+        #[arg(
+            long,
+            env = "PROCESSOR_BASE_URL",
+            default_value = "http://127.0.0.1:8090"
+        )]
+        processor: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Ingestor base URL; repeat or comma-separate to spread over replicas.
+    #[arg(
+        long,
+        env = "INGESTOR_URL",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8070"
+    )]
+    url: Vec<String>,
+    #[arg(long, value_enum, env = "PRODUCER_MODE", default_value = "tenants")]
+    mode: Mode,
+    /// How long to send.
+    #[arg(long, env = "PRODUCER_DURATION", default_value = "100s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Stop after this many pulses (0: only the duration limits).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    #[arg(long, env = "PRODUCER_TENANTS", default_value_t = 3000)]
+    tenants: usize,
+    #[arg(long, env = "PRODUCER_SKUS", default_value_t = 10)]
+    skus: usize,
+    #[arg(long, value_enum, default_value = "uniform")]
+    skew: Skew,
+    /// `tenants` mode: shortest pause between a tenant's pulses.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    min_delay: Duration,
+    /// `tenants` mode: longest pause between a tenant's pulses.
+    #[arg(long, default_value = "1000ms", value_parser = humantime::parse_duration)]
+    max_delay: Duration,
+    /// `rate` mode: pulses (requests) per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// `max` mode: connections; `rate` mode: most requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Pulses per request via POST /ingest/batch (0: single pulses to /ingest).
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    /// Send a pulse_id with every pulse.
+    #[arg(long)]
+    ids: bool,
+    /// Fraction of pulses that re-send an earlier pulse with the same id (implies --ids).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_ratio: f64,
+    /// Fraction of requests with a malformed body (must get 4xx).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_ratio: f64,
+    #[arg(long, env = "PRODUCER_API_KEY")]
+    api_key: Option<String>,
+    /// Retries of a request answered 503 or lost in transport (only when all its pulses have ids).
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Write the acknowledged totals here, for `verify`.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // reqwest is built without a default crypto provider (see the workspace Cargo.toml).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = match cli.cmd {
+        Some(Cmd::Verify { ledger, processor }) => verify(&ledger, &processor).await,
+        Some(Cmd::Run(a)) => load(a).await,
+        None => load(cli.run).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn load(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let run_id = format!("{:x}", rand::random::<u64>());
+    let ids = a.ids || a.duplicate_ratio > 0.0;
+    let cfg = LoadConfig {
+        targets: a
+            .url
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect(),
+        mode: a.mode,
+        duration: a.duration,
+        count: a.count,
+        concurrency: a.concurrency,
+        rate: a.rate,
+        batch: a.batch,
+        min_delay: a.min_delay,
+        max_delay: a.max_delay,
+        traffic: Traffic::new(a.tenants, a.skus, a.skew, ids, run_id),
+        duplicate_ratio: a.duplicate_ratio,
+        malformed_ratio: a.malformed_ratio,
+        api_key: a.api_key,
+        retries: a.retries,
+        timeout: a.timeout,
+    };
+    let (report, ledger) = run(cfg).await?;
+    print!("{report}");
+    if let Some(p) = &a.ledger {
+        ledger.save(p)?;
+        println!(
+            "ledger               {} ({} keys, total {:.2})",
+            p.display(),
+            ledger.totals().len(),
+            ledger.total_amount()
+        );
+    }
+    if let Some(p) = &a.report_json {
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(if report.malformed_accepted > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode> {
+    let mut expected = Ledger::default();
+    for p in ledgers {
+        expected.merge(&Ledger::load(p)?);
+    }
+    let totals: Totals = reqwest::get(format!("{}/totals", processor.trim_end_matches('/')))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let diff = compare(&expected.totals(), &totals.totals);
+    print!("{diff}");
+    println!(
+        "processor: {} records, {} deliveries, {} re-delivered record ids",
+        totals.records, totals.deliveries, totals.redelivered
+    );
+    Ok(if diff.balanced() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

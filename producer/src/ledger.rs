@@ -1,0 +1,270 @@
+//! The ledger: totals of every pulse that got a 2xx, counted once per pulse id; and the check
+//! of those totals against the Processor's.
+//!
+//! Tolerance: amounts are summed in different orders (f64 here and at the Processor, long double
+//! in Redis), so totals may differ in their last bits. A total matches when the difference is
+//! within `1e-9` of its magnitude plus `1e-6` absolute — far below the smallest billable unit
+//! (0.01) and far above float rounding for up to billions of additions.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::processor::KeyTotal;
+use crate::traffic::Pulse;
+
+type Key = (String, String, String);
+
+/// What the producer got acknowledged.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Pulses counted (duplicates of an id already counted excluded).
+    pub pulses: u64,
+    pub totals: Vec<KeyTotal>,
+    #[serde(skip)]
+    map: BTreeMap<Key, f64>,
+    #[serde(skip)]
+    ids: HashSet<String>,
+}
+
+impl Ledger {
+    /// Records a pulse whose request got a 2xx. A pulse id already recorded is not counted again.
+    pub fn acknowledged(&mut self, p: &Pulse) {
+        if let Some(id) = &p.pulse_id
+            && !self.ids.insert(format!("{}\u{0}{id}", p.tenant_id))
+        {
+            return;
+        }
+        self.pulses += 1;
+        *self
+            .map
+            .entry((
+                p.tenant_id.clone(),
+                p.product_sku.clone(),
+                p.use_unit.clone(),
+            ))
+            .or_default() += p.used_amount;
+    }
+
+    /// The per-key totals.
+    pub fn totals(&self) -> Vec<KeyTotal> {
+        if self.map.is_empty() {
+            return self.totals.clone();
+        }
+        self.map
+            .iter()
+            .map(|((t, s, u), a)| KeyTotal {
+                tenant_id: t.clone(),
+                product_sku: s.clone(),
+                use_unit: u.clone(),
+                used_amount: *a,
+            })
+            .collect()
+    }
+
+    pub fn total_amount(&self) -> f64 {
+        self.totals().iter().map(|k| k.used_amount).sum()
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let out = Ledger {
+            pulses: self.pulses,
+            totals: self.totals(),
+            ..Default::default()
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)
+    }
+
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let l: Ledger = serde_json::from_slice(&std::fs::read(path)?)?;
+        Ok(l)
+    }
+
+    /// Merges another ledger (several producer runs into one check).
+    pub fn merge(&mut self, other: &Ledger) {
+        if self.map.is_empty() {
+            for k in self.totals.drain(..) {
+                self.map
+                    .insert((k.tenant_id, k.product_sku, k.use_unit), k.used_amount);
+            }
+        }
+        self.pulses += other.pulses;
+        for k in other.totals() {
+            *self
+                .map
+                .entry((k.tenant_id, k.product_sku, k.use_unit))
+                .or_default() += k.used_amount;
+        }
+    }
+}
+
+/// Whether two totals agree within the documented tolerance.
+pub fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-6
+}
+
+/// Differences between what was acknowledged and what the Processor holds.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct Diff {
+    pub matched: usize,
+    /// Acknowledged but absent at the Processor.
+    pub missing: Vec<KeyTotal>,
+    /// At the Processor but never acknowledged.
+    pub extra: Vec<KeyTotal>,
+    /// Present on both sides with different totals: (expected, found).
+    pub off: Vec<(KeyTotal, f64)>,
+}
+
+impl Diff {
+    pub fn balanced(&self) -> bool {
+        self.missing.is_empty() && self.extra.is_empty() && self.off.is_empty()
+    }
+}
+
+/// Compares expected totals with the Processor's.
+pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
+    let key = |k: &KeyTotal| {
+        (
+            k.tenant_id.clone(),
+            k.product_sku.clone(),
+            k.use_unit.clone(),
+        )
+    };
+    let mut found_map: BTreeMap<Key, f64> = BTreeMap::new();
+    for k in found {
+        *found_map.entry(key(k)).or_default() += k.used_amount;
+    }
+    let mut d = Diff::default();
+    for k in expected {
+        match found_map.remove(&key(k)) {
+            None => d.missing.push(k.clone()),
+            Some(v) if close(v, k.used_amount) => d.matched += 1,
+            Some(v) => d.off.push((k.clone(), v)),
+        }
+    }
+    for ((tenant_id, product_sku, use_unit), used_amount) in found_map {
+        d.extra.push(KeyTotal {
+            tenant_id,
+            product_sku,
+            use_unit,
+            used_amount,
+        });
+    }
+    d
+}
+
+impl fmt::Display for Diff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name =
+            |k: &KeyTotal| format!("({:?}, {:?}, {:?})", k.tenant_id, k.product_sku, k.use_unit);
+        if self.balanced() {
+            return writeln!(f, "books balance: {} keys match", self.matched);
+        }
+        writeln!(
+            f,
+            "books do NOT balance: {} match, {} missing, {} extra, {} off",
+            self.matched,
+            self.missing.len(),
+            self.extra.len(),
+            self.off.len()
+        )?;
+        for k in self.missing.iter().take(20) {
+            writeln!(
+                f,
+                "  missing {}: acknowledged {}, Processor has nothing",
+                name(k),
+                k.used_amount
+            )?;
+        }
+        for k in self.extra.iter().take(20) {
+            writeln!(
+                f,
+                "  extra   {}: Processor has {}, never acknowledged",
+                name(k),
+                k.used_amount
+            )?;
+        }
+        for (k, v) in self.off.iter().take(20) {
+            writeln!(
+                f,
+                "  off     {}: acknowledged {}, Processor has {} (diff {})",
+                name(k),
+                k.used_amount,
+                v,
+                v - k.used_amount
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(t: &str, a: f64, id: Option<&str>) -> Pulse {
+        Pulse {
+            tenant_id: t.into(),
+            product_sku: "S".into(),
+            used_amount: a,
+            use_unit: "KB".into(),
+            pulse_id: id.map(str::to_string),
+        }
+    }
+
+    fn kt(t: &str, a: f64) -> KeyTotal {
+        KeyTotal {
+            tenant_id: t.into(),
+            product_sku: "S".into(),
+            use_unit: "KB".into(),
+            used_amount: a,
+        }
+    }
+
+    #[test]
+    fn duplicates_count_once_per_tenant_and_id() {
+        let mut l = Ledger::default();
+        l.acknowledged(&p("a", 1.5, Some("1")));
+        l.acknowledged(&p("a", 1.5, Some("1")));
+        l.acknowledged(&p("b", 2.0, Some("1")));
+        l.acknowledged(&p("a", 0.25, None));
+        l.acknowledged(&p("a", 0.25, None));
+        assert_eq!(l.pulses, 4);
+        assert_eq!(l.totals(), vec![kt("a", 2.0), kt("b", 2.0)]);
+    }
+
+    #[test]
+    fn a_saved_ledger_loads_and_merges() {
+        let dir = std::env::temp_dir().join(format!("ledger-{}", std::process::id()));
+        let mut l = Ledger::default();
+        l.acknowledged(&p("a", 1.0, None));
+        l.save(&dir).unwrap();
+        let mut back = Ledger::load(&dir).unwrap();
+        assert_eq!(back.totals(), vec![kt("a", 1.0)]);
+        back.merge(&l);
+        assert_eq!(back.totals(), vec![kt("a", 2.0)]);
+        std::fs::remove_file(dir).unwrap();
+    }
+
+    #[test]
+    fn compare_names_missing_extra_and_off() {
+        let d = compare(
+            &[kt("a", 1.0), kt("b", 2.0), kt("c", 3.0)],
+            &[kt("a", 1.0), kt("c", 3.5), kt("d", 4.0)],
+        );
+        assert_eq!(d.matched, 1);
+        assert_eq!(d.missing, vec![kt("b", 2.0)]);
+        assert_eq!(d.extra, vec![kt("d", 4.0)]);
+        assert_eq!(d.off.len(), 1);
+        let text = d.to_string();
+        assert!(
+            text.contains("missing (\"b\"")
+                && text.contains("extra   (\"d\"")
+                && text.contains("off     (\"c\""),
+            "{text}"
+        );
+        assert!(compare(&[kt("a", 0.1 + 0.2)], &[kt("a", 0.3)]).balanced());
+    }
+}

@@ -1,0 +1,326 @@
+//! The reference Processor: what the demo, the end-to-end tests and the benchmarks deliver to.
+//!
+//! `POST /` (or `/batches`) takes a JSON array of records and upserts each by `record_id`, so a
+//! re-delivered record replaces itself instead of adding up. Every accepted batch is appended to
+//! an optional JSONL journal. `GET /totals` sums the stored records per (tenant, sku, unit) and
+//! per window; `GET /records` lists them. Failure injection: an error rate, a status to answer,
+//! latency, failing the first N batches, accepting and then dropping the connection, and
+//! rejecting batches that hold a given tenant.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+/// A record as the ingestor delivers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub record_id: String,
+    pub tenant_id: String,
+    pub product_sku: String,
+    pub use_unit: String,
+    pub used_amount: f64,
+    pub window_start: String,
+    pub window_end: String,
+}
+
+/// How the Processor misbehaves, all off by default.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Faults {
+    /// Fraction of batches answered with `--fail-status` (0.0–1.0).
+    #[arg(long, env = "PROCESSOR_ERROR_RATE", default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Status answered to failed batches.
+    #[arg(long, env = "PROCESSOR_FAIL_STATUS", default_value_t = 500)]
+    pub fail_status: u16,
+    /// Fail the first N batches with `--fail-status`.
+    #[arg(long, env = "PROCESSOR_FAIL_FIRST", default_value_t = 0)]
+    pub fail_first: u64,
+    /// Delay before answering each batch.
+    #[arg(long, env = "PROCESSOR_LATENCY", value_parser = humantime::parse_duration)]
+    pub latency: Option<Duration>,
+    /// `Retry-After` seconds sent with failures.
+    #[arg(long, env = "PROCESSOR_RETRY_AFTER")]
+    pub retry_after: Option<u64>,
+    /// Fraction of batches stored and then answered by dropping the connection.
+    #[arg(long, env = "PROCESSOR_DROP_RATE", default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// Reject (422) every batch holding a record of this tenant.
+    #[arg(long, env = "PROCESSOR_REJECT_TENANT")]
+    pub reject_tenant: Option<String>,
+    /// Require this bearer token.
+    #[arg(long, env = "PROCESSOR_TOKEN")]
+    pub token: Option<String>,
+}
+
+/// What the Processor holds.
+#[derive(Default)]
+pub struct Books {
+    records: HashMap<String, Record>,
+    /// Deliveries per record id (more than one means a re-delivery).
+    deliveries: HashMap<String, u64>,
+}
+
+/// The running Processor's shared state.
+pub struct Processor {
+    books: Mutex<Books>,
+    faults: Mutex<Faults>,
+    batches_seen: AtomicU64,
+    batches_accepted: AtomicU64,
+    journal: Option<Mutex<std::fs::File>>,
+}
+
+/// Totals as `GET /totals` reports them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Totals {
+    pub records: usize,
+    pub deliveries: u64,
+    /// Record ids delivered more than once.
+    pub redelivered: usize,
+    pub batches_accepted: u64,
+    pub batches_seen: u64,
+    /// Per (tenant, sku, unit), summed over windows.
+    pub totals: Vec<KeyTotal>,
+    /// Per window start, summed over keys.
+    pub windows: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyTotal {
+    pub tenant_id: String,
+    pub product_sku: String,
+    pub use_unit: String,
+    pub used_amount: f64,
+}
+
+impl Processor {
+    pub fn new(faults: Faults, journal: Option<std::path::PathBuf>) -> std::io::Result<Arc<Self>> {
+        let journal = match journal {
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            )),
+            None => None,
+        };
+        Ok(Arc::new(Processor {
+            books: Mutex::new(Books::default()),
+            faults: Mutex::new(faults),
+            batches_seen: AtomicU64::new(0),
+            batches_accepted: AtomicU64::new(0),
+            journal,
+        }))
+    }
+
+    /// Replaces the fault settings (tests turn an outage off this way).
+    pub fn set_faults(&self, f: Faults) {
+        *self.faults.lock().unwrap() = f;
+    }
+
+    /// Every stored record.
+    pub fn records(&self) -> Vec<Record> {
+        let mut v: Vec<Record> = self
+            .books
+            .lock()
+            .unwrap()
+            .records
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.window_start, &a.record_id).cmp(&(&b.window_start, &b.record_id)));
+        v
+    }
+
+    /// Removes every record of one key (to prove `verify` notices).
+    pub fn remove_key(&self, tenant: &str, sku: &str, unit: &str) -> usize {
+        let mut b = self.books.lock().unwrap();
+        let before = b.records.len();
+        b.records
+            .retain(|_, r| !(r.tenant_id == tenant && r.product_sku == sku && r.use_unit == unit));
+        before - b.records.len()
+    }
+
+    pub fn totals(&self) -> Totals {
+        let b = self.books.lock().unwrap();
+        let mut per_key: BTreeMap<(String, String, String), f64> = BTreeMap::new();
+        let mut windows: BTreeMap<String, f64> = BTreeMap::new();
+        for r in b.records.values() {
+            *per_key
+                .entry((
+                    r.tenant_id.clone(),
+                    r.product_sku.clone(),
+                    r.use_unit.clone(),
+                ))
+                .or_default() += r.used_amount;
+            *windows.entry(r.window_start.clone()).or_default() += r.used_amount;
+        }
+        Totals {
+            records: b.records.len(),
+            deliveries: b.deliveries.values().sum(),
+            redelivered: b.deliveries.values().filter(|&&n| n > 1).count(),
+            batches_accepted: self.batches_accepted.load(Ordering::Relaxed),
+            batches_seen: self.batches_seen.load(Ordering::Relaxed),
+            totals: per_key
+                .into_iter()
+                .map(
+                    |((tenant_id, product_sku, use_unit), used_amount)| KeyTotal {
+                        tenant_id,
+                        product_sku,
+                        use_unit,
+                        used_amount,
+                    },
+                )
+                .collect(),
+            windows,
+        }
+    }
+
+    fn accept(&self, records: Vec<Record>, raw: &[u8]) {
+        {
+            let mut b = self.books.lock().unwrap();
+            for r in records {
+                *b.deliveries.entry(r.record_id.clone()).or_default() += 1;
+                b.records.insert(r.record_id.clone(), r);
+            }
+        }
+        self.batches_accepted.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = &self.journal {
+            let mut f = j.lock().unwrap();
+            let _ = f.write_all(raw);
+            let _ = f.write_all(b"\n");
+        }
+    }
+}
+
+fn status(code: u16, msg: &str, retry_after: Option<u64>) -> Response {
+    let mut r = (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(serde_json::json!({"error": msg})),
+    )
+        .into_response();
+    if let Some(s) = retry_after {
+        r.headers_mut()
+            .insert("retry-after", s.to_string().parse().expect("digits"));
+    }
+    r
+}
+
+async fn batches(State(p): State<Arc<Processor>>, headers: HeaderMap, body: Bytes) -> Response {
+    let n = p.batches_seen.fetch_add(1, Ordering::Relaxed);
+    let f = p.faults.lock().unwrap().clone();
+    if let Some(d) = f.latency {
+        tokio::time::sleep(d).await;
+    }
+    if let Some(t) = &f.token {
+        let ok = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {t}"));
+        if !ok {
+            return status(401, "missing or wrong token", None);
+        }
+    }
+    if headers.get("idempotency-key").is_none() {
+        return status(400, "Idempotency-Key header is required", None);
+    }
+    let records: Vec<Record> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return status(400, &format!("bad batch: {e}"), None),
+    };
+    let fail =
+        n < f.fail_first || (f.error_rate > 0.0 && rand::rng().random_bool(f.error_rate.min(1.0)));
+    if fail {
+        return status(f.fail_status, "failing on purpose", f.retry_after);
+    }
+    if let Some(t) = &f.reject_tenant
+        && records.iter().any(|r| &r.tenant_id == t)
+    {
+        return status(422, &format!("tenant {t} is not billable"), None);
+    }
+    let count = records.len();
+    p.accept(records, &body);
+    if f.drop_rate > 0.0 && rand::rng().random_bool(f.drop_rate.min(1.0)) {
+        // Stored, but the answer is lost: the connection task ends without a response.
+        panic!("{DROP_MARKER}");
+    }
+    (StatusCode::OK, Json(serde_json::json!({"accepted": count}))).into_response()
+}
+
+/// The panic message that means "drop this connection on purpose"; the binary's panic hook
+/// keeps it quiet.
+pub const DROP_MARKER: &str = "reference processor drops this connection on purpose";
+
+async fn totals(State(p): State<Arc<Processor>>) -> Json<Totals> {
+    Json(p.totals())
+}
+
+async fn records(State(p): State<Arc<Processor>>) -> Json<Vec<Record>> {
+    Json(p.records())
+}
+
+#[derive(Deserialize)]
+struct RemoveKey {
+    tenant_id: String,
+    product_sku: String,
+    use_unit: String,
+}
+
+async fn remove(
+    State(p): State<Arc<Processor>>,
+    Json(k): Json<RemoveKey>,
+) -> Json<serde_json::Value> {
+    let removed = p.remove_key(&k.tenant_id, &k.product_sku, &k.use_unit);
+    Json(serde_json::json!({"removed": removed}))
+}
+
+/// The Processor's routes.
+pub fn router(p: Arc<Processor>) -> axum::Router {
+    axum::Router::new()
+        .route("/", post(batches))
+        .route("/batches", post(batches))
+        .route("/totals", get(totals))
+        .route("/records", get(records))
+        .route("/admin/remove", post(remove))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
+        .with_state(p)
+}
+
+/// Binds and serves in the background; returns the address.
+pub async fn spawn(p: Arc<Processor>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router(p)).await;
+    });
+    Ok(local)
+}
+
+/// Silences the deliberate connection-dropping panics; other panics print as usual.
+pub fn quiet_drop_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if !msg.contains(DROP_MARKER) {
+            default(info);
+        }
+    }));
+}
