@@ -1,0 +1,377 @@
+//! The one test harness every test file uses: real `redis-server` processes on free loopback
+//! ports, the service in-process or as its real binary, and the reference Processor.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pulse_ingestor::app::App;
+use pulse_ingestor::config::Config;
+use pulse_ingestor::pulse::decode_field;
+use pulse_producer::processor::{Faults, Processor};
+use tokio::sync::oneshot;
+
+pub type Key = (String, String, String);
+
+/// A free loopback port (bound then released; the race with another process is accepted).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real redis-server on a free port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Self::spawn(port, &dir, extra);
+        let r = RedisServer { port, child, dir };
+        r.wait_ready();
+        r
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir, extra: &[&str]) -> Child {
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            "".into(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)")
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection())
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Runs a command and returns its reply.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut self.conn()).unwrap()
+    }
+
+    /// Every aggregate in Redis (current generations and sealed windows), summed per key.
+    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, f64> {
+        let mut conn = self.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}:*"))
+            .query(&mut conn)
+            .unwrap();
+        let mut out = BTreeMap::new();
+        for k in keys
+            .iter()
+            .filter(|k| k.contains(":agg:") || k.contains(":sealed:"))
+        {
+            let kv: Vec<(String, String)> = redis::cmd("HGETALL").arg(k).query(&mut conn).unwrap();
+            for (f, v) in kv {
+                let key = decode_field(f.as_bytes()).expect("fields decode");
+                *out.entry(key).or_insert(0.0) += v.parse::<f64>().unwrap();
+            }
+        }
+        out
+    }
+
+    /// Sealed windows per start, summed over keys and shards.
+    pub fn window_sums(&self, prefix: &str) -> BTreeMap<String, f64> {
+        let mut conn = self.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}:*"))
+            .query(&mut conn)
+            .unwrap();
+        let mut out = BTreeMap::new();
+        for k in keys
+            .iter()
+            .filter(|k| k.contains(":agg:") || k.contains(":sealed:"))
+        {
+            let label = if k.contains(":agg:") {
+                "current".to_string()
+            } else {
+                k.rsplit(':').next().unwrap().to_string()
+            };
+            let kv: Vec<(String, String)> = redis::cmd("HGETALL").arg(k).query(&mut conn).unwrap();
+            for (_, v) in kv {
+                *out.entry(label.clone()).or_insert(0.0) += v.parse::<f64>().unwrap();
+            }
+        }
+        out
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Base settings for a test instance: small, fast, local.
+pub fn settings(redis: &RedisServer, extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = [
+        ("LISTEN_ADDR", "127.0.0.1:0".to_string()),
+        ("REDIS_URL", redis.url()),
+        ("SHARDS", "8".into()),
+        ("WORKERS", "2".into()),
+        ("STABILISATION_DELAY", "0s".into()),
+        ("DRAIN_INTERVAL", "200ms".into()),
+        ("SHUTDOWN_TIMEOUT", "10s".into()),
+        ("DELIVERY_MAX_BACKOFF", "200ms".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in extra {
+        m.insert(k.to_string(), v.to_string());
+    }
+    m
+}
+
+/// The service running in this process.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    stop: Option<oneshot::Sender<()>>,
+    pub handle: tokio::task::JoinHandle<Result<(), pulse_ingestor::app::AppError>>,
+}
+
+impl TestApp {
+    pub async fn spawn(vars: HashMap<String, String>) -> Self {
+        let cfg = Config::from_map(&vars).expect("test config is valid");
+        let app = App::build(cfg).await.expect("app builds");
+        let addr = app.local_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    /// Graceful shutdown, as SIGTERM does it.
+    pub async fn stop(mut self) -> Result<(), pulse_ingestor::app::AppError> {
+        let _ = self.stop.take().unwrap().send(());
+        self.handle.await.unwrap()
+    }
+}
+
+/// The reference Processor, in-process.
+pub async fn processor(faults: Faults) -> (Arc<Processor>, String) {
+    let p = Processor::new(faults, None).unwrap();
+    let addr = pulse_producer::processor::spawn(p.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    (p, format!("http://{addr}"))
+}
+
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub fn pulse(t: &str, s: &str, u: &str, a: f64) -> serde_json::Value {
+    serde_json::json!({"tenant_id": t, "product_sku": s, "use_unit": u, "used_amount": a})
+}
+
+/// POSTs a JSON body to the service and returns status, headers and body.
+pub async fn post(
+    c: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+    let r = c.post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.json().await.unwrap_or(serde_json::Value::Null);
+    (status, headers, body)
+}
+
+/// Polls `f` until it returns true or the timeout passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Whether two totals agree: amounts are cents, summed in f64 here and long double in Redis.
+pub fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-6
+}
+
+pub fn assert_books(expected: &BTreeMap<Key, f64>, found: &BTreeMap<Key, f64>) {
+    let mut problems = Vec::new();
+    for (k, v) in expected {
+        match found.get(k) {
+            None => problems.push(format!("missing {k:?} ({v})")),
+            Some(f) if !close(*f, *v) => problems.push(format!("off {k:?}: sent {v}, found {f}")),
+            _ => {}
+        }
+    }
+    for k in found.keys().filter(|k| !expected.contains_key(*k)) {
+        problems.push(format!("extra {k:?}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "books do not balance ({} problems): {:?}",
+        problems.len(),
+        &problems[..problems.len().min(10)]
+    );
+}
+
+/// A real binary of this workspace.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_pulse-ingestor"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A real `pulse-ingestor` process.
+pub struct Ingestor {
+    pub child: Child,
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl Ingestor {
+    pub async fn spawn(
+        vars: &HashMap<String, String>,
+        log_dir: &std::path::Path,
+        name: &str,
+    ) -> Self {
+        let port = free_port();
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin("pulse-ingestor"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        cmd.env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info");
+        let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let c = http();
+        let ok = eventually(Duration::from_secs(20), || {
+            let c = c.clone();
+            let u = format!("{base}/healthz");
+            async move { c.get(u).send().await.is_ok() }
+        })
+        .await;
+        assert!(
+            ok,
+            "{name} did not start; log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Ingestor { child, base, log }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Ingestor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
