@@ -111,11 +111,13 @@ async fn submit(state: &AppState, pulses: Vec<Pulse>) -> Result<Response, ApiErr
             .into_response());
     };
     match rx.await {
-        Ok(Ok(o)) => Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({"status": "committed", "accepted": o.accepted, "duplicates": o.duplicates})),
-        )
-            .into_response()),
+        Ok(Ok(o)) => {
+            let mut body = json!({"status": "committed", "accepted": o.accepted, "duplicates": o.duplicates});
+            if let (Some(start), false) = (o.window_start, o.windows_mixed) {
+                body["window_start"] = json!(start);
+            }
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
         Ok(Err(CommitError::Unavailable(_))) => Err(unavailable("storage unavailable; nothing was counted, retry later".into())),
         Ok(Err(CommitError::Partial(_))) => Err(unavailable(
             "storage failed part-way; retry with the same pulse_id or Idempotency-Key to complete it exactly".into(),

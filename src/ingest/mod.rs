@@ -27,6 +27,11 @@ pub struct Outcome {
     pub accepted: usize,
     /// Pulses recognised as re-sends of a pulse id already counted.
     pub duplicates: usize,
+    /// The window (start, unix seconds) the pulses were counted in, when they all went to one
+    /// window — always so for a single pulse.
+    pub window_start: Option<u64>,
+    /// Set when a batch's pulses went to different windows (it straddled a boundary).
+    pub windows_mixed: bool,
 }
 
 /// Why a commit failed.

@@ -119,8 +119,14 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Connection>, jobs:
                 Ok(reply) => {
                     any_ok = true;
                     w.metrics.observe_window(reply.window_start, None);
+                    let mut note = |o: &mut Outcome| match o.window_start {
+                        None => o.window_start = Some(reply.window_start),
+                        Some(s) if s != reply.window_start => o.windows_mixed = true,
+                        Some(_) => {}
+                    };
                     for (i, counted) in reply.counted.iter().enumerate() {
                         if let Some(j) = b.owner[i] {
+                            note(&mut outcomes[j]);
                             if *counted {
                                 outcomes[j].accepted += 1;
                             } else {
@@ -129,6 +135,7 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Connection>, jobs:
                         }
                     }
                     for (j, c) in &b.plain {
+                        note(&mut outcomes[*j]);
                         outcomes[*j].accepted += c;
                     }
                 }

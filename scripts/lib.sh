@@ -1,0 +1,33 @@
+# Shared helpers for the bash scripts (sourced, not run).
+
+# Installs Debian packages when a command is missing (apt-get, as root or with sudo).
+ensure_cmd() {
+  local cmd=$1 pkg=${2:-$1}
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  echo "==> $cmd not found; installing Debian package $pkg" >&2
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: $cmd is required; install $pkg with your package manager" >&2
+    return 1
+  fi
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$pkg" >/dev/null
+  command -v "$cmd" >/dev/null 2>&1
+}
+
+# Prints a free loopback TCP port.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits until a TCP port accepts connections.
+wait_port() {
+  local port=$1 tries=${2:-200}
+  for _ in $(seq "$tries"); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "error: nothing listens on port $port" >&2
+  return 1
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, lints, unit and property tests, and the integration
+# and end-to-end tests against real redis-server processes. Installs redis-server when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_cmd redis-server redis-server
+ensure_cmd redis-cli redis-tools
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> build the binaries the end-to-end tests run"
+cargo build --workspace --bins
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-tests=pass --failure-output final
+else
+  cargo test --workspace
+fi
+echo "==> all tests passed"
