@@ -31,9 +31,12 @@ async fn load(bases: Vec<String>, dur: Duration, workers: usize, tenants: usize)
                     let t = format!("tenant-{}", (w * 7919 + i) % tenants);
                     let s = format!("SKU-{}", i % 10);
                     let a = ((i % 997) + 1) as f64 / 100.0;
-                    let (status, _, body) = post(&c, &format!("{base}/ingest"), &pulse(&t, &s, "KB", a)).await;
+                    let (status, _, body) =
+                        post(&c, &format!("{base}/ingest"), &pulse(&t, &s, "KB", a)).await;
                     if status == 202 {
-                        let win = body["window_start"].as_u64().expect("a single pulse names its window");
+                        let win = body["window_start"]
+                            .as_u64()
+                            .expect("a single pulse names its window");
                         let mut b = books.lock().unwrap();
                         *b.0.entry((t, s, "KB".into())).or_default() += a;
                         *b.1.entry(win).or_default() += a;
@@ -52,7 +55,12 @@ async fn load(bases: Vec<String>, dur: Duration, workers: usize, tenants: usize)
 fn by_key(records: &[Record]) -> BTreeMap<Key, f64> {
     let mut m = BTreeMap::new();
     for r in records {
-        *m.entry((r.tenant_id.clone(), r.product_sku.clone(), r.use_unit.clone())).or_default() += r.used_amount;
+        *m.entry((
+            r.tenant_id.clone(),
+            r.product_sku.clone(),
+            r.use_unit.clone(),
+        ))
+        .or_default() += r.used_amount;
     }
     m
 }
@@ -68,14 +76,41 @@ fn by_window(records: &[Record]) -> BTreeMap<u64, f64> {
 }
 
 fn assert_windows(expected: &BTreeMap<u64, f64>, found: &BTreeMap<u64, f64>) {
-    assert_eq!(expected.keys().collect::<Vec<_>>(), found.keys().collect::<Vec<_>>(), "same windows");
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        found.keys().collect::<Vec<_>>(),
+        "same windows"
+    );
     for (w, v) in expected {
-        assert!(close(*v, found[w]), "window {w}: sent {v}, delivered {}", found[w]);
+        assert!(
+            close(*v, found[w]),
+            "window {w}: sent {v}, delivered {}",
+            found[w]
+        );
     }
 }
 
 async fn pending_records(c: &reqwest::Client, base: &str) -> serde_json::Value {
-    c.get(format!("{base}/admin/pending")).send().await.unwrap().json().await.unwrap()
+    c.get(format!("{base}/admin/pending"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until every shard has moved past the window starting at `start`, that is until that
+/// window is sealed everywhere (by a scheduler tick or a write).
+async fn wait_sealed(redis: &RedisServer, shards: u32, start: u64) {
+    let ok = eventually(Duration::from_secs(10), || async {
+        (0..shards).all(|s| {
+            let w: Option<u64> = redis.cmd(&["GET", &format!("{{pulses:{s}}}:window")]);
+            w.is_some_and(|w| w > start)
+        })
+    })
+    .await;
+    assert!(ok, "window {start} was not sealed on every shard");
 }
 
 /// Waits until no window is pending (every window delivered or dead-lettered).
@@ -85,7 +120,11 @@ async fn wait_delivered(c: &reqwest::Client, base: &str, timeout: Duration) {
         p["pending_windows"] == 0
     })
     .await;
-    assert!(ok, "windows still pending: {}", pending_records(c, base).await);
+    assert!(
+        ok,
+        "windows still pending: {}",
+        pending_records(c, base).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,16 +132,31 @@ async fn two_replicas_deliver_every_window_once_and_the_books_balance() {
     let redis = RedisServer::start();
     let (proc_, purl) = processor(Faults::default()).await;
     let logs = tempfile::tempdir().unwrap();
-    let vars = settings(&redis, &[("WINDOW", "2s"), ("PROCESSOR_URL", &format!("{purl}/batches")), ("BATCH_SIZE", "50")]);
+    let vars = settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+            ("BATCH_SIZE", "50"),
+        ],
+    );
     let a = Ingestor::spawn(&vars, logs.path(), "a").await;
     let b = Ingestor::spawn(&vars, logs.path(), "b").await;
-    let books = load(vec![a.base.clone(), b.base.clone()], Duration::from_millis(4500), 16, 500).await;
+    let books = load(
+        vec![a.base.clone(), b.base.clone()],
+        Duration::from_millis(4500),
+        16,
+        500,
+    )
+    .await;
     let c = http();
-    // The last window ends within 2 s; then it is sealed and drained.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    wait_delivered(&c, &a.base, Duration::from_secs(20)).await;
     let (keys, windows) = books.lock().unwrap().clone();
-    assert!(windows.len() >= 2, "load spanned at least two windows: {windows:?}");
+    wait_sealed(&redis, 8, *windows.keys().last().unwrap()).await;
+    wait_delivered(&c, &a.base, Duration::from_secs(20)).await;
+    assert!(
+        windows.len() >= 2,
+        "load spanned at least two windows: {windows:?}"
+    );
     let records = proc_.records();
     assert_books(&keys, &by_key(&records));
     assert_windows(&windows, &by_window(&records));
@@ -135,19 +189,35 @@ async fn a_processor_outage_over_several_windows_loses_nothing_and_mixes_no_hour
     // Three or more windows while nothing listens at the Processor's address.
     let books = load(vec![app.base.clone()], Duration::from_millis(3500), 8, 50).await;
     let c = http();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let last = *books.lock().unwrap().1.keys().last().unwrap();
+    wait_sealed(&redis, 8, last).await;
     let p = pending_records(&c, &app.base).await;
-    assert!(p["pending_windows"].as_u64().unwrap() >= 3, "windows wait for the Processor: {p}");
+    assert!(
+        p["pending_windows"].as_u64().unwrap() >= 3,
+        "windows wait for the Processor: {p}"
+    );
     // The Processor comes up answering 500 for a while, then recovers.
-    let proc_ = Processor::new(Faults { fail_first: 20, ..Faults::default() }, None).unwrap();
-    pulse_producer::processor::spawn(proc_.clone(), format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
+    let proc_ = Processor::new(
+        Faults {
+            fail_first: 20,
+            ..Faults::default()
+        },
+        None,
+    )
+    .unwrap();
+    pulse_producer::processor::spawn(proc_.clone(), format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
     wait_delivered(&c, &app.base, Duration::from_secs(30)).await;
     let (keys, windows) = books.lock().unwrap().clone();
     assert!(windows.len() >= 3, "{windows:?}");
     let records = proc_.records();
     assert_books(&keys, &by_key(&records));
     assert_windows(&windows, &by_window(&records));
-    assert!(proc_.totals().batches_seen > proc_.totals().batches_accepted, "the 500s were seen and retried");
+    assert!(
+        proc_.totals().batches_seen > proc_.totals().batches_accepted,
+        "the 500s were seen and retried"
+    );
     app.stop().await.unwrap();
 }
 
@@ -155,8 +225,11 @@ async fn a_processor_outage_over_several_windows_loses_nothing_and_mixes_no_hour
 async fn killing_the_lock_holder_mid_drain_lets_the_other_replica_finish() {
     let redis = RedisServer::start();
     // Slow Processor: 100 batches of 100 records at 40 ms each take seconds to drain.
-    let (proc_, purl) =
-        processor(Faults { latency: Some(Duration::from_millis(40)), ..Faults::default() }).await;
+    let (proc_, purl) = processor(Faults {
+        latency: Some(Duration::from_millis(40)),
+        ..Faults::default()
+    })
+    .await;
     let logs = tempfile::tempdir().unwrap();
     let vars = settings(
         &redis,
@@ -191,7 +264,14 @@ async fn killing_the_lock_holder_mid_drain_lets_the_other_replica_finish() {
     let holder = loop {
         let mut found = None;
         for (i, r) in [&a, &b].iter().enumerate() {
-            let m = c.get(format!("{}/metrics", r.base)).send().await.unwrap().text().await.unwrap();
+            let m = c
+                .get(format!("{}/metrics", r.base))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
             if m.lines().any(|l| l == "ingestor_drain_locks_held 1") {
                 found = Some(i);
             }
@@ -204,10 +284,21 @@ async fn killing_the_lock_holder_mid_drain_lets_the_other_replica_finish() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let delivered_before = proc_.totals().records;
-    let (victim, survivor) = if holder == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let (victim, survivor) = if holder == 0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
     victim.signal("KILL");
-    assert_eq!(victim.wait(Duration::from_secs(5)).await, None, "killed by a signal, no exit code");
-    assert!(delivered_before < 10_000, "killed mid-drain ({delivered_before} delivered)");
+    assert_eq!(
+        victim.wait(Duration::from_secs(5)).await,
+        None,
+        "killed by a signal, no exit code"
+    );
+    assert!(
+        delivered_before < 10_000,
+        "killed mid-drain ({delivered_before} delivered)"
+    );
     wait_delivered(&c, &survivor.base, Duration::from_secs(60)).await;
     let records = proc_.records();
     assert_books(&expected, &by_key(&records));
@@ -220,44 +311,111 @@ async fn killing_the_lock_holder_mid_drain_lets_the_other_replica_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed() {
     let redis = RedisServer::start();
-    let (proc_, purl) = processor(Faults { reject_tenant: Some("bad".into()), ..Faults::default() }).await;
+    let (proc_, purl) = processor(Faults {
+        reject_tenant: Some("bad".into()),
+        ..Faults::default()
+    })
+    .await;
     let vars = settings(
         &redis,
-        &[("WINDOW", "1s"), ("BATCH_SIZE", "1"), ("PROCESSOR_URL", &format!("{purl}/batches")), ("ADMIN_TOKEN", "s3cret")],
+        &[
+            ("WINDOW", "1s"),
+            ("BATCH_SIZE", "1"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+            ("ADMIN_TOKEN", "s3cret"),
+        ],
     );
     let app = TestApp::spawn(vars).await;
     let c = http();
     let mut good = BTreeMap::new();
     for i in 0..20 {
         let t = format!("good-{i}");
-        assert_eq!(post(&c, &format!("{}/ingest", app.base), &pulse(&t, "S", "KB", 2.0)).await.0, 202);
+        assert_eq!(
+            post(
+                &c,
+                &format!("{}/ingest", app.base),
+                &pulse(&t, "S", "KB", 2.0)
+            )
+            .await
+            .0,
+            202
+        );
         good.insert((t, "S".to_string(), "KB".to_string()), 2.0);
     }
     for sku in ["S1", "S2", "S3"] {
-        assert_eq!(post(&c, &format!("{}/ingest", app.base), &pulse("bad", sku, "KB", 5.0)).await.0, 202);
+        assert_eq!(
+            post(
+                &c,
+                &format!("{}/ingest", app.base),
+                &pulse("bad", sku, "KB", 5.0)
+            )
+            .await
+            .0,
+            202
+        );
     }
     // Admin routes want the token.
-    assert_eq!(c.get(format!("{}/admin/pending", app.base)).send().await.unwrap().status(), 401);
+    assert_eq!(
+        c.get(format!("{}/admin/pending", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     let admin = |path: &str| c.get(format!("{}{path}", app.base)).bearer_auth("s3cret");
     let ok = eventually(Duration::from_secs(15), || async {
-        let p: serde_json::Value = admin("/admin/pending").send().await.unwrap().json().await.unwrap();
+        let p: serde_json::Value = admin("/admin/pending")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         p["pending_windows"] == 0 && p["dead_letter_records"] == 3
     })
     .await;
-    let p: serde_json::Value = admin("/admin/pending").send().await.unwrap().json().await.unwrap();
+    let p: serde_json::Value = admin("/admin/pending")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(ok, "{p}");
     assert_books(&good, &by_key(&proc_.records()));
     // Fix the Processor, replay, and everything arrives.
     proc_.set_faults(Faults::default());
-    let r = c.post(format!("{}/admin/dead-letters/replay", app.base)).bearer_auth("s3cret").send().await.unwrap();
+    let r = c
+        .post(format!("{}/admin/dead-letters/replay", app.base))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["replayed_records"], 3);
     let ok = eventually(Duration::from_secs(15), || async {
-        let p: serde_json::Value = admin("/admin/pending").send().await.unwrap().json().await.unwrap();
+        let p: serde_json::Value = admin("/admin/pending")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         p["pending_windows"] == 0 && p["dead_letter_records"] == 0 && proc_.records().len() == 23
     })
     .await;
-    assert!(ok, "{}", admin("/admin/pending").send().await.unwrap().text().await.unwrap());
+    assert!(
+        ok,
+        "{}",
+        admin("/admin/pending")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    );
     let mut all = good.clone();
     for sku in ["S1", "S2", "S3"] {
         all.insert(("bad".into(), sku.into(), "KB".into()), 5.0);

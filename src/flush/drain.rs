@@ -7,6 +7,7 @@
 //! `HDEL`ed after its 2xx (invariant 5); a rejected batch is moved to dead-letter; a batch that
 //! keeps failing stays and the window stays pending for the next pass.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -179,10 +180,20 @@ impl Drainer {
         let mut buffer: Vec<(String, String)> = Vec::with_capacity(self.batch_size);
         let mut inflight = FuturesUnordered::new();
         let (mut delivered, mut dead) = (0u64, 0u64);
-        let mut tally = |r: BatchResult| match r {
-            BatchResult::Delivered(n) => delivered += n,
-            BatchResult::DeadLettered(n) => dead += n,
-            BatchResult::Failed => {}
+        // Fields scanned but not yet deleted. HSCAN may return a field twice when the hash
+        // shrinks under our HDELs; a field can only come back while it still exists, that is
+        // while it is here, so skipping these keeps each record to one delivery per pass.
+        let mut unsettled: HashSet<String> = HashSet::new();
+        let mut tally = |(r, batch): (BatchResult, Vec<(String, String)>),
+                         unsettled: &mut HashSet<String>| {
+            for (f, _) in &batch {
+                unsettled.remove(f);
+            }
+            match r {
+                BatchResult::Delivered(n) => delivered += n,
+                BatchResult::DeadLettered(n) => dead += n,
+                BatchResult::Failed => {}
+            }
         };
         loop {
             let (next, pairs) = self
@@ -190,7 +201,11 @@ impl Drainer {
                 .hscan(conn, &key, cursor, self.batch_size)
                 .await?;
             cursor = next;
-            buffer.extend(pairs);
+            for (f, v) in pairs {
+                if unsettled.insert(f.clone()) {
+                    buffer.push((f, v));
+                }
+            }
             while buffer.len() >= self.batch_size || (cursor == 0 && !buffer.is_empty()) {
                 let take = buffer.len().min(self.batch_size);
                 let batch: Vec<(String, String)> = buffer.drain(..take).collect();
@@ -199,14 +214,16 @@ impl Drainer {
                 // the semaphore.
                 while inflight.len() >= self.concurrency {
                     if let Some(r) = inflight.next().await {
-                        tally(r?);
+                        tally(r?, &mut unsettled);
                     }
                 }
                 let c = conn.clone();
                 inflight.push(async move {
                     let _permit = self.in_flight.acquire().await.expect("never closed");
-                    self.deliver_batch(processor, c, shard, w, batch, stop)
-                        .await
+                    let r = self
+                        .deliver_batch(processor, c, shard, w, &batch, stop)
+                        .await;
+                    r.map(|r| (r, batch))
                 });
             }
             if cursor == 0 || stop.is_cancelled() {
@@ -214,7 +231,7 @@ impl Drainer {
             }
         }
         while let Some(r) = inflight.next().await {
-            tally(r?);
+            tally(r?, &mut unsettled);
         }
         Ok((delivered, dead))
     }
@@ -225,14 +242,14 @@ impl Drainer {
         mut conn: Conn,
         shard: u32,
         w: &PendingWindow,
-        batch: Vec<(String, String)>,
+        batch: &[(String, String)],
         stop: &CancellationToken,
     ) -> Result<BatchResult, StoreError> {
         let (window_start, window_end) = (rfc3339(w.start), rfc3339(w.end));
         let mut records = Vec::with_capacity(batch.len());
         let mut fields = Vec::with_capacity(batch.len());
         let mut undecodable = Vec::new();
-        for (field, value) in &batch {
+        for (field, value) in batch {
             match (decode_field(field.as_bytes()), value.parse::<f64>()) {
                 (Some((tenant_id, product_sku, use_unit)), Ok(used_amount))
                     if used_amount.is_finite() =>

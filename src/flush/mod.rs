@@ -28,6 +28,8 @@ pub use drain::{DrainReport, Drainer};
 pub struct SealSummary {
     /// Redis time when sealing, unix seconds.
     pub redis_now: u64,
+    #[serde(skip)]
+    pub redis_now_micros: u64,
     /// Start of the current window.
     pub window_start: u64,
     /// Shards this call toggled (0 when another replica or a write got there first).
@@ -106,6 +108,7 @@ impl Flusher {
         .await;
         let mut summary = SealSummary {
             redis_now: 0,
+            redis_now_micros: 0,
             window_start: 0,
             toggled: 0,
         };
@@ -113,6 +116,7 @@ impl Flusher {
             let r =
                 r.inspect_err(|_| self.metrics.redis_errors.with_label_values(&["seal"]).inc())?;
             summary.redis_now = summary.redis_now.max(r.redis_now);
+            summary.redis_now_micros = summary.redis_now_micros.max(r.redis_now_micros);
             if r.window_start >= summary.window_start {
                 summary.window_start = r.window_start;
                 self.metrics
@@ -243,7 +247,8 @@ impl Flusher {
                 wake = wake.min(due);
             }
         }
-        let mut sleep = Duration::from_secs(wake.saturating_sub(seal.redis_now));
+        let mut sleep =
+            Duration::from_micros((wake * 1_000_000).saturating_sub(seal.redis_now_micros));
         if report.windows_left > 0 || report.busy || !status.windows.is_empty() {
             // Something due is still there (Processor failing, or another replica draining).
             sleep = sleep.min(self.drain_interval);

@@ -119,7 +119,7 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Connection>, jobs:
                 Ok(reply) => {
                     any_ok = true;
                     w.metrics.observe_window(reply.window_start, None);
-                    let mut note = |o: &mut Outcome| match o.window_start {
+                    let note = |o: &mut Outcome| match o.window_start {
                         None => o.window_start = Some(reply.window_start),
                         Some(s) if s != reply.window_start => o.windows_mixed = true,
                         Some(_) => {}

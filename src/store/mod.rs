@@ -133,7 +133,10 @@ pub struct SealReply {
     pub generation: String,
     pub window_start: u64,
     pub toggled: bool,
+    /// Redis time, seconds.
     pub redis_now: u64,
+    /// Redis time, microseconds, for timing the next boundary precisely.
+    pub redis_now_micros: u64,
 }
 
 /// A sealed window awaiting delivery.
@@ -246,16 +249,17 @@ impl Store {
 
     /// Seals the shard if its window has ended (idempotent).
     pub async fn seal(&self, conn: &mut Conn, shard: u32) -> Result<SealReply, StoreError> {
-        let (generation, window_start, toggled, redis_now): (String, u64, u8, u64) = SEAL
-            .key(self.keys.base(shard))
-            .arg(self.window_secs)
-            .invoke_async(conn)
-            .await?;
+        let (generation, window_start, toggled, redis_now, micros): (String, u64, u8, u64, u64) =
+            SEAL.key(self.keys.base(shard))
+                .arg(self.window_secs)
+                .invoke_async(conn)
+                .await?;
         Ok(SealReply {
             generation,
             window_start,
             toggled: toggled == 1,
             redis_now,
+            redis_now_micros: redis_now * 1_000_000 + micros,
         })
     }
 
