@@ -50,6 +50,8 @@ pub struct LoadConfig {
     pub api_key: Option<String>,
     pub retries: u32,
     pub timeout: Duration,
+    /// Walk distinct (tenant, sku) keys in order instead of drawing them.
+    pub distinct: bool,
 }
 
 /// The outcome of a run.
@@ -125,6 +127,7 @@ impl Shared {
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             let p = match tenant {
                 Some(t) => self.cfg.traffic.pulse_for(t, seq, &mut rng),
+                None if self.cfg.distinct => self.cfg.traffic.distinct(seq, &mut rng),
                 None => self.cfg.traffic.pulse(seq, &mut rng),
             };
             if p.pulse_id.is_some() {

@@ -96,6 +96,9 @@ struct RunArgs {
     retries: u32,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Walk distinct (tenant, sku) keys in order (tenants x skus of them) instead of drawing.
+    #[arg(long)]
+    distinct: bool,
     /// Write the acknowledged totals here, for `verify`.
     #[arg(long)]
     ledger: Option<PathBuf>,
@@ -146,6 +149,7 @@ async fn load(a: RunArgs) -> anyhow::Result<ExitCode> {
         api_key: a.api_key,
         retries: a.retries,
         timeout: a.timeout,
+        distinct: a.distinct,
     };
     let (report, ledger) = run(cfg).await?;
     print!("{report}");

@@ -86,6 +86,18 @@ impl Traffic {
         let t = self.tenant_index(rng);
         self.pulse_for(t, seq, rng)
     }
+
+    /// The `seq`-th distinct key, walking every (tenant, sku) pair in turn: `tenants * skus`
+    /// pulses touch as many distinct keys (used to build a large hour for drain benchmarks).
+    pub fn distinct(&self, seq: u64, rng: &mut impl Rng) -> Pulse {
+        let skus = self.skus as u64;
+        let tenant = ((seq / skus) % self.tenants as u64) as usize;
+        let sku = (seq % skus) as usize;
+        let mut p = self.pulse_for(tenant, seq, rng);
+        p.product_sku = format!("SKU-{sku}");
+        p.use_unit = UNITS[sku % UNITS.len()].to_string();
+        p
+    }
 }
 
 /// A body the service must refuse with a 4xx, and the status it should get.
@@ -145,6 +157,15 @@ mod tests {
             seen.insert(t.tenant_index(&mut rng));
         }
         assert_eq!(seen.len(), 50);
+    }
+
+    #[test]
+    fn distinct_walks_every_key_once() {
+        let t = Traffic::new(100, 10, Skew::Uniform, false, "r".into());
+        let mut rng = rand::rng();
+        let keys: std::collections::HashSet<_> =
+            (0..1000).map(|i| { let p = t.distinct(i, &mut rng); (p.tenant_id, p.product_sku) }).collect();
+        assert_eq!(keys.len(), 1000);
     }
 
     #[test]

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Benchmark scenarios for pulse-ingestor. Run through scripts/bench.sh (which builds and
+installs what is needed). Starts its own redis-server, reference Processor and ingestor on free
+loopback ports, runs each scenario, checks the books after each, stops everything, prints a
+table and writes it into BENCHMARKS.md between the bench markers.
+
+Throughput and latency of the HTTP scenarios are measured with wrk (C, light on the shared
+CPU); the books of each of those scenarios are checked with a pulse-producer run against the
+same instance right after (its ledger of 2xx'd pulses against the totals in Redis).
+"""
+
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+DUR = 4 if QUICK else 10
+TOL_REL, TOL_ABS = 1e-9, 1e-6
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def http(method, url, body=None, timeout=30):
+    req = urllib.request.Request(url, data=body, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, args, env=None, log=None):
+        out = open(log, "w") if log else subprocess.DEVNULL
+        p = subprocess.Popen(args, env=env, stdout=out, stderr=out)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, timeout=30):
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def stop_all(self):
+        for p in reversed(self.procs):
+            self.stop(p, signal.SIGKILL, 5)
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wrk(url, script, conns=64, dur=DUR):
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{conns}", f"-d{dur}s", "--latency", "-s", script, url],
+        capture_output=True, text=True, check=True).stdout
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"),
+            "non2xx": int(non2xx.group(1)) if non2xx else 0, "raw": out}
+
+
+def wrk_scripts(tmp):
+    rnd = random.Random(7)
+    units = ["KB", "MB", "GB", "KB/sec", "MB/sec", "GB/sec"]
+
+    def pulse(i):
+        sku = rnd.randrange(10)
+        return {"tenant_id": f"wrk-{rnd.randrange(3000)}", "product_sku": f"SKU-{sku}",
+                "used_amount": rnd.randrange(1, 100000) / 100, "use_unit": units[sku % 6]}
+
+    singles = [json.dumps(pulse(i)) for i in range(1000)]
+    batches = [json.dumps([pulse(i) for i in range(1000)]) for _ in range(8)]
+    lua = """
+local bodies = %s
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
+end
+"""
+    paths = {}
+    for name, bodies in (("single", singles), ("batch", batches)):
+        p = os.path.join(tmp, f"{name}.lua")
+        with open(p, "w") as f:
+            f.write(lua % ("{" + ",".join("[==[" + b + "]==]" for b in bodies) + "}"))
+        paths[name] = p
+    return paths
+
+
+def redis_totals(port, prefix="pulses", only="tenant-"):
+    """Sums every aggregate hash in Redis per key (current generations and sealed windows)."""
+    cli = ["redis-cli", "-p", str(port), "--raw"]
+    keys = subprocess.run(cli + ["--scan", "--pattern", "{%s:*" % prefix], capture_output=True,
+                          text=True, check=True).stdout.split("\n")
+    totals = {}
+    for k in keys:
+        if ":agg:" not in k and ":sealed:" not in k:
+            continue
+        lines = subprocess.run(cli + ["HGETALL", k], capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+        for f, v in zip(lines[0::2], lines[1::2]):
+            t, s, u = json.loads(f)
+            if t.startswith(only):
+                totals[(t, s, u)] = totals.get((t, s, u), 0.0) + float(v)
+    return totals
+
+
+def books_vs_redis(ledger_path, port):
+    with open(ledger_path) as f:
+        ledger = json.load(f)
+    expected = {(k["tenant_id"], k["product_sku"], k["use_unit"]): k["used_amount"]
+                for k in ledger["totals"]}
+    found = redis_totals(port)
+    bad = [k for k in expected if k not in found
+           or abs(found[k] - expected[k]) > TOL_REL * abs(expected[k]) + TOL_ABS]
+    extra = [k for k in found if k not in expected]
+    ok = not bad and not extra
+    return ok, f"{len(expected)} keys, {ledger['pulses']} pulses" + ("" if ok else f"; {len(bad)} off/missing, {len(extra)} extra")
+
+
+def producer(args, log):
+    out = subprocess.run([os.path.join(BIN, "pulse-producer")] + args, capture_output=True,
+                         text=True)
+    with open(log, "a") as f:
+        f.write(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise RuntimeError(f"producer failed: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def main():
+    procs = Procs()
+    tmp = tempfile.mkdtemp(prefix="pulse-bench-")
+    log = os.path.join(tmp, "bench.log")
+    scripts = wrk_scripts(tmp)
+    rows = []
+    try:
+        rport = free_port()
+        procs.start(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", tmp,
+                     "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                    log=os.path.join(tmp, "redis.log"))
+        wait_port(rport)
+
+        def processor():
+            port = free_port()
+            p = procs.start([os.path.join(BIN, "pulse-processor"), "--listen", f"127.0.0.1:{port}"],
+                            log=os.path.join(tmp, "processor.log"))
+            wait_port(port)
+            return p, port
+
+        def ingestor(extra, processor_port=None):
+            subprocess.run(["redis-cli", "-p", str(rport), "FLUSHALL"], check=True,
+                           capture_output=True)
+            port = free_port()
+            env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
+                       LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn")
+            if processor_port:
+                env["PROCESSOR_URL"] = f"http://127.0.0.1:{processor_port}/batches"
+            env.update(extra)
+            p = procs.start([os.path.join(BIN, "pulse-ingestor")], env=env,
+                            log=os.path.join(tmp, "ingestor.log"))
+            wait_port(port)
+            return p, port
+
+        # 1. Ceiling: the same load against a handler that does nothing.
+        port = free_port()
+        c = procs.start([os.path.join(BIN, "pulse-ceiling"), "--listen", f"127.0.0.1:{port}"])
+        wait_port(port)
+        ceiling = wrk(f"http://127.0.0.1:{port}/ingest", scripts["single"])
+        procs.stop(c)
+        rows.append(("1. ceiling (202, no work), 64 conns", f"{ceiling['rps']:,.0f} req/s",
+                     ceiling["p50"], ceiling["p99"], None, 1.0, "n/a (no work)"))
+        print(f"ceiling: {ceiling['rps']:,.0f} req/s", file=sys.stderr)
+
+        def http_scenario(name, extra, script, path, producer_args, per_request=1):
+            ing, port = ingestor(extra)
+            w = wrk(f"http://127.0.0.1:{port}{path}", scripts[script])
+            ledger = os.path.join(tmp, "ledger.json")
+            producer(["--url", f"http://127.0.0.1:{port}", "--duration", f"{min(DUR, 5)}s",
+                      "--ids", "--ledger", ledger] + producer_args, log)
+            # Enqueued mode answers before the write: let the queue empty first.
+            time.sleep(1)
+            ok, detail = books_vs_redis(ledger, rport)
+            rss = peak_rss_mb(ing.pid)
+            procs.stop(ing)
+            unit = "pulses/s" if per_request > 1 else "req/s"
+            rate = w["rps"] * per_request
+            rows.append((name, f"{rate:,.0f} {unit}", w["p50"], w["p99"], rss,
+                         w["rps"] / ceiling["rps"],
+                         ("balanced: " if ok else "NOT BALANCED: ") + detail
+                         + (f"; {w['non2xx']} non-2xx" if w["non2xx"] else "")))
+            print(f"{name}: {rate:,.0f} {unit}, books {'ok' if ok else 'BAD'}", file=sys.stderr)
+            return ok
+
+        ok = True
+        ok &= http_scenario("2. POST /ingest, durable ack, 64 conns", {"ACK_MODE": "durable"},
+                            "single", "/ingest", ["--mode", "max", "--concurrency", "64"])
+        ok &= http_scenario("3. POST /ingest, enqueued ack, 64 conns", {"ACK_MODE": "enqueued"},
+                            "single", "/ingest", ["--mode", "max", "--concurrency", "64"])
+        ok &= http_scenario("4. POST /ingest/batch, 1,000 pulses/request", {}, "batch",
+                            "/ingest/batch", ["--mode", "max", "--concurrency", "8",
+                                              "--batch", "1000"], per_request=1000)
+
+        # 5. The earlier producer's model: 3,000 tenants, 500-1,000 ms between sends.
+        ing, port = ingestor({})
+        ledger = os.path.join(tmp, "ledger.json")
+        rep = os.path.join(tmp, "report.json")
+        secs = 10 if QUICK else 30
+        producer(["--url", f"http://127.0.0.1:{port}", "--mode", "tenants", "--tenants", "3000",
+                  "--min-delay", "500ms", "--max-delay", "1000ms", "--duration", f"{secs}s",
+                  "--ids", "--ledger", ledger, "--report-json", rep], log)
+        r = json.load(open(rep))
+        ok5, detail = books_vs_redis(ledger, rport)
+        ok &= ok5
+        rss = peak_rss_mb(ing.pid)
+        procs.stop(ing)
+        rows.append((f"5. 3,000 tenants every 0.5-1 s ({secs} s)", f"{r['requests_per_s']:,.0f} req/s",
+                     r["latency_ms"]["p50"], r["latency_ms"]["p99"], rss, None,
+                     ("balanced: " if ok5 else "NOT BALANCED: ") + detail))
+
+        # 6. Drain of a sealed window holding 1,000,000 distinct keys.
+        keys = 200_000 if QUICK else 1_000_000
+        window = 30
+        proc, pport = processor()
+        ing, port = ingestor({"WINDOW": f"{window}s", "STABILISATION_DELAY": "0s",
+                              "DRAIN_INTERVAL": "1s"}, processor_port=pport)
+        # Start right after a boundary so the whole load lands in one window.
+        while True:
+            now = int(subprocess.run(["redis-cli", "-p", str(rport), "TIME"], capture_output=True,
+                                     text=True).stdout.split()[0])
+            if now % window < 2:
+                break
+            time.sleep(0.2)
+        start = now - now % window
+        t0 = time.time()
+        producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max", "--concurrency", "4",
+                  "--batch", "1000", "--distinct", "--tenants", str(keys // 10), "--skus", "10",
+                  "--count", str(keys), "--duration", "25s", "--ledger", ledger], log)
+        load_s = time.time() - t0
+        # Wait for the boundary, then time the drain until nothing is pending.
+        while time.time() < t0 + (start + window - now) + 0.05:
+            time.sleep(0.05)
+        t1 = time.time()
+        while True:
+            p = http("GET", f"http://127.0.0.1:{port}/admin/pending")
+            totals = http("GET", f"http://127.0.0.1:{pport}/totals")
+            if p["pending_windows"] == 0 and totals["records"] >= keys:
+                break
+            if time.time() - t1 > 300:
+                raise RuntimeError(f"drain did not finish: {p}")
+            time.sleep(0.1)
+        drain_s = time.time() - t1
+        rss = peak_rss_mb(ing.pid)
+        v = subprocess.run([os.path.join(BIN, "pulse-producer"), "verify", "--ledger", ledger,
+                            "--processor", f"http://127.0.0.1:{pport}"], capture_output=True,
+                           text=True)
+        ok6 = v.returncode == 0
+        ok &= ok6
+        procs.stop(ing)
+        procs.stop(proc)
+        rows.append((f"6. drain of one window, {keys:,} distinct keys",
+                     f"{totals['records'] / drain_s:,.0f} records/s", None, None, rss, None,
+                     (f"balanced (Processor): {totals['records']:,} records in {drain_s:.1f} s; "
+                      if ok6 else "NOT BALANCED: " + v.stdout.strip() + "; ")
+                     + f"{totals['redelivered']} re-delivered; load took {load_s:.1f} s"))
+    finally:
+        procs.stop_all()
+
+    cpu = "unknown"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    fmt = lambda v, f: "" if v is None else f.format(v)
+    table = ["| scenario | throughput | p50 ms | p99 ms | ingestor peak RSS MB | ratio to ceiling | books |",
+             "|---|---|---|---|---|---|---|"]
+    for name, thr, p50, p99, rss, ratio, books in rows:
+        table.append(f"| {name} | {thr} | {fmt(p50, '{:.2f}')} | {fmt(p99, '{:.2f}')} | "
+                     f"{fmt(rss, '{:.0f}')} | {fmt(ratio, '{:.2f}')} | {books} |")
+    machine = (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+               + (", BENCH_QUICK=1" if QUICK else ""))
+    block = "\n".join(["<!-- bench:start -->", f"Machine: {machine}.", "", *table,
+                       "<!-- bench:end -->"])
+    print("\n".join(table))
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    text = open(path).read() if os.path.exists(path) else "<!-- bench:start -->\n<!-- bench:end -->\n"
+    text = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->", lambda _: block, text, flags=re.S)
+    open(path, "w").write(text)
+    print(f"\nlogs: {tmp}; table written to BENCHMARKS.md", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
