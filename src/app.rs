@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::flush::Flusher;
-use crate::http::{AppState, router};
+use crate::http::{AppContext, AppState, router};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::pulse::Limits;
@@ -79,7 +79,7 @@ impl App {
             max_amount: cfg.max_amount,
             allowed_units: cfg.allowed_units.clone(),
         });
-        let state = AppState {
+        let state: AppState = Arc::new(AppContext {
             cfg: Arc::new(cfg),
             limits,
             ingest,
@@ -87,7 +87,7 @@ impl App {
             flusher,
             metrics,
             shutdown: CancellationToken::new(),
-        };
+        });
         Ok(App {
             listener,
             state,

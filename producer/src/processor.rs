@@ -71,6 +71,8 @@ pub struct Books {
     records: HashMap<String, Record>,
     /// Deliveries per record id (more than one means a re-delivery).
     deliveries: HashMap<String, u64>,
+    /// Records received in accepted batches, re-deliveries included.
+    delivered: u64,
 }
 
 /// The running Processor's shared state.
@@ -169,7 +171,7 @@ impl Processor {
         }
         Totals {
             records: b.records.len(),
-            deliveries: b.deliveries.values().sum(),
+            deliveries: b.delivered,
             redelivered: b.deliveries.values().filter(|&&n| n > 1).count(),
             batches_accepted: self.batches_accepted.load(Ordering::Relaxed),
             batches_seen: self.batches_seen.load(Ordering::Relaxed),
@@ -191,6 +193,7 @@ impl Processor {
     fn accept(&self, records: Vec<Record>, raw: &[u8]) {
         {
             let mut b = self.books.lock().unwrap();
+            b.delivered += records.len() as u64;
             for r in records {
                 *b.deliveries.entry(r.record_id.clone()).or_default() += 1;
                 b.records.insert(r.record_id.clone(), r);
@@ -267,6 +270,31 @@ async fn totals(State(p): State<Arc<Processor>>) -> Json<Totals> {
     Json(p.totals())
 }
 
+/// Counters only — cheap enough to poll while a large drain is running.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    pub records: usize,
+    pub deliveries: u64,
+    pub batches_accepted: u64,
+    pub batches_seen: u64,
+}
+
+impl Processor {
+    pub fn stats(&self) -> Stats {
+        let b = self.books.lock().unwrap();
+        Stats {
+            records: b.records.len(),
+            deliveries: b.delivered,
+            batches_accepted: self.batches_accepted.load(Ordering::Relaxed),
+            batches_seen: self.batches_seen.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn stats(State(p): State<Arc<Processor>>) -> Json<Stats> {
+    Json(p.stats())
+}
+
 async fn records(State(p): State<Arc<Processor>>) -> Json<Vec<Record>> {
     Json(p.records())
 }
@@ -292,6 +320,7 @@ pub fn router(p: Arc<Processor>) -> axum::Router {
         .route("/", post(batches))
         .route("/batches", post(batches))
         .route("/totals", get(totals))
+        .route("/stats", get(stats))
         .route("/records", get(records))
         .route("/admin/remove", post(remove))
         .route("/healthz", get(|| async { "ok" }))

@@ -163,8 +163,12 @@ mod tests {
     fn distinct_walks_every_key_once() {
         let t = Traffic::new(100, 10, Skew::Uniform, false, "r".into());
         let mut rng = rand::rng();
-        let keys: std::collections::HashSet<_> =
-            (0..1000).map(|i| { let p = t.distinct(i, &mut rng); (p.tenant_id, p.product_sku) }).collect();
+        let keys: std::collections::HashSet<_> = (0..1000)
+            .map(|i| {
+                let p = t.distinct(i, &mut rng);
+                (p.tenant_id, p.product_sku)
+            })
+            .collect();
         assert_eq!(keys.len(), 1000);
     }
 

@@ -198,7 +198,9 @@ impl Drainer {
         loop {
             let (next, pairs) = self
                 .store
-                .hscan(conn, &key, cursor, self.batch_size)
+                // Two batches per scan step halves the scan round trips; memory stays bounded
+                // by this chunk plus the batches in flight.
+                .hscan(conn, &key, cursor, self.batch_size * 2)
                 .await?;
             cursor = next;
             for (f, v) in pairs {

@@ -31,9 +31,11 @@ use crate::metrics::Metrics;
 use crate::pulse::Limits;
 use crate::store::Store;
 
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
+/// What every handler can reach, behind one `Arc` (extractors clone the state per request).
+pub type AppState = Arc<AppContext>;
+
+/// The parts of the service the HTTP layer uses.
+pub struct AppContext {
     pub cfg: Arc<Config>,
     pub limits: Arc<Limits>,
     pub ingest: Ingest,

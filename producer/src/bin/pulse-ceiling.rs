@@ -18,13 +18,18 @@ struct Args {
 
 async fn accept(body: Bytes) -> (StatusCode, &'static str) {
     std::hint::black_box(body);
-    (StatusCode::ACCEPTED, r#"{"status":"committed","accepted":1,"duplicates":0}"#)
+    (
+        StatusCode::ACCEPTED,
+        r#"{"status":"committed","accepted":1,"duplicates":0}"#,
+    )
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let app = Router::new().route("/ingest", post(accept)).route("/ingest/batch", post(accept));
+    let app = Router::new()
+        .route("/ingest", post(accept))
+        .route("/ingest/batch", post(accept));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("pulse-ceiling listening on {}", listener.local_addr()?);
     axum::serve(listener, app).await?;
