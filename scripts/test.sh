@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 
 ensure_cmd redis-server redis-server
 ensure_cmd redis-cli redis-tools
+ensure_cmd prometheus prometheus
+ensure_cmd promtool prometheus
+ensure_cmd npm npm
+python3 -c 'import jsonschema, yaml' 2>/dev/null || python3 -m pip install -q jsonschema pyyaml
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -20,4 +24,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace
 fi
+echo "==> observability: promtool, compose schema, dashboard queries against a live Prometheus"
+python3 scripts/check_observability.py target/debug
 echo "==> all tests passed"

@@ -51,6 +51,7 @@ impl App {
     /// Builds every part and binds `cfg.listen_addr` (port 0 picks a free port).
     pub async fn build(cfg: Config) -> Result<App, AppError> {
         let metrics = Arc::new(Metrics::new());
+        metrics.window_seconds.set(cfg.window_secs() as i64);
         let store = Store::new(&cfg)?;
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub redis_write_duration: Histogram,
     pub redis_errors: IntCounterVec,
     pub current_window_start: IntGauge,
+    pub window_seconds: IntGauge,
     pub current_generation: IntGaugeVec,
     pub seals: IntCounter,
     pub pending_windows: IntGauge,
@@ -112,6 +113,10 @@ impl Metrics {
                 "ingestor_current_window_start_seconds",
                 "Start (unix seconds) of the window this replica last wrote or sealed into"
             )),
+            window_seconds: reg!(IntGauge::new(
+                "ingestor_window_seconds",
+                "Configured window length (WINDOW), for alerts relative to it"
+            )),
             current_generation: reg!(IntGaugeVec::new(
                 Opts::new(
                     "ingestor_current_generation",
@@ -184,6 +189,21 @@ impl Metrics {
         }
         for g in ["A", "B"] {
             m.current_generation.with_label_values(&[g]);
+        }
+        // Every label value exists from the start, so rates and alerts see zeros, not gaps.
+        for r in [
+            "connect",
+            "timeout",
+            "transport",
+            "status_408",
+            "status_429",
+            "status_5xx",
+            "rejected",
+        ] {
+            m.delivery_failures.with_label_values(&[r]);
+        }
+        for op in ["write", "seal", "drain"] {
+            m.redis_errors.with_label_values(&[op]);
         }
         m
     }

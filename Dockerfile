@@ -1,0 +1,17 @@
+# Multi-stage build of the workspace binaries: pulse-ingestor, pulse-producer, pulse-processor.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY producer ./producer
+RUN cargo build --release --locked --bins \
+ && cp target/release/pulse-ingestor target/release/pulse-producer target/release/pulse-processor /usr/local/bin/
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 pulse
+COPY --from=build /usr/local/bin/pulse-ingestor /usr/local/bin/pulse-producer /usr/local/bin/pulse-processor /usr/local/bin/
+USER pulse
+EXPOSE 8070
+CMD ["pulse-ingestor"]

