@@ -532,6 +532,40 @@ mod tests {
         }
 
         #[test]
+        fn hostile_json_never_panics_and_never_counts(
+            depth in 1usize..2000,
+            giant in 0usize..200_000,
+            number in "[0-9]{1,400}(\\.[0-9]{0,50})?(e[+-]?[0-9]{1,5})?",
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let l = limits();
+            // Deep nesting, anywhere.
+            let nested = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            let body = format!(r#"{{"tenant_id":"t","product_sku":{nested},"used_amount":1,"use_unit":"u"}}"#);
+            prop_assert!(l.decode_one(body.as_bytes(), None).is_err());
+            let batch = format!("[{}]", body);
+            prop_assert!(l.decode_batch(batch.as_bytes(), false, None, 10).is_err());
+            // Giant strings are refused by length, not by running out of memory.
+            let body = format!(r#"{{"tenant_id":"{}","product_sku":"s","used_amount":1,"use_unit":"u"}}"#, "x".repeat(giant));
+            let r = l.decode_one(body.as_bytes(), None);
+            prop_assert_eq!(r.is_ok(), giant >= 1 && giant <= 64);
+            // Huge or long numbers are finite and within bounds, or refused.
+            let body = format!(r#"{{"tenant_id":"t","product_sku":"s","used_amount":{number},"use_unit":"u"}}"#);
+            if let Ok(p) = l.decode_one(body.as_bytes(), None) {
+                prop_assert!(p.used_amount.is_finite() && p.used_amount <= 1e15);
+            }
+            // Invalid UTF-8 inside a string, and duplicate keys.
+            let mut body = br#"{"tenant_id":""#.to_vec();
+            body.extend_from_slice(&junk);
+            body.extend_from_slice(br#"","product_sku":"s","used_amount":1,"use_unit":"u"}"#);
+            if std::str::from_utf8(&junk).is_err() {
+                prop_assert!(matches!(l.decode_one(&body, None), Err(DecodeError::Malformed(_))));
+            }
+            let dup = br#"{"tenant_id":"a","tenant_id":"b","product_sku":"s","used_amount":1,"use_unit":"u"}"#;
+            prop_assert!(matches!(l.decode_one(dup, None), Err(DecodeError::Malformed(_))));
+        }
+
+        #[test]
         fn shards_stay_in_range(t in "\\PC*", n in 1u32..1000) {
             prop_assert!(shard_of(&t, n) < n);
         }

@@ -31,6 +31,7 @@ pub struct RedisServer {
     pub port: u16,
     child: Child,
     pub dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -42,9 +43,27 @@ impl RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Self::spawn(port, &dir, extra);
-        let r = RedisServer { port, child, dir };
+        let r = RedisServer {
+            port,
+            child,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         r.wait_ready();
         r
+    }
+
+    /// Starts the server again on the same port and data directory (after `kill`).
+    pub fn restart(&mut self) {
+        self.kill();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::spawn(self.port, &self.dir, &extra);
+        self.wait_ready();
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn crash(&mut self) {
+        self.kill();
     }
 
     fn spawn(port: u16, dir: &tempfile::TempDir, extra: &[&str]) -> Child {
@@ -222,6 +241,26 @@ pub async fn processor(faults: Faults) -> (Arc<Processor>, String) {
     (p, format!("http://{addr}"))
 }
 
+/// Runs `pulse-producer` with these arguments and returns its exit code and output.
+pub async fn producer(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(bin("pulse-producer"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The port of a base URL such as `http://127.0.0.1:1234`.
+pub fn port_of(base: &str) -> u16 {
+    base.rsplit(':').next().unwrap().parse().unwrap()
+}
+
 pub fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
@@ -316,10 +355,31 @@ impl Ingestor {
         log_dir: &std::path::Path,
         name: &str,
     ) -> Self {
-        let port = free_port();
+        Self::spawn_with(vars, log_dir, name, free_port(), &[]).await
+    }
+
+    /// Starts the binary on `port`, optionally under a wrapper command (e.g. `faketime`).
+    pub async fn spawn_with(
+        vars: &HashMap<String, String>,
+        log_dir: &std::path::Path,
+        name: &str,
+        port: u16,
+        wrapper: &[&str],
+    ) -> Self {
         let log = log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(bin("pulse-ingestor"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(bin("pulse-ingestor"));
+                c
+            }
+            None => Command::new(bin("pulse-ingestor")),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in vars {
