@@ -10,6 +10,7 @@ ensure_cmd redis-cli redis-tools
 ensure_cmd prometheus prometheus
 ensure_cmd promtool prometheus
 ensure_cmd npm npm
+ensure_cmd faketime faketime
 python3 -c 'import jsonschema, yaml' 2>/dev/null || python3 -m pip install -q jsonschema pyyaml
 
 echo "==> cargo fmt --check"

@@ -33,7 +33,7 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("cannot build the Processor client: {0}")]
     Processor(#[from] reqwest::Error),
-    #[error("server error: {0}")]
+    #[error("cannot read the listener's address: {0}")]
     Serve(std::io::Error),
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimeout(std::time::Duration),
@@ -132,12 +132,15 @@ impl App {
         }
         let started = Instant::now();
         let ingest = state.ingest.clone();
-        let serve = axum::serve(listener, router(state.clone())).with_graceful_shutdown({
-            let s = shutdown.clone();
-            async move { s.cancelled().await }
-        });
+        let serve = crate::http::serve(
+            listener,
+            router(state.clone()),
+            state.cfg.header_read_timeout,
+            state.cfg.max_connections,
+            shutdown.clone(),
+        );
         tokio::select! {
-            r = serve => r.map_err(AppError::Serve)?,
+            _ = serve => {}
             _ = hard_stop.cancelled() => warn!("in-flight requests did not finish before the deadline"),
         }
         // No request can queue anything now: let the workers commit what is queued.

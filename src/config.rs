@@ -39,6 +39,9 @@ pub mod env {
     pub const DEDUPE_TTL: &str = "DEDUPE_TTL";
     pub const RETRY_AFTER: &str = "RETRY_AFTER";
     pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
+    pub const HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
+    pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
+    pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
     pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
 }
@@ -89,6 +92,12 @@ pub mod defaults {
     pub const DEDUPE_TTL: Duration = Duration::from_secs(3600);
     pub const RETRY_AFTER: Duration = Duration::from_secs(1);
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A client gets this long to send its request headers (slow-loris protection).
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Whole request, body included; well above a durable commit (`REDIS_TIMEOUT`).
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Open connections per replica; further clients wait in the listen backlog.
+    pub const MAX_CONNECTIONS: usize = 10_000;
 }
 
 /// When a request is answered.
@@ -167,6 +176,12 @@ pub struct Config {
     pub retry_after: Duration,
     /// Shutdown finishes within this (`SHUTDOWN_TIMEOUT`).
     pub shutdown_timeout: Duration,
+    /// Time allowed for a request's headers (`HEADER_READ_TIMEOUT`).
+    pub header_read_timeout: Duration,
+    /// Time allowed for a whole request, body and commit included (`REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// Open connections, at most (`MAX_CONNECTIONS`).
+    pub max_connections: usize,
     /// Required bearer token for `/admin/*` (`ADMIN_TOKEN`); unset leaves them open.
     pub admin_token: Option<String>,
     /// `text` or `json` (`LOG_FORMAT`).
@@ -413,6 +428,28 @@ impl Config {
             defaults::SHUTDOWN_TIMEOUT,
             Duration::from_millis(100),
         );
+        let header_read_timeout = r.duration(
+            env::HEADER_READ_TIMEOUT,
+            defaults::HEADER_READ_TIMEOUT,
+            Duration::from_millis(100),
+        );
+        let request_timeout = r.duration(
+            env::REQUEST_TIMEOUT,
+            defaults::REQUEST_TIMEOUT,
+            Duration::from_millis(100),
+        );
+        if request_timeout <= redis_timeout {
+            r.fail(
+                env::REQUEST_TIMEOUT,
+                "must be longer than REDIS_TIMEOUT, or durable commits would time out",
+            );
+        }
+        let max_connections = r.count(
+            env::MAX_CONNECTIONS,
+            defaults::MAX_CONNECTIONS,
+            1,
+            1_000_000,
+        );
         let admin_token = r.string(env::ADMIN_TOKEN);
         let log_format = match r
             .raw(env::LOG_FORMAT)
@@ -464,6 +501,9 @@ impl Config {
             dedupe_ttl,
             retry_after,
             shutdown_timeout,
+            header_read_timeout,
+            request_timeout,
+            max_connections,
             admin_token,
             log_format,
         })

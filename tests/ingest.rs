@@ -514,3 +514,71 @@ async fn sigterm_during_load_keeps_every_acknowledged_pulse_and_exits_zero() {
     assert!(!acked.is_empty());
     assert_books(&acked, &redis.totals(PREFIX));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_by_timeouts_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("HEADER_READ_TIMEOUT", "500ms"),
+            ("REQUEST_TIMEOUT", "2500ms"),
+            ("MAX_CONNECTIONS", "3"),
+        ],
+    ))
+    .await;
+    // Slow-loris: headers that never finish are cut after the header timeout.
+    let mut loris = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    loris
+        .write_all(b"POST /ingest HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), loris.read_to_end(&mut buf))
+        .await
+        .expect("server closes the connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    // A body that trickles in is answered 408 when the request timeout passes.
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    slow.write_all(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"tenant_id\"").await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(6), slow.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // At the connection cap, a new client waits until a slot frees.
+    let idle: Vec<_> =
+        futures::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(app.addr))).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let url = format!("{}/ingest", app.base);
+    assert!(
+        c.post(&url)
+            .json(&pulse("t", "s", "KB", 1.0))
+            .send()
+            .await
+            .is_err(),
+        "no slot while 3 connections are open"
+    );
+    drop(idle);
+    let ok = eventually(Duration::from_secs(5), || async {
+        c.post(&url)
+            .json(&pulse("t", "s", "KB", 1.0))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 202)
+    })
+    .await;
+    assert!(ok, "served once the idle connections are gone");
+    app.stop().await.unwrap();
+}

@@ -10,6 +10,8 @@
 
 mod admin;
 pub mod error;
+mod serve;
+pub use serve::serve;
 mod health;
 mod ingest;
 
@@ -22,6 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
@@ -59,6 +62,11 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/pending", get(admin::pending))
         .route("/admin/dead-letters/replay", post(admin::replay))
         .layer(DefaultBodyLimit::max(body_limit))
+        // A request that is not done in time (a body trickling in) is answered 408.
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            state.cfg.request_timeout,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -387,6 +387,9 @@ impl Ingestor {
         }
         cmd.env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info");
+        // Its own process group, so that whatever it starts (or a preloaded library forks)
+        // goes with it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
         let base = format!("http://127.0.0.1:{port}");
         let c = http();
@@ -431,6 +434,10 @@ impl Ingestor {
 
 impl Drop for Ingestor {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
