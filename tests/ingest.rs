@@ -557,6 +557,7 @@ async fn slow_clients_are_cut_by_timeouts_and_connections_are_capped() {
     // At the connection cap, a new client waits until a slot frees.
     let idle: Vec<_> =
         futures::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(app.addr))).await;
+    let _ = http(); // installs the TLS crypto provider reqwest needs
     let c = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
         .build()
