@@ -12,6 +12,7 @@ use std::time::Duration;
 pub mod env {
     pub const LISTEN_ADDR: &str = "LISTEN_ADDR";
     pub const REDIS_URL: &str = "REDIS_URL";
+    pub const REDIS_CLUSTER_URLS: &str = "REDIS_CLUSTER_URLS";
     pub const REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
     pub const REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
     pub const KEY_PREFIX: &str = "KEY_PREFIX";
@@ -122,6 +123,9 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// The Redis to use (`REDIS_URL`).
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_URLS`, comma separated); when set, the
+    /// cluster is used instead of `REDIS_URL`.
+    pub redis_cluster_urls: Option<Vec<String>>,
     /// Pooled multiplexed connections (`REDIS_POOL_SIZE`).
     pub redis_pool_size: usize,
     /// Per-command response timeout (`REDIS_TIMEOUT`).
@@ -309,6 +313,25 @@ impl Config {
                 format!("expected a redis:// URL, got {redis_url:?}"),
             );
         }
+        let redis_cluster_urls = r.string(env::REDIS_CLUSTER_URLS).map(|s| {
+            s.split(',')
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect::<Vec<_>>()
+        });
+        if let Some(urls) = &redis_cluster_urls {
+            if urls.is_empty() {
+                r.fail(env::REDIS_CLUSTER_URLS, "lists no node");
+            }
+            for u in urls {
+                if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                    r.fail(
+                        env::REDIS_CLUSTER_URLS,
+                        format!("expected redis:// URLs, got {u:?}"),
+                    );
+                }
+            }
+        }
         let redis_pool_size = r.count(env::REDIS_POOL_SIZE, defaults::REDIS_POOL_SIZE, 1, 1024);
         let redis_timeout = r.duration(
             env::REDIS_TIMEOUT,
@@ -474,6 +497,7 @@ impl Config {
         Ok(Config {
             listen_addr,
             redis_url,
+            redis_cluster_urls,
             redis_pool_size,
             redis_timeout,
             key_prefix,

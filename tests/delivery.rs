@@ -430,7 +430,7 @@ async fn concurrent_seals_for_one_boundary_toggle_exactly_once() {
     let mut vars: HashMap<String, String> = settings(&redis, &[("WINDOW", "1s"), ("SHARDS", "4")]);
     vars.remove("LISTEN_ADDR");
     let store = Store::new(&Config::from_map(&vars).unwrap()).unwrap();
-    let mut conn = (*store.conn().await.unwrap()).clone();
+    let mut conn = store.conn().await.unwrap();
     let first = store.seal(&mut conn, 0).await.unwrap();
     for s in 0..4 {
         store.seal(&mut conn, s).await.unwrap();
@@ -441,7 +441,7 @@ async fn concurrent_seals_for_one_boundary_toggle_exactly_once() {
     let calls = (0..50).flat_map(|_| 0..4u32).map(|s| {
         let store = store.clone();
         async move {
-            let mut c = (*store.conn().await.unwrap()).clone();
+            let mut c = store.conn().await.unwrap();
             store.seal(&mut c, s).await.unwrap()
         }
     });

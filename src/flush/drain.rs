@@ -79,7 +79,7 @@ impl Drainer {
         let Some(processor) = &self.processor else {
             return Ok(DrainReport::default());
         };
-        let mut conn: Conn = (*self.store.conn().await?).clone();
+        let mut conn: Conn = self.store.conn().await?;
         let pending = self.store.pending(&mut conn, shard).await?;
         if !pending.iter().any(|w| w.end <= due_before) {
             return Ok(DrainReport {

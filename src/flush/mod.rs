@@ -95,7 +95,7 @@ impl Flusher {
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
-        Ok((*self.store.conn().await?).clone())
+        self.store.conn().await
     }
 
     /// Runs the seal script on every shard (pipelined on one connection).

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_redis::Connection;
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
@@ -12,7 +11,7 @@ use tracing::{debug, error, warn};
 use super::{CommitError, Job, Outcome};
 use crate::metrics::Metrics;
 use crate::pulse::{dedupe_digest, encode_field, shard_of};
-use crate::store::{Store, StoreError, WriteItem};
+use crate::store::{Conn, Store, StoreError, WriteItem};
 
 pub(crate) struct Worker {
     pub id: usize,
@@ -42,7 +41,7 @@ struct ShardBatch {
 
 impl Worker {
     pub async fn run(self) {
-        let mut conn: Option<Connection> = None;
+        let mut conn: Option<Conn> = None;
         while let Ok(first) = self.rx.recv().await {
             let mut n = first.pulses.len();
             let mut jobs = vec![first];
@@ -67,7 +66,7 @@ impl Worker {
 }
 
 /// Commits one group of jobs and answers each of them.
-pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Connection>, jobs: Vec<Job>) {
+pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Conn>, jobs: Vec<Job>) {
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
     for (j, job) in jobs.iter().enumerate() {
         for p in &job.pulses {
@@ -219,7 +218,7 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Connection>, jobs:
 /// collects each shard's result.
 async fn write_all(
     w: &Worker,
-    conn: &mut Option<Connection>,
+    conn: &mut Option<Conn>,
     shards: &[(u32, ShardBatch)],
 ) -> Result<Vec<Result<crate::store::WriteReply, StoreError>>, StoreError> {
     if conn.is_none() {
@@ -228,7 +227,7 @@ async fn write_all(
     let c = conn.as_ref().expect("connection was just set");
     let started = Instant::now();
     let results = join_all(shards.iter().map(|(shard, b)| {
-        let mut mc = (**c).clone();
+        let mut mc = c.clone();
         let store = &w.store;
         async move { store.write(&mut mc, *shard, &b.items).await }
     }))

@@ -8,11 +8,54 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use deadpool_redis::{Connection, Pool, PoolConfig, Runtime, Timeouts};
-use redis::Script;
+use deadpool_redis::{PoolConfig, Runtime, Timeouts};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
-/// A multiplexed Redis connection; clones share one socket and pipeline their commands.
-pub type Conn = redis::aio::MultiplexedConnection;
+/// A connection to one Redis or to a Redis Cluster. Both multiplex: clones share sockets and
+/// pipeline their commands; the cluster one routes each command by its key's slot (following
+/// `MOVED`/`ASK`), so every script lands on the master that owns its shard.
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The pool of one Redis, or of a Redis Cluster (`REDIS_CLUSTER_URLS`).
+#[derive(Clone)]
+enum Pools {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
 
 use crate::config::Config;
 
@@ -162,7 +205,7 @@ impl PendingWindow {
 /// The Redis store of one deployment.
 #[derive(Clone)]
 pub struct Store {
-    pool: Pool,
+    pool: Pools,
     pub keys: Keys,
     pub shards: u32,
     pub window_secs: u64,
@@ -179,13 +222,25 @@ impl Store {
             create: Some(cfg.redis_timeout),
             recycle: Some(cfg.redis_timeout),
         };
-        let pool = deadpool_redis::Config {
-            url: Some(cfg.redis_url.clone()),
-            connection: None,
-            pool: Some(pc),
-        }
-        .create_pool(Some(Runtime::Tokio1))
-        .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let pool = match &cfg.redis_cluster_urls {
+            None => Pools::Single(
+                deadpool_redis::Config {
+                    url: Some(cfg.redis_url.clone()),
+                    connection: None,
+                    pool: Some(pc),
+                }
+                .create_pool(Some(Runtime::Tokio1))
+                .map_err(|e| StoreError::Pool(e.to_string()))?,
+            ),
+            Some(urls) => {
+                let mut c = deadpool_redis::cluster::Config::from_urls(urls.clone());
+                c.pool = Some(pc);
+                Pools::Cluster(
+                    c.create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| StoreError::Pool(e.to_string()))?,
+                )
+            }
+        };
         Ok(Store {
             pool,
             keys: Keys::new(&cfg.key_prefix),
@@ -197,10 +252,23 @@ impl Store {
     }
 
     /// A pooled multiplexed connection with the configured response timeout.
-    pub async fn conn(&self) -> Result<Connection, StoreError> {
-        let mut c = self.pool.get().await?;
-        c.set_response_timeout(self.timeout);
-        Ok(c)
+    ///
+    /// The pooled object goes back to the pool at once; the returned clone shares its socket,
+    /// which is how multiplexed connections are meant to be used.
+    pub async fn conn(&self) -> Result<Conn, StoreError> {
+        match &self.pool {
+            Pools::Single(p) => {
+                let mut c = p.get().await?;
+                c.set_response_timeout(self.timeout);
+                Ok(Conn::Single((*c).clone()))
+            }
+            Pools::Cluster(p) => Ok(Conn::Cluster((*p.get().await?).clone())),
+        }
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.pool, Pools::Cluster(_))
     }
 
     /// Round trip to Redis (readiness).

@@ -66,7 +66,7 @@ impl RedisServer {
         self.kill();
     }
 
-    fn spawn(port: u16, dir: &tempfile::TempDir, extra: &[&str]) -> Child {
+    pub fn spawn(port: u16, dir: &tempfile::TempDir, extra: &[&str]) -> Child {
         let mut args: Vec<String> = vec![
             "--port".into(),
             port.to_string(),
@@ -88,7 +88,7 @@ impl RedisServer {
             .expect("redis-server must be installed (scripts/test.sh installs it)")
     }
 
-    fn wait_ready(&self) {
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection())
@@ -440,5 +440,131 @@ impl Drop for Ingestor {
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A real Redis Cluster: `masters` masters with `replicas` replicas each, every node a
+/// `redis-server --cluster-enabled yes` on a free loopback port, joined by
+/// `redis-cli --cluster create`. Killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let n = masters * (1 + replicas);
+        let mut nodes = Vec::new();
+        while nodes.len() < n {
+            // The cluster bus listens on port + 10000: both must be free.
+            let port = free_port();
+            if port > 55_000 || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ];
+            let child = RedisServer::spawn(port, &dir, &extra);
+            let node = RedisServer {
+                port,
+                child,
+                dir,
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            node.wait_ready();
+            nodes.push(node);
+        }
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend([
+            "--cluster-replicas".into(),
+            replicas.to_string(),
+            "--cluster-yes".into(),
+        ]);
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .expect("redis-cli is installed");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster { nodes };
+        c.wait_ok();
+        c
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and knows every node.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut n.conn())
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `REDIS_CLUSTER_URLS` for the service.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The nodes that are masters right now.
+    pub fn masters(&self) -> Vec<&RedisServer> {
+        self.nodes
+            .iter()
+            .filter(|n| {
+                let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.conn()).unwrap();
+                matches!(&role[0], redis::Value::BulkString(b) if b == b"master")
+            })
+            .collect()
+    }
+
+    /// Every aggregate in the cluster, summed per key (each master asked for its own keys).
+    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, f64> {
+        let mut out = BTreeMap::new();
+        for m in self.masters() {
+            for (k, v) in m.totals(prefix) {
+                *out.entry(k).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
+    /// `GET key` as a number, asked of the master that owns the key (the others answer MOVED).
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        self.masters()
+            .into_iter()
+            .find_map(|m| {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query::<Option<u64>>(&mut m.conn())
+                    .ok()
+            })
+            .flatten()
     }
 }

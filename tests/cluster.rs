@@ -1,0 +1,208 @@
+//! The same service on a real 3-master Redis Cluster: ingest, seal, drain and the books, shards
+//! spread over the masters, and a failover during ingest.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use pulse_producer::processor::Faults;
+
+const SHARDS: u32 = 12;
+const WINDOW: u64 = 2;
+
+fn cluster_vars(cluster: &RedisCluster, extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut base = vec![
+        ("SHARDS", "12"),
+        ("WINDOW", "2s"),
+        ("LOCK_TTL", "1s"),
+        ("DRAIN_INTERVAL", "300ms"),
+    ];
+    base.extend_from_slice(extra);
+    let mut m = settings(&cluster.nodes[0], &base);
+    m.insert("REDIS_CLUSTER_URLS".into(), cluster.urls());
+    m
+}
+
+/// Waits until the current window is sealed on every shard and nothing is pending.
+async fn delivered(cluster: &RedisCluster, base: &str) {
+    let (now, _): (u64, u64) = cluster.nodes[0].cmd(&["TIME"]);
+    let current = now - now % WINDOW;
+    let c = http();
+    let ok = eventually(Duration::from_secs(40), || async {
+        let sealed = (0..SHARDS).all(|s| {
+            cluster
+                .get_u64(&format!("{{pulses:{s}}}:window"))
+                .is_some_and(|w| w > current)
+        });
+        sealed
+            && match c.get(format!("{base}/admin/pending")).send().await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|p| p["pending_windows"] == 0),
+                Err(_) => false,
+            }
+    })
+    .await;
+    assert!(ok, "not delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_on_a_cluster_sums_exactly_and_spreads_shards_over_every_master() {
+    let cluster = RedisCluster::start(3, 0);
+    let app = TestApp::spawn(cluster_vars(&cluster, &[("WINDOW", "1h")])).await;
+    let c = http();
+    let url = format!("{}/ingest", app.base);
+    let pulses: Vec<(String, f64)> = (0..3000)
+        .map(|i| (format!("tenant-{}", i % 300), f64::from(i % 97 + 1) / 4.0))
+        .collect();
+    let statuses: Vec<u16> = futures::stream::iter(pulses.clone())
+        .map(|(t, a)| {
+            let (c, url) = (c.clone(), url.clone());
+            async move { post(&c, &url, &pulse(&t, "SKU", "KB", a)).await.0 }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&s| s == 202));
+    let mut expected: BTreeMap<Key, f64> = BTreeMap::new();
+    for (t, a) in &pulses {
+        *expected
+            .entry((t.clone(), "SKU".into(), "KB".into()))
+            .or_default() += a;
+    }
+    assert_books(&expected, &cluster.totals("pulses"));
+    // Every master holds some shards' data.
+    for m in cluster.masters() {
+        assert!(
+            !m.totals("pulses").is_empty(),
+            "master on port {} holds no shard",
+            m.port
+        );
+    }
+    // Pulse ids dedupe on the cluster too.
+    let mut p = pulse("dup", "SKU", "KB", 5.0);
+    p["pulse_id"] = serde_json::json!("same");
+    let replies = futures::future::join_all((0..4).map(|_| post(&c, &url, &p))).await;
+    assert_eq!(
+        replies
+            .iter()
+            .map(|r| r.2["accepted"].as_u64().unwrap())
+            .sum::<u64>(),
+        1
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_seal_and_deliver_from_a_cluster_and_the_books_balance() {
+    let cluster = RedisCluster::start(3, 0);
+    let (p, purl) = processor(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = cluster_vars(&cluster, &[]);
+    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let a = Ingestor::spawn(&v, dir.path(), "a").await;
+    let b = Ingestor::spawn(&v, dir.path(), "b").await;
+    let ledger = dir.path().join("ledger.json");
+    let (code, out) = producer(&[
+        "--url",
+        &format!("{},{}", a.base, b.base),
+        "--ids",
+        "--mode",
+        "rate",
+        "--rate",
+        "500",
+        "--duration",
+        "5s",
+        "--tenants",
+        "400",
+        "--duplicate-ratio",
+        "0.05",
+        "--ledger",
+        ledger.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    delivered(&cluster, &a.base).await;
+    let (code, out) = producer(&[
+        "verify",
+        "--ledger",
+        ledger.to_str().unwrap(),
+        "--processor",
+        &purl,
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let t = p.totals();
+    assert!(
+        t.windows.len() >= 2,
+        "several windows: {:?}",
+        t.windows.keys()
+    );
+    assert_eq!(t.redelivered, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_during_ingest_keeps_acknowledged_pulses_without_a_restart() {
+    // 3 masters with one replica each; AOF always on every node.
+    let cluster = RedisCluster::start(3, 1);
+    let (_p, purl) = processor(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = cluster_vars(&cluster, &[]);
+    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let a = Ingestor::spawn(&v, dir.path(), "a").await;
+    let ledger = dir.path().join("ledger.json");
+    let urls = a.base.clone();
+    let ledger_arg = ledger.display().to_string();
+    let load = tokio::spawn(async move {
+        producer(&[
+            "--url",
+            &urls,
+            "--ids",
+            "--retries",
+            "30",
+            "--mode",
+            "rate",
+            "--rate",
+            "400",
+            "--duration",
+            "8s",
+            "--tenants",
+            "300",
+            "--ledger",
+            &ledger_arg,
+        ])
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Promote a replica: CLUSTER FAILOVER on it (the coordinated, lossless kind).
+    let replica = cluster
+        .nodes
+        .iter()
+        .find(|n| !cluster.masters().iter().any(|m| m.port == n.port))
+        .expect("a replica");
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.conn())
+        .unwrap();
+    let ok = eventually(Duration::from_secs(15), || async {
+        cluster.masters().iter().any(|m| m.port == replica.port)
+    })
+    .await;
+    assert!(ok, "the replica became a master");
+    let (code, out) = load.await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    delivered(&cluster, &a.base).await;
+    let (code, out) = producer(&[
+        "verify",
+        "--ledger",
+        ledger.to_str().unwrap(),
+        "--processor",
+        &purl,
+    ])
+    .await;
+    assert_eq!(code, 0, "acknowledged pulses survive the failover:\n{out}");
+}
