@@ -139,12 +139,19 @@ end
     return paths
 
 
-def redis_totals(port, prefix="pulses", only="tenant-"):
-    """Sums every aggregate hash in Redis per key (current generations and sealed windows)."""
+def redis_totals(ports, prefix="pulses", only="tenant-"):
+    """Sums every aggregate hash per key (current generations and sealed windows), over the
+    given Redis nodes (one, or every master of a cluster)."""
+    totals = {}
+    for port in ports if isinstance(ports, list) else [ports]:
+        node_totals(port, prefix, only, totals)
+    return totals
+
+
+def node_totals(port, prefix, only, totals):
     cli = ["redis-cli", "-p", str(port), "--raw"]
     keys = subprocess.run(cli + ["--scan", "--pattern", "{%s:*" % prefix], capture_output=True,
                           text=True, check=True).stdout.split("\n")
-    totals = {}
     for k in keys:
         if ":agg:" not in k and ":sealed:" not in k:
             continue
@@ -154,7 +161,6 @@ def redis_totals(port, prefix="pulses", only="tenant-"):
             t, s, u = json.loads(f)
             if t.startswith(only):
                 totals[(t, s, u)] = totals.get((t, s, u), 0.0) + float(v)
-    return totals
 
 
 def books_vs_redis(ledger_path, port):
@@ -261,6 +267,40 @@ def main():
                             "typical", "/ingest/batch", batch_args + ["--tenants", "50"],
                             per_request=1000, conns=8)
 
+        # 7. The worst-case batch load again, on a 3-master Redis Cluster on this same machine.
+        cports = []
+        while len(cports) < 3:
+            p = free_port()
+            if p < 55000:
+                cports.append(p)
+        for p in cports:
+            d = os.path.join(tmp, f"cluster-{p}")
+            os.makedirs(d)
+            procs.start(["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--dir", d,
+                         "--cluster-enabled", "yes", "--appendonly", "yes", "--appendfsync",
+                         "everysec", "--save", ""], log=os.path.join(d, "redis.log"))
+        for p in cports:
+            wait_port(p)
+        subprocess.run(["redis-cli", "--cluster", "create"] + [f"127.0.0.1:{p}" for p in cports]
+                       + ["--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True)
+        while not all("cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"],
+                      capture_output=True, text=True).stdout for p in cports):
+            time.sleep(0.2)
+        urls = ",".join(f"redis://127.0.0.1:{p}" for p in cports)
+        ing, port = ingestor({"REDIS_CLUSTER_URLS": urls})
+        w = wrk(f"http://127.0.0.1:{port}/ingest/batch", scripts["batch"], conns=8)
+        producer(["--url", f"http://127.0.0.1:{port}", "--duration", f"{min(DUR, 5)}s", "--ids",
+                  "--ledger", ledger_path := os.path.join(tmp, "ledger-cluster.json")] + batch_args, log)
+        time.sleep(1)
+        okc, detail = books_vs_redis(ledger_path, cports)
+        ok &= okc
+        rss = peak_rss_mb(ing.pid)
+        procs.stop(ing)
+        cluster_row = ("7. as 4a, on a 3-master Redis Cluster (same machine)",
+                       f"{w['rps'] * 1000:,.0f} pulses/s", w["p50"], w["p99"], rss,
+                       w["rps"] / ceiling_batch["rps"],
+                       ("balanced: " if okc else "NOT BALANCED: ") + detail)
+
         # 5. The earlier producer's model: 3,000 tenants, 500-1,000 ms between sends.
         ing, port = ingestor({})
         ledger = os.path.join(tmp, "ledger.json")
@@ -324,6 +364,7 @@ def main():
                      (f"balanced (Processor): {totals['records']:,} records in {drain_s:.1f} s; "
                       if ok6 else "NOT BALANCED: " + v.stdout.strip() + "; ")
                      + f"{totals['redelivered']} re-delivered; load took {load_s:.1f} s"))
+        rows.append(cluster_row)
     finally:
         procs.stop_all()
 

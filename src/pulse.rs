@@ -348,10 +348,14 @@ pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-/// The stable identity of a delivered record: `(window_start, field)` hashed.
-pub fn record_id(window_start: u64, field: &str) -> String {
+/// The stable identity of a delivered record: `(window_start, shard, tenant, sku, unit)`
+/// hashed. The shard is part of it so that, in the one window during which `SHARDS` changed,
+/// a key counted in two shards arrives as two records the Processor adds up — never as two
+/// records with one id, where an upsert would drop one.
+pub fn record_id(window_start: u64, shard: u32, field: &str) -> String {
     let mut h = Sha256::new();
     h.update(window_start.to_be_bytes());
+    h.update(shard.to_be_bytes());
     h.update(field.as_bytes());
     hex::encode(&h.finalize()[..16])
 }

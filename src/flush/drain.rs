@@ -257,7 +257,7 @@ impl Drainer {
                     if used_amount.is_finite() =>
                 {
                     records.push(Record {
-                        record_id: record_id(w.start, field),
+                        record_id: record_id(w.start, shard, field),
                         tenant_id,
                         product_sku,
                         use_unit,

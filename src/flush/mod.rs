@@ -101,7 +101,10 @@ impl Flusher {
     /// Runs the seal script on every shard (pipelined on one connection).
     pub async fn seal_once(&self) -> Result<SealSummary, StoreError> {
         let conn = self.conn().await?;
-        let replies = join_all((0..self.store.shards).map(|s| {
+        // Shards of an earlier, larger SHARDS are sealed too, or their last window would wait
+        // for writes that no longer come.
+        let shards = self.store.shards_to_drain().await?;
+        let replies = join_all((0..shards).map(|s| {
             let mut c = conn.clone();
             async move { self.store.seal(&mut c, s).await }
         }))
@@ -149,7 +152,9 @@ impl Flusher {
             self.stabilisation_delay.as_secs_f64().ceil() as u64
         };
         let due_before = redis_now.saturating_sub(delay);
-        let reports: Vec<_> = futures::stream::iter(0..self.store.shards)
+        // Shards of an earlier, larger SHARDS may still hold pending windows: drain them too.
+        let shards = self.store.shards_to_drain().await?;
+        let reports: Vec<_> = futures::stream::iter(0..shards)
             .map(|s| async move { (s, self.drainer.drain_shard(s, due_before, cancel).await) })
             .buffer_unordered(self.shard_parallelism)
             .collect()
@@ -174,7 +179,8 @@ impl Flusher {
     /// Every pending and dead-lettered window, with record counts and ages; updates the gauges.
     pub async fn pending_status(&self, redis_now: u64) -> Result<PendingStatus, StoreError> {
         let conn = self.conn().await?;
-        let per_shard = join_all((0..self.store.shards).map(|s| {
+        let shards = self.store.shards_to_drain().await?;
+        let per_shard = join_all((0..shards).map(|s| {
             let mut c = conn.clone();
             async move {
                 let pending = self.store.pending(&mut c, s).await?;

@@ -74,6 +74,13 @@ static SEAL: LazyLock<Script> = LazyLock::new(|| {
 static DEAD_LETTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/dead_letter.lua")));
 static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/replay.lua")));
+static REGISTER_SHARDS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local m = tonumber(redis.call('HGET', KEYS[1], 'shards_max')) or 0 \
+         if tonumber(ARGV[1]) > m then redis.call('HSET', KEYS[1], 'shards_max', ARGV[1]); m = tonumber(ARGV[1]) end \
+         return m",
+    )
+});
 static LOCK_RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/lock_renew.lua")));
 static LOCK_RELEASE: LazyLock<Script> =
@@ -146,6 +153,10 @@ impl Keys {
     }
     pub fn dead_index(&self, shard: u32) -> String {
         format!("{}:dead_windows", self.base(shard))
+    }
+    /// Deployment-wide facts (the largest shard count used), under its own hash tag.
+    pub fn meta(&self) -> String {
+        format!("{{{}}}:meta", self.prefix)
     }
     pub fn lock(&self, shard: u32) -> String {
         format!("{}:lock", self.base(shard))
@@ -264,6 +275,14 @@ impl Store {
             }
             Pools::Cluster(p) => Ok(Conn::Cluster((*p.get().await?).clone())),
         }
+    }
+
+    /// Records this deployment's shard count and returns the largest one ever used, so that
+    /// windows left in shards of an earlier, larger `SHARDS` are still drained.
+    pub async fn shards_to_drain(&self) -> Result<u32, StoreError> {
+        let mut c = self.conn().await?;
+        let max: u32 = REGISTER_SHARDS.key(self.keys.meta()).arg(self.shards).invoke_async(&mut c).await?;
+        Ok(max.max(self.shards))
     }
 
     /// Whether this store talks to a Redis Cluster.
