@@ -466,24 +466,49 @@ async fn changing_the_shard_count_still_delivers_every_pulse() {
     let app8 = TestApp::spawn(settings(&redis, &[("WINDOW", "2s"), ("SHARDS", "8")])).await;
     for i in 0..50 {
         let t = format!("tenant-{i}");
-        assert_eq!(post(&c, &format!("{}/ingest", app8.base), &pulse(&t, "S", "KB", 1.0)).await.0, 202);
+        assert_eq!(
+            post(
+                &c,
+                &format!("{}/ingest", app8.base),
+                &pulse(&t, "S", "KB", 1.0)
+            )
+            .await
+            .0,
+            202
+        );
         *expected.entry((t, "S".into(), "KB".into())).or_default() += 1.0;
     }
     app8.stop().await.unwrap();
     // Two shards from now on; the same keys again, very likely in the same window.
     let app2 = TestApp::spawn(settings(
         &redis,
-        &[("WINDOW", "2s"), ("SHARDS", "2"), ("PROCESSOR_URL", &format!("{purl}/batches"))],
+        &[
+            ("WINDOW", "2s"),
+            ("SHARDS", "2"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
     ))
     .await;
     for i in 0..50 {
         let t = format!("tenant-{i}");
-        assert_eq!(post(&c, &format!("{}/ingest", app2.base), &pulse(&t, "S", "KB", 2.0)).await.0, 202);
+        assert_eq!(
+            post(
+                &c,
+                &format!("{}/ingest", app2.base),
+                &pulse(&t, "S", "KB", 2.0)
+            )
+            .await
+            .0,
+            202
+        );
         *expected.entry((t, "S".into(), "KB".into())).or_default() += 2.0;
     }
     let ok = eventually(Duration::from_secs(20), || async {
         let found = by_key(&p.records());
-        found.len() == expected.len() && expected.iter().all(|(k, v)| found.get(k).is_some_and(|f| close(*f, *v)))
+        found.len() == expected.len()
+            && expected
+                .iter()
+                .all(|(k, v)| found.get(k).is_some_and(|f| close(*f, *v)))
     })
     .await;
     assert!(ok, "every pulse of both shard counts is delivered");

@@ -281,7 +281,11 @@ impl Store {
     /// windows left in shards of an earlier, larger `SHARDS` are still drained.
     pub async fn shards_to_drain(&self) -> Result<u32, StoreError> {
         let mut c = self.conn().await?;
-        let max: u32 = REGISTER_SHARDS.key(self.keys.meta()).arg(self.shards).invoke_async(&mut c).await?;
+        let max: u32 = REGISTER_SHARDS
+            .key(self.keys.meta())
+            .arg(self.shards)
+            .invoke_async(&mut c)
+            .await?;
         Ok(max.max(self.shards))
     }
 
