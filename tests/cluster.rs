@@ -29,25 +29,16 @@ fn cluster_vars(cluster: &RedisCluster, extra: &[(&str, &str)]) -> HashMap<Strin
 /// Waits until the current window is sealed on every shard and nothing is pending.
 async fn delivered(cluster: &RedisCluster, base: &str) {
     let (now, _): (u64, u64) = cluster.nodes[0].cmd(&["TIME"]);
-    let current = now - now % WINDOW;
-    let c = http();
-    let ok = eventually(Duration::from_secs(40), || async {
-        let sealed = (0..SHARDS).all(|s| {
-            cluster
-                .get_u64(&format!("{{pulses:{s}}}:window"))
-                .is_some_and(|w| w > current)
-        });
-        sealed
-            && match c.get(format!("{base}/admin/pending")).send().await {
-                Ok(r) => r
-                    .json::<serde_json::Value>()
-                    .await
-                    .is_ok_and(|p| p["pending_windows"] == 0),
-                Err(_) => false,
-            }
-    })
+    let window_of = |s: u32| cluster.get_u64(&format!("{{pulses:{s}}}:window"));
+    wait_all_delivered(
+        now,
+        WINDOW,
+        SHARDS,
+        window_of,
+        base,
+        Duration::from_secs(40),
+    )
     .await;
-    assert!(ok, "not delivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

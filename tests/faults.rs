@@ -35,26 +35,8 @@ fn vars(redis: &RedisServer, processor: &str, extra: &[(&str, &str)]) -> HashMap
 /// nothing is pending any more, asking `base` (a live replica).
 async fn delivered(redis: &RedisServer, base: &str, timeout: Duration) {
     let (now, _): (u64, u64) = redis.cmd(&["TIME"]);
-    let current = now - now % WINDOW;
-    let c = http();
-    let ok = eventually(timeout, || async {
-        let sealed = (0..SHARDS).all(|s| {
-            let w: Option<u64> = redis.cmd(&["GET", &format!("{{pulses:{s}}}:window")]);
-            w.is_some_and(|w| w > current)
-        });
-        if !sealed {
-            return false;
-        }
-        match c.get(format!("{base}/admin/pending")).send().await {
-            Ok(r) => r
-                .json::<serde_json::Value>()
-                .await
-                .is_ok_and(|p| p["pending_windows"] == 0),
-            Err(_) => false,
-        }
-    })
-    .await;
-    assert!(ok, "windows were not all delivered within {timeout:?}");
+    let window_of = |s: u32| redis.cmd::<Option<u64>>(&["GET", &format!("{{pulses:{s}}}:window")]);
+    wait_all_delivered(now, WINDOW, SHARDS, window_of, base, timeout).await;
 }
 
 async fn verify(ledger: &std::path::Path, processor: &str) {
@@ -70,18 +52,20 @@ async fn verify(ledger: &std::path::Path, processor: &str) {
     assert!(out.contains("books balance"), "{out}");
 }
 
-/// Starts the producer in the background against the given replicas.
+/// Starts the producer in the background against the given replicas; it retries a request
+/// answered 503 or lost in transport `retries` times (same pulse ids), one second apart at most.
 fn start_producer(
     urls: &[&str],
     ledger: &std::path::Path,
+    retries: u32,
     extra: &[&str],
 ) -> tokio::task::JoinHandle<(i32, String)> {
     let mut args: Vec<String> = vec![
+        "--retries".into(),
+        retries.to_string(),
         "--url".into(),
         urls.join(","),
         "--ids".into(),
-        "--retries".into(),
-        "20".into(),
         "--tenants".into(),
         "300".into(),
         "--timeout".into(),
@@ -116,6 +100,7 @@ async fn kill9_of_a_replica_during_ingest_counts_every_2xx_once() {
     let load = start_producer(
         &[&a.base, &b.base],
         &ledger,
+        20,
         &[
             "--mode",
             "rate",
@@ -197,7 +182,9 @@ async fn kill9_during_the_stabilisation_delay_loses_nothing() {
 
 async fn redis_restart(fsync: &str, crash: bool) {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", fsync]);
-    let app = TestApp::spawn(settings(&redis, &[("REDIS_TIMEOUT", "500ms")])).await;
+    // The default 2 s timeout: fsync=always on a disk shared with parallel tests can take
+    // hundreds of milliseconds, and an acknowledged write is what this test is about.
+    let app = TestApp::spawn(settings(&redis, &[])).await;
     let c = http();
     let url = format!("{}/ingest", app.base);
     let mut expected = std::collections::BTreeMap::new();
@@ -269,7 +256,7 @@ async fn redis_unreachable_during_load_sheds_boundedly_and_recovers() {
     let outage: u64 = std::env::var("FAULT_OUTAGE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(30);
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let (_p, purl) = processor(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -283,6 +270,7 @@ async fn redis_unreachable_during_load_sheds_boundedly_and_recovers() {
     let load = start_producer(
         &[&a.base],
         &ledger,
+        60,
         &[
             "--mode",
             "rate",
@@ -314,19 +302,9 @@ async fn redis_unreachable_during_load_sheds_boundedly_and_recovers() {
             t.elapsed() < Duration::from_secs(3),
             "answered without hanging"
         );
-        let m = c
-            .get(format!("{}/metrics", a.base))
-            .send()
+        let depth = metric(&c, &a.base, "ingestor_queue_depth_pulses")
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let depth: i64 = m
-            .lines()
-            .find(|l| l.starts_with("ingestor_queue_depth_pulses "))
-            .and_then(|l| l.split(' ').nth(1)?.parse().ok())
-            .unwrap();
+            .unwrap() as i64;
         max_depth = max_depth.max(depth);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -371,23 +349,8 @@ async fn processor_fault(faults: Faults, extra: &[(&str, &str)], reason: &str) {
     p.set_faults(Faults::default());
     delivered(&redis, &a.base, Duration::from_secs(40)).await;
     verify(&ledger, &purl).await;
-    let m = http()
-        .get(format!("{}/metrics", a.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let failures: f64 = m
-        .lines()
-        .find(|l| {
-            l.starts_with(&format!(
-                "ingestor_delivery_failures_total{{reason=\"{reason}\"}}"
-            ))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    let series = format!("ingestor_delivery_failures_total{{reason=\"{reason}\"}}");
+    let failures = metric(&http(), &a.base, &series).await.unwrap_or(0.0);
     assert!(failures > 0.0, "the fault was seen as {reason}");
 }
 
@@ -530,6 +493,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     let load = start_producer(
         &[&a_base, &b_base],
         &ledger,
+        20,
         &[
             "--mode",
             "rate",
@@ -594,6 +558,7 @@ async fn soak() {
     let load = start_producer(
         &[&a.base],
         &ledger,
+        20,
         &[
             "--mode",
             "rate",
@@ -617,18 +582,8 @@ async fn soak() {
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
             .unwrap()
             / 1024.0;
-        let m = c
-            .get(format!("{}/metrics", a.base))
-            .send()
+        let depth = metric(&c, &a.base, "ingestor_queue_depth_pulses")
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let depth: f64 = m
-            .lines()
-            .find(|l| l.starts_with("ingestor_queue_depth_pulses "))
-            .and_then(|l| l.split(' ').nth(1)?.parse().ok())
             .unwrap();
         let info: String = redis::cmd("INFO")
             .arg("memory")

@@ -568,3 +568,45 @@ impl RedisCluster {
             .flatten()
     }
 }
+
+/// A metric's value from a replica's `/metrics`: the first sample line starting with `series`
+/// (a name, or a name with labels).
+pub async fn metric(c: &reqwest::Client, base: &str, series: &str) -> Option<f64> {
+    let text = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until the window current at Redis time `now` has been sealed on every shard
+/// (`window_of(shard)` reads a shard's `:window`) and `base` reports nothing pending.
+pub async fn wait_all_delivered(
+    now: u64,
+    window: u64,
+    shards: u32,
+    window_of: impl Fn(u32) -> Option<u64>,
+    base: &str,
+    timeout: Duration,
+) {
+    let current = now - now % window;
+    let c = http();
+    let ok = eventually(timeout, || async {
+        (0..shards).all(|s| window_of(s).is_some_and(|w| w > current))
+            && match c.get(format!("{base}/admin/pending")).send().await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|p| p["pending_windows"] == 0),
+                Err(_) => false,
+            }
+    })
+    .await;
+    assert!(ok, "windows were not all delivered within {timeout:?}");
+}

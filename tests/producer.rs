@@ -1,0 +1,124 @@
+//! The producer end to end: duplicates and malformed input against two real replicas, sealed
+//! and delivered to the reference Processor, and `verify` — which passes when the books balance
+//! and names what is missing, extra or off when they do not.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pulse_producer::processor::Faults;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_when_the_books_balance_and_names_every_difference() {
+    let redis = RedisServer::start();
+    let (_p, purl) = processor(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = settings(&redis, &[("WINDOW", "2s"), ("SHARDS", "4")]);
+    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let a = Ingestor::spawn(&v, dir.path(), "a").await;
+    let b = Ingestor::spawn(&v, dir.path(), "b").await;
+    let ledger = dir.path().join("ledger.json");
+    let ledger_s = ledger.to_str().unwrap();
+    let (code, out) = producer(&[
+        "--url",
+        &format!("{},{}", a.base, b.base),
+        "--mode",
+        "max",
+        "--concurrency",
+        "8",
+        "--count",
+        "3000",
+        "--duration",
+        "30s",
+        "--tenants",
+        "200",
+        "--duplicate-ratio",
+        "0.1",
+        "--malformed-ratio",
+        "0.05",
+        "--ledger",
+        ledger_s,
+    ])
+    .await;
+    assert_eq!(code, 0, "no malformed body was accepted: {out}");
+    assert!(
+        out.contains("422") && out.contains("400"),
+        "malformed bodies got 4xx: {out}"
+    );
+    // The last window ends and is delivered.
+    let c = http();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ok = eventually(Duration::from_secs(20), || async {
+        let p: serde_json::Value = c
+            .get(format!("{}/admin/pending", a.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        p["pending_windows"] == 0
+            && producer(&["verify", "--ledger", ledger_s, "--processor", &purl])
+                .await
+                .0
+                == 0
+    })
+    .await;
+    let (code, out) = producer(&["verify", "--ledger", ledger_s, "--processor", &purl]).await;
+    assert!(ok && code == 0, "books balance: {out}");
+    assert!(out.contains("books balance"), "{out}");
+
+    // Take one key away from the Processor: verify fails and names it.
+    let l: serde_json::Value = serde_json::from_slice(&std::fs::read(&ledger).unwrap()).unwrap();
+    let gone = l["totals"][0].clone();
+    let r: serde_json::Value = c
+        .post(format!("{purl}/admin/remove"))
+        .json(&gone)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(r["removed"].as_u64().unwrap() >= 1);
+    // An extra key nobody sent, and a second record that puts another key off.
+    let off = l["totals"][1].clone();
+    let extra = json!([
+        {"record_id": "extra-1", "tenant_id": "nobody", "product_sku": "X", "use_unit": "KB", "used_amount": 1.0,
+         "window_start": "2026-01-01T00:00:00Z", "window_end": "2026-01-01T01:00:00Z"},
+        {"record_id": "off-1", "tenant_id": off["tenant_id"], "product_sku": off["product_sku"], "use_unit": off["use_unit"],
+         "used_amount": 0.5, "window_start": "2026-01-01T00:00:00Z", "window_end": "2026-01-01T01:00:00Z"}
+    ]);
+    let s = c
+        .post(format!("{purl}/batches"))
+        .header("idempotency-key", "test")
+        .json(&extra)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+    let (code, out) = producer(&["verify", "--ledger", ledger_s, "--processor", &purl]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("do NOT balance"), "{out}");
+    let name = |k: &serde_json::Value| {
+        format!(
+            "({}, {}, {})",
+            k["tenant_id"], k["product_sku"], k["use_unit"]
+        )
+    };
+    assert!(
+        out.contains(&format!("missing {}", name(&gone))),
+        "names the missing key: {out}"
+    );
+    assert!(
+        out.contains("extra   (\"nobody\", \"X\", \"KB\")"),
+        "names the extra key: {out}"
+    );
+    assert!(
+        out.contains(&format!("off     {}", name(&off))),
+        "names the key that is off: {out}"
+    );
+}
