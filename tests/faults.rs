@@ -566,8 +566,6 @@ async fn soak() {
             "2000",
             "--duration",
             &format!("{}s", minutes * 60),
-            "--tenants",
-            "3000",
         ],
     );
     let c = http();
