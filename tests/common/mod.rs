@@ -121,19 +121,26 @@ impl RedisServer {
         c.query(&mut self.conn()).unwrap()
     }
 
-    /// Every aggregate in Redis (current generations and sealed windows), summed per key.
-    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, f64> {
+    /// Every aggregate hash (current generations and sealed windows) with its fields.
+    fn aggregates(&self, prefix: &str) -> Vec<(String, Vec<(String, String)>)> {
         let mut conn = self.conn();
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{{{prefix}:*"))
             .query(&mut conn)
             .unwrap();
-        let mut out = BTreeMap::new();
-        for k in keys
-            .iter()
+        keys.into_iter()
             .filter(|k| k.contains(":agg:") || k.contains(":sealed:"))
-        {
-            let kv: Vec<(String, String)> = redis::cmd("HGETALL").arg(k).query(&mut conn).unwrap();
+            .map(|k| {
+                let kv = redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
+                (k, kv)
+            })
+            .collect()
+    }
+
+    /// Every aggregate in Redis (current generations and sealed windows), summed per key.
+    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, f64> {
+        let mut out = BTreeMap::new();
+        for (_, kv) in self.aggregates(prefix) {
             for (f, v) in kv {
                 let key = decode_field(f.as_bytes()).expect("fields decode");
                 *out.entry(key).or_insert(0.0) += v.parse::<f64>().unwrap();
@@ -142,24 +149,15 @@ impl RedisServer {
         out
     }
 
-    /// Sealed windows per start, summed over keys and shards.
+    /// Sums per sealed window start ("current" for the generations being written).
     pub fn window_sums(&self, prefix: &str) -> BTreeMap<String, f64> {
-        let mut conn = self.conn();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{{{prefix}:*"))
-            .query(&mut conn)
-            .unwrap();
         let mut out = BTreeMap::new();
-        for k in keys
-            .iter()
-            .filter(|k| k.contains(":agg:") || k.contains(":sealed:"))
-        {
+        for (k, kv) in self.aggregates(prefix) {
             let label = if k.contains(":agg:") {
                 "current".to_string()
             } else {
                 k.rsplit(':').next().unwrap().to_string()
             };
-            let kv: Vec<(String, String)> = redis::cmd("HGETALL").arg(k).query(&mut conn).unwrap();
             for (_, v) in kv {
                 *out.entry(label.clone()).or_insert(0.0) += v.parse::<f64>().unwrap();
             }
