@@ -35,6 +35,8 @@ pub enum AppError {
     Processor(#[from] reqwest::Error),
     #[error("cannot read the listener's address: {0}")]
     Serve(std::io::Error),
+    #[error("API keys: {0}")]
+    ApiKeys(String),
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimeout(std::time::Duration),
 }
@@ -80,6 +82,22 @@ impl App {
             max_amount: cfg.max_amount,
             allowed_units: cfg.allowed_units.clone(),
         });
+        let api_keys = match &cfg.api_keys_file {
+            Some(p) => Some(crate::tenancy::ApiKeys::load(p).map_err(AppError::ApiKeys)?),
+            None => None,
+        };
+        let rate_limits = match (cfg.rate_limit, cfg.rate_limit_overrides.is_empty()) {
+            (None, true) => None,
+            (default, _) => Some(crate::tenancy::RateLimits::new(
+                // Overrides alone leave other tenants unlimited in practice.
+                default.unwrap_or(crate::tenancy::Limit {
+                    per_second: 1e9,
+                    burst: u32::MAX / 2,
+                }),
+                &cfg.rate_limit_overrides,
+                cfg.rate_limit_replicas,
+            )),
+        };
         let state: AppState = Arc::new(AppContext {
             cfg: Arc::new(cfg),
             limits,
@@ -88,6 +106,8 @@ impl App {
             flusher,
             metrics,
             shutdown: CancellationToken::new(),
+            api_keys,
+            rate_limits,
         });
         Ok(App {
             listener,
@@ -120,6 +140,23 @@ impl App {
         info!(addr = %listener.local_addr().map_err(AppError::Serve)?, ack_mode = ?state.cfg.ack_mode, window = ?state.cfg.window, shards = state.cfg.shards, "pulse-ingestor listening");
 
         tracker.spawn(state.flusher.clone().run(shutdown.clone()));
+        if let Some(keys) = &state.api_keys {
+            tracker.spawn(keys.clone().watch(shutdown.clone()));
+        }
+        if state.rate_limits.is_some() {
+            let (state, shutdown) = (state.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    if let Some(l) = &state.rate_limits {
+                        l.forget_idle();
+                    }
+                }
+            });
+        }
         {
             let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
             tokio::spawn(async move {

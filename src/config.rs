@@ -44,6 +44,11 @@ pub mod env {
     pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
     pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
     pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+    pub const API_KEYS_FILE: &str = "API_KEYS_FILE";
+    pub const RATE_LIMIT: &str = "RATE_LIMIT";
+    pub const RATE_LIMIT_BURST: &str = "RATE_LIMIT_BURST";
+    pub const RATE_LIMIT_OVERRIDES: &str = "RATE_LIMIT_OVERRIDES";
+    pub const RATE_LIMIT_REPLICAS: &str = "RATE_LIMIT_REPLICAS";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
 }
 
@@ -190,6 +195,14 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// `text` or `json` (`LOG_FORMAT`).
     pub log_format: LogFormat,
+    /// File of SHA-256 key hashes bound to tenants (`API_KEYS_FILE`); unset: no keys needed.
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// Default per-tenant limit (`RATE_LIMIT` pulses/s, `RATE_LIMIT_BURST`); unset: no limit.
+    pub rate_limit: Option<crate::tenancy::Limit>,
+    /// Per-tenant limits (`RATE_LIMIT_OVERRIDES`, `tenant=rate[:burst],...`).
+    pub rate_limit_overrides: HashMap<String, crate::tenancy::Limit>,
+    /// Replicas sharing the limits (`RATE_LIMIT_REPLICAS`); each enforces its share.
+    pub rate_limit_replicas: u32,
 }
 
 /// Every problem found in the configuration.
@@ -489,6 +502,41 @@ impl Config {
                 LogFormat::Text
             }
         };
+        let api_keys_file = r.string(env::API_KEYS_FILE).map(std::path::PathBuf::from);
+        let rate = r.raw(env::RATE_LIMIT).map(str::to_string);
+        let burst = r.count(env::RATE_LIMIT_BURST, 0, 0, 10_000_000) as u32;
+        let rate_limit = match rate {
+            None => None,
+            Some(v) => match v.parse::<f64>() {
+                Ok(x) if x > 0.0 && x.is_finite() => Some(crate::tenancy::Limit {
+                    per_second: x,
+                    // Default burst: one second's worth.
+                    burst: if burst > 0 {
+                        burst
+                    } else {
+                        x.ceil().max(1.0) as u32
+                    },
+                }),
+                _ => {
+                    r.fail(
+                        env::RATE_LIMIT,
+                        format!("expected pulses per second (> 0), got {v:?}"),
+                    );
+                    None
+                }
+            },
+        };
+        let rate_limit_overrides = match r.string(env::RATE_LIMIT_OVERRIDES) {
+            None => HashMap::new(),
+            Some(s) => {
+                crate::tenancy::parse_overrides(&s, rate_limit.map_or(burst.max(1), |l| l.burst))
+                    .unwrap_or_else(|e| {
+                        r.fail(env::RATE_LIMIT_OVERRIDES, e);
+                        HashMap::new()
+                    })
+            }
+        };
+        let rate_limit_replicas = r.count(env::RATE_LIMIT_REPLICAS, 1, 1, 10_000) as u32;
         if !r.problems.is_empty() {
             return Err(ConfigError {
                 problems: r.problems,
@@ -530,6 +578,10 @@ impl Config {
             max_connections,
             admin_token,
             log_format,
+            api_keys_file,
+            rate_limit,
+            rate_limit_overrides,
+            rate_limit_replicas,
         })
     }
 

@@ -15,6 +15,7 @@
 //!   drain that deletes a record only after the Processor accepted it (5, 6).
 //! - [`processor`]: the Processor HTTP client and its retry policy.
 //! - [`metrics`]: every Prometheus metric, defined in one place.
+//! - [`tenancy`]: API keys bound to tenants and per-tenant rate limits.
 //! - [`app`]: wires the parts together and orders a graceful shutdown (9).
 
 pub mod app;
@@ -27,3 +28,4 @@ pub mod processor;
 pub mod pulse;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;

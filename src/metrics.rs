@@ -76,7 +76,7 @@ impl Metrics {
             pulses: reg!(IntCounterVec::new(
                 Opts::new(
                     "ingestor_pulses_total",
-                    "Pulses by outcome: accepted, duplicate, rejected, shed (queue full), failed (redis)"
+                    "Pulses by outcome: accepted, duplicate, rejected, limited (429), shed (queue full), failed (redis)"
                 ),
                 &["outcome"]
             )),
@@ -184,7 +184,14 @@ impl Metrics {
                 option_env!("GIT_COMMIT").unwrap_or("unknown"),
             ])
             .set(1);
-        for o in ["accepted", "duplicate", "rejected", "shed", "failed"] {
+        for o in [
+            "accepted",
+            "duplicate",
+            "rejected",
+            "limited",
+            "shed",
+            "failed",
+        ] {
             m.pulses.with_label_values(&[o]);
         }
         for g in ["A", "B"] {

@@ -15,6 +15,15 @@ pub enum ApiError {
     Malformed(String),
     /// 401: admin token missing or wrong.
     Unauthorized,
+    /// 401: `X-API-Key` missing or unknown.
+    NoApiKey(&'static str),
+    /// 403: the key may not send for this tenant.
+    Forbidden(String),
+    /// 429: over the tenant's rate limit.
+    TooManyRequests {
+        tenant: String,
+        retry_after: Duration,
+    },
     /// 413: body or batch too large.
     TooLarge(String),
     /// 415: neither JSON nor NDJSON.
@@ -39,6 +48,12 @@ impl IntoResponse for ApiError {
                 StatusCode::UNAUTHORIZED,
                 json!({"error": "missing or invalid admin token"}),
             ),
+            ApiError::NoApiKey(m) => (StatusCode::UNAUTHORIZED, json!({"error": m})),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!({"error": m})),
+            ApiError::TooManyRequests { tenant, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": format!("rate limit of tenant {tenant:?} exceeded; retry later")}),
+            ),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, json!({"error": m})),
             ApiError::UnsupportedMediaType(m) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"error": m}))
@@ -62,8 +77,11 @@ impl IntoResponse for ApiError {
             }
         };
         let mut resp = (status, axum::Json(body)).into_response();
-        if let ApiError::Unavailable { retry_after, .. } = self {
-            let secs = retry_after.as_secs().max(1).to_string();
+        if let ApiError::Unavailable { retry_after, .. }
+        | ApiError::TooManyRequests { retry_after, .. } = self
+        {
+            // Whole seconds, rounded up: coming back early would only be refused again.
+            let secs = retry_after.as_secs_f64().ceil().max(1.0).to_string();
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_str(&secs).expect("digits are a valid header"),

@@ -91,6 +91,59 @@ fn decode_error(state: &AppState, e: DecodeError) -> ApiError {
     }
 }
 
+/// With API keys on: the request's key must be known (401) and allowed every pulse's tenant
+/// (403). The key itself is never logged.
+fn authorise(state: &AppState, headers: &HeaderMap, pulses: &[Pulse]) -> Result<(), ApiError> {
+    let Some(keys) = &state.api_keys else {
+        return Ok(());
+    };
+    let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) else {
+        return Err(ApiError::NoApiKey("X-API-Key header is required"));
+    };
+    let set = keys.get();
+    let Some((grant, label)) = set.lookup(key) else {
+        return Err(ApiError::NoApiKey("unknown API key"));
+    };
+    if let crate::tenancy::Grant::Tenant(t) = grant
+        && let Some(other) = pulses.iter().find(|p| &p.tenant_id != t)
+    {
+        tracing::info!(key = label, tenant = %other.tenant_id, "pulse for another tenant refused");
+        return Err(ApiError::Forbidden(format!(
+            "this API key may not send pulses for tenant {:?}",
+            other.tenant_id
+        )));
+    }
+    Ok(())
+}
+
+/// Takes each tenant's pulses from its bucket; the first tenant over its limit answers 429.
+fn rate_limit(state: &AppState, pulses: &[Pulse]) -> Result<(), ApiError> {
+    let Some(limits) = &state.rate_limits else {
+        return Ok(());
+    };
+    let mut per_tenant: Vec<(&str, u32)> = Vec::new();
+    for p in pulses {
+        match per_tenant.iter_mut().find(|(t, _)| *t == p.tenant_id) {
+            Some((_, n)) => *n += 1,
+            None => per_tenant.push((&p.tenant_id, 1)),
+        }
+    }
+    for (tenant, n) in per_tenant {
+        if let Err(retry_after) = limits.check(tenant, n) {
+            state
+                .metrics
+                .pulses
+                .with_label_values(&["limited"])
+                .inc_by(pulses.len() as u64);
+            return Err(ApiError::TooManyRequests {
+                tenant: tenant.to_string(),
+                retry_after,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Queues the pulses and, in durable mode, waits for their commit.
 async fn submit(state: &AppState, pulses: Vec<Pulse>) -> Result<Response, ApiError> {
     let n = pulses.len();
@@ -138,7 +191,10 @@ pub async fn one(
         .limits
         .decode_one(&raw, key)
         .map_err(|e| decode_error(&state, e))?;
-    submit(&state, vec![pulse]).await
+    let pulses = vec![pulse];
+    authorise(&state, &headers, &pulses)?;
+    rate_limit(&state, &pulses)?;
+    submit(&state, pulses).await
 }
 
 pub async fn batch(
@@ -155,5 +211,7 @@ pub async fn batch(
         .limits
         .decode_batch(&raw, fmt == Format::Ndjson, key, max)
         .map_err(|e| decode_error(&state, e))?;
+    authorise(&state, &headers, &pulses)?;
+    rate_limit(&state, &pulses)?;
     submit(&state, pulses).await
 }

@@ -47,6 +47,10 @@ pub struct AppContext {
     pub metrics: Arc<Metrics>,
     /// Cancelled at shutdown; admin drains stop with it.
     pub shutdown: CancellationToken,
+    /// API keys, when `API_KEYS_FILE` is set.
+    pub api_keys: Option<Arc<crate::tenancy::ApiKeys>>,
+    /// Per-tenant rate limits, when `RATE_LIMIT` or overrides are set.
+    pub rate_limits: Option<crate::tenancy::RateLimits>,
 }
 
 /// Builds the router.
