@@ -44,6 +44,7 @@ pub enum AppError {
 /// A built, bound, not yet running service.
 pub struct App {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     tracker: TaskTracker,
     hard_stop: CancellationToken,
@@ -77,6 +78,14 @@ impl App {
                     addr: cfg.listen_addr,
                     source,
                 })?;
+        let metrics_listener = match cfg.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let limits = Arc::new(Limits {
             max_field_len: cfg.max_field_len,
             max_amount: cfg.max_amount,
@@ -108,13 +117,22 @@ impl App {
             shutdown: CancellationToken::new(),
             api_keys,
             rate_limits,
+            rejection_slots: Arc::new(tokio::sync::Semaphore::new(64)),
         });
         Ok(App {
             listener,
+            metrics_listener,
             state,
             tracker,
             hard_stop,
         })
+    }
+
+    /// The bound address of the metrics listener, when `METRICS_ADDR` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The bound address.
@@ -131,6 +149,7 @@ impl App {
     ) -> Result<(), AppError> {
         let App {
             listener,
+            metrics_listener,
             state,
             tracker,
             hard_stop,
@@ -140,6 +159,15 @@ impl App {
         info!(addr = %listener.local_addr().map_err(AppError::Serve)?, ack_mode = ?state.cfg.ack_mode, window = ?state.cfg.window, shards = state.cfg.shards, "pulse-ingestor listening");
 
         tracker.spawn(state.flusher.clone().run(shutdown.clone()));
+        if let Some(l) = metrics_listener {
+            tracker.spawn(crate::http::serve(
+                l,
+                crate::http::metrics_router(state.clone()),
+                state.cfg.header_read_timeout,
+                64,
+                shutdown.clone(),
+            ));
+        }
         if let Some(keys) = &state.api_keys {
             tracker.spawn(keys.clone().watch(shutdown.clone()));
         }

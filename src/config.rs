@@ -11,6 +11,7 @@ use std::time::Duration;
 /// Names of the environment variables, one vocabulary across binaries, compose file and docs.
 pub mod env {
     pub const LISTEN_ADDR: &str = "LISTEN_ADDR";
+    pub const METRICS_ADDR: &str = "METRICS_ADDR";
     pub const REDIS_URL: &str = "REDIS_URL";
     pub const REDIS_CLUSTER_URLS: &str = "REDIS_CLUSTER_URLS";
     pub const REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
@@ -126,6 +127,8 @@ pub enum LogFormat {
 pub struct Config {
     /// HTTP API address (`LISTEN_ADDR`).
     pub listen_addr: SocketAddr,
+    /// Serve `/metrics` here instead of on the API address (`METRICS_ADDR`).
+    pub metrics_addr: Option<SocketAddr>,
     /// The Redis to use (`REDIS_URL`).
     pub redis_url: String,
     /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_URLS`, comma separated); when set, the
@@ -313,6 +316,19 @@ impl Config {
                 .expect("default address parses"),
             "an address such as 0.0.0.0:8070",
         );
+        let metrics_addr = match r.string(env::METRICS_ADDR) {
+            None => None,
+            Some(v) => match v.parse() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    r.fail(
+                        env::METRICS_ADDR,
+                        format!("expected an address such as 127.0.0.1:9100, got {v:?}"),
+                    );
+                    None
+                }
+            },
+        };
         let redis_url = r
             .string(env::REDIS_URL)
             .unwrap_or_else(|| defaults::REDIS_URL.into());
@@ -544,6 +560,7 @@ impl Config {
         }
         Ok(Config {
             listen_addr,
+            metrics_addr,
             redis_url,
             redis_cluster_urls,
             redis_pool_size,

@@ -384,6 +384,21 @@ async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed(
         .unwrap();
     assert!(ok, "{p}");
     assert_books(&good, &by_key(&proc_.records()));
+    // The dead letters can be inspected, with the Processor's reason.
+    let dl: serde_json::Value = admin("/admin/dead-letters")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let recs = dl["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 3, "{dl}");
+    for r in recs {
+        assert_eq!(r["tenant_id"], "bad");
+        assert_eq!(r["reason"]["status"], 422);
+        assert_eq!(r["used_amount"], "5");
+    }
     // Fix the Processor, replay, and everything arrives.
     proc_.set_faults(Faults::default());
     let r = c

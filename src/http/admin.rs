@@ -113,3 +113,75 @@ pub async fn replay(
     }
     Ok((StatusCode::OK, Json(json!({"replayed_records": moved}))).into_response())
 }
+
+/// `GET /admin/rejections`: the most recent refused requests (status, reason, tenant, time),
+/// newest first — what an operator needs to tell a team why its pulses bounce.
+pub async fn rejections(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let entries = state
+        .store
+        .recent_rejections(100)
+        .await
+        .map_err(|e| storage(&state, e))?;
+    let list: Vec<_> = entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let mut o = serde_json::Map::new();
+            // Stream ids start with the time in milliseconds.
+            o.insert(
+                "time_ms".into(),
+                json!(id.split('-').next().and_then(|t| t.parse::<u64>().ok())),
+            );
+            for (k, v) in fields {
+                o.insert(k, json!(v));
+            }
+            serde_json::Value::Object(o)
+        })
+        .collect();
+    Ok((StatusCode::OK, Json(json!({"rejections": list}))).into_response())
+}
+
+/// `GET /admin/dead-letters`: dead-lettered records with their amounts and the Processor's
+/// reason (up to 1,000 per window).
+pub async fn dead_letters(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let store = &state.store;
+    let mut conn = store.conn().await.map_err(|e| storage(&state, e))?;
+    let mut out = Vec::new();
+    for shard in 0..store
+        .shards_to_drain()
+        .await
+        .map_err(|e| storage(&state, e))?
+    {
+        for w in store
+            .dead_windows(&mut conn, shard)
+            .await
+            .map_err(|e| storage(&state, e))?
+        {
+            let (_, pairs) = store
+                .hscan(&mut conn, &store.keys.dead(shard, w.start), 0, 1000)
+                .await
+                .map_err(|e| storage(&state, e))?;
+            for (field, value) in pairs {
+                let key = crate::pulse::decode_field(field.as_bytes());
+                let value: serde_json::Value = serde_json::from_str(&value).unwrap_or(json!(value));
+                out.push(json!({
+                    "shard": shard,
+                    "window_start": w.start,
+                    "tenant_id": key.as_ref().map(|k| &k.0),
+                    "product_sku": key.as_ref().map(|k| &k.1),
+                    "use_unit": key.as_ref().map(|k| &k.2),
+                    "used_amount": value["amount"],
+                    "reason": value["reason"],
+                }));
+            }
+        }
+    }
+    Ok((StatusCode::OK, Json(json!({"records": out}))).into_response())
+}

@@ -37,6 +37,33 @@ pub enum ApiError {
     },
 }
 
+impl ApiError {
+    /// For a refusal of the client's request (4xx): its status, a reason an operator can pass
+    /// on to the team, and the tenant when known. Never includes a key.
+    pub fn rejection(&self) -> Option<(u16, String, String)> {
+        let none = String::new();
+        Some(match self {
+            ApiError::Malformed(m) => (400, format!("malformed JSON: {m}"), none),
+            ApiError::TooLarge(m) => (413, m.clone(), none),
+            ApiError::UnsupportedMediaType(m) => (415, m.clone(), none),
+            ApiError::Invalid(errs) => (
+                422,
+                errs.iter()
+                    .map(|e| format!("{} {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                none,
+            ),
+            ApiError::NoApiKey(m) => (401, m.to_string(), none),
+            ApiError::Forbidden(m) => (403, m.clone(), none),
+            ApiError::TooManyRequests { tenant, .. } => {
+                (429, "rate limit exceeded".into(), tenant.clone())
+            }
+            ApiError::Unauthorized | ApiError::Unavailable { .. } => return None,
+        })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match &self {

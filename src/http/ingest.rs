@@ -179,8 +179,48 @@ async fn submit(state: &AppState, pulses: Vec<Pulse>) -> Result<Response, ApiErr
     }
 }
 
+/// Records a refused request in the capped rejections stream, off the request path; under a
+/// flood of bad requests at most 64 records are in flight and the rest are only counted.
+fn note_rejection(state: &AppState, e: &ApiError) {
+    let Some((status, reason, tenant)) = e.rejection() else {
+        return;
+    };
+    let Ok(permit) = state.rejection_slots.clone().try_acquire_owned() else {
+        return;
+    };
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        let _ = store.record_rejection(status, &reason, &tenant).await;
+        drop(permit);
+    });
+}
+
 pub async fn one(
     State(state): State<AppState>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r = one_inner(&state, headers, raw).await;
+    if let Err(e) = &r {
+        note_rejection(&state, e);
+    }
+    r
+}
+
+pub async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r = batch_inner(&state, headers, raw).await;
+    if let Err(e) = &r {
+        note_rejection(&state, e);
+    }
+    r
+}
+
+async fn one_inner(
+    state: &AppState,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -197,8 +237,8 @@ pub async fn one(
     submit(&state, pulses).await
 }
 
-pub async fn batch(
-    State(state): State<AppState>,
+async fn batch_inner(
+    state: &AppState,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {

@@ -12,6 +12,7 @@ mod admin;
 pub mod error;
 mod serve;
 pub use serve::serve;
+
 mod health;
 mod ingest;
 
@@ -51,21 +52,31 @@ pub struct AppContext {
     pub api_keys: Option<Arc<crate::tenancy::ApiKeys>>,
     /// Per-tenant rate limits, when `RATE_LIMIT` or overrides are set.
     pub rate_limits: Option<crate::tenancy::RateLimits>,
+    /// Bounds the rejection records being written at once.
+    pub rejection_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.max_body_bytes;
-    Router::new()
+    let metrics_here = state.cfg.metrics_addr.is_none();
+    let api = Router::new()
         .route("/ingest", post(ingest::one))
         .route("/ingest/batch", post(ingest::batch))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
         .route("/admin/flush", post(admin::flush))
         .route("/admin/pending", get(admin::pending))
+        .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/replay", post(admin::replay))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .route("/admin/rejections", get(admin::rejections));
+    // With METRICS_ADDR set, /metrics lives on its own listener only.
+    let api = if metrics_here {
+        api.route("/metrics", get(health::metrics))
+    } else {
+        api
+    };
+    api.layer(DefaultBodyLimit::max(body_limit))
         // A request that is not done in time (a body trickling in) is answered 408.
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -73,6 +84,13 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The router of the separate metrics listener (`METRICS_ADDR`).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
         .with_state(state)
 }
 

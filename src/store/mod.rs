@@ -154,6 +154,10 @@ impl Keys {
     pub fn dead_index(&self, shard: u32) -> String {
         format!("{}:dead_windows", self.base(shard))
     }
+    /// The capped stream of recently rejected requests.
+    pub fn rejections(&self) -> String {
+        format!("{{{}}}:rejections", self.prefix)
+    }
     /// Deployment-wide facts (the largest shard count used), under its own hash tag.
     pub fn meta(&self) -> String {
         format!("{{{}}}:meta", self.prefix)
@@ -287,6 +291,48 @@ impl Store {
             .invoke_async(&mut c)
             .await?;
         Ok(max.max(self.shards))
+    }
+
+    /// Appends a rejected request (status, reason, tenant — never a key) to a stream capped at
+    /// about 1,000 entries.
+    pub async fn record_rejection(
+        &self,
+        status: u16,
+        reason: &str,
+        tenant: &str,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("XADD")
+            .arg(self.keys.rejections())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(1000)
+            .arg("*")
+            .arg("status")
+            .arg(status)
+            .arg("reason")
+            .arg(reason)
+            .arg("tenant")
+            .arg(tenant)
+            .query_async::<String>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The most recent rejections, newest first, as (id, fields).
+    pub async fn recent_rejections(
+        &self,
+        count: usize,
+    ) -> Result<Vec<(String, Vec<(String, String)>)>, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("XREVRANGE")
+            .arg(self.keys.rejections())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await?)
     }
 
     /// Whether this store talks to a Redis Cluster.
