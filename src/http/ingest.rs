@@ -226,15 +226,15 @@ async fn one_inner(
 ) -> Result<Response, ApiError> {
     format(&headers, false)?;
     let raw = body(raw)?;
-    let key = idempotency_key(&state, &headers)?;
+    let key = idempotency_key(state, &headers)?;
     let pulse = state
         .limits
         .decode_one(&raw, key)
-        .map_err(|e| decode_error(&state, e))?;
+        .map_err(|e| decode_error(state, e))?;
     let pulses = vec![pulse];
-    authorise(&state, &headers, &pulses)?;
-    rate_limit(&state, &pulses)?;
-    submit(&state, pulses).await
+    authorise(state, &headers, &pulses)?;
+    rate_limit(state, &pulses)?;
+    submit(state, pulses).await
 }
 
 async fn batch_inner(
@@ -244,14 +244,14 @@ async fn batch_inner(
 ) -> Result<Response, ApiError> {
     let fmt = format(&headers, true)?;
     let raw = body(raw)?;
-    let key = idempotency_key(&state, &headers)?;
+    let key = idempotency_key(state, &headers)?;
     // A batch can never be larger than the queue it must fit into.
     let max = state.cfg.max_batch_items.min(state.ingest.capacity());
     let pulses = state
         .limits
         .decode_batch(&raw, fmt == Format::Ndjson, key, max)
-        .map_err(|e| decode_error(&state, e))?;
-    authorise(&state, &headers, &pulses)?;
-    rate_limit(&state, &pulses)?;
-    submit(&state, pulses).await
+        .map_err(|e| decode_error(state, e))?;
+    authorise(state, &headers, &pulses)?;
+    rate_limit(state, &pulses)?;
+    submit(state, pulses).await
 }
