@@ -187,7 +187,9 @@ pub struct Limit {
 
 /// Per-tenant rate limits of one replica.
 pub struct RateLimits {
-    default: DefaultKeyedRateLimiter<String>,
+    /// Keyed by a 64-bit hash of the tenant, so a check allocates nothing; two tenants sharing
+    /// a bucket would need a hash collision.
+    default: DefaultKeyedRateLimiter<u64>,
     overrides: HashMap<String, DefaultDirectRateLimiter>,
     clock: DefaultClock,
 }
@@ -218,7 +220,9 @@ impl RateLimits {
         let n = NonZeroU32::new(n.max(1)).expect("at least 1");
         let outcome = match self.overrides.get(tenant) {
             Some(l) => l.check_n(n),
-            None => self.default.check_key_n(&tenant.to_string(), n),
+            None => self
+                .default
+                .check_key_n(&xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()), n),
         };
         match outcome {
             Ok(Ok(())) => Ok(()),
