@@ -230,7 +230,8 @@ async fn redis_restart(fsync: &str, crash: bool) {
     assert!(ok, "readyz recovers");
     let mut p = pulse("t-after", "s", "KB", 2.0);
     p["pulse_id"] = serde_json::json!("after-1");
-    assert_eq!(post(&c, &url, &p).await.0, 202);
+    let after = post(&c, &url, &p).await;
+    assert_eq!(after.0, 202, "{}", after.2);
     expected.insert(("t-after".into(), "s".into(), "KB".into()), 2.0);
     assert_books(&expected, &redis.totals("pulses"));
     app.stop().await.unwrap();

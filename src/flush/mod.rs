@@ -274,6 +274,9 @@ impl Flusher {
             let sleep = match self.tick(&shutdown).await {
                 Ok(d) => d,
                 Err(e) => {
+                    if e.connection_suspect() {
+                        self.store.invalidate();
+                    }
                     warn!(error = %e, "scheduler step failed; retrying");
                     self.drain_interval.min(Duration::from_secs(1))
                 }

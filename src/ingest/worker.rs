@@ -41,7 +41,7 @@ struct ShardBatch {
 
 impl Worker {
     pub async fn run(self) {
-        let mut conn: Option<Conn> = None;
+        let mut conn: Option<(Conn, u64)> = None;
         while let Ok(first) = self.rx.recv().await {
             let mut n = first.pulses.len();
             let mut jobs = vec![first];
@@ -66,7 +66,7 @@ impl Worker {
 }
 
 /// Commits one group of jobs and answers each of them.
-pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Conn>, jobs: Vec<Job>) {
+pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, jobs: Vec<Job>) {
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
     for (j, job) in jobs.iter().enumerate() {
         for p in &job.pulses {
@@ -218,13 +218,21 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<Conn>, jobs: Vec<J
 /// collects each shard's result.
 async fn write_all(
     w: &Worker,
-    conn: &mut Option<Conn>,
+    conn: &mut Option<(Conn, u64)>,
     shards: &[(u32, ShardBatch)],
 ) -> Result<Vec<Result<crate::store::WriteReply, StoreError>>, StoreError> {
-    if conn.is_none() {
-        *conn = Some(w.store.conn().await?);
+    // A connection failure seen anywhere (another worker, the scheduler) retires ours too.
+    if conn
+        .as_ref()
+        .is_some_and(|(_, epoch)| *epoch != w.store.epoch())
+    {
+        *conn = None;
     }
-    let c = conn.as_ref().expect("connection was just set");
+    if conn.is_none() {
+        let epoch = w.store.epoch();
+        *conn = Some((w.store.conn().await?, epoch));
+    }
+    let c = &conn.as_ref().expect("connection was just set").0;
     let started = Instant::now();
     let results = join_all(shards.iter().map(|(shard, b)| {
         let mut mc = c.clone();
@@ -235,9 +243,14 @@ async fn write_all(
     w.metrics
         .redis_write_duration
         .observe(started.elapsed().as_secs_f64());
-    if results.iter().any(|r| matches!(r, Err(e) if e.is_ambiguous() || matches!(e, StoreError::Redis(re) if re.is_io_error()))) {
-        // Start the next commit on a fresh connection.
+    if results
+        .iter()
+        .any(|r| matches!(r, Err(e) if e.connection_suspect()))
+    {
+        // Start the next commit on a fresh, checked connection from the pool: a multiplexed
+        // connection whose server went away keeps failing until it is replaced.
         *conn = None;
+        w.store.invalidate();
     }
     Ok(results)
 }

@@ -100,6 +100,15 @@ pub enum StoreError {
 impl StoreError {
     /// True when the command may have run although we saw an error (a timeout or a dropped
     /// connection after sending). Such a write is never retried by the service itself.
+    /// True unless Redis itself answered with an error reply (OOM, NOSCRIPT...): the
+    /// connection may be dead and should be replaced.
+    pub fn connection_suspect(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
+            _ => true,
+        }
+    }
+
     pub fn is_ambiguous(&self) -> bool {
         match self {
             StoreError::Redis(e) => e.is_timeout() || e.is_connection_dropped(),
@@ -226,6 +235,10 @@ pub struct Store {
     pub window_secs: u64,
     dedupe_ttl_secs: u64,
     timeout: Duration,
+    /// Bumped whenever a connection failure is seen anywhere, so that every holder of a
+    /// long-lived connection (the commit workers) replaces it before its next use instead of
+    /// finding out with a failed write.
+    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -263,6 +276,7 @@ impl Store {
             window_secs: cfg.window_secs(),
             dedupe_ttl_secs: cfg.dedupe_ttl.as_secs().max(1),
             timeout: cfg.redis_timeout,
+            epoch: Default::default(),
         })
     }
 
@@ -271,6 +285,24 @@ impl Store {
     /// The pooled object goes back to the pool at once; the returned clone shares its socket,
     /// which is how multiplexed connections are meant to be used.
     pub async fn conn(&self) -> Result<Conn, StoreError> {
+        let c = self.pooled().await;
+        if c.is_err() {
+            self.invalidate();
+        }
+        c
+    }
+
+    /// The connection epoch: it changes when a connection failure was seen.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks every connection taken before now as suspect.
+    pub fn invalidate(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    async fn pooled(&self) -> Result<Conn, StoreError> {
         match &self.pool {
             Pools::Single(p) => {
                 let mut c = p.get().await?;
