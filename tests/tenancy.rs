@@ -249,7 +249,6 @@ async fn operators_see_recent_rejections_without_keys_and_metrics_can_move_off_t
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     std::fs::write(&keys, line(KEY_A, "t-a", "team-a")).unwrap();
-    let metrics_port = free_port();
     let mut v = settings(
         &redis,
         &[
@@ -259,7 +258,7 @@ async fn operators_see_recent_rejections_without_keys_and_metrics_can_move_off_t
         ],
     );
     v.insert("API_KEYS_FILE".into(), keys.display().to_string());
-    v.insert("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}"));
+    v.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
     let app = TestApp::spawn(v).await;
     let c = http();
     let one = format!("{}/ingest", app.base);
@@ -356,7 +355,7 @@ async fn operators_see_recent_rejections_without_keys_and_metrics_can_move_off_t
         404
     );
     let m = c
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .get(format!("http://{}/metrics", app.metrics_addr.unwrap()))
         .send()
         .await
         .unwrap();

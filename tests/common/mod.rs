@@ -201,6 +201,8 @@ pub fn settings(redis: &RedisServer, extra: &[(&str, &str)]) -> HashMap<String, 
 /// The service running in this process.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The metrics listener, when `METRICS_ADDR` is set (port 0 picks a free one).
+    pub metrics_addr: Option<SocketAddr>,
     pub base: String,
     stop: Option<oneshot::Sender<()>>,
     pub handle: tokio::task::JoinHandle<Result<(), pulse_ingestor::app::AppError>>,
@@ -211,12 +213,14 @@ impl TestApp {
         let cfg = Config::from_map(&vars).expect("test config is valid");
         let app = App::build(cfg).await.expect("app builds");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
         }));
         TestApp {
             addr,
+            metrics_addr,
             base: format!("http://{addr}"),
             stop: Some(tx),
             handle,
