@@ -95,18 +95,14 @@ impl App {
             Some(p) => Some(crate::tenancy::ApiKeys::load(p).map_err(AppError::ApiKeys)?),
             None => None,
         };
-        let rate_limits = match (cfg.rate_limit, cfg.rate_limit_overrides.is_empty()) {
-            (None, true) => None,
-            (default, _) => Some(crate::tenancy::RateLimits::new(
-                // Overrides alone leave other tenants unlimited in practice.
-                default.unwrap_or(crate::tenancy::Limit {
-                    per_second: 1e9,
-                    burst: u32::MAX / 2,
-                }),
-                &cfg.rate_limit_overrides,
-                cfg.rate_limit_replicas,
-            )),
-        };
+        let rate_limits =
+            (cfg.rate_limit.is_some() || !cfg.rate_limit_overrides.is_empty()).then(|| {
+                crate::tenancy::RateLimits::new(
+                    cfg.rate_limit,
+                    &cfg.rate_limit_overrides,
+                    cfg.rate_limit_replicas,
+                )
+            });
         let state: AppState = Arc::new(AppContext {
             cfg: Arc::new(cfg),
             limits,

@@ -188,8 +188,8 @@ pub struct Limit {
 /// Per-tenant rate limits of one replica.
 pub struct RateLimits {
     /// Keyed by a 64-bit hash of the tenant, so a check allocates nothing; two tenants sharing
-    /// a bucket would need a hash collision.
-    default: DefaultKeyedRateLimiter<u64>,
+    /// a bucket would need a hash collision. `None`: only the overridden tenants are limited.
+    default: Option<DefaultKeyedRateLimiter<u64>>,
     overrides: HashMap<String, DefaultDirectRateLimiter>,
     clock: DefaultClock,
 }
@@ -204,9 +204,9 @@ fn quota(limit: Limit, replicas: u32) -> Quota {
 }
 
 impl RateLimits {
-    pub fn new(default: Limit, overrides: &HashMap<String, Limit>, replicas: u32) -> Self {
+    pub fn new(default: Option<Limit>, overrides: &HashMap<String, Limit>, replicas: u32) -> Self {
         RateLimits {
-            default: RateLimiter::keyed(quota(default, replicas)),
+            default: default.map(|l| RateLimiter::keyed(quota(l, replicas))),
             overrides: overrides
                 .iter()
                 .map(|(t, l)| (t.clone(), RateLimiter::direct(quota(*l, replicas))))
@@ -220,9 +220,10 @@ impl RateLimits {
         let n = NonZeroU32::new(n.max(1)).expect("at least 1");
         let outcome = match self.overrides.get(tenant) {
             Some(l) => l.check_n(n),
-            None => self
-                .default
-                .check_key_n(&xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()), n),
+            None => match &self.default {
+                Some(d) => d.check_key_n(&xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()), n),
+                None => return Ok(()),
+            },
         };
         match outcome {
             Ok(Ok(())) => Ok(()),
@@ -235,7 +236,9 @@ impl RateLimits {
 
     /// Forgets idle tenants (called periodically, so memory follows active tenants).
     pub fn forget_idle(&self) {
-        self.default.retain_recent();
+        if let Some(d) = &self.default {
+            d.retain_recent();
+        }
     }
 }
 
@@ -291,10 +294,10 @@ mod tests {
     #[test]
     fn limits_count_pulses_and_say_when_to_come_back() {
         let l = RateLimits::new(
-            Limit {
+            Some(Limit {
                 per_second: 10.0,
                 burst: 10,
-            },
+            }),
             &HashMap::new(),
             1,
         );
@@ -322,13 +325,19 @@ mod tests {
         );
         assert_eq!(o["small"].burst, 5);
         let l = RateLimits::new(
-            Limit {
+            Some(Limit {
                 per_second: 10.0,
                 burst: 10,
-            },
+            }),
             &o,
             2,
         );
+        let only = RateLimits::new(None, &o, 1);
+        assert!(
+            only.check("anyone", 1_000_000).is_ok(),
+            "no default: only overrides limit"
+        );
+        assert!(only.check("small", 6).is_err());
         assert!(l.check("big", 100).is_ok(), "half of a 200 burst");
         assert!(l.check("big", 1).is_err());
         assert!(

@@ -57,6 +57,9 @@ pub struct ShardWindow {
 /// Seals and drains; one per replica.
 pub struct Flusher {
     pub drainer: Drainer,
+    /// Shards to seal and drain: the largest `SHARDS` any replica used, refreshed from Redis by
+    /// each seal (one round trip per scheduler step instead of one per phase).
+    shards: std::sync::atomic::AtomicU32,
     store: Store,
     metrics: Arc<Metrics>,
     stabilisation_delay: Duration,
@@ -91,11 +94,17 @@ impl Flusher {
             stabilisation_delay: cfg.stabilisation_delay,
             drain_interval: cfg.drain_interval,
             shard_parallelism: cfg.delivery_concurrency,
+            shards: std::sync::atomic::AtomicU32::new(cfg.shards),
         })
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
         self.store.conn().await
+    }
+
+    /// Every shard that may hold data: as of the last seal (this replica's `SHARDS` before it).
+    pub fn shards(&self) -> u32 {
+        self.shards.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs the seal script on every shard (pipelined on one connection).
@@ -104,6 +113,8 @@ impl Flusher {
         // Shards of an earlier, larger SHARDS are sealed too, or their last window would wait
         // for writes that no longer come.
         let shards = self.store.shards_to_drain().await?;
+        self.shards
+            .store(shards, std::sync::atomic::Ordering::Relaxed);
         let replies = join_all((0..shards).map(|s| {
             let mut c = conn.clone();
             async move { self.store.seal(&mut c, s).await }
@@ -153,8 +164,7 @@ impl Flusher {
         };
         let due_before = redis_now.saturating_sub(delay);
         // Shards of an earlier, larger SHARDS may still hold pending windows: drain them too.
-        let shards = self.store.shards_to_drain().await?;
-        let reports: Vec<_> = futures::stream::iter(0..shards)
+        let reports: Vec<_> = futures::stream::iter(0..self.shards())
             .map(|s| async move { (s, self.drainer.drain_shard(s, due_before, cancel).await) })
             .buffer_unordered(self.shard_parallelism)
             .collect()
@@ -179,8 +189,7 @@ impl Flusher {
     /// Every pending and dead-lettered window, with record counts and ages; updates the gauges.
     pub async fn pending_status(&self, redis_now: u64) -> Result<PendingStatus, StoreError> {
         let conn = self.conn().await?;
-        let shards = self.store.shards_to_drain().await?;
-        let per_shard = join_all((0..shards).map(|s| {
+        let per_shard = join_all((0..self.shards()).map(|s| {
             let mut c = conn.clone();
             async move {
                 let pending = self.store.pending(&mut c, s).await?;

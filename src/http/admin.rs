@@ -151,11 +151,7 @@ pub async fn dead_letters(
     let store = &state.store;
     let mut conn = store.conn().await.map_err(|e| storage(&state, e))?;
     let mut out = Vec::new();
-    for shard in 0..store
-        .shards_to_drain()
-        .await
-        .map_err(|e| storage(&state, e))?
-    {
+    for shard in 0..state.flusher.shards() {
         for w in store
             .dead_windows(&mut conn, shard)
             .await

@@ -121,12 +121,10 @@ fn rate_limit(state: &AppState, pulses: &[Pulse]) -> Result<(), ApiError> {
     let Some(limits) = &state.rate_limits else {
         return Ok(());
     };
-    let mut per_tenant: Vec<(&str, u32)> = Vec::new();
+    // A batch may hold thousands of pulses over thousands of tenants: count in a map.
+    let mut per_tenant: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
     for p in pulses {
-        match per_tenant.iter_mut().find(|(t, _)| *t == p.tenant_id) {
-            Some((_, n)) => *n += 1,
-            None => per_tenant.push((&p.tenant_id, 1)),
-        }
+        *per_tenant.entry(&p.tenant_id).or_default() += 1;
     }
     for (tenant, n) in per_tenant {
         if let Err(retry_after) = limits.check(tenant, n) {

@@ -94,8 +94,6 @@ impl Ingest {
                 max_batch: cfg.worker_batch,
                 retry_forever: cfg.ack_mode == AckMode::Enqueued,
                 hard_stop: hard_stop.clone(),
-                permits: permits.clone(),
-                capacity: cfg.queue_capacity,
             };
             tracker.spawn(w.run());
         }
@@ -153,7 +151,6 @@ impl Ingest {
                 _permit: permit,
             })
             .map_err(|_| SubmitError::Closed)?;
-        self.metrics.queue_depth.set(self.depth() as i64);
         Ok(rx)
     }
 

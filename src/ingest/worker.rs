@@ -23,8 +23,6 @@ pub(crate) struct Worker {
     /// succeeds or the shutdown deadline passes.
     pub retry_forever: bool,
     pub hard_stop: CancellationToken,
-    pub permits: Arc<tokio::sync::Semaphore>,
-    pub capacity: usize,
 }
 
 /// The pulses of one shard in one commit.
@@ -56,10 +54,6 @@ impl Worker {
             }
             self.metrics.commit_batch.observe(n as f64);
             commit_once(&self, &mut conn, jobs).await;
-            // The jobs (and their permits) are gone now.
-            self.metrics
-                .queue_depth
-                .set((self.capacity - self.permits.available_permits()) as i64);
         }
         debug!(worker = self.id, "ingest worker stopped");
     }
