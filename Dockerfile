@@ -1,7 +1,11 @@
 # Multi-stage build of the workspace binaries: pulse-ingestor, pulse-producer, pulse-processor.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+# The commit for --version and ingestor_build_info (no .git in the build context):
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG GIT_COMMIT=unknown
+ENV GIT_COMMIT=$GIT_COMMIT
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY producer ./producer
 RUN cargo build --release --locked --bins \

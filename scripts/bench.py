@@ -11,6 +11,7 @@ same instance right after (its ledger of 2xx'd pulses against the totals in Redi
 
 import datetime
 import json
+from decimal import Decimal
 import os
 import platform
 import random
@@ -30,7 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 DUR = 4 if QUICK else 10
-TOL_REL, TOL_ABS = 1e-9, 1e-6
 BENCH_KEY = "bench-trusted-service-key"
 
 
@@ -146,25 +146,33 @@ def node_totals(port, prefix, only, totals):
     cli = ["redis-cli", "-p", str(port), "--raw"]
     keys = subprocess.run(cli + ["--scan", "--pattern", "{%s:*" % prefix], capture_output=True,
                           text=True, check=True).stdout.split("\n")
-    for k in keys:
-        if ":agg:" not in k and ":sealed:" not in k:
-            continue
-        lines = subprocess.run(cli + ["HGETALL", k], capture_output=True, text=True,
+    def hgetall(key):
+        lines = subprocess.run(cli + ["HGETALL", key], capture_output=True, text=True,
                                check=True).stdout.split("\n")
-        for f, v in zip(lines[0::2], lines[1::2]):
+        return dict(zip(lines[0::2], lines[1::2]))
+
+    for k in keys:
+        if (":agg:" not in k and ":sealed:" not in k) or k.endswith(":hi"):
+            continue
+        exact = ":x:" in k
+        his = hgetall(k + ":hi") if exact else {}
+        for f, v in hgetall(k).items():
             t, s, u = json.loads(f)
             if t.startswith(only):
-                totals[(t, s, u)] = totals.get((t, s, u), 0.0) + float(v)
+                # Exact layout: hi x 10^15 + lo units of 10^-12 (see src/amount.rs).
+                amount = (Decimal(his.get(f, "0")) * 10**15 + Decimal(v)).scaleb(-12) if exact \
+                    else Decimal(v)
+                totals[(t, s, u)] = totals.get((t, s, u), Decimal(0)) + amount
 
 
 def books_vs_redis(ledger_path, port):
     with open(ledger_path) as f:
-        ledger = json.load(f)
+        ledger = json.load(f, parse_float=Decimal, parse_int=Decimal)
     expected = {(k["tenant_id"], k["product_sku"], k["use_unit"]): k["used_amount"]
                 for k in ledger["totals"]}
     found = redis_totals(port)
-    bad = [k for k in expected if k not in found
-           or abs(found[k] - expected[k]) > TOL_REL * abs(expected[k]) + TOL_ABS]
+    # Exact: the ledger's amounts are read as Decimal (json.load with parse_float=Decimal).
+    bad = [k for k in expected if k not in found or found[k] != expected[k]]
     extra = [k for k in found if k not in expected]
     ok = not bad and not extra
     return ok, f"{len(expected)} keys, {ledger['pulses']} pulses" + ("" if ok else f"; {len(bad)} off/missing, {len(extra)} extra")

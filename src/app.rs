@@ -20,6 +20,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::pulse::Limits;
 use crate::store::{Store, StoreError};
+use crate::supervise::{self, Health};
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,44 @@ pub enum AppError {
     ApiKeys(String),
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimeout(std::time::Duration),
+    /// A setting conflicts with the deployment's Redis (exit 64, like a bad variable).
+    #[error("{0}")]
+    Config(String),
+    /// A long-lived task failed; the process stopped so it can be replaced.
+    #[error("stopped because {0}")]
+    TaskFailed(String),
+}
+
+/// Checks, once at start-up, what would make this replica count wrongly: a `SHARDS` that
+/// differs from the deployment's. A Redis that is down is not an error here: the scheduler and
+/// `/readyz` keep checking.
+async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
+    match store.register_shards().await {
+        Ok((_, deployment)) if deployment != cfg.shards => Err(AppError::Config(
+            StoreError::ShardsChanged {
+                configured: cfg.shards,
+                deployment,
+            }
+            .to_string(),
+        )),
+        Ok(_) => {
+            match store.eviction_policy().await {
+                Ok(p) if p != "noeviction" && !cfg.redis_allow_eviction => error!(
+                    policy = %p,
+                    "Redis maxmemory-policy is not noeviction: evicted dedupe markers count re-sends twice and evicted aggregates lose pulses; /readyz stays 503 until it is noeviction (or REDIS_ALLOW_EVICTION=true)"
+                ),
+                Ok(p) if p != "noeviction" => {
+                    warn!(policy = %p, "REDIS_ALLOW_EVICTION=true: Redis may evict keys; exactly-once is not guaranteed")
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+        Err(e) => {
+            warn!(error = %e, "redis not reachable at start-up; will keep trying");
+            Ok(())
+        }
+    }
 }
 
 /// A built, bound, not yet running service.
@@ -56,13 +95,18 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         metrics.window_seconds.set(cfg.window_secs() as i64);
         let store = Store::new(&cfg)?;
+        check_redis(&cfg, &store).await?;
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
+        let shutdown = CancellationToken::new();
+        let health = Arc::new(Health::default());
         let ingest = Ingest::start(
             &cfg,
             store.clone(),
             metrics.clone(),
             &tracker,
+            &health,
+            &shutdown,
             hard_stop.clone(),
         );
         let flusher = Arc::new(Flusher::new(&cfg, store.clone(), metrics.clone())?);
@@ -89,6 +133,7 @@ impl App {
         let limits = Arc::new(Limits {
             max_field_len: cfg.max_field_len,
             max_amount: cfg.max_amount,
+            decimals: cfg.amount_decimals,
             allowed_units: cfg.allowed_units.clone(),
         });
         let api_keys = match &cfg.api_keys_file {
@@ -110,7 +155,8 @@ impl App {
             store,
             flusher,
             metrics,
-            shutdown: CancellationToken::new(),
+            shutdown,
+            health,
             api_keys,
             rate_limits,
             rejection_slots: Arc::new(tokio::sync::Semaphore::new(64)),
@@ -154,39 +200,78 @@ impl App {
         let deadline = state.cfg.shutdown_timeout;
         info!(addr = %listener.local_addr().map_err(AppError::Serve)?, ack_mode = ?state.cfg.ack_mode, window = ?state.cfg.window, shards = state.cfg.shards, "pulse-ingestor listening");
 
-        tracker.spawn(state.flusher.clone().run(shutdown.clone()));
+        let (health, metrics) = (&state.health, &state.metrics);
+        supervise::spawn(
+            &tracker,
+            "scheduler",
+            health,
+            metrics,
+            &shutdown,
+            state.flusher.clone().run(shutdown.clone()),
+        );
         if let Some(l) = metrics_listener {
-            tracker.spawn(crate::http::serve(
-                l,
-                crate::http::metrics_router(state.clone()),
-                state.cfg.header_read_timeout,
-                64,
-                shutdown.clone(),
-            ));
+            supervise::spawn(
+                &tracker,
+                "metrics_listener",
+                health,
+                metrics,
+                &shutdown,
+                crate::http::serve(
+                    l,
+                    crate::http::metrics_router(state.clone()),
+                    state.cfg.header_read_timeout,
+                    64,
+                    shutdown.clone(),
+                ),
+            );
         }
         if let Some(keys) = &state.api_keys {
-            tracker.spawn(keys.clone().watch(shutdown.clone()));
+            supervise::spawn(
+                &tracker,
+                "api_key_watcher",
+                health,
+                metrics,
+                &shutdown,
+                keys.clone().watch(shutdown.clone()),
+            );
         }
         if state.rate_limits.is_some() {
-            let (state, shutdown) = (state.clone(), shutdown.clone());
-            tracker.spawn(async move {
+            let (st, stop) = (state.clone(), shutdown.clone());
+            let cleanup = async move {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
-                        _ = shutdown.cancelled() => return,
+                        _ = stop.cancelled() => return,
                     }
-                    if let Some(l) = &state.rate_limits {
+                    if let Some(l) = &st.rate_limits {
                         l.forget_idle();
                     }
                 }
-            });
+            };
+            supervise::spawn(
+                &tracker,
+                "rate_limit_cleanup",
+                health,
+                metrics,
+                &shutdown,
+                cleanup,
+            );
         }
         {
-            let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+            // Shutdown never depends on logging or on another task: cancel first, log after.
+            let (shutdown, hard_stop, health) =
+                (shutdown.clone(), hard_stop.clone(), state.health.clone());
             tokio::spawn(async move {
-                signal.await;
-                info!("shutdown requested: no new connections, finishing in-flight requests");
+                let failed = tokio::select! {
+                    _ = signal => false,
+                    _ = health.failed() => true,
+                };
                 shutdown.cancel();
+                if failed {
+                    warn!("a task failed: stopping so this replica can be replaced");
+                } else {
+                    info!("shutdown requested: no new connections, finishing in-flight requests");
+                }
                 tokio::time::sleep(deadline).await;
                 hard_stop.cancel();
             });
@@ -210,6 +295,12 @@ impl App {
         tokio::select! {
             _ = tracker.wait() => {}
             _ = hard_stop.cancelled() => {}
+        }
+        if let Err(e) = state.store.leave().await {
+            warn!(error = %e, "could not deregister from the live replicas; the entry ages out");
+        }
+        if let Some(why) = state.health.failure() {
+            return Err(AppError::TaskFailed(why.to_string()));
         }
         if hard_stop.is_cancelled() && !tracker.is_empty() {
             error!(

@@ -37,6 +37,8 @@ pub mod env {
     pub const MAX_BATCH_ITEMS: &str = "MAX_BATCH_ITEMS";
     pub const MAX_FIELD_LEN: &str = "MAX_FIELD_LEN";
     pub const MAX_AMOUNT: &str = "MAX_AMOUNT";
+    pub const AMOUNT_DECIMALS: &str = "AMOUNT_DECIMALS";
+    pub const REDIS_ALLOW_EVICTION: &str = "REDIS_ALLOW_EVICTION";
     pub const ALLOWED_UNITS: &str = "ALLOWED_UNITS";
     pub const DEDUPE_TTL: &str = "DEDUPE_TTL";
     pub const RETRY_AFTER: &str = "RETRY_AFTER";
@@ -52,6 +54,236 @@ pub mod env {
     pub const RATE_LIMIT_REPLICAS: &str = "RATE_LIMIT_REPLICAS";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
 }
+
+/// One documented setting, as `--help` lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub name: &'static str,
+    /// The default as users read it ("" when unset by default).
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every setting the service reads, in the order `--help` and `example.env` list them. Tests
+/// check that `Config::from_map` reads exactly these names, that each shown default is the real
+/// one, and that `example.env` lists exactly these.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: env::LISTEN_ADDR,
+        default: "0.0.0.0:8070",
+        help: "HTTP API address",
+    },
+    Setting {
+        name: env::METRICS_ADDR,
+        default: "",
+        help: "Serve /metrics on this address instead of the API address",
+    },
+    Setting {
+        name: env::REDIS_URL,
+        default: "redis://127.0.0.1:6379",
+        help: "The Redis to use",
+    },
+    Setting {
+        name: env::REDIS_CLUSTER_URLS,
+        default: "",
+        help: "Comma-separated seed nodes of a Redis Cluster; replaces REDIS_URL",
+    },
+    Setting {
+        name: env::REDIS_POOL_SIZE,
+        default: "16",
+        help: "Pooled multiplexed Redis connections",
+    },
+    Setting {
+        name: env::REDIS_TIMEOUT,
+        default: "2s",
+        help: "Response timeout of one Redis command",
+    },
+    Setting {
+        name: env::REDIS_ALLOW_EVICTION,
+        default: "false",
+        help: "Become ready although Redis' maxmemory-policy may evict keys (breaks exactly-once)",
+    },
+    Setting {
+        name: env::KEY_PREFIX,
+        default: "pulses",
+        help: "Key namespace",
+    },
+    Setting {
+        name: env::SHARDS,
+        default: "16",
+        help: "Shards (hash tags); must match the deployment's (see `reshard`)",
+    },
+    Setting {
+        name: env::WINDOW,
+        default: "1h",
+        help: "Aggregation window",
+    },
+    Setting {
+        name: env::STABILISATION_DELAY,
+        default: "5s",
+        help: "Wait after a window ends before delivering it",
+    },
+    Setting {
+        name: env::PROCESSOR_URL,
+        default: "",
+        help: "Processor URL; unset keeps sealed windows in Redis",
+    },
+    Setting {
+        name: env::PROCESSOR_TOKEN,
+        default: "",
+        help: "Bearer token sent to the Processor",
+    },
+    Setting {
+        name: env::PROCESSOR_TIMEOUT,
+        default: "10s",
+        help: "Timeout of one Processor request",
+    },
+    Setting {
+        name: env::BATCH_SIZE,
+        default: "500",
+        help: "Records per Processor request",
+    },
+    Setting {
+        name: env::DELIVERY_CONCURRENCY,
+        default: "4",
+        help: "Processor requests in flight per replica",
+    },
+    Setting {
+        name: env::DELIVERY_MAX_BACKOFF,
+        default: "30s",
+        help: "Cap of the delivery retry backoff",
+    },
+    Setting {
+        name: env::DELIVERY_MAX_ATTEMPTS,
+        default: "8",
+        help: "Attempts per batch within one drain pass",
+    },
+    Setting {
+        name: env::DRAIN_INTERVAL,
+        default: "10s",
+        help: "How often pending windows are retried",
+    },
+    Setting {
+        name: env::LOCK_TTL,
+        default: "15s",
+        help: "Drain lock lifetime, renewed while draining",
+    },
+    Setting {
+        name: env::QUEUE_CAPACITY,
+        default: "50000",
+        help: "Pulses queued or being committed; 503 when full",
+    },
+    Setting {
+        name: env::WORKERS,
+        default: "number of CPUs",
+        help: "Commit workers",
+    },
+    Setting {
+        name: env::WORKER_BATCH,
+        default: "2048",
+        help: "Most pulses one worker commits at once",
+    },
+    Setting {
+        name: env::ACK_MODE,
+        default: "durable",
+        help: "durable: 202 after the commit; enqueued: 202 once queued",
+    },
+    Setting {
+        name: env::MAX_BODY_BYTES,
+        default: "4194304",
+        help: "Largest request body in bytes (413)",
+    },
+    Setting {
+        name: env::MAX_BATCH_ITEMS,
+        default: "10000",
+        help: "Most pulses in one batch request (413)",
+    },
+    Setting {
+        name: env::MAX_FIELD_LEN,
+        default: "256",
+        help: "Longest tenant, SKU, unit or pulse id in bytes (422)",
+    },
+    Setting {
+        name: env::MAX_AMOUNT,
+        default: "1000000000000000",
+        help: "Largest used_amount, exact decimal (422)",
+    },
+    Setting {
+        name: env::AMOUNT_DECIMALS,
+        default: "9",
+        help: "Fractional digits a used_amount may have, 0-12 (422 beyond; never rounded)",
+    },
+    Setting {
+        name: env::ALLOWED_UNITS,
+        default: "",
+        help: "Comma-separated unit allow-list; unset accepts any",
+    },
+    Setting {
+        name: env::DEDUPE_TTL,
+        default: "1h",
+        help: "How long a pulse_id or Idempotency-Key is remembered",
+    },
+    Setting {
+        name: env::RETRY_AFTER,
+        default: "1s",
+        help: "Retry-After sent with 503",
+    },
+    Setting {
+        name: env::SHUTDOWN_TIMEOUT,
+        default: "30s",
+        help: "Graceful shutdown finishes within this",
+    },
+    Setting {
+        name: env::HEADER_READ_TIMEOUT,
+        default: "10s",
+        help: "Time allowed for a request's headers",
+    },
+    Setting {
+        name: env::REQUEST_TIMEOUT,
+        default: "30s",
+        help: "Time allowed for a whole request, commit included",
+    },
+    Setting {
+        name: env::MAX_CONNECTIONS,
+        default: "10000",
+        help: "Open connections per replica",
+    },
+    Setting {
+        name: env::ADMIN_TOKEN,
+        default: "",
+        help: "Bearer token required by /admin/*; unset leaves them open",
+    },
+    Setting {
+        name: env::API_KEYS_FILE,
+        default: "",
+        help: "File of SHA-256 API key hashes bound to tenants; unset: no keys",
+    },
+    Setting {
+        name: env::RATE_LIMIT,
+        default: "",
+        help: "Default per-tenant limit, pulses/s; unset: none",
+    },
+    Setting {
+        name: env::RATE_LIMIT_BURST,
+        default: "one second's worth",
+        help: "Burst of the default limit",
+    },
+    Setting {
+        name: env::RATE_LIMIT_OVERRIDES,
+        default: "",
+        help: "Per-tenant limits: tenant=rate[:burst],...",
+    },
+    Setting {
+        name: env::RATE_LIMIT_REPLICAS,
+        default: "1",
+        help: "Replicas sharing the limits; each enforces its share",
+    },
+    Setting {
+        name: env::LOG_FORMAT,
+        default: "text",
+        help: "text or json",
+    },
+];
 
 /// Defaults, each with the reason it was chosen.
 pub mod defaults {
@@ -93,8 +325,11 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
     pub const MAX_BATCH_ITEMS: usize = 10_000;
     pub const MAX_FIELD_LEN: usize = 256;
-    /// Far above any real usage figure, far below where sums lose integer precision in f64.
-    pub const MAX_AMOUNT: f64 = 1e15;
+    /// Far above any real usage figure; a key's window total stays exact up to
+    /// `amount::MAX_TOTAL` (≈ 4.6e21), millions of maximal pulses away.
+    pub const MAX_AMOUNT: &str = "1000000000000000";
+    /// Nanounits: finer than any billing unit in use, and 10^18 × 10^9 stays exact.
+    pub const AMOUNT_DECIMALS: u32 = 9;
     /// Client retries within an hour are recognised.
     pub const DEDUPE_TTL: Duration = Duration::from_secs(3600);
     pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -178,8 +413,13 @@ pub struct Config {
     pub max_batch_items: usize,
     /// Longest tenant, SKU, unit or pulse id, in bytes (`MAX_FIELD_LEN`).
     pub max_field_len: usize,
-    /// Largest `used_amount` accepted (`MAX_AMOUNT`).
-    pub max_amount: f64,
+    /// Largest `used_amount` accepted (`MAX_AMOUNT`), exact.
+    pub max_amount: crate::amount::Amount,
+    /// Fractional digits a `used_amount` may have (`AMOUNT_DECIMALS`, at most 12).
+    pub amount_decimals: u32,
+    /// Become ready although Redis may evict keys (`REDIS_ALLOW_EVICTION=true`): evicted
+    /// dedupe markers count re-sends twice, evicted aggregates lose pulses.
+    pub redis_allow_eviction: bool,
     /// Units accepted; `None` accepts any (`ALLOWED_UNITS`, comma separated).
     pub allowed_units: Option<Vec<String>>,
     /// How long a pulse id is remembered (`DEDUPE_TTL`).
@@ -231,10 +471,13 @@ impl fmt::Display for ConfigError {
 struct Reader<'a> {
     vars: &'a HashMap<String, String>,
     problems: Vec<(String, String)>,
+    /// Every name looked up (tests compare it with [`SETTINGS`]).
+    read: std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
 impl Reader<'_> {
     fn raw(&self, name: &str) -> Option<&str> {
+        self.read.borrow_mut().insert(name.to_string());
         self.vars
             .get(name)
             .map(|s| s.trim())
@@ -308,7 +551,12 @@ impl Config {
         let mut r = Reader {
             vars,
             problems: Vec::new(),
+            read: Default::default(),
         };
+        Self::read(&mut r)
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, ConfigError> {
         let listen_addr = r.parse(
             env::LISTEN_ADDR,
             defaults::LISTEN_ADDR
@@ -452,13 +700,33 @@ impl Config {
             1_000_000,
         );
         let max_field_len = r.count(env::MAX_FIELD_LEN, defaults::MAX_FIELD_LEN, 1, 65_536);
-        let max_amount = r.parse(env::MAX_AMOUNT, defaults::MAX_AMOUNT, "a number");
-        if !(max_amount.is_finite() && max_amount > 0.0 && max_amount <= 1e300) {
-            r.fail(
-                env::MAX_AMOUNT,
-                "must be a positive number no larger than 1e300",
-            );
-        }
+        let amount_decimals = r.count(
+            env::AMOUNT_DECIMALS,
+            defaults::AMOUNT_DECIMALS as usize,
+            0,
+            crate::amount::SCALE as usize,
+        ) as u32;
+        let ceiling = crate::amount::Amount::from_units(10u128.pow(18 + crate::amount::SCALE));
+        let max_amount_text = r
+            .string(env::MAX_AMOUNT)
+            .unwrap_or_else(|| defaults::MAX_AMOUNT.into());
+        let max_amount = match crate::amount::Amount::parse_decimal(
+            &max_amount_text,
+            crate::amount::SCALE,
+            ceiling,
+        ) {
+            Ok(a) if a > crate::amount::Amount::ZERO => a,
+            _ => {
+                r.fail(
+                    env::MAX_AMOUNT,
+                    format!(
+                        "must be a positive decimal no larger than 1e18, got {max_amount_text:?}"
+                    ),
+                );
+                ceiling
+            }
+        };
+        let redis_allow_eviction = r.parse(env::REDIS_ALLOW_EVICTION, false, "true or false");
         let allowed_units = r.string(env::ALLOWED_UNITS).map(|s| {
             s.split(',')
                 .map(|u| u.trim().to_string())
@@ -555,7 +823,7 @@ impl Config {
         let rate_limit_replicas = r.count(env::RATE_LIMIT_REPLICAS, 1, 1, 10_000) as u32;
         if !r.problems.is_empty() {
             return Err(ConfigError {
-                problems: r.problems,
+                problems: std::mem::take(&mut r.problems),
             });
         }
         Ok(Config {
@@ -586,6 +854,8 @@ impl Config {
             max_batch_items,
             max_field_len,
             max_amount,
+            amount_decimals,
+            redis_allow_eviction,
             allowed_units,
             dedupe_ttl,
             retry_after,
@@ -652,6 +922,46 @@ mod tests {
         assert!(vars.contains(&"SHARDS"), "{err}");
         assert!(vars.contains(&"ACK_MODE"), "{err}");
         assert!(vars.contains(&"PROCESSOR_URL"), "{err}");
+    }
+
+    #[test]
+    fn settings_list_exactly_what_is_read_with_the_real_defaults() {
+        let mut r = Reader {
+            vars: &HashMap::new(),
+            problems: Vec::new(),
+            read: Default::default(),
+        };
+        let _ = Config::read(&mut r);
+        let read: Vec<String> = r.read.into_inner().into_iter().collect();
+        let mut listed: Vec<String> = SETTINGS.iter().map(|s| s.name.to_string()).collect();
+        listed.sort();
+        assert_eq!(read, listed);
+        // Setting every shown default explicitly changes nothing.
+        let shown: HashMap<String, String> = SETTINGS
+            .iter()
+            .filter(|s| !s.default.is_empty() && !s.default.contains(' '))
+            .map(|s| (s.name.to_string(), s.default.to_string()))
+            .collect();
+        let explicit = Config::from_map(&shown).unwrap();
+        let implicit = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(format!("{explicit:?}"), format!("{implicit:?}"));
+    }
+
+    #[test]
+    fn example_env_lists_every_setting() {
+        let text = include_str!("../example.env");
+        let mut names: Vec<&str> = text
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim())
+            .filter_map(|l| l.split_once('=').map(|(n, _)| n))
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .filter(|n| *n != "RUST_LOG")
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut listed: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        listed.sort();
+        assert_eq!(names, listed);
     }
 
     #[test]

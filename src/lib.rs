@@ -3,6 +3,7 @@
 //! Module map — what each part owns and the invariant it keeps (numbers refer to DESIGN.md):
 //!
 //! - [`config`]: one typed [`Config`](config::Config); every bad variable is reported at once.
+//! - [`amount`]: exact decimal amounts as fixed-point integers (11); parsing never uses a float.
 //! - [`pulse`]: the pulse type, request decoding and validation, unambiguous field encoding (8),
 //!   shard choice and dedupe digests. Pure and unit-tested.
 //! - [`http`]: the axum router; maps every error to one documented status code.
@@ -16,8 +17,10 @@
 //! - [`processor`]: the Processor HTTP client and its retry policy.
 //! - [`metrics`]: every Prometheus metric, defined in one place.
 //! - [`tenancy`]: API keys bound to tenants and per-tenant rate limits.
+//! - [`supervise`]: every long-lived task supervised; a dead one stops the process (13).
 //! - [`app`]: wires the parts together and orders a graceful shutdown (9).
 
+pub mod amount;
 pub mod app;
 pub mod config;
 pub mod flush;
@@ -27,5 +30,6 @@ pub mod metrics;
 pub mod processor;
 pub mod pulse;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod tenancy;

@@ -35,6 +35,12 @@ pub struct Metrics {
     pub drain_duration: Histogram,
     pub locks_held: IntGauge,
     pub build_info: IntGaugeVec,
+    /// Long-lived tasks that ended or panicked while the service should have been running.
+    pub task_failures: IntCounterVec,
+    /// Request handlers that panicked (answered 500; the service kept running).
+    pub handler_panics: IntCounter,
+    /// Processor answers that mean our credentials are wrong (401/403): retried, alert-worthy.
+    pub processor_auth_failures: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -176,13 +182,25 @@ impl Metrics {
                 Opts::new("ingestor_build_info", "Build information; always 1"),
                 &["version", "commit"]
             )),
+            task_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    "ingestor_task_failures_total",
+                    "Long-lived tasks that panicked or ended unexpectedly, by task; the process then exits"
+                ),
+                &["task"]
+            )),
+            handler_panics: reg!(IntCounter::new(
+                "ingestor_handler_panics_total",
+                "Request handlers that panicked; each was answered 500"
+            )),
+            processor_auth_failures: reg!(IntCounter::new(
+                "ingestor_processor_auth_failures_total",
+                "Processor answers 401/403 (credentials rejected); batches are retried"
+            )),
             registry,
         };
         m.build_info
-            .with_label_values(&[
-                env!("CARGO_PKG_VERSION"),
-                option_env!("GIT_COMMIT").unwrap_or("unknown"),
-            ])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("PULSE_GIT_COMMIT")])
             .set(1);
         for o in [
             "accepted",
@@ -191,9 +209,13 @@ impl Metrics {
             "limited",
             "shed",
             "failed",
+            "abandoned",
         ] {
             m.pulses.with_label_values(&[o]);
         }
+        let _ = m
+            .registry
+            .register(Box::new(crate::telemetry::LOG_WRITE_ERRORS.clone()));
         for g in ["A", "B"] {
             m.current_generation.with_label_values(&[g]);
         }
@@ -204,6 +226,8 @@ impl Metrics {
             "transport",
             "status_408",
             "status_429",
+            "status_3xx",
+            "status_auth",
             "status_5xx",
             "rejected",
         ] {

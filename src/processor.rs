@@ -1,28 +1,64 @@
 //! The downstream Processor: the record format, the HTTP client and the retry policy.
 //!
 //! A batch is a JSON array of [`Record`]s POSTed with an `Idempotency-Key` derived from its
-//! record ids. 2xx: delivered. Connection errors, timeouts, 408, 429 and 5xx: retryable (429's
-//! `Retry-After` is honoured, capped). Any other status: a permanent rejection, whose records
-//! are dead-lettered by the drain (invariant 5).
+//! record ids. 2xx from the URL itself: delivered (redirects are never followed, invariant 14).
+//! Connection errors, timeouts, 3xx, 401/403 (credentials being rotated), 408, 429 and 5xx:
+//! retryable (`Retry-After` is honoured, capped); the records stay in Redis. Any other status:
+//! a permanent rejection, whose records are dead-lettered by the drain (invariant 5). A
+//! Processor that already holds a `record_id` should answer 2xx (upsert), not 409.
 
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// One aggregated record, as the Processor receives it. The first four fields are those the
 /// earlier Go ingestor posted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Record {
     pub tenant_id: String,
     pub product_sku: String,
-    pub used_amount: f64,
+    /// The exact total as a JSON number in canonical decimal form (no exponent, no trailing
+    /// zeros): a Processor that parses numbers as decimals reads it without loss.
+    pub used_amount: ExactNumber,
+    /// The same total as a string, for clients whose JSON parser reads numbers as doubles.
+    pub used_amount_text: String,
     pub use_unit: String,
     /// Stable identity of `(window_start, tenant, sku, unit)`: a re-delivery carries the same id.
     pub record_id: String,
     /// RFC 3339, UTC.
     pub window_start: String,
     pub window_end: String,
+}
+
+/// Decimal text written into JSON as a number, verbatim — never through a float.
+#[derive(Debug, Clone)]
+pub struct ExactNumber(Box<serde_json::value::RawValue>);
+
+impl PartialEq for ExactNumber {
+    fn eq(&self, o: &Self) -> bool {
+        self.as_str() == o.as_str()
+    }
+}
+
+impl ExactNumber {
+    /// `text` is canonical decimal text from [`crate::amount`]: a valid JSON number.
+    pub fn new(text: &str) -> Self {
+        ExactNumber(
+            serde_json::value::RawValue::from_string(text.to_string())
+                .expect("canonical decimal text is a JSON number"),
+        )
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Serialize for ExactNumber {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }
 
 /// Formats unix seconds as RFC 3339 UTC (`2026-11-22T10:00:00Z`).
@@ -69,6 +105,9 @@ impl ProcessorClient {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(64)
+            // Only a 2xx from this URL is a delivery (invariant 14): following a redirect would
+            // turn the POST into a bodiless GET whose 200 deletes undelivered records.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(ProcessorClient {
             http,
@@ -118,10 +157,30 @@ impl ProcessorClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = resp.text().await.unwrap_or_default();
         let body: String = body.chars().take(512).collect();
         let code = status.as_u16();
         match code {
+            300..=399 => Err(ProcessorError::Retryable {
+                reason: "status_3xx",
+                detail: format!(
+                    "redirect to {:?} not followed; point PROCESSOR_URL at the final address",
+                    location.unwrap_or_default()
+                ),
+                retry_after,
+            }),
+            // Credentials rejected (a token being rotated): the records wait, and
+            // `ingestor_processor_auth_failures_total` alerts someone.
+            401 | 403 => Err(ProcessorError::Retryable {
+                reason: "status_auth",
+                detail: body,
+                retry_after,
+            }),
             408 => Err(ProcessorError::Retryable {
                 reason: "status_408",
                 detail: body,

@@ -9,13 +9,16 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use crate::amount::Amount;
+
 /// A validated usage pulse.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pulse {
     pub tenant_id: String,
     pub product_sku: String,
     pub use_unit: String,
-    pub used_amount: f64,
+    /// Exact amount (invariant 11): never a binary float.
+    pub used_amount: Amount,
     /// Client-chosen id; a pulse sent again with the same id (per tenant) is counted once.
     pub pulse_id: Option<String>,
 }
@@ -24,7 +27,9 @@ pub struct Pulse {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_field_len: usize,
-    pub max_amount: f64,
+    pub max_amount: Amount,
+    /// Significant fractional digits accepted (`AMOUNT_DECIMALS`); more is a 422, never rounded.
+    pub decimals: u32,
     pub allowed_units: Option<Vec<String>>,
 }
 
@@ -125,44 +130,26 @@ impl Limits {
         Some(s)
     }
 
-    fn amount(&self, raw: Option<&RawValue>, errs: &mut Vec<FieldError>) -> Option<f64> {
-        let mut fail = |m: String| {
+    fn amount(&self, raw: Option<&RawValue>, errs: &mut Vec<FieldError>) -> Option<Amount> {
+        let Some(raw) = raw else {
             errs.push(FieldError {
                 index: None,
                 field: "used_amount".into(),
-                message: m,
-            })
-        };
-        let Some(raw) = raw else {
-            fail("is required".into());
+                message: "is required".into(),
+            });
             return None;
         };
-        let text = raw.get();
-        if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-            fail("must be a number".into());
-            return None;
-        }
-        // JSON numbers always parse as f64; out-of-range ones become infinite and are refused.
-        let v: f64 = match text.parse() {
-            Ok(v) => v,
-            Err(_) => {
-                fail("must be a number".into());
-                return None;
+        match Amount::parse_json(raw.get(), self.decimals, self.max_amount) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                errs.push(FieldError {
+                    index: None,
+                    field: "used_amount".into(),
+                    message: e.to_string(),
+                });
+                None
             }
-        };
-        if !v.is_finite() {
-            fail("must be a finite number".into());
-            return None;
         }
-        if v < 0.0 {
-            fail("must not be negative".into());
-            return None;
-        }
-        if v > self.max_amount {
-            fail(format!("must be at most {}", self.max_amount));
-            return None;
-        }
-        Some(v + 0.0) // -0 becomes 0
     }
 
     /// Validates one decoded wire pulse; `header_id` is an `Idempotency-Key` to use as its id.
@@ -241,7 +228,8 @@ impl Limits {
 
     /// Decodes and validates a batch: a JSON array, or NDJSON (one object per line). The batch
     /// is all or nothing: every bad item is listed with its index. With an `Idempotency-Key`,
-    /// item `i` without its own id gets the id `<key>#<i>`, so a retried batch counts once.
+    /// item `i` without its own id gets an id derived from the key and `i` ([`derived_id`]),
+    /// so a retried batch counts once.
     pub fn decode_batch(
         &self,
         body: &[u8],
@@ -266,10 +254,17 @@ impl Limits {
             }
             v
         } else {
-            let v: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| malformed(&e))?;
-            if v.len() > max_items {
-                return Err(DecodeError::TooManyItems { max: max_items });
-            }
+            // Stop at the cap while parsing: a huge array is refused without holding it.
+            let mut de = serde_json::Deserializer::from_slice(body);
+            let v = serde::de::DeserializeSeed::deserialize(CappedSeq(max_items), &mut de)
+                .map_err(|e| {
+                    if e.to_string().starts_with(TOO_MANY) {
+                        DecodeError::TooManyItems { max: max_items }
+                    } else {
+                        malformed(&e)
+                    }
+                })?;
+            de.end().map_err(|e| malformed(&e))?;
             v
         };
         if items.is_empty() {
@@ -298,7 +293,7 @@ impl Limits {
                     continue;
                 }
             };
-            let item_key = idempotency_key.map(|k| format!("{k}#{i}"));
+            let item_key = idempotency_key.map(|k| derived_id(k, i));
             match self.validate(&w, item_key.as_deref()) {
                 Ok(p) => pulses.push(p),
                 Err(errs) => errors.extend(errs.into_iter().map(|e| FieldError {
@@ -312,6 +307,42 @@ impl Limits {
         } else {
             Err(DecodeError::Invalid(errors))
         }
+    }
+}
+
+/// The id of item `i` of a batch sent with `Idempotency-Key: key`. A NUL separates them: ids
+/// and keys refuse control characters, so a derived id can never equal a literal `pulse_id`
+/// (`key#0` could) nor another key's derived id.
+pub fn derived_id(key: &str, i: usize) -> String {
+    format!("{key}\u{0}{i}")
+}
+
+const TOO_MANY: &str = "too many items";
+
+/// A JSON array of raw items that fails as soon as it holds more than `.0` items.
+struct CappedSeq(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for CappedSeq {
+    type Value = Vec<&'de RawValue>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CappedSeq {
+    type Value = Vec<&'de RawValue>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of pulses")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut v = Vec::with_capacity(self.0.min(1024));
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            if v.len() == self.0 {
+                return Err(serde::de::Error::custom(TOO_MANY));
+            }
+            v.push(item);
+        }
+        Ok(v)
     }
 }
 
@@ -338,6 +369,12 @@ pub fn shard_of(tenant: &str, shards: u32) -> u32 {
     (xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) % u64::from(shards)) as u32
 }
 
+/// The tenant's placement hash: the value its shard is derived from (`shard_of` is this, as
+/// `u64`, modulo `SHARDS`). Dedupe markers keep it so `reshard` can move them.
+pub fn placement_of(tenant: &str) -> i64 {
+    xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) as i64
+}
+
 /// The dedupe digest of a pulse id, scoped by tenant: 128 bits of SHA-256 as 32 hex characters.
 /// A cryptographic hash so that one tenant cannot craft ids that collide with another's.
 pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> String {
@@ -352,18 +389,18 @@ pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> String {
 /// hashed. The shard is part of it so that, in the one window during which `SHARDS` changed,
 /// a key counted in two shards arrives as two records the Processor adds up — never as two
 /// records with one id, where an upsert would drop one.
-pub fn record_id(window_start: u64, shard: u32, field: &str) -> String {
+///
+/// Windows in the exact (fixed-point) layout add a format byte, so that in the one window of an
+/// upgrade from the float layout a key held in both arrives as two records that add up.
+pub fn record_id(window_start: u64, shard: u32, field: &str, exact: bool) -> String {
     let mut h = Sha256::new();
     h.update(window_start.to_be_bytes());
     h.update(shard.to_be_bytes());
     h.update(field.as_bytes());
+    if exact {
+        h.update([1u8]);
+    }
     hex::encode(&h.finalize()[..16])
-}
-
-/// Formats an amount so that Redis `HINCRBYFLOAT` parses exactly the same value: Rust prints the
-/// shortest text that round-trips an `f64`.
-pub fn amount_arg(v: f64) -> String {
-    format!("{v:?}")
 }
 
 #[cfg(test)]
@@ -374,7 +411,8 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_field_len: 64,
-            max_amount: 1e15,
+            max_amount: Amount::parse_decimal("1e15", 12, Amount::from_units(u128::MAX)).unwrap(),
+            decimals: 9,
             allowed_units: None,
         }
     }
@@ -395,7 +433,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(p.tenant_id, "t-1");
-        assert_eq!(p.used_amount, 307.5);
+        assert_eq!(p.used_amount.to_string(), "307.5");
         assert_eq!(p.pulse_id, None);
     }
 
@@ -426,13 +464,22 @@ mod tests {
         let base = |a: &str| {
             format!(r#"{{"tenant_id":"t","product_sku":"s","use_unit":"u","used_amount":{a}}}"#)
         };
-        assert!(invalid(&base("1e400"))[0].message.contains("finite"));
+        assert!(invalid(&base("1e400"))[0].message.contains("at most"));
         assert!(invalid(&base("2e15"))[0].message.contains("at most"));
-        assert!(invalid(&base("\"12\""))[0].message.contains("number"));
+        assert!(
+            invalid(&base("0.0000000001"))[0]
+                .message
+                .contains("9 fractional digits")
+        );
+        assert!(invalid(&base("\"12x\""))[0].message.contains("number"));
         assert!(invalid(&base("\"NaN\""))[0].message.contains("number"));
         assert!(invalid(&base("true"))[0].message.contains("number"));
         let p = limits().decode_one(base("0").as_bytes(), None).unwrap();
-        assert_eq!(p.used_amount, 0.0);
+        assert_eq!(p.used_amount, Amount::ZERO);
+        let p = limits()
+            .decode_one(base("\"12.50\"").as_bytes(), None)
+            .unwrap();
+        assert_eq!(p.used_amount.to_string(), "12.5");
     }
 
     #[test]
@@ -501,7 +548,9 @@ mod tests {
         let body = b"{\"tenant_id\":\"t\",\"product_sku\":\"s\",\"used_amount\":1,\"use_unit\":\"u\"}\n\n{\"tenant_id\":\"t\",\"product_sku\":\"s\",\"used_amount\":2,\"use_unit\":\"u\",\"pulse_id\":\"own\"}\n";
         let p = limits().decode_batch(body, true, Some("k"), 100).unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!(p[0].pulse_id.as_deref(), Some("k#0"));
+        assert_eq!(p[0].pulse_id.as_deref(), Some(derived_id("k", 0).as_str()));
+        // A literal id that looks like the old `<key>#<i>` form is a different pulse.
+        assert_ne!(derived_id("k", 0), "k#0");
         assert_eq!(p[1].pulse_id.as_deref(), Some("own"));
         assert_eq!(
             limits().decode_batch(body, true, None, 1),
@@ -521,11 +570,6 @@ mod tests {
         fn fields_round_trip(t in "\\PC*", s in "\\PC*", u in "\\PC*") {
             let f = encode_field(&t, &s, &u);
             prop_assert_eq!(decode_field(f.as_bytes()), Some((t, s, u)));
-        }
-
-        #[test]
-        fn amounts_round_trip_through_their_text(v in 0.0f64..1e15) {
-            prop_assert_eq!(amount_arg(v).parse::<f64>().unwrap(), v);
         }
 
         #[test]
@@ -556,7 +600,7 @@ mod tests {
             // Huge or long numbers are finite and within bounds, or refused.
             let body = format!(r#"{{"tenant_id":"t","product_sku":"s","used_amount":{number},"use_unit":"u"}}"#);
             if let Ok(p) = l.decode_one(body.as_bytes(), None) {
-                prop_assert!(p.used_amount.is_finite() && p.used_amount <= 1e15);
+                prop_assert!(p.used_amount <= l.max_amount);
             }
             // Invalid UTF-8 inside a string, and duplicate keys.
             let mut body = br#"{"tenant_id":""#.to_vec();

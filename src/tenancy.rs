@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -112,17 +112,19 @@ impl KeySet {
 /// The key set of a running service, reloadable.
 pub struct ApiKeys {
     path: PathBuf,
-    current: RwLock<(Arc<KeySet>, Option<SystemTime>)>,
+    /// The keys and the SHA-256 of the file text they came from.
+    current: RwLock<(Arc<KeySet>, [u8; 32])>,
 }
 
 impl ApiKeys {
     /// Loads the file; an unreadable or invalid file at start-up is an error.
     pub fn load(path: &Path) -> Result<Arc<Self>, String> {
-        let (set, mtime) = read(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let set = KeySet::parse(&text)?;
         info!(keys = set.len(), path = %path.display(), "API keys loaded");
         Ok(Arc::new(ApiKeys {
             path: path.to_path_buf(),
-            current: RwLock::new((Arc::new(set), mtime)),
+            current: RwLock::new((Arc::new(set), Sha256::digest(&text).into())),
         }))
     }
 
@@ -130,18 +132,25 @@ impl ApiKeys {
         self.current.read().expect("not poisoned").0.clone()
     }
 
-    /// Re-reads the file if it changed (or always, when `force`).
+    /// Re-reads the file and applies it if its content changed (or always, when `force`).
+    /// Content, not modification time, decides: a rewrite within the clock's granularity, or
+    /// between reading a file and reading its mtime, is never missed.
     pub fn reload(&self, force: bool) {
-        let mtime = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if !force && mtime == self.current.read().expect("not poisoned").1 {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "API keys file not readable; keeping the previous keys");
+                return;
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(&text).into();
+        if !force && digest == self.current.read().expect("not poisoned").1 {
             return;
         }
-        match read(&self.path) {
-            Ok((set, mtime)) => {
+        match KeySet::parse(&text) {
+            Ok(set) => {
                 info!(keys = set.len(), "API keys reloaded");
-                *self.current.write().expect("not poisoned") = (Arc::new(set), mtime);
+                *self.current.write().expect("not poisoned") = (Arc::new(set), digest);
             }
             Err(e) => warn!(error = %e, "API keys file not reloaded; keeping the previous keys"),
         }
@@ -172,17 +181,21 @@ impl ApiKeys {
     }
 }
 
-fn read(path: &Path) -> Result<(KeySet, Option<SystemTime>), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Ok((KeySet::parse(&text)?, mtime))
-}
-
 /// A limit: pulses per second and burst.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limit {
     pub per_second: f64,
     pub burst: u32,
+}
+
+/// Why a tenant's request is over its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitExceeded {
+    /// Over the rate now: come back after this (429 + `Retry-After`).
+    Wait(Duration),
+    /// More pulses in one request than this replica's share of the burst: never admitted,
+    /// whatever the wait; the largest request the limit allows (413).
+    TooLarge(u32),
 }
 
 /// Per-tenant rate limits of one replica.
@@ -215,8 +228,8 @@ impl RateLimits {
         }
     }
 
-    /// Takes `n` pulses from the tenant's bucket; `Err(wait)` when over the limit.
-    pub fn check(&self, tenant: &str, n: u32) -> Result<(), Duration> {
+    /// Takes `n` pulses from the tenant's bucket; `Err` when over the limit.
+    pub fn check(&self, tenant: &str, n: u32) -> Result<(), LimitExceeded> {
         let n = NonZeroU32::new(n.max(1)).expect("at least 1");
         let outcome = match self.overrides.get(tenant) {
             Some(l) => l.check_n(n),
@@ -227,10 +240,11 @@ impl RateLimits {
         };
         match outcome {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
-            // More pulses in one request than the bucket can ever hold: come back in a second,
-            // with a smaller batch.
-            Err(_) => Err(Duration::from_secs(1)),
+            Ok(Err(not_until)) => Err(LimitExceeded::Wait(
+                not_until.wait_time_from(self.clock.now()),
+            )),
+            // More pulses in one request than the bucket can ever hold: waiting never helps.
+            Err(governor::InsufficientCapacity(max)) => Err(LimitExceeded::TooLarge(max)),
         }
     }
 
@@ -302,7 +316,9 @@ mod tests {
             1,
         );
         assert!(l.check("t", 10).is_ok());
-        let wait = l.check("t", 1).unwrap_err();
+        let LimitExceeded::Wait(wait) = l.check("t", 1).unwrap_err() else {
+            panic!("a single pulse over the rate must wait");
+        };
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(110),
             "{wait:?}"
@@ -311,6 +327,47 @@ mod tests {
             l.check("other", 5).is_ok(),
             "tenants have their own buckets"
         );
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_burst_is_told_so_not_to_wait() {
+        // RATE_LIMIT=100, burst 100, 4 replicas: each admits at most 25 pulses at once.
+        let l = RateLimits::new(
+            Some(Limit {
+                per_second: 100.0,
+                burst: 100,
+            }),
+            &HashMap::new(),
+            4,
+        );
+        for _ in 0..3 {
+            assert_eq!(l.check("t", 60), Err(LimitExceeded::TooLarge(25)));
+        }
+        assert!(l.check("t", 25).is_ok());
+    }
+
+    #[test]
+    fn a_rewrite_is_seen_even_when_the_mtime_does_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{} t-1\n", hash("old-key"))).unwrap();
+        let keys = ApiKeys::load(&path).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // The key is revoked and replaced; the file keeps its modification time (a rewrite
+        // within the clock's granularity, or read between the file and its mtime).
+        std::fs::write(&path, format!("{} t-1\n", hash("new-key"))).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        keys.reload(false);
+        assert!(
+            keys.get().lookup("old-key").is_none(),
+            "revoked key still works"
+        );
+        assert!(keys.get().lookup("new-key").is_some());
     }
 
     #[test]

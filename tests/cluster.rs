@@ -29,7 +29,7 @@ fn cluster_vars(cluster: &RedisCluster, extra: &[(&str, &str)]) -> HashMap<Strin
 /// Waits until the current window is sealed on every shard and nothing is pending.
 async fn delivered(cluster: &RedisCluster, base: &str) {
     let (now, _): (u64, u64) = cluster.nodes[0].cmd(&["TIME"]);
-    let window_of = |s: u32| cluster.get_u64(&format!("{{pulses:{s}}}:window"));
+    let window_of = |s: u32| cluster.get_u64(&format!("{{pulses:{s}}}:x:window"));
     wait_all_delivered(
         now,
         WINDOW,
@@ -59,11 +59,11 @@ async fn ingest_on_a_cluster_sums_exactly_and_spreads_shards_over_every_master()
         .collect()
         .await;
     assert!(statuses.iter().all(|&s| s == 202));
-    let mut expected: BTreeMap<Key, f64> = BTreeMap::new();
+    let mut expected: BTreeMap<Key, Dec> = BTreeMap::new();
     for (t, a) in &pulses {
         *expected
             .entry((t.clone(), "SKU".into(), "KB".into()))
-            .or_default() += a;
+            .or_default() += dec(*a);
     }
     assert_books(&expected, &cluster.totals("pulses"));
     // Every master holds some shards' data.

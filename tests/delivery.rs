@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use pulse_ingestor::app::App;
 use pulse_ingestor::config::Config;
 use pulse_ingestor::store::Store;
 use pulse_producer::processor::{Faults, Processor, Record};
 use serde_json::json;
 
-type Books = Arc<Mutex<(BTreeMap<Key, f64>, BTreeMap<u64, f64>)>>;
+type Books = Arc<Mutex<(BTreeMap<Key, Dec>, BTreeMap<u64, Dec>)>>;
 
 /// Sends single pulses to the given replicas in turn for `dur`, recording what got 202 per key
 /// and per window (the 202 names the window).
@@ -38,8 +39,8 @@ async fn load(bases: Vec<String>, dur: Duration, workers: usize, tenants: usize)
                             .as_u64()
                             .expect("a single pulse names its window");
                         let mut b = books.lock().unwrap();
-                        *b.0.entry((t, s, "KB".into())).or_default() += a;
-                        *b.1.entry(win).or_default() += a;
+                        *b.0.entry((t, s, "KB".into())).or_default() += dec(a);
+                        *b.1.entry(win).or_default() += dec(a);
                     }
                     i += 1;
                 }
@@ -52,7 +53,7 @@ async fn load(bases: Vec<String>, dur: Duration, workers: usize, tenants: usize)
     books
 }
 
-fn by_key(records: &[Record]) -> BTreeMap<Key, f64> {
+fn by_key(records: &[Record]) -> BTreeMap<Key, Dec> {
     let mut m = BTreeMap::new();
     for r in records {
         *m.entry((
@@ -60,22 +61,22 @@ fn by_key(records: &[Record]) -> BTreeMap<Key, f64> {
             r.product_sku.clone(),
             r.use_unit.clone(),
         ))
-        .or_default() += r.used_amount;
+        .or_default() += &r.used_amount;
     }
     m
 }
 
-fn by_window(records: &[Record]) -> BTreeMap<u64, f64> {
+fn by_window(records: &[Record]) -> BTreeMap<u64, Dec> {
     let mut m = BTreeMap::new();
     for r in records {
         let t = humantime::parse_rfc3339(&r.window_start).unwrap();
         let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        *m.entry(secs).or_default() += r.used_amount;
+        *m.entry(secs).or_default() += &r.used_amount;
     }
     m
 }
 
-fn assert_windows(expected: &BTreeMap<u64, f64>, found: &BTreeMap<u64, f64>) {
+fn assert_windows(expected: &BTreeMap<u64, Dec>, found: &BTreeMap<u64, Dec>) {
     assert_eq!(
         expected.keys().collect::<Vec<_>>(),
         found.keys().collect::<Vec<_>>(),
@@ -83,7 +84,7 @@ fn assert_windows(expected: &BTreeMap<u64, f64>, found: &BTreeMap<u64, f64>) {
     );
     for (w, v) in expected {
         assert!(
-            close(*v, found[w]),
+            *v == found[w],
             "window {w}: sent {v}, delivered {}",
             found[w]
         );
@@ -105,7 +106,7 @@ async fn pending_records(c: &reqwest::Client, base: &str) -> serde_json::Value {
 async fn wait_sealed(redis: &RedisServer, shards: u32, start: u64) {
     let ok = eventually(Duration::from_secs(10), || async {
         (0..shards).all(|s| {
-            let w: Option<u64> = redis.cmd(&["GET", &format!("{{pulses:{s}}}:window")]);
+            let w: Option<u64> = redis.cmd(&["GET", &format!("{{pulses:{s}}}:x:window")]);
             w.is_some_and(|w| w > start)
         })
     })
@@ -246,13 +247,13 @@ async fn killing_the_lock_holder_mid_drain_lets_the_other_replica_finish() {
     let mut b = Ingestor::spawn(&vars, logs.path(), "b").await;
     let c = http();
     // 10,000 distinct keys in one window, in batches.
-    let mut expected: BTreeMap<Key, f64> = BTreeMap::new();
+    let mut expected: BTreeMap<Key, Dec> = BTreeMap::new();
     let mut sent_window = None;
     for chunk in 0..10 {
         let items: Vec<_> = (0..1000)
             .map(|i| {
                 let t = format!("tenant-{chunk}-{i}");
-                expected.insert((t.clone(), "SKU".into(), "KB".into()), 1.25);
+                expected.insert((t.clone(), "SKU".into(), "KB".into()), dec(1.25));
                 pulse(&t, "SKU", "KB", 1.25)
             })
             .collect();
@@ -340,7 +341,7 @@ async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed(
             .0,
             202
         );
-        good.insert((t, "S".to_string(), "KB".to_string()), 2.0);
+        good.insert((t, "S".to_string(), "KB".to_string()), dec(2.0));
     }
     for sku in ["S1", "S2", "S3"] {
         assert_eq!(
@@ -397,7 +398,8 @@ async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed(
     for r in recs {
         assert_eq!(r["tenant_id"], "bad");
         assert_eq!(r["reason"]["status"], 422);
-        assert_eq!(r["used_amount"], "5");
+        assert_eq!(r["used_amount"], 5);
+        assert_eq!(r["used_amount_text"], "5");
     }
     // Fix the Processor, replay, and everything arrives.
     proc_.set_faults(Faults::default());
@@ -433,7 +435,7 @@ async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed(
     );
     let mut all = good.clone();
     for sku in ["S1", "S2", "S3"] {
-        all.insert(("bad".into(), sku.into(), "KB".into()), 5.0);
+        all.insert(("bad".into(), sku.into(), "KB".into()), dec(5.0));
     }
     assert_books(&all, &by_key(&proc_.records()));
     app.stop().await.unwrap();
@@ -471,30 +473,66 @@ async fn concurrent_seals_for_one_boundary_toggle_exactly_once() {
     }
 }
 
+/// Sends one pulse with an id; returns the answer's body.
+async fn send_with_id(
+    c: &reqwest::Client,
+    base: &str,
+    t: &str,
+    id: &str,
+    a: f64,
+) -> serde_json::Value {
+    let mut p = pulse(t, "S", "KB", a);
+    p["pulse_id"] = serde_json::json!(id);
+    let (status, _, body) = post(c, &format!("{base}/ingest"), &p).await;
+    assert_eq!(status, 202, "{body}");
+    body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changing_the_shard_count_still_delivers_every_pulse() {
+async fn changing_the_shard_count_keeps_pulse_ids_and_delivers_every_pulse() {
     let redis = RedisServer::start();
     let (p, purl) = processor(Faults::default()).await;
     let c = http();
-    let mut expected: BTreeMap<Key, f64> = BTreeMap::new();
+    let mut expected: BTreeMap<Key, Dec> = BTreeMap::new();
     // Eight shards, no Processor yet: what is sealed stays pending.
     let app8 = TestApp::spawn(settings(&redis, &[("WINDOW", "2s"), ("SHARDS", "8")])).await;
-    for i in 0..50 {
+    for i in 0..40 {
         let t = format!("tenant-{i}");
-        assert_eq!(
-            post(
-                &c,
-                &format!("{}/ingest", app8.base),
-                &pulse(&t, "S", "KB", 1.0)
-            )
-            .await
-            .0,
-            202
-        );
-        *expected.entry((t, "S".into(), "KB".into())).or_default() += 1.0;
+        send_with_id(&c, &app8.base, &t, &format!("id-{i}"), 1.0).await;
+        *expected.entry((t, "S".into(), "KB".into())).or_default() += dec(1.0);
     }
     app8.stop().await.unwrap();
-    // Two shards from now on; the same keys again, very likely in the same window.
+
+    // A replica with another SHARDS refuses to start: it would look for ids in other shards.
+    let refused = App::build(
+        Config::from_map(&settings(&redis, &[("WINDOW", "2s"), ("SHARDS", "2")])).unwrap(),
+    )
+    .await;
+    match refused {
+        Err(e @ pulse_ingestor::app::AppError::Config(_)) => {
+            assert!(e.to_string().contains("reshard"), "{e}")
+        }
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("a replica with another SHARDS started"),
+    }
+
+    // The documented migration: the real binary, with the replicas stopped.
+    let out = std::process::Command::new(bin("pulse-ingestor"))
+        .args(["reshard", "--shards", "2"])
+        .env_clear()
+        .env("REDIS_URL", redis.url())
+        .env("SHARDS", "8")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("40 pulse ids moved"), "{text}");
+
+    // Two shards from now on: every id re-sent is recognised, new pulses count.
     let app2 = TestApp::spawn(settings(
         &redis,
         &[
@@ -504,26 +542,20 @@ async fn changing_the_shard_count_still_delivers_every_pulse() {
         ],
     ))
     .await;
-    for i in 0..50 {
+    for i in 0..40 {
         let t = format!("tenant-{i}");
+        let body = send_with_id(&c, &app2.base, &t, &format!("id-{i}"), 1.0).await;
         assert_eq!(
-            post(
-                &c,
-                &format!("{}/ingest", app2.base),
-                &pulse(&t, "S", "KB", 2.0)
-            )
-            .await
-            .0,
-            202
+            body["duplicates"], 1,
+            "id-{i} counted again after the reshard: {body}"
         );
-        *expected.entry((t, "S".into(), "KB".into())).or_default() += 2.0;
+        let body = send_with_id(&c, &app2.base, &t, &format!("new-{i}"), 2.0).await;
+        assert_eq!(body["accepted"], 1, "{body}");
+        *expected.entry((t, "S".into(), "KB".into())).or_default() += dec(2.0);
     }
     let ok = eventually(Duration::from_secs(20), || async {
         let found = by_key(&p.records());
-        found.len() == expected.len()
-            && expected
-                .iter()
-                .all(|(k, v)| found.get(k).is_some_and(|f| close(*f, *v)))
+        found.len() == expected.len() && expected.iter().all(|(k, v)| found.get(k) == Some(v))
     })
     .await;
     assert!(ok, "every pulse of both shard counts is delivered");

@@ -35,7 +35,8 @@ fn vars(redis: &RedisServer, processor: &str, extra: &[(&str, &str)]) -> HashMap
 /// nothing is pending any more, asking `base` (a live replica).
 async fn delivered(redis: &RedisServer, base: &str, timeout: Duration) {
     let (now, _): (u64, u64) = redis.cmd(&["TIME"]);
-    let window_of = |s: u32| redis.cmd::<Option<u64>>(&["GET", &format!("{{pulses:{s}}}:window")]);
+    let window_of =
+        |s: u32| redis.cmd::<Option<u64>>(&["GET", &format!("{{pulses:{s}}}:x:window")]);
     wait_all_delivered(now, WINDOW, SHARDS, window_of, base, timeout).await;
 }
 
@@ -194,7 +195,7 @@ async fn redis_restart(fsync: &str, crash: bool) {
         assert_eq!(post(&c, &url, &p).await.0, 202);
         *expected
             .entry((format!("t-{}", i % 20), "s".to_string(), "KB".to_string()))
-            .or_insert(0.0) += 1.5;
+            .or_insert_with(Dec::default) += dec(1.5);
     }
     if fsync == "everysec" && crash {
         // everysec: what was acknowledged more than a second before the crash survives.
@@ -232,7 +233,7 @@ async fn redis_restart(fsync: &str, crash: bool) {
     p["pulse_id"] = serde_json::json!("after-1");
     let after = post(&c, &url, &p).await;
     assert_eq!(after.0, 202, "{}", after.2);
-    expected.insert(("t-after".into(), "s".into(), "KB".into()), 2.0);
+    expected.insert(("t-after".into(), "s".into(), "KB".into()), dec(2.0));
     assert_books(&expected, &redis.totals("pulses"));
     app.stop().await.unwrap();
 }
@@ -424,7 +425,7 @@ async fn replicas_with_clocks_minutes_apart_agree_on_windows() {
         "b runs {ahead:?} ahead ({first})"
     );
     let c = http();
-    let mut windows: HashMap<u64, f64> = HashMap::new();
+    let mut windows: HashMap<u64, Dec> = HashMap::new();
     let mut ledger = std::collections::BTreeMap::new();
     let started = Instant::now();
     let mut i = 0;
@@ -438,10 +439,10 @@ async fn replicas_with_clocks_minutes_apart_agree_on_windows() {
             pair.push(body["window_start"].as_u64().unwrap());
             *windows
                 .entry(body["window_start"].as_u64().unwrap())
-                .or_default() += 0.5;
+                .or_default() += dec(0.5);
             *ledger
                 .entry((t, "s".to_string(), "KB".to_string()))
-                .or_insert(0.0) += 0.5;
+                .or_insert_with(Dec::default) += dec(0.5);
             i += 1;
         }
         // Back-to-back requests to the two replicas land in the same window, or in adjacent
@@ -460,11 +461,11 @@ async fn replicas_with_clocks_minutes_apart_agree_on_windows() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        *found.entry(t).or_insert(0.0) += r.used_amount;
+        *found.entry(t).or_insert_with(Dec::default) += &r.used_amount;
     }
     assert_eq!(found.len(), windows.len(), "{found:?} vs {windows:?}");
     for (w, v) in &windows {
-        assert!(close(found[w], *v), "window {w}");
+        assert_eq!(found[w], *v, "window {w}");
     }
     let by_key = records
         .iter()
@@ -474,7 +475,7 @@ async fn replicas_with_clocks_minutes_apart_agree_on_windows() {
                 r.product_sku.clone(),
                 r.use_unit.clone(),
             ))
-            .or_insert(0.0) += r.used_amount;
+            .or_insert_with(Dec::default) += &r.used_amount;
             m
         });
     assert_books(&ledger, &by_key);

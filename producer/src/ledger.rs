@@ -1,10 +1,8 @@
 //! The ledger: totals of every pulse that got a 2xx, counted once per pulse id; and the check
 //! of those totals against the Processor's.
 //!
-//! Tolerance: amounts are summed in different orders (f64 here and at the Processor, long double
-//! in Redis), so totals may differ in their last bits. A total matches when the difference is
-//! within `1e-9` of its magnitude plus `1e-6` absolute — far below the smallest billable unit
-//! (0.01) and far above float rounding for up to billions of additions.
+//! Exact: amounts are decimals here, in the ingestor and at the reference Processor, so a total
+//! matches only when it is equal to the last digit — there is no tolerance.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -12,6 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::money::{Dec, canonical};
 use crate::processor::KeyTotal;
 use crate::traffic::Pulse;
 
@@ -24,7 +23,7 @@ pub struct Ledger {
     pub pulses: u64,
     pub totals: Vec<KeyTotal>,
     #[serde(skip)]
-    map: BTreeMap<Key, f64>,
+    map: BTreeMap<Key, Dec>,
     #[serde(skip)]
     ids: HashSet<String>,
 }
@@ -45,7 +44,7 @@ impl Ledger {
                 p.product_sku.clone(),
                 p.use_unit.clone(),
             ))
-            .or_default() += p.used_amount;
+            .or_default() += &p.used_amount;
     }
 
     /// The per-key totals.
@@ -59,13 +58,13 @@ impl Ledger {
                 tenant_id: t.clone(),
                 product_sku: s.clone(),
                 use_unit: u.clone(),
-                used_amount: *a,
+                used_amount: a.clone(),
             })
             .collect()
     }
 
-    pub fn total_amount(&self) -> f64 {
-        self.totals().iter().map(|k| k.used_amount).sum()
+    pub fn total_amount(&self) -> Dec {
+        self.totals().iter().map(|k| &k.used_amount).sum()
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
@@ -95,14 +94,9 @@ impl Ledger {
             *self
                 .map
                 .entry((k.tenant_id, k.product_sku, k.use_unit))
-                .or_default() += k.used_amount;
+                .or_default() += &k.used_amount;
         }
     }
-}
-
-/// Whether two totals agree within the documented tolerance.
-pub fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-6
 }
 
 /// Differences between what was acknowledged and what the Processor holds.
@@ -114,7 +108,7 @@ pub struct Diff {
     /// At the Processor but never acknowledged.
     pub extra: Vec<KeyTotal>,
     /// Present on both sides with different totals: (expected, found).
-    pub off: Vec<(KeyTotal, f64)>,
+    pub off: Vec<(KeyTotal, KeyTotal)>,
 }
 
 impl Diff {
@@ -132,16 +126,22 @@ pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
             k.use_unit.clone(),
         )
     };
-    let mut found_map: BTreeMap<Key, f64> = BTreeMap::new();
+    let mut found_map: BTreeMap<Key, Dec> = BTreeMap::new();
     for k in found {
-        *found_map.entry(key(k)).or_default() += k.used_amount;
+        *found_map.entry(key(k)).or_default() += &k.used_amount;
     }
     let mut d = Diff::default();
     for k in expected {
         match found_map.remove(&key(k)) {
             None => d.missing.push(k.clone()),
-            Some(v) if close(v, k.used_amount) => d.matched += 1,
-            Some(v) => d.off.push((k.clone(), v)),
+            Some(v) if v == k.used_amount => d.matched += 1,
+            Some(v) => d.off.push((
+                k.clone(),
+                KeyTotal {
+                    used_amount: v,
+                    ..k.clone()
+                },
+            )),
         }
     }
     for ((tenant_id, product_sku, use_unit), used_amount) in found_map {
@@ -175,7 +175,7 @@ impl fmt::Display for Diff {
                 f,
                 "  missing {}: acknowledged {}, Processor has nothing",
                 name(k),
-                k.used_amount
+                canonical(&k.used_amount)
             )?;
         }
         for k in self.extra.iter().take(20) {
@@ -183,7 +183,7 @@ impl fmt::Display for Diff {
                 f,
                 "  extra   {}: Processor has {}, never acknowledged",
                 name(k),
-                k.used_amount
+                canonical(&k.used_amount)
             )?;
         }
         for (k, v) in self.off.iter().take(20) {
@@ -191,9 +191,9 @@ impl fmt::Display for Diff {
                 f,
                 "  off     {}: acknowledged {}, Processor has {} (diff {})",
                 name(k),
-                k.used_amount,
-                v,
-                v - k.used_amount
+                canonical(&k.used_amount),
+                canonical(&v.used_amount),
+                canonical(&(&v.used_amount - &k.used_amount))
             )?;
         }
         Ok(())
@@ -204,59 +204,59 @@ impl fmt::Display for Diff {
 mod tests {
     use super::*;
 
-    fn p(t: &str, a: f64, id: Option<&str>) -> Pulse {
+    fn p(t: &str, a: &str, id: Option<&str>) -> Pulse {
         Pulse {
             tenant_id: t.into(),
             product_sku: "S".into(),
-            used_amount: a,
+            used_amount: crate::money::parse(a).unwrap(),
             use_unit: "KB".into(),
             pulse_id: id.map(str::to_string),
         }
     }
 
-    fn kt(t: &str, a: f64) -> KeyTotal {
+    fn kt(t: &str, a: &str) -> KeyTotal {
         KeyTotal {
             tenant_id: t.into(),
             product_sku: "S".into(),
             use_unit: "KB".into(),
-            used_amount: a,
+            used_amount: crate::money::parse(a).unwrap(),
         }
     }
 
     #[test]
     fn duplicates_count_once_per_tenant_and_id() {
         let mut l = Ledger::default();
-        l.acknowledged(&p("a", 1.5, Some("1")));
-        l.acknowledged(&p("a", 1.5, Some("1")));
-        l.acknowledged(&p("b", 2.0, Some("1")));
-        l.acknowledged(&p("a", 0.25, None));
-        l.acknowledged(&p("a", 0.25, None));
+        l.acknowledged(&p("a", "1.5", Some("1")));
+        l.acknowledged(&p("a", "1.5", Some("1")));
+        l.acknowledged(&p("b", "2.0", Some("1")));
+        l.acknowledged(&p("a", "0.25", None));
+        l.acknowledged(&p("a", "0.25", None));
         assert_eq!(l.pulses, 4);
-        assert_eq!(l.totals(), vec![kt("a", 2.0), kt("b", 2.0)]);
+        assert_eq!(l.totals(), vec![kt("a", "2.0"), kt("b", "2.0")]);
     }
 
     #[test]
     fn a_saved_ledger_loads_and_merges() {
         let dir = std::env::temp_dir().join(format!("ledger-{}", std::process::id()));
         let mut l = Ledger::default();
-        l.acknowledged(&p("a", 1.0, None));
+        l.acknowledged(&p("a", "1.0", None));
         l.save(&dir).unwrap();
         let mut back = Ledger::load(&dir).unwrap();
-        assert_eq!(back.totals(), vec![kt("a", 1.0)]);
+        assert_eq!(back.totals(), vec![kt("a", "1.0")]);
         back.merge(&l);
-        assert_eq!(back.totals(), vec![kt("a", 2.0)]);
+        assert_eq!(back.totals(), vec![kt("a", "2.0")]);
         std::fs::remove_file(dir).unwrap();
     }
 
     #[test]
     fn compare_names_missing_extra_and_off() {
         let d = compare(
-            &[kt("a", 1.0), kt("b", 2.0), kt("c", 3.0)],
-            &[kt("a", 1.0), kt("c", 3.5), kt("d", 4.0)],
+            &[kt("a", "1.0"), kt("b", "2.0"), kt("c", "3.0")],
+            &[kt("a", "1.0"), kt("c", "3.5"), kt("d", "4.0")],
         );
         assert_eq!(d.matched, 1);
-        assert_eq!(d.missing, vec![kt("b", 2.0)]);
-        assert_eq!(d.extra, vec![kt("d", 4.0)]);
+        assert_eq!(d.missing, vec![kt("b", "2.0")]);
+        assert_eq!(d.extra, vec![kt("d", "4.0")]);
         assert_eq!(d.off.len(), 1);
         let text = d.to_string();
         assert!(
@@ -265,6 +265,8 @@ mod tests {
                 && text.contains("off     (\"c\""),
             "{text}"
         );
-        assert!(compare(&[kt("a", 0.1 + 0.2)], &[kt("a", 0.3)]).balanced());
+        // Exact: equal values in any notation balance; one unit in the 18th digit does not.
+        assert!(compare(&[kt("a", "0.30")], &[kt("a", "0.3")]).balanced());
+        assert!(!compare(&[kt("a", "0.3")], &[kt("a", "0.300000000000000001")]).balanced());
     }
 }

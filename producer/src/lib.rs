@@ -9,5 +9,6 @@
 
 pub mod ledger;
 pub mod load;
+pub mod money;
 pub mod processor;
 pub mod traffic;

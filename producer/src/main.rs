@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use pulse_producer::ledger::{Ledger, compare};
 use pulse_producer::load::{LoadConfig, Mode, run};
 use pulse_producer::processor::Totals;
-use pulse_producer::traffic::{Skew, Traffic};
+use pulse_producer::traffic::{Amounts, Skew, Traffic};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +65,10 @@ struct RunArgs {
     skus: usize,
     #[arg(long, value_enum, default_value = "uniform")]
     skew: Skew,
+    /// How amounts are drawn: `cents` (0.01–1000.00) or `fine` (up to 9 fractional digits,
+    /// magnitudes up to 10^12), which exercises exact sums.
+    #[arg(long, value_enum, default_value = "cents")]
+    amounts: Amounts,
     /// `tenants` mode: shortest pause between a tenant's pulses.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     min_delay: Duration,
@@ -143,7 +147,7 @@ async fn load(a: RunArgs) -> anyhow::Result<ExitCode> {
         batch: a.batch,
         min_delay: a.min_delay,
         max_delay: a.max_delay,
-        traffic: Traffic::new(a.tenants, a.skus, a.skew, ids, run_id),
+        traffic: Traffic::new(a.tenants, a.skus, a.skew, ids, run_id).with_amounts(a.amounts),
         duplicate_ratio: a.duplicate_ratio,
         malformed_ratio: a.malformed_ratio,
         api_key: a.api_key,
@@ -156,10 +160,10 @@ async fn load(a: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &a.ledger {
         ledger.save(p)?;
         println!(
-            "ledger               {} ({} keys, total {:.2})",
+            "ledger               {} ({} keys, total {})",
             p.display(),
             ledger.totals().len(),
-            ledger.total_amount()
+            pulse_producer::money::canonical(&ledger.total_amount())
         );
     }
     if let Some(p) = &a.report_json {

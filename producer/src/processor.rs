@@ -24,6 +24,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::money::Dec;
+
 /// A record as the ingestor delivers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -31,7 +33,12 @@ pub struct Record {
     pub tenant_id: String,
     pub product_sku: String,
     pub use_unit: String,
-    pub used_amount: f64,
+    /// Read from the JSON number's text as an exact decimal.
+    #[serde(with = "crate::money::number")]
+    pub used_amount: Dec,
+    /// The same total as text; when present it must equal `used_amount` exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_amount_text: Option<String>,
     pub window_start: String,
     pub window_end: String,
 }
@@ -95,8 +102,8 @@ pub struct Totals {
     pub batches_seen: u64,
     /// Per (tenant, sku, unit), summed over windows.
     pub totals: Vec<KeyTotal>,
-    /// Per window start, summed over keys.
-    pub windows: BTreeMap<String, f64>,
+    /// Per window start, summed over keys (canonical decimal text).
+    pub windows: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,7 +111,9 @@ pub struct KeyTotal {
     pub tenant_id: String,
     pub product_sku: String,
     pub use_unit: String,
-    pub used_amount: f64,
+    /// Exact.
+    #[serde(with = "crate::money::number")]
+    pub used_amount: Dec,
 }
 
 impl Processor {
@@ -157,8 +166,8 @@ impl Processor {
 
     pub fn totals(&self) -> Totals {
         let b = self.books.lock().unwrap();
-        let mut per_key: BTreeMap<(String, String, String), f64> = BTreeMap::new();
-        let mut windows: BTreeMap<String, f64> = BTreeMap::new();
+        let mut per_key: BTreeMap<(String, String, String), Dec> = BTreeMap::new();
+        let mut windows: BTreeMap<String, Dec> = BTreeMap::new();
         for r in b.records.values() {
             *per_key
                 .entry((
@@ -166,9 +175,13 @@ impl Processor {
                     r.product_sku.clone(),
                     r.use_unit.clone(),
                 ))
-                .or_default() += r.used_amount;
-            *windows.entry(r.window_start.clone()).or_default() += r.used_amount;
+                .or_default() += &r.used_amount;
+            *windows.entry(r.window_start.clone()).or_default() += &r.used_amount;
         }
+        let windows = windows
+            .into_iter()
+            .map(|(w, a)| (w, crate::money::canonical(&a)))
+            .collect();
         Totals {
             records: b.records.len(),
             deliveries: b.delivered,
@@ -243,6 +256,20 @@ async fn batches(State(p): State<Arc<Processor>>, headers: HeaderMap, body: Byte
         Ok(r) => r,
         Err(e) => return status(400, &format!("bad batch: {e}"), None),
     };
+    if let Some(r) = records.iter().find(|r| {
+        r.used_amount_text
+            .as_deref()
+            .is_some_and(|t| crate::money::parse(t).as_ref() != Some(&r.used_amount))
+    }) {
+        return status(
+            400,
+            &format!(
+                "record {}: used_amount_text differs from used_amount",
+                r.record_id
+            ),
+            None,
+        );
+    }
     let fail =
         n < f.fail_first || (f.error_rate > 0.0 && rand::rng().random_bool(f.error_rate.min(1.0)));
     if fail {

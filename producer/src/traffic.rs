@@ -6,6 +6,18 @@ use rand::seq::IndexedRandom;
 use rand_distr::{Distribution, Zipf};
 use serde::Serialize;
 
+use crate::money::Dec;
+
+/// How amounts are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Amounts {
+    /// Cents, like real usage figures: 0.01 to 1000.00.
+    #[default]
+    Cents,
+    /// Up to 9 fractional digits and magnitudes up to 10^12: what exactness is tested with.
+    Fine,
+}
+
 /// How tenants are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
 pub enum Skew {
@@ -20,7 +32,9 @@ pub enum Skew {
 pub struct Pulse {
     pub tenant_id: String,
     pub product_sku: String,
-    pub used_amount: f64,
+    /// Sent as a JSON number written from the exact decimal.
+    #[serde(with = "crate::money::number")]
+    pub used_amount: Dec,
     pub use_unit: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pulse_id: Option<String>,
@@ -39,6 +53,7 @@ pub struct Traffic {
     pub ids: bool,
     /// Prefix of ids, unique per run so separate runs never dedupe each other.
     pub run_id: String,
+    pub amounts: Amounts,
     zipf: Option<Zipf<f64>>,
 }
 
@@ -55,6 +70,7 @@ impl Traffic {
             skew,
             ids,
             run_id,
+            amounts: Amounts::Cents,
             zipf,
         }
     }
@@ -75,10 +91,26 @@ impl Traffic {
         Pulse {
             tenant_id: format!("tenant-{tenant}"),
             product_sku: format!("SKU-{sku}"),
-            // Cents, like real usage figures; 0.01 to 1000.00.
-            used_amount: f64::from(rng.random_range(1u32..=100_000)) / 100.0,
+            used_amount: self.amount(rng),
             use_unit: UNITS[sku % UNITS.len()].to_string(),
             pulse_id: self.ids.then(|| format!("{}-{seq}", self.run_id)),
+        }
+    }
+
+    pub fn with_amounts(mut self, amounts: Amounts) -> Self {
+        self.amounts = amounts;
+        self
+    }
+
+    /// An amount drawn as `--amounts` says, built from integers (never a float).
+    pub fn amount(&self, rng: &mut impl Rng) -> Dec {
+        match self.amounts {
+            Amounts::Cents => Dec::new(rng.random_range(1i64..=100_000).into(), 2),
+            Amounts::Fine => {
+                let digits = rng.random_range(0i64..=9);
+                let magnitude = 10i128.pow(rng.random_range(0u32..=12) + digits as u32);
+                Dec::new(rng.random_range(0..=magnitude).into(), digits)
+            }
         }
     }
 
@@ -177,8 +209,15 @@ mod tests {
         let t = Traffic::new(5, 10, Skew::Uniform, true, "run".into());
         let p = t.pulse(7, &mut rand::rng());
         assert_eq!(p.pulse_id.as_deref(), Some("run-7"));
-        assert!(p.used_amount >= 0.01 && p.used_amount <= 1000.0);
-        assert_eq!((p.used_amount * 100.0).round() / 100.0, p.used_amount);
+        let cent = crate::money::parse("0.01").unwrap();
+        assert!(p.used_amount >= cent && p.used_amount <= crate::money::parse("1000").unwrap());
+        assert!(p.used_amount.fractional_digit_count() <= 2);
+        let mut fine = t.clone();
+        fine.amounts = Amounts::Fine;
+        for _ in 0..100 {
+            let a = fine.amount(&mut rand::rng());
+            assert!(a.normalized().fractional_digit_count() <= 9);
+        }
         let sku: usize = p.product_sku[4..].parse().unwrap();
         assert_eq!(p.use_unit, UNITS[sku % UNITS.len()]);
     }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::processor::{ProcessorClient, ProcessorError, Record, backoff, rfc3339};
+use crate::processor::{ExactNumber, ProcessorClient, ProcessorError, Record, backoff, rfc3339};
 use crate::pulse::{decode_field, record_id};
 use crate::store::{Conn, PendingWindow, Store, StoreError};
 
@@ -126,6 +126,39 @@ impl Drainer {
         result
     }
 
+    /// Moves a shard's dead letters back into their windows, under the shard's drain lock
+    /// (waiting up to a few seconds for a drain in progress). `None`: the lock stayed busy.
+    pub async fn replay_shard(&self, shard: u32) -> Result<Option<u64>, StoreError> {
+        let mut conn: Conn = self.store.conn().await?;
+        if self.store.dead_windows(&mut conn, shard).await?.is_empty() {
+            return Ok(Some(0));
+        }
+        let token = hex::encode(rand::rng().random::<[u8; 16]>());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .store
+            .try_lock(&mut conn, shard, &token, self.lock_ttl)
+            .await?
+        {
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut moved = 0;
+        let result = async {
+            for w in self.store.dead_windows(&mut conn, shard).await? {
+                moved += self.store.replay_dead(&mut conn, shard, &w).await?;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        if let Err(e) = self.store.release_lock(&mut conn, shard, &token).await {
+            warn!(shard, error = %e, "could not release drain lock; it expires by itself");
+        }
+        result.map(|()| Some(moved))
+    }
+
     async fn drain_locked(
         &self,
         processor: &ProcessorClient,
@@ -175,16 +208,15 @@ impl Drainer {
         w: &PendingWindow,
         stop: &CancellationToken,
     ) -> Result<(u64, u64), StoreError> {
-        let key = self.store.keys.sealed(shard, w.start);
         let mut cursor = 0u64;
-        let mut buffer: Vec<(String, String)> = Vec::with_capacity(self.batch_size);
+        let mut buffer: Vec<(String, Option<String>)> = Vec::with_capacity(self.batch_size);
         let mut inflight = FuturesUnordered::new();
         let (mut delivered, mut dead) = (0u64, 0u64);
         // Fields scanned but not yet deleted. HSCAN may return a field twice when the hash
         // shrinks under our HDELs; a field can only come back while it still exists, that is
         // while it is here, so skipping these keeps each record to one delivery per pass.
         let mut unsettled: HashSet<String> = HashSet::new();
-        let mut tally = |(r, batch): (BatchResult, Vec<(String, String)>),
+        let mut tally = |(r, batch): (BatchResult, Vec<(String, Option<String>)>),
                          unsettled: &mut HashSet<String>| {
             for (f, _) in &batch {
                 unsettled.remove(f);
@@ -200,7 +232,7 @@ impl Drainer {
                 .store
                 // Two batches per scan step halves the scan round trips; memory stays bounded
                 // by this chunk plus the batches in flight.
-                .hscan(conn, &key, cursor, self.batch_size * 2)
+                .scan_window(conn, shard, w, cursor, self.batch_size * 2)
                 .await?;
             cursor = next;
             for (f, v) in pairs {
@@ -210,7 +242,7 @@ impl Drainer {
             }
             while buffer.len() >= self.batch_size || (cursor == 0 && !buffer.is_empty()) {
                 let take = buffer.len().min(self.batch_size);
-                let batch: Vec<(String, String)> = buffer.drain(..take).collect();
+                let batch: Vec<(String, Option<String>)> = buffer.drain(..take).collect();
                 // Bound what this window holds in memory: one scan chunk plus `concurrency`
                 // batches. The futures only make progress while polled, so wait here, not on
                 // the semaphore.
@@ -244,7 +276,7 @@ impl Drainer {
         mut conn: Conn,
         shard: u32,
         w: &PendingWindow,
-        batch: &[(String, String)],
+        batch: &[(String, Option<String>)],
         stop: &CancellationToken,
     ) -> Result<BatchResult, StoreError> {
         let (window_start, window_end) = (rfc3339(w.start), rfc3339(w.end));
@@ -252,16 +284,15 @@ impl Drainer {
         let mut fields = Vec::with_capacity(batch.len());
         let mut undecodable = Vec::new();
         for (field, value) in batch {
-            match (decode_field(field.as_bytes()), value.parse::<f64>()) {
-                (Some((tenant_id, product_sku, use_unit)), Ok(used_amount))
-                    if used_amount.is_finite() =>
-                {
+            match (decode_field(field.as_bytes()), value) {
+                (Some((tenant_id, product_sku, use_unit)), Some(amount)) => {
                     records.push(Record {
-                        record_id: record_id(w.start, shard, field),
+                        record_id: record_id(w.start, shard, field, w.exact),
                         tenant_id,
                         product_sku,
                         use_unit,
-                        used_amount,
+                        used_amount: ExactNumber::new(amount),
+                        used_amount_text: amount.clone(),
                         window_start: window_start.clone(),
                         window_end: window_end.clone(),
                     });
@@ -293,9 +324,7 @@ impl Drainer {
             }
             match processor.send(&batch_id, body.clone()).await {
                 Ok(()) => {
-                    self.store
-                        .hdel(&mut conn, &self.store.keys.sealed(shard, w.start), &fields)
-                        .await?;
+                    self.store.delivered(&mut conn, shard, w, &fields).await?;
                     self.metrics.records_delivered.inc_by(records.len() as u64);
                     self.metrics.batches_delivered.inc();
                     return Ok(BatchResult::Delivered(records.len() as u64));
@@ -329,6 +358,9 @@ impl Drainer {
                         .delivery_failures
                         .with_label_values(&[reason])
                         .inc();
+                    if reason == "status_auth" {
+                        self.metrics.processor_auth_failures.inc();
+                    }
                     attempt += 1;
                     if attempt >= self.max_attempts {
                         warn!(shard, window_start = w.start, reason, %detail, attempts = attempt, "batch not delivered; it stays pending for the next pass");

@@ -112,7 +112,14 @@ impl Flusher {
         let conn = self.conn().await?;
         // Shards of an earlier, larger SHARDS are sealed too, or their last window would wait
         // for writes that no longer come.
-        let shards = self.store.shards_to_drain().await?;
+        let (max_shards, deployment) = self.store.register_shards().await?;
+        if deployment != self.store.shards {
+            return Err(StoreError::ShardsChanged {
+                configured: self.store.shards,
+                deployment,
+            });
+        }
+        let shards = max_shards.max(self.store.shards);
         self.shards
             .store(shards, std::sync::atomic::Ordering::Relaxed);
         let replies = join_all((0..shards).map(|s| {
@@ -129,6 +136,10 @@ impl Flusher {
         for r in replies {
             let r =
                 r.inspect_err(|_| self.metrics.redis_errors.with_label_values(&["seal"]).inc())?;
+            if summary.redis_now == 0 {
+                // Tell `reshard` this replica is alive (one entry per process).
+                let _ = self.store.heartbeat(&mut conn.clone(), r.redis_now).await;
+            }
             summary.redis_now = summary.redis_now.max(r.redis_now);
             summary.redis_now_micros = summary.redis_now_micros.max(r.redis_now_micros);
             if r.window_start >= summary.window_start {
@@ -198,9 +209,9 @@ impl Flusher {
                 for (list, key_of, into) in [(pending, 0, &mut out.0), (dead, 1, &mut out.1)] {
                     for w in list {
                         let key = if key_of == 0 {
-                            self.store.keys.sealed(s, w.start)
+                            self.store.keys.sealed(s, &w)
                         } else {
-                            self.store.keys.dead(s, w.start)
+                            self.store.keys.dead(s, &w)
                         };
                         let records = self.store.hlen(&mut c, &key).await?;
                         into.push(window_row(s, &w, records, redis_now));
@@ -279,9 +290,17 @@ impl Flusher {
 
     /// The scheduler loop; returns when `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if crate::supervise::fault("scheduler") {
+            panic!("fault injected: scheduler");
+        }
         loop {
             let sleep = match self.tick(&shutdown).await {
                 Ok(d) => d,
+                Err(e @ StoreError::ShardsChanged { .. }) => {
+                    // Writing on with another SHARDS would miss pulse ids: stop the process.
+                    tracing::error!(error = %e, "this replica's SHARDS no longer matches the deployment");
+                    return;
+                }
                 Err(e) => {
                     if e.connection_suspect() {
                         self.store.invalidate();

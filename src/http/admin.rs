@@ -95,18 +95,30 @@ pub async fn replay(
     authorise(&state, &headers)?;
     let store = &state.store;
     let mut conn = store.conn().await.map_err(|e| storage(&state, e))?;
+    let _ = &mut conn;
     let mut moved = 0u64;
-    for shard in 0..store.shards {
-        let windows = store
-            .dead_windows(&mut conn, shard)
+    let mut busy = Vec::new();
+    // Every shard that may hold dead letters — those of an earlier, larger SHARDS too — and
+    // each under its drain lock, so no drain finishes a window while records come back.
+    for shard in 0..state.flusher.shards() {
+        match state
+            .flusher
+            .drainer
+            .replay_shard(shard)
             .await
-            .map_err(|e| storage(&state, e))?;
-        for w in windows {
-            moved += store
-                .replay_dead(&mut conn, shard, &w)
-                .await
-                .map_err(|e| storage(&state, e))?;
+            .map_err(|e| storage(&state, e))?
+        {
+            Some(n) => moved += n,
+            None => busy.push(shard),
         }
+    }
+    if !busy.is_empty() {
+        return Err(ApiError::Unavailable {
+            message: format!(
+                "replayed {moved} records; shards {busy:?} are being drained, retry to replay them"
+            ),
+            retry_after: state.cfg.retry_after,
+        });
     }
     Ok((StatusCode::OK, Json(json!({"replayed_records": moved}))).into_response())
 }
@@ -158,23 +170,45 @@ pub async fn dead_letters(
             .map_err(|e| storage(&state, e))?
         {
             let (_, pairs) = store
-                .hscan(&mut conn, &store.keys.dead(shard, w.start), 0, 1000)
+                .hscan(&mut conn, &store.keys.dead(shard, &w), 0, 1000)
                 .await
                 .map_err(|e| storage(&state, e))?;
             for (field, value) in pairs {
                 let key = crate::pulse::decode_field(field.as_bytes());
+                let amount = crate::store::dead_letter_total(&value);
                 let value: serde_json::Value = serde_json::from_str(&value).unwrap_or(json!(value));
-                out.push(json!({
-                    "shard": shard,
-                    "window_start": w.start,
-                    "tenant_id": key.as_ref().map(|k| &k.0),
-                    "product_sku": key.as_ref().map(|k| &k.1),
-                    "use_unit": key.as_ref().map(|k| &k.2),
-                    "used_amount": value["amount"],
-                    "reason": value["reason"],
-                }));
+                out.push(DeadLetter {
+                    shard,
+                    window_start: w.start,
+                    tenant_id: key.as_ref().map(|k| k.0.clone()),
+                    product_sku: key.as_ref().map(|k| k.1.clone()),
+                    use_unit: key.as_ref().map(|k| k.2.clone()),
+                    used_amount: amount.as_deref().map(crate::processor::ExactNumber::new),
+                    used_amount_text: amount,
+                    reason: value["reason"].clone(),
+                });
             }
         }
     }
-    Ok((StatusCode::OK, Json(json!({"records": out}))).into_response())
+    Ok((StatusCode::OK, Json(DeadLetters { records: out })).into_response())
+}
+
+/// `GET /admin/dead-letters` body. Typed rather than a `json!` value, so amounts stay exact.
+#[derive(serde::Serialize)]
+struct DeadLetters {
+    records: Vec<DeadLetter>,
+}
+
+#[derive(serde::Serialize)]
+struct DeadLetter {
+    shard: u32,
+    window_start: u64,
+    tenant_id: Option<String>,
+    product_sku: Option<String>,
+    use_unit: Option<String>,
+    /// Exact: a JSON number in canonical decimal form.
+    used_amount: Option<crate::processor::ExactNumber>,
+    /// The same amount as text.
+    used_amount_text: Option<String>,
+    reason: serde_json::Value,
 }

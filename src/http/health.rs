@@ -8,9 +8,16 @@ use serde_json::json;
 
 use super::AppState;
 
-/// Alive: the process answers.
-pub async fn healthz() -> Response {
-    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+/// Alive: the process answers and every long-lived task is running.
+pub async fn healthz(State(state): State<AppState>) -> Response {
+    match state.health.failure() {
+        None => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failing", "reason": why})),
+        )
+            .into_response(),
+    }
 }
 
 /// Ready: Redis answers a PING and the queue has room (below 90 % of its capacity).
@@ -19,10 +26,28 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let depth = state.ingest.depth();
     let capacity = state.ingest.capacity();
     let queue_ok = depth * 10 < capacity * 9;
-    let ready = redis.is_ok() && queue_ok && !state.shutdown.is_cancelled();
+    // Eviction would drop dedupe markers (double counts) or aggregates (loss).
+    let eviction = match (&redis, state.cfg.redis_allow_eviction) {
+        (Ok(()), false) => match state.store.eviction_policy().await {
+            Ok(p) if p == "noeviction" => None,
+            Ok(p) => Some(format!(
+                "maxmemory-policy is {p}: Redis may evict dedupe markers or aggregates; set it to noeviction (or REDIS_ALLOW_EVICTION=true to accept the risk)"
+            )),
+            Err(_) => None,
+        },
+        _ => None,
+    };
+    let failure = state.health.failure();
+    let ready = redis.is_ok()
+        && queue_ok
+        && eviction.is_none()
+        && failure.is_none()
+        && !state.shutdown.is_cancelled();
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "redis": match &redis { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
+        "eviction": eviction,
+        "failure": failure,
         "queue_depth": depth,
         "queue_capacity": capacity,
         "shutting_down": state.shutdown.is_cancelled(),

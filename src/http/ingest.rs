@@ -2,14 +2,14 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::AppState;
 use super::error::ApiError;
+use super::{AppState, RequestStart};
 use crate::ingest::{CommitError, SubmitError};
 use crate::pulse::{DecodeError, Pulse};
 
@@ -127,25 +127,44 @@ fn rate_limit(state: &AppState, pulses: &[Pulse]) -> Result<(), ApiError> {
         *per_tenant.entry(&p.tenant_id).or_default() += 1;
     }
     for (tenant, n) in per_tenant {
-        if let Err(retry_after) = limits.check(tenant, n) {
-            state
-                .metrics
-                .pulses
-                .with_label_values(&["limited"])
-                .inc_by(pulses.len() as u64);
-            return Err(ApiError::TooManyRequests {
-                tenant: tenant.to_string(),
-                retry_after,
-            });
+        match limits.check(tenant, n) {
+            Ok(()) => {}
+            Err(crate::tenancy::LimitExceeded::Wait(retry_after)) => {
+                state
+                    .metrics
+                    .pulses
+                    .with_label_values(&["limited"])
+                    .inc_by(pulses.len() as u64);
+                return Err(ApiError::TooManyRequests {
+                    tenant: tenant.to_string(),
+                    retry_after,
+                });
+            }
+            Err(crate::tenancy::LimitExceeded::TooLarge(max)) => {
+                return Err(ApiError::TooLarge(format!(
+                    "tenant {tenant:?} has {n} pulses in this request, but its rate limit admits at most {max} per request on this replica: split the batch"
+                )));
+            }
         }
     }
     Ok(())
 }
 
 /// Queues the pulses and, in durable mode, waits for their commit.
-async fn submit(state: &AppState, pulses: Vec<Pulse>) -> Result<Response, ApiError> {
+async fn submit(
+    state: &AppState,
+    started: Option<RequestStart>,
+    pulses: Vec<Pulse>,
+) -> Result<Response, ApiError> {
     let n = pulses.len();
     state.metrics.pulses_received.inc_by(n as u64);
+    if let Some(why) = state.health.failure() {
+        // Never acknowledge a pulse this replica could not deliver.
+        return Err(ApiError::Unavailable {
+            message: format!("this replica is stopping ({why}); retry on another"),
+            retry_after: state.cfg.retry_after,
+        });
+    }
     let unavailable = |message: String| ApiError::Unavailable {
         message,
         retry_after: state.cfg.retry_after,
@@ -161,7 +180,20 @@ async fn submit(state: &AppState, pulses: Vec<Pulse>) -> Result<Response, ApiErr
         )
             .into_response());
     };
-    match rx.await {
+    // Answer before the request timeout would: once queued, a pulse may be committed, and a
+    // 408 would tell the client it was not. A little before the deadline we answer the
+    // ambiguous 503 instead; a job whose client is gone by the time a worker takes it is
+    // dropped uncounted (see `ingest::worker`).
+    let timeout = state.cfg.request_timeout;
+    let margin = (timeout / 10).min(std::time::Duration::from_secs(1));
+    let deadline =
+        started.map_or_else(tokio::time::Instant::now, |s| s.0.into()) + timeout - margin;
+    let Ok(answer) = tokio::time::timeout_at(deadline, rx).await else {
+        return Err(unavailable(
+            "the request timed out while its pulses were being committed; they may have been counted: retry with the same pulse_id or Idempotency-Key to count them exactly once".into(),
+        ));
+    };
+    match answer {
         Ok(Ok(o)) => {
             let mut body = json!({"status": "committed", "accepted": o.accepted, "duplicates": o.duplicates});
             if let (Some(start), false) = (o.window_start, o.windows_mixed) {
@@ -170,6 +202,14 @@ async fn submit(state: &AppState, pulses: Vec<Pulse>) -> Result<Response, ApiErr
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
         Ok(Err(CommitError::Unavailable(_))) => Err(unavailable("storage unavailable; nothing was counted, retry later".into())),
+        Ok(Err(CommitError::Overflow)) => Err(ApiError::Invalid(vec![crate::pulse::FieldError {
+            index: None,
+            field: "used_amount".into(),
+            message: format!(
+                "would take this key's total for the window past {}, the largest exact total; nothing was counted",
+                crate::amount::MAX_TOTAL
+            ),
+        }])),
         Ok(Err(CommitError::Partial(_))) => Err(unavailable(
             "storage failed part-way; retry with the same pulse_id or Idempotency-Key to complete it exactly".into(),
         )),
@@ -195,10 +235,11 @@ fn note_rejection(state: &AppState, e: &ApiError) {
 
 pub async fn one(
     State(state): State<AppState>,
+    started: Option<Extension<RequestStart>>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let r = one_inner(&state, headers, raw).await;
+    let r = one_inner(&state, started.map(|e| e.0), headers, raw).await;
     if let Err(e) = &r {
         note_rejection(&state, e);
     }
@@ -207,10 +248,11 @@ pub async fn one(
 
 pub async fn batch(
     State(state): State<AppState>,
+    started: Option<Extension<RequestStart>>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let r = batch_inner(&state, headers, raw).await;
+    let r = batch_inner(&state, started.map(|e| e.0), headers, raw).await;
     if let Err(e) = &r {
         note_rejection(&state, e);
     }
@@ -219,6 +261,7 @@ pub async fn batch(
 
 async fn one_inner(
     state: &AppState,
+    started: Option<RequestStart>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -232,11 +275,12 @@ async fn one_inner(
     let pulses = vec![pulse];
     authorise(state, &headers, &pulses)?;
     rate_limit(state, &pulses)?;
-    submit(state, pulses).await
+    submit(state, started, pulses).await
 }
 
 async fn batch_inner(
     state: &AppState,
+    started: Option<RequestStart>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -251,5 +295,5 @@ async fn batch_inner(
         .map_err(|e| decode_error(state, e))?;
     authorise(state, &headers, &pulses)?;
     rate_limit(state, &pulses)?;
-    submit(state, pulses).await
+    submit(state, started, pulses).await
 }

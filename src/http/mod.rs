@@ -25,6 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -48,6 +49,8 @@ pub struct AppContext {
     pub metrics: Arc<Metrics>,
     /// Cancelled at shutdown; admin drains stop with it.
     pub shutdown: CancellationToken,
+    /// Set when a long-lived task failed: health checks and ingest answer 503.
+    pub health: Arc<crate::supervise::Health>,
     /// API keys, when `API_KEYS_FILE` is set.
     pub api_keys: Option<Arc<crate::tenancy::ApiKeys>>,
     /// Per-tenant rate limits, when `RATE_LIMIT` or overrides are set.
@@ -83,8 +86,28 @@ pub fn router(state: AppState) -> Router {
             state.cfg.request_timeout,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), record))
+        // A panic in one handler answers that request 500 and leaves the rest running.
+        .layer(CatchPanicLayer::custom(panic_response(
+            state.metrics.clone(),
+        )))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+fn panic_response(
+    metrics: Arc<Metrics>,
+) -> impl Fn(Box<dyn std::any::Any + Send + 'static>) -> Response + Clone {
+    move |panic| {
+        metrics.handler_panics.inc();
+        tracing::error!(panic = %crate::supervise::panic_message(&*panic), "request handler panicked");
+        let body = axum::Json(
+            serde_json::json!({"error": "internal error; nothing was counted for this request unless a retry with the same pulse_id says so"}),
+        );
+        axum::response::IntoResponse::into_response((
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            body,
+        ))
+    }
 }
 
 /// The router of the separate metrics listener (`METRICS_ADDR`).
@@ -94,6 +117,11 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// When a request started; handlers that wait for a commit answer before the request timeout
+/// (see `ingest::submit`).
+#[derive(Clone, Copy)]
+pub(crate) struct RequestStart(pub Instant);
+
 /// Counts every request by route and status, and times it.
 async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
@@ -102,6 +130,8 @@ async fn record(State(state): State<AppState>, req: Request, next: Next) -> Resp
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let started = Instant::now();
+    let mut req = req;
+    req.extensions_mut().insert(RequestStart(started));
     let resp = next.run(req).await;
     state
         .metrics

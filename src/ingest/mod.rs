@@ -45,6 +45,9 @@ pub enum CommitError {
     /// exactly.
     #[error("redis failed part-way: {0}")]
     Partial(String),
+    /// A key's window total would leave the exact range; nothing of it was counted.
+    #[error("a key's window total would leave the exact range")]
+    Overflow,
 }
 
 /// Why a request could not be queued.
@@ -80,6 +83,8 @@ impl Ingest {
         store: Store,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
+        health: &Arc<crate::supervise::Health>,
+        shutdown: &CancellationToken,
         hard_stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = async_channel::unbounded::<Job>();
@@ -95,7 +100,14 @@ impl Ingest {
                 retry_forever: cfg.ack_mode == AckMode::Enqueued,
                 hard_stop: hard_stop.clone(),
             };
-            tracker.spawn(w.run());
+            crate::supervise::spawn(
+                tracker,
+                "commit_worker",
+                health,
+                &metrics,
+                shutdown,
+                w.run(),
+            );
         }
         Ingest {
             tx,

@@ -10,7 +10,7 @@ use tracing::{debug, error, warn};
 
 use super::{CommitError, Job, Outcome};
 use crate::metrics::Metrics;
-use crate::pulse::{dedupe_digest, encode_field, shard_of};
+use crate::pulse::{dedupe_digest, encode_field, placement_of, shard_of};
 use crate::store::{Conn, Store, StoreError, WriteItem};
 
 pub(crate) struct Worker {
@@ -60,7 +60,29 @@ impl Worker {
 }
 
 /// Commits one group of jobs and answers each of them.
-pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, jobs: Vec<Job>) {
+pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut jobs: Vec<Job>) {
+    // A durable request whose client is gone (its request timed out and was answered) is not
+    // committed: it was told nothing was counted.
+    jobs.retain(|j| {
+        let gone = j.reply.as_ref().is_some_and(|tx| tx.is_closed());
+        if gone {
+            w.metrics
+                .pulses
+                .with_label_values(&["abandoned"])
+                .inc_by(j.pulses.len() as u64);
+        }
+        !gone
+    });
+    if jobs.is_empty() {
+        return;
+    }
+    if crate::supervise::fault("worker")
+        && jobs
+            .iter()
+            .any(|j| j.pulses.iter().any(|p| p.tenant_id == "fault-panic"))
+    {
+        panic!("fault injected: commit worker");
+    }
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
     for (j, job) in jobs.iter().enumerate() {
         for p in &job.pulses {
@@ -73,19 +95,26 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, jobs
                         field,
                         amount: p.used_amount,
                         digest: Some(dedupe_digest(&p.tenant_id, id)),
+                        placement: placement_of(&p.tenant_id),
                     });
                     b.owner.push(Some(j));
                 }
                 None => {
                     *b.plain.entry(j).or_default() += 1;
                     if let Some(&i) = b.merged.get(&field) {
-                        b.items[i].amount += p.used_amount;
+                        // Exact; a commit is at most WORKER_BATCH pulses of at most MAX_AMOUNT,
+                        // far below u128's range.
+                        b.items[i].amount = b.items[i]
+                            .amount
+                            .checked_add(p.used_amount)
+                            .expect("a commit's sum fits in u128");
                     } else {
                         b.merged.insert(field.clone(), b.items.len());
                         b.items.push(WriteItem {
                             field,
                             amount: p.used_amount,
                             digest: None,
+                            placement: 0,
                         });
                         b.owner.push(None);
                     }
@@ -97,8 +126,11 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, jobs
     let mut outcomes = vec![Outcome::default(); jobs.len()];
     let mut failed: Vec<Option<CommitError>> = vec![None; jobs.len()];
     let mut backoff = Duration::from_millis(50);
+    // One token per commit, kept across our own retries: a call that ran but whose reply was
+    // lost answers the same flags again instead of counting twice.
+    let token = hex::encode(rand::random::<[u8; 16]>());
     loop {
-        let results = match write_all(w, conn, &shards).await {
+        let results = match write_all(w, conn, &token, &shards).await {
             Ok(r) => r,
             Err(e) => shards
                 .iter()
@@ -150,7 +182,9 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, jobs
                         .collect();
                     let msg = e.to_string();
                     for j in jobs_hit {
-                        failed[j] = Some(if e.is_ambiguous() {
+                        failed[j] = Some(if matches!(e, StoreError::Overflow) {
+                            CommitError::Overflow
+                        } else if e.is_ambiguous() {
                             CommitError::Partial(msg.clone())
                         } else {
                             CommitError::Unavailable(msg.clone())
@@ -181,6 +215,9 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, jobs
                 let partial = outcomes[j].accepted + outcomes[j].duplicates > 0;
                 let e = match e {
                     CommitError::Unavailable(m) if partial => CommitError::Partial(m),
+                    CommitError::Overflow if partial => CommitError::Partial(
+                        "a key's window total would leave the exact range".into(),
+                    ),
                     e => e,
                 };
                 if job.reply.is_none() {
@@ -213,6 +250,7 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, jobs
 async fn write_all(
     w: &Worker,
     conn: &mut Option<(Conn, u64)>,
+    token: &str,
     shards: &[(u32, ShardBatch)],
 ) -> Result<Vec<Result<crate::store::WriteReply, StoreError>>, StoreError> {
     // A connection failure seen anywhere (another worker, the scheduler) retires ours too.
@@ -231,7 +269,7 @@ async fn write_all(
     let results = join_all(shards.iter().map(|(shard, b)| {
         let mut mc = c.clone();
         let store = &w.store;
-        async move { store.write(&mut mc, *shard, &b.items).await }
+        async move { store.write(&mut mc, *shard, token, &b.items).await }
     }))
     .await;
     w.metrics

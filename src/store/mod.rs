@@ -5,13 +5,30 @@
 //! `scripts/*.lua`; the ones that may toggle a generation are prefixed with `seal_lib.lua`, which
 //! is the only place the toggle is written (invariants 2, 3, 4).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+
+/// The exact total of a record from its two limbs, as canonical decimal text.
+pub fn exact_total(lo: &str, hi: &str) -> Option<String> {
+    let lo: u128 = lo.parse().ok()?;
+    let hi: u128 = hi.parse().ok()?;
+    crate::amount::Amount::from_limbs(hi, lo).map(|a| a.to_string())
+}
+
+/// The exact total of a dead-lettered record's stored value (either layout).
+pub fn dead_letter_total(value: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(value).ok()?;
+    match (v.get("lo"), v.get("hi"), v.get("amount")) {
+        (Some(lo), Some(hi), _) => exact_total(lo.as_str()?, hi.as_str()?),
+        (_, _, Some(a)) => crate::amount::canonical(a.as_str()?),
+        _ => None,
+    }
+}
 
 /// A connection to one Redis or to a Redis Cluster. Both multiplex: clones share sockets and
 /// pipeline their commands; the cluster one routes each command by its key's slot (following
@@ -54,33 +71,45 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 enum Pools {
     Single(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    Cluster(Arc<ClusterPool>),
+}
+
+/// One multiplexed cluster connection, made on first use. Built with redis-rs' own client so
+/// that `REDIS_TIMEOUT` applies to every node (deadpool's cluster config cannot set it). The
+/// client follows `MOVED`/`ASK` and may re-send a command after an I/O error; the write script
+/// is made idempotent for that with a per-commit token (see `scripts/write.lua`).
+struct ClusterPool {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::Mutex<Option<ClusterConnection>>,
 }
 
 use crate::config::Config;
 
-static WRITE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("scripts/seal_lib.lua"),
-        include_str!("scripts/write.lua")
-    ))
-});
-static SEAL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("scripts/seal_lib.lua"),
-        include_str!("scripts/seal.lua")
-    ))
-});
+pub mod reshard;
+
+/// A script that may toggle a generation or add exact amounts: prefixed with the shared library.
+macro_rules! with_lib {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("scripts/seal_lib.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+
+static WRITE: LazyLock<Script> = with_lib!("scripts/write.lua");
+static SEAL: LazyLock<Script> = with_lib!("scripts/seal.lua");
+static REPLAY: LazyLock<Script> = with_lib!("scripts/replay.lua");
 static DEAD_LETTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/dead_letter.lua")));
-static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/replay.lua")));
-static REGISTER_SHARDS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        "local m = tonumber(redis.call('HGET', KEYS[1], 'shards_max')) or 0 \
-         if tonumber(ARGV[1]) > m then redis.call('HSET', KEYS[1], 'shards_max', ARGV[1]); m = tonumber(ARGV[1]) end \
-         return m",
-    )
-});
+static FINISH_WINDOW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/finish_window.lua")));
+static DELIVERED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/delivered.lua")));
+static REGISTER_SHARDS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/register_shards.lua")));
 static LOCK_RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/lock_renew.lua")));
 static LOCK_RELEASE: LazyLock<Script> =
@@ -95,6 +124,14 @@ pub enum StoreError {
     Pool(String),
     #[error("unexpected reply from redis: {0}")]
     Reply(String),
+    /// This replica's `SHARDS` is not the deployment's: it must not write (see `reshard`).
+    #[error(
+        "SHARDS={configured}, but this deployment's Redis uses SHARDS={deployment}; change it with `pulse-ingestor reshard --shards <n>` (README: Changing SHARDS)"
+    )]
+    ShardsChanged { configured: u32, deployment: u32 },
+    /// A key's window total would leave the exact range; nothing of the commit was written.
+    #[error("a key's total for this window would exceed the exact range")]
+    Overflow,
 }
 
 impl StoreError {
@@ -105,6 +142,7 @@ impl StoreError {
     pub fn connection_suspect(&self) -> bool {
         match self {
             StoreError::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
+            StoreError::Overflow | StoreError::ShardsChanged { .. } => false,
             _ => true,
         }
     }
@@ -142,26 +180,57 @@ impl Keys {
     pub fn base(&self, shard: u32) -> String {
         format!("{{{}:{shard}}}", self.prefix)
     }
+    /// The exact layout's namespace inside the shard (see `scripts/seal_lib.lua`).
+    fn ns(&self, shard: u32, exact: bool) -> String {
+        if exact {
+            format!("{}:x", self.base(shard))
+        } else {
+            self.base(shard)
+        }
+    }
+    /// The current generation, "A" or "B" (exact layout).
     pub fn generation(&self, shard: u32) -> String {
-        format!("{}:gen", self.base(shard))
+        format!("{}:gen", self.ns(shard, true))
     }
-    pub fn window(&self, shard: u32) -> String {
-        format!("{}:window", self.base(shard))
+    /// The keys the write and seal scripts may touch that are known before they run: they are
+    /// declared in `KEYS` so that a cluster routes, redirects and migrates them correctly.
+    fn generation_keys(&self, shard: u32) -> [String; 8] {
+        let ns = self.ns(shard, true);
+        [
+            format!("{ns}:gen"),
+            format!("{ns}:window"),
+            format!("{ns}:window_len"),
+            format!("{ns}:agg:A"),
+            format!("{ns}:agg:A:hi"),
+            format!("{ns}:agg:B"),
+            format!("{ns}:agg:B:hi"),
+            self.pending(shard),
+        ]
     }
-    pub fn agg(&self, shard: u32, generation: &str) -> String {
-        format!("{}:agg:{generation}", self.base(shard))
-    }
-    pub fn sealed(&self, shard: u32, start: u64) -> String {
-        format!("{}:sealed:{start}", self.base(shard))
+    /// The sealed hash of a window (its `:hi` twin holds the high limbs in the exact layout).
+    pub fn sealed(&self, shard: u32, w: &PendingWindow) -> String {
+        format!("{}:sealed:{}", self.ns(shard, w.exact), w.start)
     }
     pub fn pending(&self, shard: u32) -> String {
         format!("{}:pending", self.base(shard))
     }
-    pub fn dead(&self, shard: u32, start: u64) -> String {
-        format!("{}:dead:{start}", self.base(shard))
+    pub fn dead(&self, shard: u32, w: &PendingWindow) -> String {
+        format!("{}:dead:{}", self.ns(shard, w.exact), w.start)
     }
     pub fn dead_index(&self, shard: u32) -> String {
         format!("{}:dead_windows", self.base(shard))
+    }
+    /// A pulse id's dedupe marker.
+    pub fn seen(&self, shard: u32, digest: &str) -> String {
+        format!("{}:seen:{digest}", self.base(shard))
+    }
+    /// A commit's token: makes a write script call that a client library re-sends count once.
+    pub fn commit(&self, shard: u32, token: &str) -> String {
+        format!("{}:commit:{token}", self.base(shard))
+    }
+    /// Live replicas (sorted set of instance ids by last heartbeat, Redis seconds).
+    pub fn replicas(&self) -> String {
+        format!("{{{}}}:replicas", self.prefix)
     }
     /// The capped stream of recently rejected requests.
     pub fn rejections(&self) -> String {
@@ -180,9 +249,11 @@ impl Keys {
 #[derive(Debug, Clone)]
 pub struct WriteItem {
     pub field: String,
-    pub amount: f64,
+    pub amount: crate::amount::Amount,
     /// Dedupe digest of the pulse id, if it has one.
     pub digest: Option<String>,
+    /// The tenant's placement hash, kept as the marker's value so `reshard` can move it.
+    pub placement: i64,
 }
 
 /// What the write script reports.
@@ -209,19 +280,28 @@ pub struct SealReply {
 /// A sealed window awaiting delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingWindow {
-    /// The member in the pending set: `"<start>:<end>"`.
+    /// The member in the pending set: `"<start>:<end>:x"`, or `"<start>:<end>"` for a window
+    /// the float release sealed.
     pub member: String,
     pub start: u64,
     pub end: u64,
+    /// Exact (fixed-point limbs) layout; false for a legacy `HINCRBYFLOAT` window.
+    pub exact: bool,
 }
 
 impl PendingWindow {
     pub fn parse(member: &str) -> Option<Self> {
-        let (s, e) = member.split_once(':')?;
+        let (s, rest) = member.split_once(':')?;
+        let (e, exact) = match rest.split_once(':') {
+            Some((e, "x")) => (e, true),
+            Some(_) => return None,
+            None => (rest, false),
+        };
         Some(PendingWindow {
             member: member.to_string(),
             start: s.parse().ok()?,
             end: e.parse().ok()?,
+            exact,
         })
     }
 }
@@ -239,6 +319,8 @@ pub struct Store {
     /// long-lived connection (the commit workers) replaces it before its next use instead of
     /// finding out with a failed write.
     epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// This process' id among the live replicas.
+    instance: Arc<str>,
 }
 
 impl Store {
@@ -261,12 +343,14 @@ impl Store {
                 .map_err(|e| StoreError::Pool(e.to_string()))?,
             ),
             Some(urls) => {
-                let mut c = deadpool_redis::cluster::Config::from_urls(urls.clone());
-                c.pool = Some(pc);
-                Pools::Cluster(
-                    c.create_pool(Some(Runtime::Tokio1))
-                        .map_err(|e| StoreError::Pool(e.to_string()))?,
-                )
+                let client = redis::cluster::ClusterClient::builder(urls.clone())
+                    .connection_timeout(cfg.redis_timeout)
+                    .response_timeout(cfg.redis_timeout)
+                    .build()?;
+                Pools::Cluster(Arc::new(ClusterPool {
+                    client,
+                    conn: tokio::sync::Mutex::new(None),
+                }))
             }
         };
         Ok(Store {
@@ -277,6 +361,7 @@ impl Store {
             dedupe_ttl_secs: cfg.dedupe_ttl.as_secs().max(1),
             timeout: cfg.redis_timeout,
             epoch: Default::default(),
+            instance: hex::encode(rand::random::<[u8; 8]>()).into(),
         })
     }
 
@@ -309,20 +394,38 @@ impl Store {
                 c.set_response_timeout(self.timeout);
                 Ok(Conn::Single((*c).clone()))
             }
-            Pools::Cluster(p) => Ok(Conn::Cluster((*p.get().await?).clone())),
+            Pools::Cluster(p) => {
+                let mut slot = p.conn.lock().await;
+                if let Some(c) = slot.as_ref() {
+                    return Ok(Conn::Cluster(c.clone()));
+                }
+                let c = tokio::time::timeout(self.timeout * 2, p.client.get_async_connection())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Pool("timed out connecting to the cluster".into())
+                    })??;
+                *slot = Some(c.clone());
+                Ok(Conn::Cluster(c))
+            }
         }
     }
 
     /// Records this deployment's shard count and returns the largest one ever used, so that
     /// windows left in shards of an earlier, larger `SHARDS` are still drained.
     pub async fn shards_to_drain(&self) -> Result<u32, StoreError> {
+        Ok(self.register_shards().await?.0.max(self.shards))
+    }
+
+    /// Records this replica's `SHARDS`; returns (largest count ever used, the deployment's
+    /// count). A replica whose count differs from the deployment's must not write: its pulse
+    /// ids would be looked up in other shards (see `reshard`).
+    pub async fn register_shards(&self) -> Result<(u32, u32), StoreError> {
         let mut c = self.conn().await?;
-        let max: u32 = REGISTER_SHARDS
+        Ok(REGISTER_SHARDS
             .key(self.keys.meta())
             .arg(self.shards)
             .invoke_async(&mut c)
-            .await?;
-        Ok(max.max(self.shards))
+            .await?)
     }
 
     /// Appends a rejected request (status, reason, tenant — never a key) to a stream capped at
@@ -367,9 +470,42 @@ impl Store {
             .await?)
     }
 
+    /// Records that this process is alive (Redis seconds); `reshard` refuses to run while any
+    /// replica was seen recently.
+    pub async fn heartbeat(&self, conn: &mut Conn, now: u64) -> Result<(), StoreError> {
+        redis::cmd("ZADD")
+            .arg(self.keys.replicas())
+            .arg(now)
+            .arg(&*self.instance)
+            .query_async::<i64>(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes this process from the live replicas (clean shutdown).
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("ZREM")
+            .arg(self.keys.replicas())
+            .arg(&*self.instance)
+            .query_async::<i64>(&mut c)
+            .await?;
+        Ok(())
+    }
+
     /// Whether this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self.pool, Pools::Cluster(_))
+    }
+
+    /// Redis' `maxmemory-policy` (from `INFO memory`, which managed Redis services allow).
+    pub async fn eviction_policy(&self) -> Result<String, StoreError> {
+        let mut c = self.conn().await?;
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+            .map(|p| p.trim().to_string())
+            .ok_or_else(|| StoreError::Reply("INFO memory has no maxmemory_policy".into()))
     }
 
     /// Round trip to Redis (readiness).
@@ -385,21 +521,47 @@ impl Store {
         Ok(secs)
     }
 
-    /// Counts items into the shard's current generation in one script call.
+    /// Counts items into the shard's current generation in one script call. `token` is unique
+    /// to this commit: a re-sent call (a client library's retry after a lost reply) returns the
+    /// first call's answer instead of counting again.
     pub async fn write(
         &self,
         conn: &mut Conn,
         shard: u32,
+        token: &str,
         items: &[WriteItem],
     ) -> Result<WriteReply, StoreError> {
-        let mut inv = WRITE.key(self.keys.base(shard));
-        inv.arg(self.window_secs).arg(self.dedupe_ttl_secs);
-        for it in items {
-            inv.arg(&it.field)
-                .arg(crate::pulse::amount_arg(it.amount))
-                .arg(it.digest.as_deref().unwrap_or(""));
+        let mut inv = WRITE.prepare_invoke();
+        for k in self.keys.generation_keys(shard) {
+            inv.key(k);
         }
-        let reply: String = inv.invoke_async(conn).await?;
+        inv.key(self.keys.commit(shard, token));
+        inv.arg(self.keys.base(shard))
+            .arg(self.window_secs)
+            .arg(self.dedupe_ttl_secs);
+        // KEYS[1..=9] are the generation keys and the commit token; markers follow.
+        let mut next_marker = 10;
+        for it in items {
+            let (hi, lo) = it.amount.limbs();
+            inv.arg(&it.field).arg(lo).arg(hi.to_string());
+            match &it.digest {
+                Some(d) => {
+                    inv.key(self.keys.seen(shard, d));
+                    inv.arg(next_marker).arg(it.placement);
+                    next_marker += 1;
+                }
+                None => {
+                    inv.arg(0).arg(0);
+                }
+            }
+        }
+        let reply: String = inv.invoke_async(conn).await.map_err(|e| {
+            if e.code() == Some("OVERFLOW") {
+                StoreError::Overflow
+            } else {
+                StoreError::Redis(e)
+            }
+        })?;
         let (start, flags) = reply
             .split_once(':')
             .ok_or_else(|| StoreError::Reply(reply.clone()))?;
@@ -418,8 +580,12 @@ impl Store {
 
     /// Seals the shard if its window has ended (idempotent).
     pub async fn seal(&self, conn: &mut Conn, shard: u32) -> Result<SealReply, StoreError> {
+        let mut inv = SEAL.prepare_invoke();
+        for k in self.keys.generation_keys(shard) {
+            inv.key(k);
+        }
         let (generation, window_start, toggled, redis_now, micros): (String, u64, u8, u64, u64) =
-            SEAL.key(self.keys.base(shard))
+            inv.arg(self.keys.base(shard))
                 .arg(self.window_secs)
                 .invoke_async(conn)
                 .await?;
@@ -473,45 +639,87 @@ impl Store {
         Ok((next, pairs))
     }
 
-    /// Deletes delivered fields.
-    pub async fn hdel(
+    /// One step through a sealed window: the next cursor and each record's field with its exact
+    /// total as canonical decimal text (`None` when the stored value cannot be read).
+    pub async fn scan_window(
         &self,
         conn: &mut Conn,
-        key: &str,
+        shard: u32,
+        w: &PendingWindow,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<(String, Option<String>)>), StoreError> {
+        let key = self.keys.sealed(shard, w);
+        let (next, pairs) = self.hscan(conn, &key, cursor, count).await?;
+        if !w.exact {
+            let out = pairs
+                .into_iter()
+                .map(|(f, v)| {
+                    let a = crate::amount::canonical(&v);
+                    (f, a)
+                })
+                .collect();
+            return Ok((next, out));
+        }
+        let his: Vec<Option<String>> = if pairs.is_empty() {
+            Vec::new()
+        } else {
+            redis::cmd("HMGET")
+                .arg(format!("{key}:hi"))
+                .arg(pairs.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>())
+                .query_async(conn)
+                .await?
+        };
+        let out = pairs
+            .into_iter()
+            .zip(his)
+            .map(|((f, lo), hi)| {
+                let a = exact_total(&lo, hi.as_deref().unwrap_or("0"));
+                (f, a)
+            })
+            .collect();
+        Ok((next, out))
+    }
+
+    /// Deletes delivered records, both limbs in one step.
+    pub async fn delivered(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
         fields: &[&str],
     ) -> Result<(), StoreError> {
         if fields.is_empty() {
             return Ok(());
         }
-        redis::cmd("HDEL")
-            .arg(key)
+        let key = self.keys.sealed(shard, w);
+        DELIVERED
+            .key(&key)
+            .key(format!("{key}:hi"))
             .arg(fields)
-            .query_async::<i64>(conn)
+            .invoke_async::<i64>(conn)
             .await?;
         Ok(())
     }
 
-    /// Removes a window from the pending set once its hash is gone. Returns false if records
-    /// are still there (for example, left by a batch that failed).
+    /// Removes a window from the pending set once its hashes are gone, checked and removed in
+    /// one script. Returns false if records are still there (a batch failed, or a replay put
+    /// records back).
     pub async fn finish_window(
         &self,
         conn: &mut Conn,
         shard: u32,
         w: &PendingWindow,
     ) -> Result<bool, StoreError> {
-        let left: u64 = redis::cmd("HLEN")
-            .arg(self.keys.sealed(shard, w.start))
-            .query_async(conn)
-            .await?;
-        if left > 0 {
-            return Ok(false);
-        }
-        redis::cmd("ZREM")
-            .arg(self.keys.pending(shard))
+        let key = self.keys.sealed(shard, w);
+        let done: i64 = FINISH_WINDOW
+            .key(&key)
+            .key(format!("{key}:hi"))
+            .key(self.keys.pending(shard))
             .arg(&w.member)
-            .query_async::<i64>(conn)
+            .invoke_async(conn)
             .await?;
-        Ok(true)
+        Ok(done == 1)
     }
 
     /// Moves rejected records to the window's dead-letter hash.
@@ -523,12 +731,15 @@ impl Store {
         reason_json: &str,
         fields: &[&str],
     ) -> Result<u64, StoreError> {
-        let mut inv = DEAD_LETTER.key(self.keys.sealed(shard, w.start));
-        inv.key(self.keys.dead(shard, w.start))
+        let sealed = self.keys.sealed(shard, w);
+        let mut inv = DEAD_LETTER.key(&sealed);
+        inv.key(format!("{sealed}:hi"))
+            .key(self.keys.dead(shard, w))
             .key(self.keys.dead_index(shard))
             .arg(reason_json)
             .arg(&w.member)
-            .arg(w.start);
+            .arg(w.start)
+            .arg(if w.exact { "1" } else { "0" });
         for f in fields {
             inv.arg(*f);
         }
@@ -560,13 +771,16 @@ impl Store {
         shard: u32,
         w: &PendingWindow,
     ) -> Result<u64, StoreError> {
+        let sealed = self.keys.sealed(shard, w);
         Ok(REPLAY
-            .key(self.keys.dead(shard, w.start))
-            .key(self.keys.sealed(shard, w.start))
+            .key(self.keys.dead(shard, w))
+            .key(&sealed)
+            .key(format!("{sealed}:hi"))
             .key(self.keys.pending(shard))
             .key(self.keys.dead_index(shard))
             .arg(&w.member)
             .arg(w.start)
+            .arg(if w.exact { "1" } else { "0" })
             .invoke_async(conn)
             .await?)
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use pulse_ingestor::app::App;
 use pulse_ingestor::config::Config;
 use pulse_ingestor::pulse::decode_field;
+pub use pulse_producer::money::{self, Dec};
 use pulse_producer::processor::{Faults, Processor};
 use tokio::sync::oneshot;
 
@@ -121,37 +122,60 @@ impl RedisServer {
         c.query(&mut self.conn()).unwrap()
     }
 
-    /// Every aggregate hash (current generations and sealed windows) with its fields.
-    fn aggregates(&self, prefix: &str) -> Vec<(String, Vec<(String, String)>)> {
+    /// Every aggregate (current generations and sealed windows, both layouts) as
+    /// (key, [(field, exact total)]).
+    fn aggregates(&self, prefix: &str) -> Vec<(String, Vec<(String, Dec)>)> {
         let mut conn = self.conn();
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{{{prefix}:*"))
             .query(&mut conn)
             .unwrap();
         keys.into_iter()
-            .filter(|k| k.contains(":agg:") || k.contains(":sealed:"))
+            .filter(|k| (k.contains(":agg:") || k.contains(":sealed:")) && !k.ends_with(":hi"))
             .map(|k| {
-                let kv = redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
+                let kv: Vec<(String, String)> =
+                    redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
+                let exact = k.contains(":x:");
+                let his: HashMap<String, String> = if exact {
+                    redis::cmd("HGETALL")
+                        .arg(format!("{k}:hi"))
+                        .query(&mut conn)
+                        .unwrap()
+                } else {
+                    HashMap::new()
+                };
+                let kv = kv
+                    .into_iter()
+                    .map(|(f, lo)| {
+                        let text = if exact {
+                            let hi = his.get(&f).map(String::as_str).unwrap_or("0");
+                            pulse_ingestor::store::exact_total(&lo, hi).expect("limbs read")
+                        } else {
+                            lo
+                        };
+                        (f, money::parse(&text).expect("a decimal"))
+                    })
+                    .collect();
                 (k, kv)
             })
             .collect()
     }
 
     /// Every aggregate in Redis (current generations and sealed windows), summed per key.
-    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, f64> {
-        let mut out = BTreeMap::new();
+    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, Dec> {
+        let mut out: BTreeMap<Key, Dec> = BTreeMap::new();
         for (_, kv) in self.aggregates(prefix) {
             for (f, v) in kv {
                 let key = decode_field(f.as_bytes()).expect("fields decode");
-                *out.entry(key).or_insert(0.0) += v.parse::<f64>().unwrap();
+                *out.entry(key).or_default() += v;
             }
         }
         out
     }
 
     /// Sums per sealed window start ("current" for the generations being written).
-    pub fn window_sums(&self, prefix: &str) -> BTreeMap<String, f64> {
-        let mut out = BTreeMap::new();
+    pub fn window_sums(&self, prefix: &str) -> BTreeMap<String, Dec> {
+        let mut out: BTreeMap<String, Dec> = BTreeMap::new();
         for (k, kv) in self.aggregates(prefix) {
             let label = if k.contains(":agg:") {
                 "current".to_string()
@@ -159,7 +183,7 @@ impl RedisServer {
                 k.rsplit(':').next().unwrap().to_string()
             };
             for (_, v) in kv {
-                *out.entry(label.clone()).or_insert(0.0) += v.parse::<f64>().unwrap();
+                *out.entry(label.clone()).or_default() += v;
             }
         }
         out
@@ -271,8 +295,25 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// A pulse body. The amount goes on the wire as serde_json writes an `f64` — its shortest
+/// decimal text — and [`dec`] gives exactly that decimal for the books.
 pub fn pulse(t: &str, s: &str, u: &str, a: f64) -> serde_json::Value {
     serde_json::json!({"tenant_id": t, "product_sku": s, "use_unit": u, "used_amount": a})
+}
+
+/// The exact decimal a test amount is sent as (the JSON text of the `f64`).
+pub fn dec(a: f64) -> Dec {
+    money::parse(&serde_json::to_string(&a).unwrap()).unwrap()
+}
+
+/// A pulse whose amount is given as decimal text, sent verbatim as a JSON number.
+pub fn pulse_text(t: &str, s: &str, u: &str, amount: &str) -> String {
+    format!(
+        r#"{{"tenant_id":{},"product_sku":{},"use_unit":{},"used_amount":{amount}}}"#,
+        serde_json::to_string(t).unwrap(),
+        serde_json::to_string(s).unwrap(),
+        serde_json::to_string(u).unwrap()
+    )
 }
 
 /// POSTs a JSON body to the service and returns status, headers and body.
@@ -304,17 +345,13 @@ where
     false
 }
 
-/// Whether two totals agree: amounts are cents, summed in f64 here and long double in Redis.
-pub fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-6
-}
-
-pub fn assert_books(expected: &BTreeMap<Key, f64>, found: &BTreeMap<Key, f64>) {
+/// The books balance exactly: every key's total equal to the last digit, no tolerance.
+pub fn assert_books(expected: &BTreeMap<Key, Dec>, found: &BTreeMap<Key, Dec>) {
     let mut problems = Vec::new();
     for (k, v) in expected {
         match found.get(k) {
             None => problems.push(format!("missing {k:?} ({v})")),
-            Some(f) if !close(*f, *v) => problems.push(format!("off {k:?}: sent {v}, found {f}")),
+            Some(f) if f != v => problems.push(format!("off {k:?}: sent {v}, found {f}")),
             _ => {}
         }
     }
@@ -547,11 +584,11 @@ impl RedisCluster {
     }
 
     /// Every aggregate in the cluster, summed per key (each master asked for its own keys).
-    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, f64> {
-        let mut out = BTreeMap::new();
+    pub fn totals(&self, prefix: &str) -> BTreeMap<Key, Dec> {
+        let mut out: BTreeMap<Key, Dec> = BTreeMap::new();
         for m in self.masters() {
             for (k, v) in m.totals(prefix) {
-                *out.entry(k).or_insert(0.0) += v;
+                *out.entry(k).or_default() += v;
             }
         }
         out

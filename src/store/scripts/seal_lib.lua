@@ -1,46 +1,97 @@
--- Shared by every script that may toggle the generation (prepended with include_str!).
+-- Shared by every script that may toggle a generation (prepended with include_str!).
 --
--- seal(base, now, window_len) brings the shard's generation up to date with Redis time:
--- if the current generation belongs to a window that has ended, the generation flips, the old
--- hash is renamed to `<base>:sealed:<start>` and its start is added to `<base>:pending`.
+-- Two layouts live side by side under one shard's hash tag `base`:
+--   exact  (this release): namespace `base:x`, amounts as two integer limbs per key —
+--          `<hash>` holds lo (always < LIMB) and `<hash>:hi` holds multiples of LIMB, both
+--          added with HINCRBY, so sums are exact (invariant 11). Pending members "<s>:<e>:x".
+--   legacy (the float release): namespace `base`, HINCRBYFLOAT values. Only sealed, never
+--          written, so windows a previous version left are still delivered.
+-- Each layout has its own generation and window keys, so replicas of both versions can run
+-- side by side during an upgrade and each seals only its own hashes.
+
+local LIMB = 1000000000000000
+local NEG_LIMB = '-1000000000000000'
+
+-- Adds an exact amount, given as decimal limb strings, to one field of (lohash, hihash),
+-- carrying so that lo stays below LIMB. Every number Lua sees stays below 2^53, so exact.
+local function add(lohash, hihash, field, lo, hi)
+  local v = redis.call('HINCRBY', lohash, field, lo)
+  if v >= LIMB then
+    redis.call('HINCRBY', lohash, field, NEG_LIMB)
+    redis.call('HINCRBY', hihash, field, 1)
+  end
+  if hi ~= '0' then
+    redis.call('HINCRBY', hihash, field, hi)
+  end
+end
+
+-- seal(base, ns, exact, now, window_len) brings one layout's generation up to date with Redis
+-- time: if the current generation belongs to a window that has ended, the generation flips,
+-- the old hash is renamed to `<ns>:sealed:<start>` and the window is added to `<base>:pending`.
 -- Idempotent: for a given window only the first caller toggles. Returns gen, start, toggled.
-local function seal(base, now, window_len)
+local function seal(base, ns, exact, now, window_len)
   local current = now - (now % window_len)
-  local gen = redis.call('GET', base .. ':gen')
-  local start = tonumber(redis.call('GET', base .. ':window'))
+  local gen = redis.call('GET', ns .. ':gen')
+  local start = tonumber(redis.call('GET', ns .. ':window'))
   if not gen or not start then
+    if not exact then
+      return nil, nil, 0
+    end
     gen = gen or 'A'
-    redis.call('SET', base .. ':gen', gen)
-    redis.call('SET', base .. ':window', current)
-    redis.call('SET', base .. ':window_len', window_len)
+    redis.call('SET', ns .. ':gen', gen)
+    redis.call('SET', ns .. ':window', current)
+    redis.call('SET', ns .. ':window_len', window_len)
     return gen, current, 0
   end
   if start >= current then
     -- Same window (or Redis time went back after a failover): keep writing where we are.
     return gen, start, 0
   end
-  local len = tonumber(redis.call('GET', base .. ':window_len')) or window_len
-  local old = base .. ':agg:' .. gen
-  if redis.call('EXISTS', old) == 1 then
-    local sealed = base .. ':sealed:' .. start
+  local len = tonumber(redis.call('GET', ns .. ':window_len')) or window_len
+  local old = ns .. ':agg:' .. gen
+  local sealed = ns .. ':sealed:' .. start
+  local has_old = redis.call('EXISTS', old) == 1
+  if has_old then
     if redis.call('EXISTS', sealed) == 0 then
       redis.call('RENAME', old, sealed)
+      if exact and redis.call('EXISTS', old .. ':hi') == 1 then
+        redis.call('RENAME', old .. ':hi', sealed .. ':hi')
+      end
     else
       -- Cannot happen while windows only move forward; merged rather than overwritten, so
       -- nothing is lost if it ever does.
       local kv = redis.call('HGETALL', old)
       for i = 1, #kv, 2 do
-        redis.call('HINCRBYFLOAT', sealed, kv[i], kv[i + 1])
+        if exact then
+          add(sealed, sealed .. ':hi', kv[i], kv[i + 1], '0')
+        else
+          redis.call('HINCRBYFLOAT', sealed, kv[i], kv[i + 1])
+        end
+      end
+      if exact then
+        local kh = redis.call('HGETALL', old .. ':hi')
+        for i = 1, #kh, 2 do
+          redis.call('HINCRBY', sealed .. ':hi', kh[i], kh[i + 1])
+        end
+        redis.call('DEL', old .. ':hi')
       end
       redis.call('DEL', old)
     end
     -- The member carries the window's end, so a later change of WINDOW cannot mislabel it.
-    redis.call('ZADD', base .. ':pending', start, start .. ':' .. (start + len))
+    local member = start .. ':' .. (start + len)
+    if exact then
+      member = member .. ':x'
+    end
+    redis.call('ZADD', base .. ':pending', start, member)
+  elseif exact then
+    -- A hi hash never exists without its lo hash; drop a stray one rather than let it leak
+    -- into a later window.
+    redis.call('DEL', old .. ':hi')
   end
   if gen == 'A' then gen = 'B' else gen = 'A' end
-  redis.call('SET', base .. ':gen', gen)
-  redis.call('SET', base .. ':window', current)
-  redis.call('SET', base .. ':window_len', window_len)
+  redis.call('SET', ns .. ':gen', gen)
+  redis.call('SET', ns .. ':window', current)
+  redis.call('SET', ns .. ':window_len', window_len)
   return gen, current, 1
 end
 

@@ -1,0 +1,16 @@
+-- Record this replica's shard count in the deployment's meta hash.
+-- KEYS[1] meta hash. ARGV[1] SHARDS. Returns {largest count ever used, the deployment's count}.
+-- The first replica of a deployment sets `shards`; later ones must match it (see
+-- `pulse-ingestor reshard` for changing it).
+local m = tonumber(redis.call('HGET', KEYS[1], 'shards_max')) or 0
+local n = tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[1], 'shards'))
+if not current then
+  redis.call('HSET', KEYS[1], 'shards', n)
+  current = n
+end
+if n > m then
+  redis.call('HSET', KEYS[1], 'shards_max', n)
+  m = n
+end
+return {m, current}

@@ -1,0 +1,87 @@
+//! Supervision (invariant 13): no half-alive process.
+//!
+//! Every long-lived task — scheduler, commit workers, listeners, the key watcher — runs under
+//! [`spawn`]. If one panics, or ends while the service should be running, [`Health`] records
+//! why: `/healthz` and `/readyz` answer 503, ingest answers 503 instead of acknowledging pulses
+//! nobody would deliver, the task is counted in `ingestor_task_failures_total`, and the app
+//! shuts down gracefully and exits non-zero so its supervisor (Kubernetes, systemd, compose
+//! `restart:`) replaces it. The release build keeps `panic = "unwind"` so a panic is caught here
+//! (and in request handlers, which answer 500 and keep the service running).
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
+
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+
+/// Whether the process can still do its job.
+#[derive(Default)]
+pub struct Health {
+    failure: OnceLock<String>,
+    failed: CancellationToken,
+}
+
+impl Health {
+    /// Records the first failure and wakes whoever waits on [`Health::failed`].
+    pub fn fail(&self, why: String) {
+        let _ = self.failure.set(why);
+        self.failed.cancel();
+    }
+
+    /// Why the process is failing, if it is.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Resolves once a failure was recorded.
+    pub async fn failed(&self) {
+        self.failed.cancelled().await
+    }
+}
+
+/// Runs `task` on `tracker`; a panic, or an end before `shutdown`, fails `health`.
+pub fn spawn<F>(
+    tracker: &TaskTracker,
+    name: &'static str,
+    health: &Arc<Health>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    task: F,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
+    tracker.spawn(async move {
+        let why = match AssertUnwindSafe(task).catch_unwind().await {
+            Err(panic) => format!("task {name} panicked: {}", panic_message(&*panic)),
+            Ok(()) if !shutdown.is_cancelled() => format!("task {name} stopped unexpectedly"),
+            Ok(()) => return,
+        };
+        metrics.task_failures.with_label_values(&[name]).inc();
+        tracing::error!(task = name, reason = %why, "a long-lived task failed; the process stops");
+        health.fail(why);
+    });
+}
+
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic".into())
+}
+
+/// Test-only fault hook: `PULSE_INGESTOR_FAULT=<task>` makes that task panic on purpose
+/// (`scheduler` on its first step, `worker` on a pulse of tenant `fault-panic`), so the fault
+/// suite can prove a dead task stops the process. Unset in every real deployment.
+pub fn fault(task: &str) -> bool {
+    static FAULT: OnceLock<Option<String>> = OnceLock::new();
+    FAULT
+        .get_or_init(|| std::env::var("PULSE_INGESTOR_FAULT").ok())
+        .as_deref()
+        == Some(task)
+}

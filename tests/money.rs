@@ -1,0 +1,385 @@
+//! Exact money (invariant 11), end to end: what a client sends as decimals is what the
+//! Processor receives, to the last digit — through the worker's pre-aggregation, the scripts'
+//! integer limbs, sealing, delivery, dead letters and replay, and from windows the float
+//! release left behind.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use pulse_producer::processor::{Faults, Record};
+use rand::{Rng, SeedableRng};
+
+/// Every record the Processor holds for one key, summed exactly, as canonical text.
+fn total_of(records: &[Record], tenant: &str) -> String {
+    let sum: Dec = records
+        .iter()
+        .filter(|r| r.tenant_id == tenant)
+        .map(|r| &r.used_amount)
+        .sum();
+    money::canonical(&sum)
+}
+
+async fn post_raw(c: &reqwest::Client, url: &str, body: String) -> (u16, serde_json::Value) {
+    let r = c
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Posts `n` pulses of `amount` (decimal text) for `tenant`, in batches of `per_batch`.
+async fn send_many(
+    c: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    amount: &str,
+    n: usize,
+    per: usize,
+) {
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(per);
+        let items: Vec<String> = (0..k)
+            .map(|_| pulse_text(tenant, "SKU", "KB", amount))
+            .collect();
+        let (s, body) = post_raw(
+            c,
+            &format!("{base}/ingest/batch"),
+            format!("[{}]", items.join(",")),
+        )
+        .await;
+        assert_eq!(s, 202, "{body}");
+        left -= k;
+    }
+}
+
+async fn flush_until_delivered(
+    c: &reqwest::Client,
+    base: &str,
+    p: &pulse_producer::processor::Processor,
+    tenants: &[&str],
+) {
+    let ok = eventually(Duration::from_secs(30), || async {
+        let _ = c.post(format!("{base}/admin/flush")).send().await;
+        let recs = p.records();
+        tenants
+            .iter()
+            .all(|t| recs.iter().any(|r| r.tenant_id == *t))
+            && c.get(format!("{base}/admin/pending"))
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()["pending_records"]
+                == 0
+    })
+    .await;
+    assert!(ok, "not delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processor_receives_exact_decimal_sums() {
+    let redis = RedisServer::start();
+    let (p, purl) = processor(Faults::default()).await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "5s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+            ("MAX_AMOUNT", "1000000000000000000"),
+            ("MAX_BATCH_ITEMS", "1000"),
+        ],
+    ))
+    .await;
+    let c = http();
+    let base = app.base.clone();
+    // 0.1 × 200,000 in batches of 1,000: HINCRBYFLOAT gave 19999.99999999972.
+    send_many(&c, &base, "tenths", "0.1", 200_000, 1_000).await;
+    // 0.07 × 2,000 + 0.000001 × 7.
+    send_many(&c, &base, "mixed", "0.07", 2_000, 1_000).await;
+    send_many(&c, &base, "mixed", "0.000001", 7, 7).await;
+    // More digits than a double holds.
+    send_many(&c, &base, "long", "123456789.123456789", 1, 1).await;
+    // A carry across the whole integer part.
+    send_many(&c, &base, "carry", "999999999999999.99", 1, 1).await;
+    send_many(&c, &base, "carry", "0.01", 1, 1).await;
+    // Every JSON form and a decimal string.
+    for a in ["12", "12.50", "1.5e3", "1E-9", "\"0.25\""] {
+        let (s, body) = post_raw(
+            &c,
+            &format!("{base}/ingest"),
+            pulse_text("forms", "SKU", "KB", a),
+        )
+        .await;
+        assert_eq!(s, 202, "{a}: {body}");
+    }
+    // Near the largest exact total: 4,611 × 10^18 + 10^-9, then one more 10^18 is refused whole.
+    // All in one window (the limit is per key and window): start just after a boundary.
+    let ok = eventually(Duration::from_secs(10), || async {
+        let (now, _): (u64, u64) = redis.cmd(&["TIME"]);
+        now % 5 == 0
+    })
+    .await;
+    assert!(ok);
+    send_many(&c, &base, "huge", "1000000000000000000", 4_611, 1_000).await;
+    send_many(&c, &base, "huge", "0.000000001", 1, 1).await;
+    let (s, body) = post_raw(
+        &c,
+        &format!("{base}/ingest"),
+        pulse_text("huge", "SKU", "KB", "1000000000000000000"),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("largest exact total"),
+        "{body}"
+    );
+
+    flush_until_delivered(
+        &c,
+        &base,
+        &p,
+        &["tenths", "mixed", "long", "carry", "forms", "huge"],
+    )
+    .await;
+    let recs = p.records();
+    assert_eq!(total_of(&recs, "tenths"), "20000");
+    assert_eq!(total_of(&recs, "mixed"), "140.000007");
+    assert_eq!(total_of(&recs, "long"), "123456789.123456789");
+    assert_eq!(total_of(&recs, "carry"), "1000000000000000");
+    assert_eq!(total_of(&recs, "forms"), "1524.750000001");
+    assert_eq!(total_of(&recs, "huge"), "4611000000000000000000.000000001");
+    // The wire form: a canonical JSON number, and the same text beside it.
+    for r in &recs {
+        assert_eq!(
+            r.used_amount_text.as_deref(),
+            Some(money::canonical(&r.used_amount).as_str())
+        );
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_fractional_digits_than_allowed_are_refused_not_rounded() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[("AMOUNT_DECIMALS", "2")])).await;
+    let c = http();
+    let (s, body) = post_raw(
+        &c,
+        &format!("{}/ingest", app.base),
+        pulse_text("t", "s", "KB", "1.005"),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    assert_eq!(body["fields"][0]["field"], "used_amount");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than 2 fractional digits"),
+        "{body}"
+    );
+    // Trailing zeros do not count.
+    let (s, _) = post_raw(
+        &c,
+        &format!("{}/ingest", app.base),
+        pulse_text("t", "s", "KB", "1.5000"),
+    )
+    .await;
+    assert_eq!(s, 202);
+    // One such item rejects the whole batch, with its index.
+    let batch = format!(
+        "[{},{}]",
+        pulse_text("t", "s", "KB", "1.25"),
+        pulse_text("t", "s", "KB", "0.001")
+    );
+    let (s, body) = post_raw(&c, &format!("{}/ingest/batch", app.base), batch).await;
+    assert_eq!(s, 422, "{body}");
+    assert_eq!(body["fields"][0]["index"], 1);
+    assert_eq!(
+        redis.totals("pulses")[&("t".into(), "s".into(), "KB".into())],
+        money::parse("1.5").unwrap(),
+        "nothing of the refused batch was counted"
+    );
+    app.stop().await.unwrap();
+}
+
+/// Random decimal amounts (0–9 fractional digits, magnitudes up to MAX_AMOUNT) in random
+/// groupings — single pulses, batches, with and without ids, so the worker pre-aggregates
+/// some and not others — sum exactly in Redis. Seeded; the seed is printed on failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_amounts_in_random_groupings_sum_exactly() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[("WINDOW", "1h")])).await;
+    let c = http();
+    for round in 0..6u64 {
+        let seed = rand::random::<u64>();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let prefix = format!("r{round}-");
+        let mut expected: BTreeMap<Key, Dec> = BTreeMap::new();
+        let mut sent = 0;
+        while sent < 400 {
+            let n = rng.random_range(1..=60usize);
+            let mut items = Vec::new();
+            for _ in 0..n {
+                let digits = rng.random_range(0..=9u32);
+                let magnitude = 10i128.pow(rng.random_range(0..=15u32) + digits);
+                let units = rng.random_range(0..=magnitude.min(10i128.pow(15 + digits)));
+                let amount = Dec::new(units.into(), i64::from(digits));
+                let text = money::canonical(&amount);
+                let tenant = format!("{prefix}{}", rng.random_range(0..5));
+                let mut item = pulse_text(&tenant, "s", "KB", &text);
+                if rng.random_bool(0.3) {
+                    item.pop();
+                    item.push_str(&format!(r#","pulse_id":"{seed}-{sent}"}}"#));
+                }
+                *expected
+                    .entry((tenant, "s".into(), "KB".into()))
+                    .or_default() += amount;
+                items.push(item);
+                sent += 1;
+            }
+            let (status, body) = if items.len() == 1 && rng.random_bool(0.5) {
+                post_raw(&c, &format!("{}/ingest", app.base), items.pop().unwrap()).await
+            } else {
+                post_raw(
+                    &c,
+                    &format!("{}/ingest/batch", app.base),
+                    format!("[{}]", items.join(",")),
+                )
+                .await
+            };
+            assert_eq!(status, 202, "seed {seed}: {body}");
+        }
+        let found: BTreeMap<Key, Dec> = redis
+            .totals("pulses")
+            .into_iter()
+            .filter(|(k, _)| k.0.starts_with(&prefix))
+            .collect();
+        assert_eq!(expected.len(), 5, "every tenant of the round was sent to");
+        assert_eq!(found, expected, "seed {seed}");
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_and_their_replay_stay_exact() {
+    let redis = RedisServer::start();
+    let (p, purl) = processor(Faults {
+        reject_tenant: Some("bad".into()),
+        ..Faults::default()
+    })
+    .await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    let c = http();
+    send_many(&c, &app.base, "bad", "0.1", 3_000, 1_000).await;
+    let (s, _) = post_raw(
+        &c,
+        &format!("{}/ingest", app.base),
+        pulse_text("bad", "long", "KB", "123456789.123456789"),
+    )
+    .await;
+    assert_eq!(s, 202);
+    let ok = eventually(Duration::from_secs(20), || async {
+        let _ = c.post(format!("{}/admin/flush", app.base)).send().await;
+        let dl: serde_json::Value = c
+            .get(format!("{}/admin/dead-letters", app.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        dl["records"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["product_sku"] == "long"))
+    })
+    .await;
+    assert!(ok, "dead-lettered");
+    // The listing is exact: the raw JSON number, not a float's rendering.
+    let text = c
+        .get(format!("{}/admin/dead-letters", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#""used_amount":123456789.123456789"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#""used_amount_text":"123456789.123456789""#),
+        "{text}"
+    );
+    p.set_faults(Faults::default());
+    let r = c
+        .post(format!("{}/admin/dead-letters/replay", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    flush_until_delivered(&c, &app.base, &p, &["bad"]).await;
+    assert_eq!(total_of(&p.records(), "bad"), "123457089.123456789");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_sealed_by_the_float_release_is_delivered_as_redis_holds_it() {
+    let redis = RedisServer::start();
+    // What the previous release left: a sealed hash of HINCRBYFLOAT totals, pending.
+    let field = pulse_ingestor::pulse::encode_field("legacy", "SKU", "KB");
+    for _ in 0..3 {
+        let _: String = redis.cmd(&["HINCRBYFLOAT", "{pulses:0}:sealed:1000", &field, "0.1"]);
+    }
+    let _: String = redis.cmd(&[
+        "HINCRBYFLOAT",
+        "{pulses:0}:sealed:1000",
+        "[\"legacy\",\"SKU\",\"MB\"]",
+        "307.5",
+    ]);
+    let held: String = redis.cmd(&["HGET", "{pulses:0}:sealed:1000", &field]);
+    let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
+    let (p, purl) = processor(Faults::default()).await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    let c = http();
+    flush_until_delivered(&c, &app.base, &p, &["legacy"]).await;
+    let recs = p.records();
+    let kb = recs.iter().find(|r| r.use_unit == "KB").unwrap();
+    assert_eq!(
+        money::canonical(&kb.used_amount),
+        money::canonical(&money::parse(&held).unwrap())
+    );
+    let mb = recs.iter().find(|r| r.use_unit == "MB").unwrap();
+    assert_eq!(money::canonical(&mb.used_amount), "307.5");
+    assert_eq!(kb.window_start, "1970-01-01T00:16:40Z");
+    let left: i64 = redis.cmd(&["EXISTS", "{pulses:0}:sealed:1000"]);
+    assert_eq!(left, 0, "delivered records are deleted");
+    app.stop().await.unwrap();
+}
