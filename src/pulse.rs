@@ -559,6 +559,29 @@ mod tests {
     }
 
     #[test]
+    fn a_json_array_stops_at_the_item_cap_while_parsing() {
+        let item = r#"{"tenant_id":"t","product_sku":"s","used_amount":1,"use_unit":"u"}"#;
+        // Four items, then garbage: refused for size at the fourth, before the garbage is read.
+        let body = format!("[{item},{item},{item},{item}, this is not JSON");
+        assert_eq!(
+            limits().decode_batch(body.as_bytes(), false, None, 3),
+            Err(DecodeError::TooManyItems { max: 3 })
+        );
+        let body = format!("[{item},{item},{item}]");
+        assert_eq!(
+            limits()
+                .decode_batch(body.as_bytes(), false, None, 3)
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(matches!(
+            limits().decode_batch(format!("[{item}] x").as_bytes(), false, None, 3),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
     fn naive_joins_do_not_collide() {
         assert_ne!(encode_field("a:b", "c", "d"), encode_field("a", "b:c", "d"));
         assert_ne!(encode_field("a|b", "c", "d"), encode_field("a", "b|c", "d"));

@@ -100,7 +100,11 @@ pub async fn replay(
     let mut busy = Vec::new();
     // Every shard that may hold dead letters — those of an earlier, larger SHARDS too — and
     // each under its drain lock, so no drain finishes a window while records come back.
-    for shard in 0..state.flusher.shards() {
+    let shards = store
+        .shards_to_drain()
+        .await
+        .map_err(|e| storage(&state, e))?;
+    for shard in 0..shards {
         match state
             .flusher
             .drainer
@@ -163,7 +167,11 @@ pub async fn dead_letters(
     let store = &state.store;
     let mut conn = store.conn().await.map_err(|e| storage(&state, e))?;
     let mut out = Vec::new();
-    for shard in 0..state.flusher.shards() {
+    let shards = store
+        .shards_to_drain()
+        .await
+        .map_err(|e| storage(&state, e))?;
+    for shard in 0..shards {
         for w in store
             .dead_windows(&mut conn, shard)
             .await

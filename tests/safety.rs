@@ -1,0 +1,459 @@
+//! Money-safety: paths that once deleted, lost or double-counted money, each pinned by a test
+//! that failed before its fix (RELIABILITY.md, "found and fixed").
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::routing::get;
+use common::*;
+use pulse_ingestor::config::Config;
+use pulse_ingestor::store::{Store, WriteItem};
+use pulse_producer::processor::Faults;
+
+async fn pending(c: &reqwest::Client, base: &str) -> serde_json::Value {
+    c.get(format!("{base}/admin/pending"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Seals what is there and tries to deliver it now.
+async fn flush(c: &reqwest::Client, base: &str) -> serde_json::Value {
+    c.post(format!("{base}/admin/flush"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or_default()
+}
+
+/// Sends pulses to tenants `t-0..n` and waits for their window to end.
+async fn ingest_and_wait_for_the_window(
+    c: &reqwest::Client,
+    base: &str,
+    n: usize,
+) -> BTreeMap<Key, Dec> {
+    let mut expected = BTreeMap::new();
+    for i in 0..n {
+        let t = format!("t-{i}");
+        let (s, _, b) = post(c, &format!("{base}/ingest"), &pulse(&t, "S", "KB", 1.5)).await;
+        assert_eq!(s, 202, "{b}");
+        expected.insert((t, "S".to_string(), "KB".to_string()), dec(1.5));
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    expected
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_processor_never_deletes_a_window() {
+    // The Processor URL answers 301 to a login page that answers 200 to anything (an ingress
+    // redirecting http to https, an auth proxy): following it turned the POST into a GET.
+    let login = axum::Router::new()
+        .route(
+            "/batches",
+            axum::routing::post(|| async {
+                (
+                    axum::http::StatusCode::MOVED_PERMANENTLY,
+                    [("location", "/login")],
+                )
+            }),
+        )
+        .route(
+            "/login",
+            get(|| async { "please log in" }).post(|| async { "please log in" }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, login).await.unwrap() });
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("http://{addr}/batches")),
+        ],
+    ))
+    .await;
+    let c = http();
+    let expected = ingest_and_wait_for_the_window(&c, &app.base, 20).await;
+    flush(&c, &app.base).await;
+    let p = pending(&c, &app.base).await;
+    assert_eq!(p["pending_records"], 20, "nothing may be deleted: {p}");
+    assert!(
+        metric(
+            &c,
+            &app.base,
+            "ingestor_delivery_failures_total{reason=\"status_3xx\"}"
+        )
+        .await
+        .unwrap_or(0.0)
+            > 0.0,
+        "the redirect is counted as a failed delivery"
+    );
+    app.stop().await.unwrap();
+    // Pointed at the real Processor, every record arrives.
+    let (proc_, purl) = processor(Faults::default()).await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    let ok = eventually(Duration::from_secs(15), || async {
+        proc_.records().len() == 20
+    })
+    .await;
+    assert!(ok);
+    let found: BTreeMap<Key, Dec> = proc_
+        .records()
+        .into_iter()
+        .map(|r| ((r.tenant_id, r.product_sku, r.use_unit), r.used_amount))
+        .collect();
+    assert_books(&expected, &found);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_refusing_our_token_is_retried_not_dead_lettered() {
+    let redis = RedisServer::start();
+    let (proc_, purl) = processor(Faults {
+        token: Some("new-token".into()),
+        ..Faults::default()
+    })
+    .await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+            ("PROCESSOR_TOKEN", "old-token"),
+        ],
+    ))
+    .await;
+    let c = http();
+    ingest_and_wait_for_the_window(&c, &app.base, 10).await;
+    flush(&c, &app.base).await;
+    let p = pending(&c, &app.base).await;
+    assert_eq!(p["dead_letter_records"], 0, "{p}");
+    assert_eq!(p["pending_records"], 10, "{p}");
+    assert!(
+        metric(&c, &app.base, "ingestor_processor_auth_failures_total")
+            .await
+            .unwrap()
+            > 0.0
+    );
+    // The Processor's side of the rotation completes: the same records go through.
+    proc_.set_faults(Faults {
+        token: Some("old-token".into()),
+        ..Faults::default()
+    });
+    let ok = eventually(Duration::from_secs(15), || async {
+        proc_.records().len() == 10
+    })
+    .await;
+    assert!(ok, "{}", pending(&c, &app.base).await);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_its_rate_limit_can_never_admit_gets_413_not_an_endless_429() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[("RATE_LIMIT", "100"), ("RATE_LIMIT_REPLICAS", "4")],
+    ))
+    .await;
+    let c = http();
+    let batch: Vec<serde_json::Value> = (0..60).map(|_| pulse("t", "s", "KB", 1.0)).collect();
+    for _ in 0..3 {
+        let (s, h, body) = post(
+            &c,
+            &format!("{}/ingest/batch", app.base),
+            &serde_json::json!(batch),
+        )
+        .await;
+        assert_eq!(s, 413, "{body}");
+        assert!(h.get("retry-after").is_none());
+        assert!(
+            body["error"].as_str().unwrap().contains("at most 25"),
+            "{body}"
+        );
+    }
+    let small: Vec<serde_json::Value> = (0..25).map(|_| pulse("t", "s", "KB", 1.0)).collect();
+    let (s, _, body) = post(
+        &c,
+        &format!("{}/ingest/batch", app.base),
+        &serde_json::json!(small),
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    app.stop().await.unwrap();
+}
+
+/// The write script runs, its reply is lost, and the client library sends it again (redis-rs'
+/// cluster client does this after an I/O error): the commit token makes the second run answer
+/// the first one's flags instead of counting again — on one Redis and on a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_twice_counts_once() {
+    let redis = RedisServer::start();
+    let cluster = RedisCluster::start(3, 0);
+    for vars in [settings(&redis, &[]), {
+        let mut v = settings(&redis, &[]);
+        v.insert("REDIS_CLUSTER_URLS".into(), cluster.urls());
+        v
+    }] {
+        let store = Store::new(&Config::from_map(&vars).unwrap()).unwrap();
+        let mut conn = store.conn().await.unwrap();
+        let amount = pulse_ingestor::amount::Amount::parse_decimal(
+            "2.5",
+            9,
+            pulse_ingestor::amount::MAX_TOTAL,
+        )
+        .unwrap();
+        let items = vec![WriteItem {
+            field: pulse_ingestor::pulse::encode_field("t", "s", "KB"),
+            amount,
+            digest: None,
+            placement: 0,
+        }];
+        let first = store.write(&mut conn, 3, "token-1", &items).await.unwrap();
+        let again = store.write(&mut conn, 3, "token-1", &items).await.unwrap();
+        assert_eq!(first, again);
+        store.write(&mut conn, 3, "token-2", &items).await.unwrap();
+        let totals = if vars.contains_key("REDIS_CLUSTER_URLS") {
+            cluster.totals("pulses")
+        } else {
+            redis.totals("pulses")
+        };
+        assert_eq!(
+            totals[&("t".into(), "s".into(), "KB".into())],
+            dec(5.0),
+            "two commits, not three"
+        );
+    }
+}
+
+/// A slow upload plus a slow commit outlast the request timeout. The commit went to Redis, so
+/// a 408 ("request timed out", read as "nothing happened") would be wrong: the service answers
+/// the ambiguous 503 first, and a retry with the same id completes it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_times_out_after_queueing_is_told_it_may_have_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[("REQUEST_TIMEOUT", "3s"), ("REDIS_TIMEOUT", "2500ms")],
+    ))
+    .await;
+    let c = http();
+    assert_eq!(
+        post(
+            &c,
+            &format!("{}/ingest", app.base),
+            &pulse("warm", "s", "KB", 1.0)
+        )
+        .await
+        .0,
+        202
+    );
+    let mut p = pulse("t", "s", "KB", 4.0);
+    p["pulse_id"] = serde_json::json!("p-1");
+    let body = serde_json::to_vec(&p).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST /ingest HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Redis holds writes for 2 s: the commit lands after the handler's deadline (~2.7 s from the
+    // request's start) but within REDIS_TIMEOUT.
+    let _: () = redis.cmd(&["CLIENT", "PAUSE", "2000", "WRITE"]);
+    tcp.write_all(&body).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "not a 408 that says nothing was counted: {answer}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after"),
+        "{answer}"
+    );
+    assert!(answer.contains("may have been counted"), "{answer}");
+    // It was counted; the retry with the same id is recognised.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
+    assert_eq!(s, 202, "{body}");
+    assert_eq!(body["duplicates"], 1, "{body}");
+    assert_eq!(
+        redis.totals("pulses")[&("t".into(), "s".into(), "KB".into())],
+        dec(4.0)
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_keeps_the_service_unready() {
+    let redis =
+        RedisServer::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "volatile-lru"]);
+    let app = TestApp::spawn(settings(&redis, &[])).await;
+    let c = http();
+    let r = c.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["eviction"].as_str().unwrap().contains("volatile-lru"),
+        "{body}"
+    );
+    app.stop().await.unwrap();
+    let app = TestApp::spawn(settings(&redis, &[("REDIS_ALLOW_EVICTION", "true")])).await;
+    let r = c.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "overridden on purpose");
+    app.stop().await.unwrap();
+    let _: () = redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let app = TestApp::spawn(settings(&redis, &[])).await;
+    let r = c.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_literal_pulse_id_never_collides_with_a_batch_item_id() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[])).await;
+    let c = http();
+    let r = c
+        .post(format!("{}/ingest/batch", app.base))
+        .header("idempotency-key", "k")
+        .json(&serde_json::json!([pulse("t", "s", "KB", 1.0)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // A different pulse whose own id happens to read like the old derived form `<key>#<i>`.
+    let mut p = pulse("t", "s", "KB", 2.0);
+    p["pulse_id"] = serde_json::json!("k#0");
+    let (s, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
+    assert_eq!(s, 202);
+    assert_eq!(body["accepted"], 1, "{body}");
+    assert_eq!(
+        redis.totals("pulses")[&("t".into(), "s".into(), "KB".into())],
+        dec(3.0)
+    );
+    app.stop().await.unwrap();
+}
+
+/// Replay takes the shard's drain lock: while a drain holds it, replay waits (and reports the
+/// shard busy) instead of adding records to a window the drain may be finishing. And it covers
+/// shards above the current SHARDS, which the listing shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_respects_the_drain_lock_and_reaches_every_shard() {
+    let redis = RedisServer::start();
+    let (proc_, purl) = processor(Faults {
+        error_rate: 1.0,
+        fail_status: 422,
+        ..Faults::default()
+    })
+    .await;
+    let vars8 = settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    );
+    let app = TestApp::spawn(vars8.clone()).await;
+    let c = http();
+    // Tenants spread over the eight shards.
+    let tenants: Vec<String> = (0..40).map(|i| format!("bad-{i}")).collect();
+    for t in &tenants {
+        assert_eq!(
+            post(
+                &c,
+                &format!("{}/ingest", app.base),
+                &pulse(t, "S", "KB", 1.0)
+            )
+            .await
+            .0,
+            202
+        );
+    }
+    let ok = eventually(Duration::from_secs(15), || async {
+        flush(&c, &app.base).await;
+        pending(&c, &app.base).await["dead_letter_records"] == 40
+    })
+    .await;
+    assert!(ok, "{}", pending(&c, &app.base).await);
+    app.stop().await.unwrap();
+    let store = Store::new(&Config::from_map(&vars8).unwrap()).unwrap();
+    let high = (0..40)
+        .map(|i| pulse_ingestor::pulse::shard_of(&format!("bad-{i}"), 8))
+        .max()
+        .unwrap();
+    assert!(high >= 2, "some dead letters sit in shards above 2");
+    // Two shards from now on (the documented way), then a drain holds the highest shard's lock.
+    store.reshard(2, false).await.unwrap();
+    let mut conn = store.conn().await.unwrap();
+    assert!(
+        store
+            .try_lock(&mut conn, high, "a-drain", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    proc_.set_faults(Faults::default());
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("SHARDS", "2"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    let r = c
+        .post(format!("{}/admin/dead-letters/replay", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "a drain holds shard {high}");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("[{high}]")),
+        "{body}"
+    );
+    store
+        .release_lock(&mut conn, high, "a-drain")
+        .await
+        .unwrap();
+    let r = c
+        .post(format!("{}/admin/dead-letters/replay", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ok = eventually(Duration::from_secs(15), || async {
+        flush(&c, &app.base).await;
+        proc_.records().len() == 40
+    })
+    .await;
+    assert!(ok, "every shard's dead letters were replayed and delivered");
+    let p = pending(&c, &app.base).await;
+    assert_eq!(p["dead_letter_records"], 0, "{p}");
+    app.stop().await.unwrap();
+}
