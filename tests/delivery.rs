@@ -444,7 +444,8 @@ async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_seals_for_one_boundary_toggle_exactly_once() {
     let redis = RedisServer::start();
-    let mut vars: HashMap<String, String> = settings(&redis, &[("WINDOW", "1s"), ("SHARDS", "4")]);
+    // Windows long enough that the 200 racing calls (on a loaded CI machine) fall in one.
+    let mut vars: HashMap<String, String> = settings(&redis, &[("WINDOW", "4s"), ("SHARDS", "4")]);
     vars.remove("LISTEN_ADDR");
     let store = Store::new(&Config::from_map(&vars).unwrap()).unwrap();
     let mut conn = store.conn().await.unwrap();
@@ -453,8 +454,8 @@ async fn concurrent_seals_for_one_boundary_toggle_exactly_once() {
         store.seal(&mut conn, s).await.unwrap();
     }
     // Wait for the next boundary, then 50 callers per shard race to seal it.
-    let wait = first.window_start + 1 - first.redis_now;
-    tokio::time::sleep(Duration::from_millis(wait * 1000 + 100)).await;
+    let wait_us = (first.window_start + 4) * 1_000_000 - first.redis_now_micros;
+    tokio::time::sleep(Duration::from_micros(wait_us) + Duration::from_millis(100)).await;
     let calls = (0..50).flat_map(|_| 0..4u32).map(|s| {
         let store = store.clone();
         async move {
