@@ -75,9 +75,56 @@ def peak_rss_mb(pid):
     return float("nan")
 
 
-def wrk(url, script, conns=64, dur=DUR):
+def redis_info(port):
+    """Redis CPU seconds (user + sys) and script calls so far."""
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "all"], capture_output=True,
+                         text=True, check=True).stdout
+    cpu = sum(float(re.search(rf"^{k}:([\d.]+)", out, re.M).group(1))
+              for k in ("used_cpu_user", "used_cpu_sys"))
+    m = re.search(r"^cmdstat_evalsha:calls=(\d+)", out, re.M)
+    return cpu, int(m.group(1)) if m else 0
+
+
+def proc_cpu(pid):
+    """CPU seconds a process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def commit_stats(port):
+    """(sum, count) of ingestor_commit_batch_pulses."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    get = lambda n: float(re.search(rf"^{n} ([\d.e+]+)$", text, re.M).group(1))
+    return get("ingestor_commit_batch_pulses_sum"), get("ingestor_commit_batch_pulses_count")
+
+
+class Cost:
+    """The cost model of one measured interval: Redis CPU per pulse, script calls per pulse,
+    pulses per commit, ingestor CPU per request."""
+
+    def __init__(self, rport, pids, ports):
+        self.rport, self.pids, self.ports = rport, pids, ports
+        self.start = self.snap()
+
+    def snap(self):
+        r = redis_info(self.rport)
+        c = [commit_stats(p) for p in self.ports]
+        return r, sum(proc_cpu(p) for p in self.pids), sum(x[0] for x in c), sum(x[1] for x in c)
+
+    def done(self, requests, pulses):
+        (rc0, calls0), ic0, s0, n0 = self.start
+        (rc1, calls1), ic1, s1, n1 = self.snap()
+        pulses = max(pulses, 1)
+        return {"redis_us": (rc1 - rc0) * 1e6 / pulses, "calls": (calls1 - calls0) / pulses,
+                "per_commit": (s1 - s0) / max(n1 - n0, 1),
+                "ingestor_us": (ic1 - ic0) * 1e6 / max(requests, 1),
+                "redis_busy": rc1 - rc0}
+
+
+def wrk(url, script, conns=64, dur=DUR, threads=2):
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{conns}", f"-d{dur}s", "--latency", "-s", script, url],
+        ["wrk", f"-t{threads}", f"-c{conns}", f"-d{dur}s", "--latency", "-s", script, url],
         capture_output=True, text=True, check=True).stdout
 
     def ms(label):
@@ -90,7 +137,8 @@ def wrk(url, script, conns=64, dur=DUR):
     non2xx = int(non2xx.group(1)) if non2xx else 0
     # Only 2xx answers count as throughput: a shed request (503) is cheap and proves nothing.
     rps = (total - non2xx) / dur
-    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "non2xx": non2xx, "raw": out}
+    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "non2xx": non2xx, "raw": out,
+            "ok": total - non2xx}
 
 
 def wrk_scripts(tmp):
@@ -236,9 +284,13 @@ def main():
                      ceiling_batch["p99"], None, 1.0, "n/a (no work)"))
         print(f"ceiling: {ceiling['rps']:,.0f} req/s", file=sys.stderr)
 
+        costs = []
+
         def http_scenario(name, extra, script, path, producer_args, per_request=1, conns=64):
             ing, port = ingestor(extra)
+            cost = Cost(rport, [ing.pid], [port])
             w = wrk(f"http://127.0.0.1:{port}{path}", scripts[script], conns=conns)
+            costs.append((name, cost.done(w["ok"], w["ok"] * per_request)))
             ledger = os.path.join(tmp, "ledger.json")
             producer(["--url", f"http://127.0.0.1:{port}", "--duration", f"{min(DUR, 5)}s",
                       "--ids", "--ledger", ledger] + producer_args, log)
@@ -279,6 +331,54 @@ def main():
         ok &= http_scenario("4b. POST /ingest/batch, 1,000 pulses over 500 keys, 8 conns", {},
                             "typical", "/ingest/batch", batch_args + ["--tenants", "50"],
                             per_request=1000, conns=8)
+
+        # 8. Redis memory per remembered pulse id: 100,000 ids.
+        ing, port = ingestor({})
+        before = int(re.search(r"^used_memory:(\d+)", subprocess.run(
+            ["redis-cli", "-p", str(rport), "INFO", "memory"], capture_output=True, text=True).stdout,
+            re.M).group(1))
+        producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max", "--concurrency", "4",
+                  "--batch", "1000", "--ids", "--count", "100000", "--duration", "60s"], log)
+        out = subprocess.run(["redis-cli", "-p", str(rport), "INFO", "memory"], capture_output=True,
+                             text=True).stdout
+        after = int(re.search(r"^used_memory:(\d+)", out, re.M).group(1))
+        sets = subprocess.run(["redis-cli", "-p", str(rport), "--scan", "--pattern", "{pulses:*}:seen:*"],
+                              capture_output=True, text=True).stdout.split()
+        set_bytes = sum(int(subprocess.run(["redis-cli", "-p", str(rport), "MEMORY", "USAGE", k, "SAMPLES", "0"],
+                                           capture_output=True, text=True).stdout.strip() or 0) for k in sets)
+        procs.stop(ing)
+        memory_row = (set_bytes / 100_000, (after - before) / 100_000)
+        print(f"memory per id: {memory_row[0]:.1f} B in marker sets, {memory_row[1]:.1f} B used_memory",
+              file=sys.stderr)
+
+        # 9. Fleet: 2 and 3 replicas against one Redis, single pulses, until Redis saturates
+        # (on this 2-core box the replicas and wrk saturate first; the cost per pulse projects).
+        fleet = []
+        for n in (2, 3):
+            ings = []
+            subprocess.run(["redis-cli", "-p", str(rport), "FLUSHALL"], check=True, capture_output=True)
+            for _ in range(n):
+                port = free_port()
+                env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
+                           LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn")
+                ings.append((procs.start([os.path.join(BIN, "pulse-ingestor")], env=env,
+                                         log=os.path.join(tmp, f"fleet-{n}-{port}.log")), port))
+            for _, port in ings:
+                wait_port(port)
+            cost = Cost(rport, [p.pid for p, _ in ings], [port for _, port in ings])
+            runs = [subprocess.Popen(["wrk", "-t1", f"-c{64 // n}", f"-d{DUR}s", "--latency", "-s",
+                                      scripts["single"], f"http://127.0.0.1:{port}/ingest"],
+                                     stdout=subprocess.PIPE, text=True) for _, port in ings]
+            outs = [r.communicate()[0] for r in runs]
+            ok_reqs = 0
+            for out in outs:
+                total = int(re.search(r"(\d+) requests in", out).group(1))
+                bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+                ok_reqs += total - (int(bad.group(1)) if bad else 0)
+            c = cost.done(ok_reqs, ok_reqs)
+            fleet.append((n, ok_reqs / DUR, c))
+            for p, _ in ings:
+                procs.stop(p)
 
         # 7. The worst-case batch load again, on a 3-master Redis Cluster on this same machine.
         cports = []
@@ -397,6 +497,20 @@ def main():
                + (", BENCH_QUICK=1" if QUICK else ""))
     block = "\n".join(["<!-- bench:start -->", f"Machine: {machine}.", "", *table,
                        "<!-- bench:end -->"])
+    table += ["", "Cost model (same run; Redis CPU from `INFO` user+sys, script calls from "
+              "`INFO commandstats`, pulses per commit from `ingestor_commit_batch_pulses`, ingestor "
+              "CPU from `/proc/<pid>/stat`):", "",
+              "| scenario | Redis CPU µs per pulse | script calls per pulse | pulses per commit | ingestor CPU µs per request |",
+              "|---|---|---|---|---|"]
+    for name, c in costs:
+        table.append(f"| {name} | {c['redis_us']:.2f} | {c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} |")
+    for n, rps, c in fleet:
+        table.append(f"| 9. fleet: {n} replicas, one Redis, single pulses ({rps:,.0f} req/s in total, "
+                     f"Redis busy {c['redis_busy'] / DUR * 100:.0f} % of a core; projected "
+                     f"{1e6 / max(c['redis_us'], 0.01):,.0f} pulses/s per Redis core) | {c['redis_us']:.2f} | "
+                     f"{c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} |")
+    table += ["", f"Redis memory per remembered pulse id (100,000 ids): {memory_row[0]:.1f} bytes in the "
+              f"marker sets (`MEMORY USAGE`), {memory_row[1]:.1f} bytes of `used_memory` growth."]
     print("\n".join(table))
     path = os.path.join(ROOT, "BENCHMARKS.md")
     text = open(path).read() if os.path.exists(path) else "<!-- bench:start -->\n<!-- bench:end -->\n"
@@ -406,5 +520,60 @@ def main():
     return 0 if ok else 1
 
 
+def ab(pairs=5):
+    """Alternating before/after pairs in one sitting: REDIS_COMMIT=per-shard (one script call
+    per shard, the previous behaviour) against one-call (a commit's shards in one call), for
+    single pulses (scenario 2) and worst-case batches (4a). Prints medians and per-pair ratios."""
+    procs = Procs()
+    tmp = tempfile.mkdtemp(prefix="pulse-ab-")
+    scripts = wrk_scripts(tmp)
+    results = {}
+    try:
+        rport = free_port()
+        procs.start(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", tmp,
+                     "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                    log=os.path.join(tmp, "redis.log"))
+        wait_port(rport)
+        for i in range(pairs):
+            for mode in ("per-shard", "one-call"):
+                for scen, script, path, conns, per in (("2", "single", "/ingest", 64, 1),
+                                                       ("4a", "batch", "/ingest/batch", 8, 1000)):
+                    subprocess.run(["redis-cli", "-p", str(rport), "FLUSHALL"], check=True,
+                                   capture_output=True)
+                    port = free_port()
+                    env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
+                               LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn", REDIS_COMMIT=mode)
+                    ing = procs.start([os.path.join(BIN, "pulse-ingestor")], env=env)
+                    wait_port(port)
+                    cost = Cost(rport, [ing.pid], [port])
+                    w = wrk(f"http://127.0.0.1:{port}{path}", scripts[script], conns=conns)
+                    c = cost.done(w["ok"], w["ok"] * per)
+                    c["rate"] = w["ok"] * per / DUR
+                    c["p99"] = w["p99"]
+                    results.setdefault((scen, mode), []).append(c)
+                    procs.stop(ing)
+                    print(f"pair {i + 1} {scen} {mode}: {c['rate']:,.0f}/s, Redis {c['redis_us']:.2f} µs/pulse, "
+                          f"{c['calls']:.3f} calls/pulse, {c['per_commit']:.1f} pulses/commit, "
+                          f"ingestor {c['ingestor_us']:.1f} µs/req", file=sys.stderr)
+    finally:
+        procs.stop_all()
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    print("| scenario | REDIS_COMMIT | rate (median) | p99 ms | Redis CPU µs/pulse | script calls/pulse | pulses/commit | ingestor CPU µs/request |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (scen, mode), cs in sorted(results.items()):
+        print(f"| {scen} | {mode} | {med([c['rate'] for c in cs]):,.0f}/s | {med([c['p99'] for c in cs]):.2f} | "
+              f"{med([c['redis_us'] for c in cs]):.2f} | {med([c['calls'] for c in cs]):.3f} | "
+              f"{med([c['per_commit'] for c in cs]):.1f} | {med([c['ingestor_us'] for c in cs]):.1f} |")
+    for scen in ("2", "4a"):
+        before, after = results[(scen, "per-shard")], results[(scen, "one-call")]
+        ratios = [a["rate"] / b["rate"] for a, b in zip(after, before)]
+        cpu = [b["redis_us"] / a["redis_us"] for a, b in zip(after, before)]
+        print(f"scenario {scen}: one-call / per-shard throughput, median of per-pair ratios "
+              f"{med(ratios):.2f}; Redis CPU per pulse divided by {med(cpu):.2f}")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "ab":
+        sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 5))
     sys.exit(main())

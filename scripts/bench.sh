@@ -2,6 +2,8 @@
 # Builds release binaries, starts its own Redis, reference Processor and ingestor on free
 # loopback ports, runs the benchmark scenarios, checks the books after each, stops everything
 # and writes the table into BENCHMARKS.md. BENCH_QUICK=1 runs shorter, smaller scenarios.
+# `scripts/bench.sh ab [pairs]`: alternating REDIS_COMMIT=per-shard / one-call pairs (scenarios 2
+# and 4a) with the cost model, printed as a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -10,4 +12,4 @@ ensure_cmd redis-cli redis-tools
 ensure_cmd wrk wrk
 ensure_cmd python3 python3
 cargo build --release --workspace --bins
-exec python3 scripts/bench.py
+exec python3 scripts/bench.py "$@"

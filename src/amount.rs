@@ -2,10 +2,10 @@
 //!
 //! Amounts are parsed from their JSON text with `bigdecimal` (never through `f64`), checked
 //! against `AMOUNT_DECIMALS` and `MAX_AMOUNT`, and carried as an integer count of 10^-12 units
-//! ([`SCALE`]). Redis adds them with `HINCRBY` on two integer limbs per key — `lo` (always below
-//! [`LIMB`] = 10^15, so that Lua's doubles hold every intermediate value exactly) and `hi`
-//! (multiples of [`LIMB`]) — so a key's window total is exact up to [`MAX_TOTAL`] whatever
-//! `AMOUNT_DECIMALS` is (see `store/scripts/write.lua`). Totals are printed back as canonical
+//! ([`SCALE`]). Redis adds them with `HINCRBY` on two integer limbs per key — `lo` (an
+//! increment's is below [`LIMB`] = 10^15; the total's is kept below 4 × 10^18 + 10^15 by moving
+//! 4 × 10^18 into `hi` now and then) and `hi` (multiples of [`LIMB`]) — so a key's window total
+//! is exact up to [`MAX_TOTAL`] whatever `AMOUNT_DECIMALS` is (see `store/scripts/seal_lib.lua`). Totals are printed back as canonical
 //! decimal text: no exponent, no trailing zeros.
 
 use std::fmt;

@@ -61,6 +61,9 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
             .to_string(),
         )),
         Ok(_) => {
+            if let Err(e) = store.init_markers().await {
+                warn!(error = %e, "could not read the dedupe marker layout; will retry");
+            }
             match store.eviction_policy().await {
                 Ok(p) if p != "noeviction" && !cfg.redis_allow_eviction => error!(
                     policy = %p,

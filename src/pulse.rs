@@ -375,14 +375,15 @@ pub fn placement_of(tenant: &str) -> i64 {
     xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) as i64
 }
 
-/// The dedupe digest of a pulse id, scoped by tenant: 128 bits of SHA-256 as 32 hex characters.
-/// A cryptographic hash so that one tenant cannot craft ids that collide with another's.
-pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> String {
+/// The dedupe digest of a pulse id, scoped by tenant: 128 bits of SHA-256 (markers keep the
+/// first 96). A cryptographic hash so that one tenant cannot craft ids that collide with
+/// another's.
+pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> [u8; 16] {
     let mut h = Sha256::new();
     h.update((tenant.len() as u64).to_be_bytes());
     h.update(tenant.as_bytes());
     h.update(pulse_id.as_bytes());
-    hex::encode(&h.finalize()[..16])
+    h.finalize()[..16].try_into().expect("16 of 32 bytes")
 }
 
 /// The stable identity of a delivered record: `(window_start, shard, tenant, sku, unit)`

@@ -457,3 +457,121 @@ async fn replay_respects_the_drain_lock_and_reaches_every_shard() {
     assert_eq!(p["dead_letter_records"], 0, "{p}");
     app.stop().await.unwrap();
 }
+
+/// Pulse ids live in per-shard sets bucketed by `DEDUPE_TTL`: an id is recognised for at least
+/// `DEDUPE_TTL` whichever bucket the re-send falls in, and counted again after twice that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulse_id_is_remembered_for_at_least_the_dedupe_ttl() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[("DEDUPE_TTL", "2s")])).await;
+    let c = http();
+    let send = |id: &'static str| {
+        let (c, url) = (c.clone(), format!("{}/ingest", app.base));
+        async move {
+            let mut p = pulse("t", "s", "KB", 1.0);
+            p["pulse_id"] = serde_json::json!(id);
+            let (s, _, body) = post(&c, &url, &p).await;
+            assert_eq!(s, 202, "{body}");
+            body
+        }
+    };
+    assert_eq!(send("a").await["accepted"], 1);
+    // Every 0.4 s for 1.6 s: across a bucket boundary, the id is still known.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(send("a").await["duplicates"], 1);
+    }
+    // Two TTLs after its last bucket began, it has expired.
+    tokio::time::sleep(Duration::from_millis(4200)).await;
+    assert_eq!(send("a").await["accepted"], 1);
+    let sets: Vec<String> = redis.cmd(&["KEYS", "{pulses:*}:seen:*"]);
+    for k in &sets {
+        let ttl: i64 = redis.cmd(&["TTL", k]);
+        assert!(ttl > 0 && ttl <= 4, "{k} expires as a whole: {ttl}");
+    }
+    app.stop().await.unwrap();
+}
+
+/// An upgrade from the release that kept one string key per id: those markers are still
+/// consulted until they have expired, so a retry across the upgrade counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_of_the_previous_layout_are_honoured_until_they_expire() {
+    let redis = RedisServer::start();
+    // What the previous release left: its meta and one marker.
+    let _: i64 = redis.cmd(&["HSET", "{pulses}:meta", "shards_max", "8"]);
+    let digest = hex::encode(pulse_ingestor::pulse::dedupe_digest("t", "old-id"));
+    let shard = pulse_ingestor::pulse::shard_of("t", 8);
+    let key = format!("{{pulses:{shard}}}:seen:{digest}");
+    let _: () = redis.cmd(&["SET", &key, "1795539600", "EX", "3600"]);
+    let app = TestApp::spawn(settings(&redis, &[])).await;
+    let c = http();
+    let mut p = pulse("t", "s", "KB", 1.0);
+    p["pulse_id"] = serde_json::json!("old-id");
+    let (s, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
+    assert_eq!(s, 202);
+    assert_eq!(body["duplicates"], 1, "{body}");
+    p["pulse_id"] = serde_json::json!("new-id");
+    let (_, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
+    assert_eq!(body["accepted"], 1, "{body}");
+    app.stop().await.unwrap();
+}
+
+/// What a remembered pulse id costs in Redis memory (the README states it): measured, and
+/// held to the layout's budget of 64 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_pulse_id_costs_at_most_64_bytes() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[("MAX_BATCH_ITEMS", "10000")])).await;
+    let c = http();
+    let used = || -> i64 {
+        let info: String = redis.cmd(&["INFO", "memory"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Warm: the aggregates of the keys exist before the measurement.
+    let batch = |from: usize, ids: bool| {
+        let items: Vec<serde_json::Value> = (from..from + 10_000)
+            .map(|i| {
+                let mut p = pulse(&format!("t-{}", i % 100), "s", "KB", 1.0);
+                if ids {
+                    p["pulse_id"] = serde_json::json!(format!("id-{i}"));
+                }
+                p
+            })
+            .collect();
+        serde_json::json!(items)
+    };
+    assert_eq!(
+        post(&c, &format!("{}/ingest/batch", app.base), &batch(0, false))
+            .await
+            .0,
+        202
+    );
+    let before = used();
+    for k in 0..10 {
+        let (s, _, b) = post(
+            &c,
+            &format!("{}/ingest/batch", app.base),
+            &batch(k * 10_000, true),
+        )
+        .await;
+        assert_eq!(s, 202, "{b}");
+    }
+    let per_id_total = (used() - before) as f64 / 100_000.0;
+    // The markers themselves, exactly: every bucket set's memory.
+    let sets: Vec<String> = redis.cmd(&["KEYS", "{pulses:*}:seen:*"]);
+    let bytes: i64 = sets
+        .iter()
+        .map(|k| redis.cmd::<i64>(&["MEMORY", "USAGE", k, "SAMPLES", "0"]))
+        .sum();
+    let per_id = bytes as f64 / 100_000.0;
+    println!(
+        "Redis memory per remembered pulse id: {per_id:.1} bytes in the marker sets ({per_id_total:.1} bytes of used_memory growth, which includes Lua and buffers)"
+    );
+    assert!(per_id <= 64.0, "{per_id:.1} bytes per id");
+    app.stop().await.unwrap();
+}

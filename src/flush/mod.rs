@@ -120,6 +120,10 @@ impl Flusher {
             });
         }
         let shards = max_shards.max(self.store.shards);
+        if self.store.legacy_markers_until() != 0 {
+            // Until the previous layout's markers have expired (or it is known there are none).
+            self.store.init_markers().await?;
+        }
         self.shards
             .store(shards, std::sync::atomic::Ordering::Relaxed);
         let replies = join_all((0..shards).map(|s| {

@@ -97,6 +97,7 @@ impl Ingest {
                 store: store.clone(),
                 metrics: metrics.clone(),
                 max_batch: cfg.worker_batch,
+                linger: cfg.commit_linger,
                 retry_forever: cfg.ack_mode == AckMode::Enqueued,
                 hard_stop: hard_stop.clone(),
             };

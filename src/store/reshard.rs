@@ -6,10 +6,12 @@
 //! therefore recorded in Redis (`{prefix}:meta`, field `shards`): a replica started with another
 //! `SHARDS` refuses to start (exit 64) and a running one that sees it change stops. The count is
 //! changed offline with `pulse-ingestor reshard --shards N`, while no replica runs: every live
-//! marker is copied, with its remaining TTL, into the tenant's shard under the new count (the
-//! marker's value is the tenant's placement hash); a marker from before this layout, which has
-//! no placement, is copied into every new shard (its digest is tenant-scoped, so that cannot
-//! match another tenant's id). Then the new count is recorded. Windows left in the old shards
+//! marker is copied, with its expiry, into the tenant's shard under the new count (a marker
+//! carries the tenant's placement hash modulo 65,536 after its digest, which places it exactly
+//! for any count that divides 65,536 — use a power of two); for another count, and for a marker
+//! from the previous release (no placement), it is copied into every new shard (its digest is
+//! tenant-scoped, so that cannot match another tenant's id; the memory returns when its bucket
+//! expires). Then the new count is recorded. Windows left in the old shards
 //! are sealed and delivered as before (the largest count ever used is drained).
 
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
@@ -42,6 +44,107 @@ pub enum ReshardError {
 }
 
 impl Store {
+    /// Copies one bucket set's members into the same bucket of each member's new shard, with
+    /// the same expiry.
+    async fn move_marker_set(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        key: &str,
+        to: u32,
+        report: &mut ReshardReport,
+    ) -> Result<(), StoreError> {
+        let bucket = key.rsplit(':').next().unwrap_or_default();
+        let expire_at: i64 = redis::cmd("PEXPIRETIME").arg(key).query_async(conn).await?;
+        let mut cursor = 0u64;
+        loop {
+            let (next, members): (u64, Vec<Vec<u8>>) = redis::cmd("SSCAN")
+                .arg(key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            cursor = next;
+            let mut by_target: std::collections::HashMap<u32, Vec<Vec<u8>>> = Default::default();
+            for m in members {
+                let Some(placement) = m.get(12..14) else {
+                    continue;
+                };
+                let placement = u16::from_be_bytes(placement.try_into().expect("2 bytes"));
+                if 65_536 % to == 0 {
+                    // The placement modulo 65,536 determines the shard for such counts.
+                    report.markers_moved += 1;
+                    let target = u32::from(placement) % to;
+                    if target != shard {
+                        by_target.entry(target).or_default().push(m);
+                    }
+                } else {
+                    // Any other count: the marker goes to every shard (tenant-scoped digests
+                    // cannot match another tenant's id); memory grows until the bucket expires.
+                    report.markers_copied_everywhere += 1;
+                    for target in (0..to).filter(|&t| t != shard) {
+                        by_target.entry(target).or_default().push(m.clone());
+                    }
+                }
+            }
+            for (target, members) in by_target {
+                let dest = self.keys.seen(target, bucket);
+                let mut p = redis::pipe();
+                p.cmd("SADD").arg(&dest).arg(members).ignore();
+                if expire_at > 0 {
+                    p.cmd("PEXPIREAT")
+                        .arg(&dest)
+                        .arg(expire_at)
+                        .arg("NX")
+                        .ignore();
+                }
+                p.query_async::<()>(conn).await?;
+            }
+            if cursor == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Copies one marker of the previous layout (a string key per id, whose value was a window
+    /// start: no placement) into every new shard.
+    async fn move_marker_key(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        key: &str,
+        to: u32,
+        report: &mut ReshardReport,
+    ) -> Result<(), StoreError> {
+        let (value, pttl): (Option<String>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(key)
+            .cmd("PTTL")
+            .arg(key)
+            .query_async(conn)
+            .await?;
+        let (Some(value), true) = (value, pttl > 0) else {
+            return Ok(());
+        };
+        let digest = key.rsplit(':').next().unwrap_or_default();
+        report.markers_copied_everywhere += 1;
+        let mut p = redis::pipe();
+        for t in (0..to).filter(|&t| t != shard) {
+            p.cmd("SET")
+                .arg(self.keys.seen(t, digest))
+                .arg(&value)
+                .arg("PX")
+                .arg(pttl)
+                .arg("NX")
+                .ignore();
+        }
+        if to > 1 {
+            p.query_async::<()>(conn).await?;
+        }
+        Ok(())
+    }
+
     /// Copies every live dedupe marker to its shard under `to` shards and records `to` as the
     /// deployment's count. Refuses while replicas are running, unless `force`.
     pub async fn reshard(&self, to: u32, force: bool) -> Result<ReshardReport, ReshardError> {
@@ -122,41 +225,12 @@ impl Store {
                 }
             };
             cursor = next;
-            if !keys.is_empty() {
-                let mut read = redis::pipe();
-                for k in &keys {
-                    read.cmd("GET").arg(k).cmd("PTTL").arg(k);
-                }
-                let values: Vec<(Option<i64>, i64)> = read.query_async(conn).await?;
-                let mut write = redis::pipe();
-                let mut writes = 0;
-                for (k, (value, pttl)) in keys.iter().zip(values) {
-                    let (Some(value), true) = (value, pttl > 0) else {
-                        continue; // expired meanwhile
-                    };
-                    let digest = k.rsplit(':').next().unwrap_or_default();
-                    let targets: Vec<u32> = if (0..1_000_000_000_000).contains(&value) {
-                        // Written before markers carried a placement (its value was a window).
-                        report.markers_copied_everywhere += 1;
-                        (0..to).collect()
-                    } else {
-                        report.markers_moved += 1;
-                        vec![(value as u64 % u64::from(to)) as u32]
-                    };
-                    for t in targets.into_iter().filter(|&t| t != shard) {
-                        writes += 1;
-                        write
-                            .cmd("SET")
-                            .arg(self.keys.seen(t, digest))
-                            .arg(value)
-                            .arg("PX")
-                            .arg(pttl)
-                            .arg("NX")
-                            .ignore();
-                    }
-                }
-                if writes > 0 {
-                    write.query_async::<()>(conn).await?;
+            for key in keys {
+                let kind: String = redis::cmd("TYPE").arg(&key).query_async(conn).await?;
+                match kind.as_str() {
+                    "set" => self.move_marker_set(conn, shard, &key, to, report).await?,
+                    "string" => self.move_marker_key(conn, shard, &key, to, report).await?,
+                    _ => {} // expired meanwhile
                 }
             }
             if cursor == 0 {

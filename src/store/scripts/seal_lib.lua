@@ -2,23 +2,28 @@
 --
 -- Two layouts live side by side under one shard's hash tag `base`:
 --   exact  (this release): namespace `base:x`, amounts as two integer limbs per key —
---          `<hash>` holds lo (always < LIMB) and `<hash>:hi` holds multiples of LIMB, both
+--          `<hash>` holds lo and `<hash>:hi` multiples of 10^15 (see add below), both
 --          added with HINCRBY, so sums are exact (invariant 11). Pending members "<s>:<e>:x".
 --   legacy (the float release): namespace `base`, HINCRBYFLOAT values. Only sealed, never
 --          written, so windows a previous version left are still delivered.
 -- Each layout has its own generation and window keys, so replicas of both versions can run
 -- side by side during an upgrade and each seals only its own hashes.
 
-local LIMB = 1000000000000000
-local NEG_LIMB = '-1000000000000000'
+-- A total is hi × 10^15 + lo units of 10^-12. Redis adds both limbs exactly (int64 HINCRBY);
+-- Lua only compares lo with a threshold, so the double it sees need not be exact. An increment's
+-- lo is below 10^15; once lo reaches 4 × 10^18 (4,000,000 whole units), 4 × 10^18 moves into hi
+-- (+4,000), so lo never nears int64's 9.2 × 10^18 — and a key carries once per 4 million units,
+-- not on every few pulses.
+local CARRY_AT = 4e18
+local CARRY_LO = '-4000000000000000000'
+local CARRY_HI = '4000'
 
--- Adds an exact amount, given as decimal limb strings, to one field of (lohash, hihash),
--- carrying so that lo stays below LIMB. Every number Lua sees stays below 2^53, so exact.
+-- Adds an exact amount, given as decimal limb strings, to one field of (lohash, hihash).
 local function add(lohash, hihash, field, lo, hi)
   local v = redis.call('HINCRBY', lohash, field, lo)
-  if v >= LIMB then
-    redis.call('HINCRBY', lohash, field, NEG_LIMB)
-    redis.call('HINCRBY', hihash, field, 1)
+  if v >= CARRY_AT then
+    redis.call('HINCRBY', lohash, field, CARRY_LO)
+    redis.call('HINCRBY', hihash, field, CARRY_HI)
   end
   if hi ~= '0' then
     redis.call('HINCRBY', hihash, field, hi)

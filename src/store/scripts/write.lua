@@ -1,53 +1,114 @@
--- Count pulses into the shard's current generation, exactly once and exactly (invariants 1, 2,
--- 11). KEYS: every key the script touches that is known before it runs (see Store::write):
--- generation keys, both generations' hashes, the pending set, the commit token (KEYS[9]),
--- then one dedupe marker per pulse id. ARGV[1] shard base, e.g. "{pulses:7}", ARGV[2] window length (s), ARGV[3] dedupe
--- TTL (s), ARGV[4..] quintuples: field, lo, hi (decimal limb strings, lo < LIMB), marker
--- index into KEYS ("0" when the pulse has no id), tenant placement hash (the marker's value).
--- Returns "<window start>:<flags>" with one flag per quintuple: 1 counted, 0 duplicate.
+-- Count pulses into their shards' current generations, exactly once and exactly (invariants 1,
+-- 2, 11). One call carries a whole commit: every shard of it on one Redis, or one shard (one
+-- slot) on a cluster node.
+-- KEYS[1] the commit's token; on a cluster, also the shard's generation keys (declared so the
+-- cluster routes and migrates them correctly; see Store::write_many).
+-- ARGV[1] window length (s), ARGV[2] dedupe TTL (s), ARGV[3] Redis time (s) until which
+-- markers of the previous layout (one string key per id) are still consulted (0: none, and
+-- items carry no previous-layout digest), ARGV[4] number of shard sections; then per section:
+-- shard base (e.g. "{pulses:7}"), count of items without id, count with id; the items without
+-- id as (field, lo, hi); the items with id as (field, lo, hi, marker[, previous-layout hex
+-- digest]). lo and hi are decimal limb strings (lo < 10^15); a marker is 12 bytes of digest
+-- and 2 of tenant placement.
+-- Returns "<window start>:<flags>" per section, joined by ";": one flag per item with id, in
+-- order: 1 counted, 0 duplicate (items without id are always counted).
 --
 -- Reading the generation and incrementing into it happen here, in one script, so a toggle can
 -- never interleave with an increment; the dedupe marker is set in the same script as the
 -- increment, so a pulse is never claimed without being counted. A total that could leave the
--- exact range is refused before anything of the commit is written.
-local done = redis.call('GET', KEYS[9])
+-- exact range is refused before anything of the commit is written. A re-sent call (a client
+-- library's retry after a lost reply) finds its token and answers the first reply again.
+--
+-- Dedupe markers are members of per-shard sets, one set per DEDUPE_TTL bucket of Redis time,
+-- expiring as a whole two buckets later: an id is looked up in the current and the previous
+-- bucket, so it is remembered for at least DEDUPE_TTL (at most twice that), at ~60 bytes per
+-- id instead of a key of its own.
+local done = redis.call('GET', KEYS[1])
 if done then
-  -- This commit already ran (its reply was lost and the client library sent it again).
   return done
 end
-local base = ARGV[1]
-local ns = base .. ':x'
-local gen, start = seal(base, ns, true, redis_now(), tonumber(ARGV[2]))
-local agg = ns .. ':agg:' .. gen
-local hiagg = agg .. ':hi'
-local ttl = ARGV[3]
--- Overflow guard: only pulses of LIMB units or more carry a hi part; smaller ones add at most
--- one carry each, and 2^62 carries cannot happen within a window.
-local his = nil
-for i = 4, #ARGV, 5 do
-  if ARGV[i + 2] ~= '0' then
-    his = his or {}
-    his[ARGV[i]] = (his[ARGV[i]] or 0) + tonumber(ARGV[i + 2]) + 1
-  end
+local len = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local now = redis_now()
+local legacy_until = tonumber(ARGV[3])
+local legacy = now < legacy_until
+local id_stride = 4
+if legacy_until > 0 then
+  id_stride = 5
 end
-if his then
-  for f, inc in pairs(his) do
-    local cur = tonumber(redis.call('HGET', hiagg, f) or '0')
-    if cur + inc >= 4611686018427387904 then
-      return redis.error_reply('OVERFLOW a key total would leave the exact range')
+local sections = {}
+local i = 5
+for s = 1, tonumber(ARGV[4]) do
+  local base = ARGV[i]
+  local plain = tonumber(ARGV[i + 1])
+  local ids = tonumber(ARGV[i + 2])
+  i = i + 3
+  local gen, start = seal(base, base .. ':x', true, now, len)
+  local agg = base .. ':x:agg:' .. gen
+  local first_id = i + plain * 3
+  local after = first_id + ids * id_stride
+  -- Overflow guard: only pulses of 10^15 units (1,000 whole units) or more carry a hi part;
+  -- smaller ones add at most one carry (+4,000) each, and 2^62 / 4,000 carries cannot happen
+  -- within a window.
+  local his = nil
+  local k = i
+  while k < after do
+    if ARGV[k + 2] ~= '0' then
+      his = his or {}
+      his[ARGV[k]] = (his[ARGV[k]] or 0) + tonumber(ARGV[k + 2]) + 4000
+    end
+    if k < first_id then k = k + 3 else k = k + id_stride end
+  end
+  if his then
+    for f, inc in pairs(his) do
+      local cur = tonumber(redis.call('HGET', agg .. ':hi', f) or '0')
+      if cur + inc >= 4611686018427387904 then
+        return redis.error_reply('OVERFLOW a key total would leave the exact range')
+      end
     end
   end
+  sections[s] = {base, i, first_id, after, agg, start}
+  i = after
 end
-local flags = {}
-for i = 4, #ARGV, 5 do
-  local m = tonumber(ARGV[i + 3])
-  if m == 0 or redis.call('SET', KEYS[m], ARGV[i + 4], 'NX', 'EX', ttl) then
-    add(agg, hiagg, ARGV[i], ARGV[i + 1], ARGV[i + 2])
-    flags[#flags + 1] = '1'
-  else
-    flags[#flags + 1] = '0'
+local out = {}
+for s = 1, #sections do
+  local base, first, first_id, after, agg, start = unpack(sections[s])
+  local hi = agg .. ':hi'
+  for k = first, first_id - 1, 3 do
+    add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2])
   end
+  local flags = {}
+  if first_id < after then
+    local bucket = math.floor(now / ttl)
+    local cur = base .. ':seen:' .. string.format('%d', bucket)
+    local prev = base .. ':seen:' .. string.format('%d', bucket - 1)
+    local added = false
+    for k = first_id, after - 1, id_stride do
+      local m = ARGV[k + 3]
+      local new = true
+      if redis.call('SADD', cur, m) == 0 then
+        new = false
+      else
+        added = true
+        if redis.call('SISMEMBER', prev, m) == 1 then
+          new = false
+        elseif legacy and redis.call('EXISTS', base .. ':seen:' .. ARGV[k + 4]) == 1 then
+          new = false
+        end
+      end
+      if new then
+        add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2])
+        flags[#flags + 1] = '1'
+      else
+        flags[#flags + 1] = '0'
+      end
+    end
+    if added then
+      redis.call('EXPIREAT', cur, string.format('%d', (bucket + 2) * ttl), 'NX')
+    end
+  end
+  out[s] = string.format('%d', start) .. ':' .. table.concat(flags)
 end
-local reply = start .. ':' .. table.concat(flags)
-redis.call('SET', KEYS[9], reply, 'EX', 600)
+local reply = table.concat(out, ';')
+redis.call('SET', KEYS[1], reply, 'EX', 600)
 return reply
