@@ -12,6 +12,10 @@ ensure_cmd promtool prometheus
 ensure_cmd npm npm
 ensure_cmd faketime faketime
 python3 -c 'import jsonschema, yaml' 2>/dev/null || python3 -m pip install -q jsonschema pyyaml
+# Contract and manifest checkers nobody here wrote (PyPI).
+command -v st >/dev/null 2>&1 && command -v openapi-spec-validator >/dev/null 2>&1 \
+  && command -v kubernetes-validate >/dev/null 2>&1 \
+  || python3 -m pip install -q schemathesis openapi-spec-validator kubernetes-validate
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -27,4 +31,8 @@ else
 fi
 echo "==> observability: promtool, compose schema, dashboard queries against a live Prometheus"
 python3 scripts/check_observability.py target/debug
+echo "==> API contracts: docs current, openapi-spec-validator, Schemathesis against a live instance"
+python3 scripts/check_contract.py target/debug
+echo "==> Kubernetes manifests: kubernetes-validate --strict and consistency with the service"
+python3 scripts/check_deploy.py target/debug
 echo "==> all tests passed"

@@ -213,7 +213,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: env::MAX_FIELD_LEN,
         default: "256",
-        help: "Longest tenant, SKU, unit or pulse id in bytes (422)",
+        help: "Longest tenant, SKU, unit or pulse id in characters (422)",
     },
     Setting {
         name: env::MAX_AMOUNT,

@@ -41,6 +41,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print the OpenAPI 3.1 document of this API (what `GET /openapi.json` serves), or with
+    /// `--processor` the contract of the Processor it delivers to. `docs/` holds both.
+    Openapi {
+        #[arg(long)]
+        processor: bool,
+    },
 }
 
 /// The settings table printed after `--help`.
@@ -91,6 +97,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
+    if let Some(Command::Openapi { processor }) = cli.command {
+        use utoipa::OpenApi;
+        let doc = if processor {
+            pulse_ingestor::http::openapi::ProcessorDoc::openapi()
+        } else {
+            pulse_ingestor::http::openapi::ApiDoc::openapi()
+        };
+        let text = doc.to_pretty_json().expect("the document serialises");
+        println!("{text}");
+        return ExitCode::SUCCESS;
+    }
     let _ = dotenvy::dotenv();
     let cfg = match Config::from_env() {
         Ok(c) => c,

@@ -106,9 +106,10 @@ impl Limits {
                     return None;
                 }
             }
-        } else if field == "pulse_id" && text.bytes().all(|b| b.is_ascii_digit()) {
-            // Numeric ids are common in clients; they name the same pulse as their decimal text.
-            text.to_string()
+        } else if let Some(id) = (field == "pulse_id").then(|| integer_text(text)).flatten() {
+            // Numeric ids are common in clients; they name the same pulse as their decimal
+            // text, whatever the JSON form (`258`, `258.0` and `2.58e2` are one id).
+            id
         } else if text == "null" && !required {
             return None;
         } else {
@@ -119,8 +120,11 @@ impl Limits {
             fail("must not be empty");
             return None;
         }
-        if s.len() > self.max_field_len {
-            fail(&format!("must be at most {} bytes", self.max_field_len));
+        if s.chars().count() > self.max_field_len {
+            fail(&format!(
+                "must be at most {} characters",
+                self.max_field_len
+            ));
             return None;
         }
         if s.chars().any(char::is_control) {
@@ -153,12 +157,24 @@ impl Limits {
     }
 
     /// Validates one decoded wire pulse; `header_id` is an `Idempotency-Key` to use as its id.
-    fn validate(&self, w: &Wire<'_>, header_id: Option<&str>) -> Result<Pulse, Vec<FieldError>> {
+    fn validate<'a>(
+        &self,
+        w: &Wire<'a>,
+        header_id: Option<&str>,
+    ) -> Result<Pulse, Vec<FieldError>> {
         let mut errs = Vec::new();
         let tenant_id = self.string(w.tenant_id, "tenant_id", true, &mut errs);
         let product_sku = self.string(w.product_sku, "product_sku", true, &mut errs);
-        let (unit_raw, unit_name) = match (w.use_unit, w.use_unity) {
-            (Some(u), _) => (Some(u), "use_unit"),
+        // `null` is the same as absent for the optional unit spellings.
+        let present = |r: Option<&'a RawValue>| r.filter(|r| r.get() != "null");
+        let (unit_raw, unit_name) = match (present(w.use_unit), present(w.use_unity)) {
+            (Some(u), Some(alias)) => {
+                // use_unit wins, but the alias must still be a valid unit (found by
+                // Schemathesis: an alias with control characters used to pass unseen).
+                self.string(Some(alias), "use_unity", false, &mut errs);
+                (Some(u), "use_unit")
+            }
+            (Some(u), None) => (Some(u), "use_unit"),
             (None, Some(u)) => (Some(u), "use_unity"),
             (None, None) => (None, "use_unit"),
         };
@@ -308,6 +324,17 @@ impl Limits {
             Err(DecodeError::Invalid(errors))
         }
     }
+}
+
+/// The decimal text of a JSON number that is an integer from 0 to 10^40 (`258.0` → `258`), as
+/// the published contract says numeric pulse ids are.
+fn integer_text(text: &str) -> Option<String> {
+    if !text.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    let max = format!("1{}", "0".repeat(40));
+    crate::amount::canonical(text)
+        .filter(|t| t.bytes().all(|b| b.is_ascii_digit()) && (t.len() <= 40 || *t == max))
 }
 
 /// The id of item `i` of a batch sent with `Idempotency-Key: key`. A NUL separates them: ids

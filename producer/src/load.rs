@@ -31,6 +31,31 @@ pub enum Mode {
 }
 
 /// Everything a load run needs.
+/// How request bodies are compressed (`--compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    Gzip,
+    Zstd,
+}
+
+impl Compress {
+    /// The body compressed, and its `Content-Encoding`.
+    pub fn apply(self, body: &[u8]) -> (Vec<u8>, &'static str) {
+        use std::io::Write;
+        match self {
+            Compress::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(body).expect("writing to memory");
+                (e.finish().expect("writing to memory"), "gzip")
+            }
+            Compress::Zstd => (
+                zstd::bulk::compress(body, 3).expect("compressing in memory"),
+                "zstd",
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
     /// Base URL of the ingestor(s); requests rotate over them.
@@ -48,6 +73,8 @@ pub struct LoadConfig {
     pub duplicate_ratio: f64,
     pub malformed_ratio: f64,
     pub api_key: Option<String>,
+    /// Compress request bodies (`Content-Encoding`).
+    pub compress: Option<Compress>,
     pub retries: u32,
     pub timeout: Duration,
     /// Walk distinct (tenant, sku) keys in order instead of drawing them.
@@ -172,6 +199,13 @@ impl Shared {
             }
         };
         let retryable = !pulses.is_empty() && pulses.iter().all(|p| p.pulse_id.is_some());
+        let (body, encoding) = match self.cfg.compress {
+            Some(c) => {
+                let (b, e) = c.apply(&body);
+                (b, Some(e))
+            }
+            None => (body, None),
+        };
         let body = bytes::Bytes::from(body);
         let mut attempt = 0;
         let mut target_n = seq;
@@ -184,6 +218,9 @@ impl Shared {
                 .body(body.clone());
             if let Some(k) = &self.cfg.api_key {
                 req = req.header("x-api-key", k);
+            }
+            if let Some(e) = encoding {
+                req = req.header("content-encoding", e);
             }
             let res = req.send().await;
             let (status, retry_after) = match &res {
@@ -267,24 +304,43 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<(Report, Ledger)> {
             s.stop.store(true, Ordering::Relaxed);
         });
     }
+    // A live bar on a terminal; plain lines every 5 s otherwise (logs, CI, files).
     let progress = {
         let s = shared.clone();
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .expect("valid template"),
+            );
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
         tokio::spawn(async move {
-            let mut last = 0;
+            let mut last = (0, Instant::now());
+            let period = if bar.is_some() {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(5)
+            };
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(period).await;
                 let r = s.report.lock().unwrap().clone();
-                let e = started.elapsed().as_secs_f64();
-                eprintln!(
-                    "[{e:>6.1}s] requests {} (+{}/5s), 2xx {}, 4xx {}, 5xx {}, transport errors {}",
+                let p99 = s.hist.lock().unwrap().value_at_quantile(0.99) as f64 / 1000.0;
+                let rate = (r.requests - last.0) as f64 / last.1.elapsed().as_secs_f64();
+                last = (r.requests, Instant::now());
+                let line = format!(
+                    "requests {} ({rate:.0}/s), 2xx {}, 4xx {}, 5xx {}, transport errors {}, p99 {p99:.2} ms",
                     r.requests,
-                    r.requests - last,
                     r.ok_2xx,
                     r.status_4xx.values().sum::<u64>(),
                     r.status_5xx.values().sum::<u64>(),
                     r.transport_errors
                 );
-                last = r.requests;
+                match &bar {
+                    Some(b) => b.set_message(line),
+                    None => eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64()),
+                }
             }
         })
     };

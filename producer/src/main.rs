@@ -95,6 +95,9 @@ struct RunArgs {
     malformed_ratio: f64,
     #[arg(long, env = "PRODUCER_API_KEY")]
     api_key: Option<String>,
+    /// Compress request bodies with gzip or zstd (sent with Content-Encoding).
+    #[arg(long, value_enum)]
+    compress: Option<pulse_producer::load::Compress>,
     /// Retries of a request answered 503 or lost in transport (only when all its pulses have ids).
     #[arg(long, default_value_t = 5)]
     retries: u32,
@@ -151,6 +154,7 @@ async fn load(a: RunArgs) -> anyhow::Result<ExitCode> {
         duplicate_ratio: a.duplicate_ratio,
         malformed_ratio: a.malformed_ratio,
         api_key: a.api_key,
+        compress: a.compress,
         retries: a.retries,
         timeout: a.timeout,
         distinct: a.distinct,

@@ -40,6 +40,16 @@ fn storage(state: &AppState, e: StoreError) -> ApiError {
 
 /// `POST /admin/flush`: seal an ended window now and drain every ended window without waiting
 /// for the stabilisation delay. The current window is never cut short.
+#[utoipa::path(
+    post, path = "/admin/flush", tag = "admin",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "What was sealed and delivered", body = super::openapi::Report),
+        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
+        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn flush(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -54,6 +64,16 @@ pub async fn flush(
 }
 
 /// `GET /admin/pending`: pending windows with their record counts and ages, and dead letters.
+#[utoipa::path(
+    get, path = "/admin/pending", tag = "admin",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Pending windows and dead letters", body = super::openapi::Report),
+        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
+        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn pending(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -88,6 +108,16 @@ pub async fn pending(
 
 /// `POST /admin/dead-letters/replay`: moves every dead-lettered record back into its window for
 /// another delivery (after the Processor was fixed).
+#[utoipa::path(
+    post, path = "/admin/dead-letters/replay", tag = "admin",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Records moved back for delivery", body = super::openapi::Report),
+        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
+        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn replay(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -129,6 +159,16 @@ pub async fn replay(
 
 /// `GET /admin/rejections`: the most recent refused requests (status, reason, tenant, time),
 /// newest first — what an operator needs to tell a team why its pulses bounce.
+#[utoipa::path(
+    get, path = "/admin/rejections", tag = "admin",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Recent refused requests, newest first", body = super::openapi::Report),
+        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
+        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn rejections(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -159,6 +199,16 @@ pub async fn rejections(
 
 /// `GET /admin/dead-letters`: dead-lettered records with their amounts and the Processor's
 /// reason (up to 1,000 per window).
+#[utoipa::path(
+    get, path = "/admin/dead-letters", tag = "admin",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Dead-lettered records with their exact amounts and reasons", body = super::openapi::Report),
+        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
+        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn dead_letters(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -9,6 +9,13 @@ use serde_json::json;
 use super::AppState;
 
 /// Alive: the process answers and every long-lived task is running.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, description = "Alive", body = super::openapi::Report),
+        (status = 503, description = "A long-lived task failed; the process is stopping", body = super::openapi::Report),
+    )
+)]
 pub async fn healthz(State(state): State<AppState>) -> Response {
     match state.health.failure() {
         None => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
@@ -21,6 +28,13 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 /// Ready: Redis answers a PING and the queue has room (below 90 % of its capacity).
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = super::openapi::Report),
+        (status = 503, description = "Not ready; the body says why (Redis, eviction policy, queue, failure, shutdown)", body = super::openapi::Report),
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let redis = state.store.ping().await;
     let depth = state.ingest.depth();
@@ -61,6 +75,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Every metric (on METRICS_ADDR instead when it is set: then 404 here)", content_type = "text/plain", body = String),
+        (status = 404, description = "METRICS_ADDR is set"),
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     state.metrics.queue_depth.set(state.ingest.depth() as i64);
     (

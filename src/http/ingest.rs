@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::{AppState, RequestStart};
+use super::{AppState, RequestStart, openapi};
 use crate::ingest::{CommitError, SubmitError};
 use crate::pulse::{DecodeError, Pulse};
 
@@ -233,6 +233,32 @@ fn note_rejection(state: &AppState, e: &ApiError) {
     });
 }
 
+/// One pulse.
+///
+/// Durable mode answers 202 after the pulse is committed to Redis, exactly once.
+#[utoipa::path(
+    post, path = "/ingest", tag = "ingest",
+    request_body(content = openapi::Pulse, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The pulse's id, when the body has no pulse_id", min_length = 1, max_length = 256, pattern = "^[\\x20-\\x7E]+$"),
+    ),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 202, description = "Counted (or recognised as a re-send)", body = openapi::Accepted),
+        (status = 400, description = "Not JSON, not the expected shape, duplicate keys", body = openapi::Error),
+        (status = 401, description = "API keys on: X-API-Key missing or unknown", body = openapi::Error),
+        (status = 403, description = "API keys on: the key may not send for this tenant", body = openapi::Error),
+        (status = 408, description = "The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued"),
+        (status = 413, description = "Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request", body = openapi::Error),
+        (status = 415, description = "Content type not accepted", body = openapi::Error),
+        (status = 422, description = "A field is missing or invalid (each is named; batch items with their index)", body = openapi::Error),
+        (status = 429, description = "The tenant is over its rate limit", body = openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug: the handler panicked (counted; the service keeps running)", body = openapi::Error),
+        (status = 503, description = "Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key", body = openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn one(
     State(state): State<AppState>,
     started: Option<Extension<RequestStart>>,
@@ -246,6 +272,37 @@ pub async fn one(
     r
 }
 
+/// Many pulses, all or nothing.
+///
+/// A JSON array or NDJSON (one object per line). One bad item rejects the batch, with every bad
+/// index listed. With `Idempotency-Key`, item i without its own pulse_id gets an id derived
+/// from the key and i, so a retried batch counts once.
+#[utoipa::path(
+    post, path = "/ingest/batch", tag = "ingest",
+    request_body(content(
+        (openapi::Batch = "application/json"),
+        (String = "application/x-ndjson"),
+    )),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The batch's id: item ids derive from it", min_length = 1, max_length = 256, pattern = "^[\\x20-\\x7E]+$"),
+    ),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 202, description = "Counted (re-sends recognised)", body = openapi::Accepted),
+        (status = 400, description = "Not JSON, not the expected shape, duplicate keys", body = openapi::Error),
+        (status = 401, description = "API keys on: X-API-Key missing or unknown", body = openapi::Error),
+        (status = 403, description = "API keys on: the key may not send for this tenant", body = openapi::Error),
+        (status = 408, description = "The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued"),
+        (status = 413, description = "Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request", body = openapi::Error),
+        (status = 415, description = "Content type not accepted", body = openapi::Error),
+        (status = 422, description = "A field is missing or invalid (each is named; batch items with their index)", body = openapi::Error),
+        (status = 429, description = "The tenant is over its rate limit", body = openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug: the handler panicked (counted; the service keeps running)", body = openapi::Error),
+        (status = 503, description = "Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key", body = openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn batch(
     State(state): State<AppState>,
     started: Option<Extension<RequestStart>>,

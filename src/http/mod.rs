@@ -15,6 +15,7 @@ pub use serve::serve;
 
 mod health;
 mod ingest;
+pub mod openapi;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +27,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -72,7 +74,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/pending", get(admin::pending))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/replay", post(admin::replay))
-        .route("/admin/rejections", get(admin::rejections));
+        .route("/admin/rejections", get(admin::rejections))
+        .route("/openapi.json", get(openapi::openapi_json));
     // With METRICS_ADDR set, /metrics lives on its own listener only.
     let api = if metrics_here {
         api.route("/metrics", get(health::metrics))
@@ -80,6 +83,10 @@ pub fn router(state: AppState) -> Router {
         api
     };
     api.layer(DefaultBodyLimit::max(body_limit))
+        // gzip and zstd bodies are decompressed while streaming; the body limit applies to the
+        // decompressed bytes, so a small bomb is refused (413) without being allocated.
+        .layer(RequestDecompressionLayer::new())
+        .layer(middleware::from_fn(supported_encoding))
         // A request that is not done in time (a body trickling in) is answered 408.
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -115,6 +122,21 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(health::metrics))
         .with_state(state)
+}
+
+/// Refuses a `Content-Encoding` other than gzip, zstd or identity with a 415 that names it.
+async fn supported_encoding(req: Request, next: Next) -> Response {
+    if let Some(v) = req.headers().get(axum::http::header::CONTENT_ENCODING) {
+        let enc = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
+        if !matches!(enc.as_str(), "gzip" | "x-gzip" | "zstd" | "identity") {
+            return axum::response::IntoResponse::into_response(
+                error::ApiError::UnsupportedMediaType(format!(
+                    "content encoding {enc:?} is not supported; send gzip, zstd or no encoding"
+                )),
+            );
+        }
+    }
+    next.run(req).await
 }
 
 /// When a request started; handlers that wait for a commit answer before the request timeout
