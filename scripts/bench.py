@@ -492,11 +492,6 @@ def main():
     for name, thr, p50, p99, rss, ratio, books in rows:
         table.append(f"| {name} | {thr} | {fmt(p50, '{:.2f}')} | {fmt(p99, '{:.2f}')} | "
                      f"{fmt(rss, '{:.0f}')} | {fmt(ratio, '{:.2f}')} | {books} |")
-    machine = (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
-               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-               + (", BENCH_QUICK=1" if QUICK else ""))
-    block = "\n".join(["<!-- bench:start -->", f"Machine: {machine}.", "", *table,
-                       "<!-- bench:end -->"])
     table += ["", "Cost model (same run; Redis CPU from `INFO` user+sys, script calls from "
               "`INFO commandstats`, pulses per commit from `ingestor_commit_batch_pulses`, ingestor "
               "CPU from `/proc/<pid>/stat`):", "",
@@ -511,6 +506,11 @@ def main():
                      f"{c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} |")
     table += ["", f"Redis memory per remembered pulse id (100,000 ids): {memory_row[0]:.1f} bytes in the "
               f"marker sets (`MEMORY USAGE`), {memory_row[1]:.1f} bytes of `used_memory` growth."]
+    machine = (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+               + (", BENCH_QUICK=1" if QUICK else ""))
+    block = "\n".join(["<!-- bench:start -->", f"Machine: {machine}.", "", *table,
+                       "<!-- bench:end -->"])
     print("\n".join(table))
     path = os.path.join(ROOT, "BENCHMARKS.md")
     text = open(path).read() if os.path.exists(path) else "<!-- bench:start -->\n<!-- bench:end -->\n"
@@ -520,7 +520,7 @@ def main():
     return 0 if ok else 1
 
 
-def ab(pairs=5):
+def ab(pairs=5, base_bin=None):
     """Alternating before/after pairs in one sitting: REDIS_COMMIT=per-shard (one script call
     per shard, the previous behaviour) against one-call (a commit's shards in one call), for
     single pulses (scenario 2) and worst-case batches (4a). Prints medians and per-pair ratios."""
@@ -534,16 +534,22 @@ def ab(pairs=5):
                      "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
                     log=os.path.join(tmp, "redis.log"))
         wait_port(rport)
+        # Either REDIS_COMMIT per-shard against one-call in this build, or (compare) another
+        # build's binary against this one, with the same settings.
+        variants = ([("per-shard", BIN, {"REDIS_COMMIT": "per-shard"}), ("one-call", BIN, {})]
+                    if base_bin is None else [("base", base_bin, {}), ("this", BIN, {})])
+        scenarios = [("2", "single", "/ingest", 64, 1), ("4a", "batch", "/ingest/batch", 8, 1000)]
+        if base_bin is not None:
+            scenarios.append(("4b", "typical", "/ingest/batch", 8, 1000))
         for i in range(pairs):
-            for mode in ("per-shard", "one-call"):
-                for scen, script, path, conns, per in (("2", "single", "/ingest", 64, 1),
-                                                       ("4a", "batch", "/ingest/batch", 8, 1000)):
+            for mode, bindir, extra in variants:
+                for scen, script, path, conns, per in scenarios:
                     subprocess.run(["redis-cli", "-p", str(rport), "FLUSHALL"], check=True,
                                    capture_output=True)
                     port = free_port()
                     env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
-                               LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn", REDIS_COMMIT=mode)
-                    ing = procs.start([os.path.join(BIN, "pulse-ingestor")], env=env)
+                               LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn", **extra)
+                    ing = procs.start([os.path.join(bindir, "pulse-ingestor")], env=env)
                     wait_port(port)
                     cost = Cost(rport, [ing.pid], [port])
                     w = wrk(f"http://127.0.0.1:{port}{path}", scripts[script], conns=conns)
@@ -558,17 +564,18 @@ def ab(pairs=5):
     finally:
         procs.stop_all()
     med = lambda xs: sorted(xs)[len(xs) // 2]
-    print("| scenario | REDIS_COMMIT | rate (median) | p99 ms | Redis CPU µs/pulse | script calls/pulse | pulses/commit | ingestor CPU µs/request |")
+    print("| scenario | variant | rate (median) | p99 ms | Redis CPU µs/pulse | script calls/pulse | pulses/commit | ingestor CPU µs/request |")
     print("|---|---|---|---|---|---|---|---|")
     for (scen, mode), cs in sorted(results.items()):
         print(f"| {scen} | {mode} | {med([c['rate'] for c in cs]):,.0f}/s | {med([c['p99'] for c in cs]):.2f} | "
               f"{med([c['redis_us'] for c in cs]):.2f} | {med([c['calls'] for c in cs]):.3f} | "
               f"{med([c['per_commit'] for c in cs]):.1f} | {med([c['ingestor_us'] for c in cs]):.1f} |")
-    for scen in ("2", "4a"):
-        before, after = results[(scen, "per-shard")], results[(scen, "one-call")]
+    names = [v[0] for v in variants]
+    for scen in sorted({k[0] for k in results}):
+        before, after = results[(scen, names[0])], results[(scen, names[1])]
         ratios = [a["rate"] / b["rate"] for a, b in zip(after, before)]
         cpu = [b["redis_us"] / a["redis_us"] for a, b in zip(after, before)]
-        print(f"scenario {scen}: one-call / per-shard throughput, median of per-pair ratios "
+        print(f"scenario {scen}: {names[1]} / {names[0]} throughput, median of per-pair ratios "
               f"{med(ratios):.2f}; Redis CPU per pulse divided by {med(cpu):.2f}")
     return 0
 
@@ -576,4 +583,7 @@ def ab(pairs=5):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ab":
         sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 5))
+    if len(sys.argv) > 2 and sys.argv[1] == "compare":
+        # scripts/bench.sh compare <dir holding another build's pulse-ingestor> [pairs]
+        sys.exit(ab(int(sys.argv[3]) if len(sys.argv) > 3 else 3, base_bin=sys.argv[2]))
     sys.exit(main())
