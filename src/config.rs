@@ -1,61 +1,13 @@
 //! Typed configuration, read from environment variables (and `.env`, loaded by `main` only).
 //!
-//! Every variable name is a const and every default a const with its reason. Parsing collects
-//! *all* problems and reports them together, so a bad `.env` is fixed in one go (exit code 64).
+//! Every setting is declared once (`settings!`): its variable, the default users see (parsed
+//! from that same text) and its meaning, with the reason for the default. Parsing collects *all*
+//! problems and reports them together, so a bad `.env` is fixed in one go (exit code 64).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
-
-/// Names of the environment variables, one vocabulary across binaries, compose file and docs.
-pub mod env {
-    pub const LISTEN_ADDR: &str = "LISTEN_ADDR";
-    pub const METRICS_ADDR: &str = "METRICS_ADDR";
-    pub const REDIS_URL: &str = "REDIS_URL";
-    pub const REDIS_CLUSTER_URLS: &str = "REDIS_CLUSTER_URLS";
-    pub const REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
-    pub const REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
-    pub const KEY_PREFIX: &str = "KEY_PREFIX";
-    pub const SHARDS: &str = "SHARDS";
-    pub const WINDOW: &str = "WINDOW";
-    pub const STABILISATION_DELAY: &str = "STABILISATION_DELAY";
-    pub const PROCESSOR_URL: &str = "PROCESSOR_URL";
-    pub const PROCESSOR_TOKEN: &str = "PROCESSOR_TOKEN";
-    pub const PROCESSOR_TIMEOUT: &str = "PROCESSOR_TIMEOUT";
-    pub const BATCH_SIZE: &str = "BATCH_SIZE";
-    pub const DELIVERY_CONCURRENCY: &str = "DELIVERY_CONCURRENCY";
-    pub const DELIVERY_MAX_BACKOFF: &str = "DELIVERY_MAX_BACKOFF";
-    pub const DELIVERY_MAX_ATTEMPTS: &str = "DELIVERY_MAX_ATTEMPTS";
-    pub const DRAIN_INTERVAL: &str = "DRAIN_INTERVAL";
-    pub const LOCK_TTL: &str = "LOCK_TTL";
-    pub const QUEUE_CAPACITY: &str = "QUEUE_CAPACITY";
-    pub const WORKERS: &str = "WORKERS";
-    pub const WORKER_BATCH: &str = "WORKER_BATCH";
-    pub const COMMIT_LINGER: &str = "COMMIT_LINGER";
-    pub const ACK_MODE: &str = "ACK_MODE";
-    pub const MAX_BODY_BYTES: &str = "MAX_BODY_BYTES";
-    pub const MAX_BATCH_ITEMS: &str = "MAX_BATCH_ITEMS";
-    pub const MAX_FIELD_LEN: &str = "MAX_FIELD_LEN";
-    pub const MAX_AMOUNT: &str = "MAX_AMOUNT";
-    pub const AMOUNT_DECIMALS: &str = "AMOUNT_DECIMALS";
-    pub const REDIS_COMMIT: &str = "REDIS_COMMIT";
-    pub const REDIS_ALLOW_EVICTION: &str = "REDIS_ALLOW_EVICTION";
-    pub const ALLOWED_UNITS: &str = "ALLOWED_UNITS";
-    pub const DEDUPE_TTL: &str = "DEDUPE_TTL";
-    pub const RETRY_AFTER: &str = "RETRY_AFTER";
-    pub const SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
-    pub const HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
-    pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
-    pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
-    pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
-    pub const API_KEYS_FILE: &str = "API_KEYS_FILE";
-    pub const RATE_LIMIT: &str = "RATE_LIMIT";
-    pub const RATE_LIMIT_BURST: &str = "RATE_LIMIT_BURST";
-    pub const RATE_LIMIT_OVERRIDES: &str = "RATE_LIMIT_OVERRIDES";
-    pub const RATE_LIMIT_REPLICAS: &str = "RATE_LIMIT_REPLICAS";
-    pub const LOG_FORMAT: &str = "LOG_FORMAT";
-}
 
 /// One documented setting, as `--help` lists it.
 #[derive(Debug, Clone, Copy)]
@@ -66,295 +18,104 @@ pub struct Setting {
     pub help: &'static str,
 }
 
-/// Every setting the service reads, in the order `--help` and `example.env` list them. Tests
-/// check that `Config::from_map` reads exactly these names, that each shown default is the real
-/// one, and that `example.env` lists exactly these.
-pub const SETTINGS: &[Setting] = &[
-    Setting {
-        name: env::LISTEN_ADDR,
-        default: "0.0.0.0:8070",
-        help: "HTTP API address",
-    },
-    Setting {
-        name: env::METRICS_ADDR,
-        default: "",
-        help: "Serve /metrics on this address instead of the API address",
-    },
-    Setting {
-        name: env::REDIS_URL,
-        default: "redis://127.0.0.1:6379",
-        help: "The Redis to use",
-    },
-    Setting {
-        name: env::REDIS_CLUSTER_URLS,
-        default: "",
-        help: "Comma-separated seed nodes of a Redis Cluster; replaces REDIS_URL",
-    },
-    Setting {
-        name: env::REDIS_POOL_SIZE,
-        default: "16",
-        help: "Pooled multiplexed Redis connections",
-    },
-    Setting {
-        name: env::REDIS_TIMEOUT,
-        default: "2s",
-        help: "Response timeout of one Redis command",
-    },
-    Setting {
-        name: env::REDIS_ALLOW_EVICTION,
-        default: "false",
-        help: "Become ready although Redis' maxmemory-policy may evict keys (breaks exactly-once)",
-    },
-    Setting {
-        name: env::REDIS_COMMIT,
-        default: "one-call",
-        help: "one-call: a commit's shards in one script call (one Redis); per-shard: one call per shard (always so on a cluster)",
-    },
-    Setting {
-        name: env::KEY_PREFIX,
-        default: "pulses",
-        help: "Key namespace",
-    },
-    Setting {
-        name: env::SHARDS,
-        default: "16",
-        help: "Shards (hash tags); must match the deployment's (see `reshard`)",
-    },
-    Setting {
-        name: env::WINDOW,
-        default: "1h",
-        help: "Aggregation window",
-    },
-    Setting {
-        name: env::STABILISATION_DELAY,
-        default: "5s",
-        help: "Wait after a window ends before delivering it",
-    },
-    Setting {
-        name: env::PROCESSOR_URL,
-        default: "",
-        help: "Processor URL; unset keeps sealed windows in Redis",
-    },
-    Setting {
-        name: env::PROCESSOR_TOKEN,
-        default: "",
-        help: "Bearer token sent to the Processor",
-    },
-    Setting {
-        name: env::PROCESSOR_TIMEOUT,
-        default: "10s",
-        help: "Timeout of one Processor request",
-    },
-    Setting {
-        name: env::BATCH_SIZE,
-        default: "500",
-        help: "Records per Processor request",
-    },
-    Setting {
-        name: env::DELIVERY_CONCURRENCY,
-        default: "4",
-        help: "Processor requests in flight per replica",
-    },
-    Setting {
-        name: env::DELIVERY_MAX_BACKOFF,
-        default: "30s",
-        help: "Cap of the delivery retry backoff",
-    },
-    Setting {
-        name: env::DELIVERY_MAX_ATTEMPTS,
-        default: "8",
-        help: "Attempts per batch within one drain pass",
-    },
-    Setting {
-        name: env::DRAIN_INTERVAL,
-        default: "10s",
-        help: "How often pending windows are retried",
-    },
-    Setting {
-        name: env::LOCK_TTL,
-        default: "15s",
-        help: "Drain lock lifetime, renewed while draining",
-    },
-    Setting {
-        name: env::QUEUE_CAPACITY,
-        default: "50000",
-        help: "Pulses queued or being committed; 503 when full",
-    },
-    Setting {
-        name: env::WORKERS,
-        default: "number of CPUs",
-        help: "Commit workers",
-    },
-    Setting {
-        name: env::COMMIT_LINGER,
-        default: "200us",
-        help: "Under load, a nearly empty commit waits up to this for more pulses (0s: never)",
-    },
-    Setting {
-        name: env::WORKER_BATCH,
-        default: "2048",
-        help: "Most pulses one worker commits at once",
-    },
-    Setting {
-        name: env::ACK_MODE,
-        default: "durable",
-        help: "durable: 202 after the commit; enqueued: 202 once queued",
-    },
-    Setting {
-        name: env::MAX_BODY_BYTES,
-        default: "4194304",
-        help: "Largest request body in bytes (413)",
-    },
-    Setting {
-        name: env::MAX_BATCH_ITEMS,
-        default: "10000",
-        help: "Most pulses in one batch request (413)",
-    },
-    Setting {
-        name: env::MAX_FIELD_LEN,
-        default: "256",
-        help: "Longest tenant, SKU, unit or pulse id in characters (422)",
-    },
-    Setting {
-        name: env::MAX_AMOUNT,
-        default: "1000000000000000",
-        help: "Largest used_amount, exact decimal (422)",
-    },
-    Setting {
-        name: env::AMOUNT_DECIMALS,
-        default: "9",
-        help: "Fractional digits a used_amount may have, 0-12 (422 beyond; never rounded)",
-    },
-    Setting {
-        name: env::ALLOWED_UNITS,
-        default: "",
-        help: "Comma-separated unit allow-list; unset accepts any",
-    },
-    Setting {
-        name: env::DEDUPE_TTL,
-        default: "1h",
-        help: "How long a pulse_id or Idempotency-Key is remembered",
-    },
-    Setting {
-        name: env::RETRY_AFTER,
-        default: "1s",
-        help: "Retry-After sent with 503",
-    },
-    Setting {
-        name: env::SHUTDOWN_TIMEOUT,
-        default: "30s",
-        help: "Graceful shutdown finishes within this",
-    },
-    Setting {
-        name: env::HEADER_READ_TIMEOUT,
-        default: "10s",
-        help: "Time allowed for a request's headers",
-    },
-    Setting {
-        name: env::REQUEST_TIMEOUT,
-        default: "30s",
-        help: "Time allowed for a whole request, commit included",
-    },
-    Setting {
-        name: env::MAX_CONNECTIONS,
-        default: "10000",
-        help: "Open connections per replica",
-    },
-    Setting {
-        name: env::ADMIN_TOKEN,
-        default: "",
-        help: "Bearer token required by /admin/*; unset leaves them open",
-    },
-    Setting {
-        name: env::API_KEYS_FILE,
-        default: "",
-        help: "File of SHA-256 API key hashes bound to tenants; unset: no keys",
-    },
-    Setting {
-        name: env::RATE_LIMIT,
-        default: "",
-        help: "Default per-tenant limit, pulses/s; unset: none",
-    },
-    Setting {
-        name: env::RATE_LIMIT_BURST,
-        default: "one second's worth",
-        help: "Burst of the default limit",
-    },
-    Setting {
-        name: env::RATE_LIMIT_OVERRIDES,
-        default: "",
-        help: "Per-tenant limits: tenant=rate[:burst],...",
-    },
-    Setting {
-        name: env::RATE_LIMIT_REPLICAS,
-        default: "1",
-        help: "Replicas sharing the limits; each enforces its share",
-    },
-    Setting {
-        name: env::LOG_FORMAT,
-        default: "text",
-        help: "text or json",
-    },
-];
+/// Declares every setting once — its variable (the identifier), the default users see and
+/// its meaning — as a const in [`env`], and lists them all in [`SETTINGS`] in this order, which
+/// is the order of `--help` and `example.env`. `Config::from_map` reads each by its const and
+/// parses the default from the same text.
+macro_rules! settings {
+    ($($(#[doc = $doc:literal])* $id:ident = $default:literal, $help:literal;)*) => {
+        /// Every setting: one vocabulary across binaries, compose file, manifests and docs.
+        pub mod env {
+            use super::Setting;
+            $(
+                $(#[doc = $doc])*
+                pub const $id: Setting = Setting {
+                    name: stringify!($id),
+                    default: $default,
+                    help: $help,
+                };
+            )*
+        }
 
-/// Defaults, each with the reason it was chosen.
-pub mod defaults {
-    use std::time::Duration;
+        /// Every setting the service reads, in the order `--help` and `example.env` list them.
+        /// Tests check that `Config::from_map` reads exactly these names, that each shown
+        /// default is the real one, and that `example.env` lists exactly these.
+        pub const SETTINGS: &[Setting] = &[$(env::$id),*];
+    };
+}
+
+settings! {
     /// All interfaces, the port the earlier Go ingestor used.
-    pub const LISTEN_ADDR: &str = "0.0.0.0:8070";
+    LISTEN_ADDR = "0.0.0.0:8070", "HTTP API address";
+    METRICS_ADDR = "", "Serve /metrics on this address instead of the API address";
     /// A local Redis, as `scripts/run_ingestor.sh` starts one.
-    pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+    REDIS_URL = "redis://127.0.0.1:6379", "The Redis to use";
+    REDIS_CLUSTER_URLS = "", "Comma-separated seed nodes of a Redis Cluster; replaces REDIS_URL";
     /// Connections are multiplexed; a few per core keeps Redis busy without head-of-line waits.
-    pub const REDIS_POOL_SIZE: usize = 16;
+    REDIS_POOL_SIZE = "16", "Pooled multiplexed Redis connections";
     /// Long enough for a loaded Redis, short enough that a client gets its 503 before it gives up.
-    pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-    pub const KEY_PREFIX: &str = "pulses";
+    REDIS_TIMEOUT = "2s", "Response timeout of one Redis command";
+    REDIS_ALLOW_EVICTION = "false", "Become ready although Redis' maxmemory-policy may evict keys (breaks exactly-once)";
+    REDIS_COMMIT = "one-call", "one-call: a commit's shards in one script call (one Redis); per-shard: one call per shard (always so on a cluster)";
+    KEY_PREFIX = "pulses", "Key namespace";
     /// 16 shards spread one Redis Cluster's masters evenly and keep each drain small.
-    pub const SHARDS: u32 = 16;
+    SHARDS = "16", "Shards (hash tags); must match the deployment's (see `reshard`)";
     /// Billing is hourly.
-    pub const WINDOW: Duration = Duration::from_secs(3600);
+    WINDOW = "1h", "Aggregation window";
     /// The earlier sender's delay; correctness does not depend on it (writes are atomic).
-    pub const STABILISATION_DELAY: Duration = Duration::from_secs(5);
-    pub const PROCESSOR_TIMEOUT: Duration = Duration::from_secs(10);
+    STABILISATION_DELAY = "5s", "Wait after a window ends before delivering it";
+    PROCESSOR_URL = "", "Processor URL; unset keeps sealed windows in Redis";
+    PROCESSOR_TOKEN = "", "Bearer token sent to the Processor";
+    PROCESSOR_TIMEOUT = "10s", "Timeout of one Processor request";
     /// The earlier sender's batch size, which the Processor is known to accept.
-    pub const BATCH_SIZE: usize = 500;
-    pub const DELIVERY_CONCURRENCY: usize = 4;
+    BATCH_SIZE = "500", "Records per Processor request";
+    DELIVERY_CONCURRENCY = "4", "Processor requests in flight per replica";
     /// Backoff between delivery retries is capped so a recovered Processor is found quickly.
-    pub const DELIVERY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+    DELIVERY_MAX_BACKOFF = "30s", "Cap of the delivery retry backoff";
     /// Attempts for one batch within one drain pass; the window stays pending and the next pass
     /// tries again, so nothing is given up.
-    pub const DELIVERY_MAX_ATTEMPTS: u32 = 8;
+    DELIVERY_MAX_ATTEMPTS = "8", "Attempts per batch within one drain pass";
     /// How often pending windows are retried between boundaries.
-    pub const DRAIN_INTERVAL: Duration = Duration::from_secs(10);
+    DRAIN_INTERVAL = "10s", "How often pending windows are retried";
     /// A dead holder's lock frees within this time; renewed every third of it.
-    pub const LOCK_TTL: Duration = Duration::from_secs(15);
+    LOCK_TTL = "15s", "Drain lock lifetime, renewed while draining";
     /// Pulses waiting for a worker; the earlier service's buffer size.
-    pub const QUEUE_CAPACITY: usize = 50_000;
-    /// Pulses per worker commit: large enough to amortise a round trip, small enough that one
-    /// Redis script call stays well under a millisecond.
-    pub const WORKER_BATCH: usize = 2_048;
+    QUEUE_CAPACITY = "50000", "Pulses queued or being committed; 503 when full";
+    WORKERS = "number of CPUs", "Commit workers";
     /// A few hundred µs doubles the pulses per Redis call under load (each call costs Redis
     /// ~10 µs whatever it carries) for a fraction of the durable commit's latency.
-    pub const COMMIT_LINGER: Duration = Duration::from_micros(200);
+    COMMIT_LINGER = "200us", "Under load, a nearly empty commit waits up to this for more pulses (0s: never)";
+    /// Pulses per worker commit: large enough to amortise a round trip, small enough that one
+    /// Redis script call stays well under a millisecond.
+    WORKER_BATCH = "2048", "Most pulses one worker commits at once";
+    ACK_MODE = "durable", "durable: 202 after the commit; enqueued: 202 once queued";
     /// Fits a batch of `MAX_BATCH_ITEMS` pulses with long names.
-    pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-    pub const MAX_BATCH_ITEMS: usize = 10_000;
-    pub const MAX_FIELD_LEN: usize = 256;
+    MAX_BODY_BYTES = "4194304", "Largest request body in bytes (413)";
+    MAX_BATCH_ITEMS = "10000", "Most pulses in one batch request (413)";
+    MAX_FIELD_LEN = "256", "Longest tenant, SKU, unit or pulse id in characters (422)";
     /// Far above any real usage figure; a key's window total stays exact up to
     /// `amount::MAX_TOTAL` (≈ 4.6e21), millions of maximal pulses away.
-    pub const MAX_AMOUNT: &str = "1000000000000000";
+    MAX_AMOUNT = "1000000000000000", "Largest used_amount, exact decimal (422)";
     /// Nanounits: finer than any billing unit in use, and 10^18 × 10^9 stays exact.
-    pub const AMOUNT_DECIMALS: u32 = 9;
+    AMOUNT_DECIMALS = "9", "Fractional digits a used_amount may have, 0-12 (422 beyond; never rounded)";
+    ALLOWED_UNITS = "", "Comma-separated unit allow-list; unset accepts any";
     /// Client retries within an hour are recognised.
-    pub const DEDUPE_TTL: Duration = Duration::from_secs(3600);
-    pub const RETRY_AFTER: Duration = Duration::from_secs(1);
-    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    DEDUPE_TTL = "1h", "How long a pulse_id or Idempotency-Key is remembered";
+    RETRY_AFTER = "1s", "Retry-After sent with 503";
+    SHUTDOWN_TIMEOUT = "30s", "Graceful shutdown finishes within this";
     /// A client gets this long to send its request headers (slow-loris protection).
-    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    HEADER_READ_TIMEOUT = "10s", "Time allowed for a request's headers";
     /// Whole request, body included; well above a durable commit (`REDIS_TIMEOUT`).
-    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    REQUEST_TIMEOUT = "30s", "Time allowed for a whole request, commit included";
     /// Open connections per replica; further clients wait in the listen backlog.
-    pub const MAX_CONNECTIONS: usize = 10_000;
+    MAX_CONNECTIONS = "10000", "Open connections per replica";
+    ADMIN_TOKEN = "", "Bearer token required by /admin/*; unset leaves them open";
+    API_KEYS_FILE = "", "File of SHA-256 API key hashes bound to tenants; unset: no keys";
+    RATE_LIMIT = "", "Default per-tenant limit, pulses/s; unset: none";
+    RATE_LIMIT_BURST = "one second's worth", "Burst of the default limit";
+    RATE_LIMIT_OVERRIDES = "", "Per-tenant limits: tenant=rate[:burst],...";
+    RATE_LIMIT_REPLICAS = "1", "Replicas sharing the limits; each enforces its share";
+    LOG_FORMAT = "text", "text or json";
 }
 
 /// When a request is answered.
@@ -508,44 +269,72 @@ impl Reader<'_> {
         self.problems.push((name.to_string(), msg.into()));
     }
 
-    fn parse<T: std::str::FromStr>(&mut self, name: &str, default: T, what: &str) -> T {
-        match self.raw(name) {
-            None => default,
+    /// The setting's default, parsed from the text users see.
+    fn default_of<T: std::str::FromStr>(s: Setting) -> T {
+        s.default
+            .parse()
+            .unwrap_or_else(|_| panic!("the default of {} parses", s.name))
+    }
+
+    fn parse<T: std::str::FromStr>(&mut self, s: Setting, what: &str) -> T {
+        match self.raw(s.name) {
+            None => Self::default_of(s),
             Some(v) => match v.parse() {
                 Ok(x) => x,
                 Err(_) => {
-                    self.fail(name, format!("expected {what}, got {v:?}"));
-                    default
+                    self.fail(s.name, format!("expected {what}, got {v:?}"));
+                    Self::default_of(s)
                 }
             },
         }
     }
 
-    fn count(&mut self, name: &str, default: usize, min: usize, max: usize) -> usize {
-        let v = self.parse(name, default, "a whole number");
-        if v < min || v > max {
-            self.fail(name, format!("must be between {min} and {max}, got {v}"));
+    /// A count whose default is computed (`default` stands for the setting's text).
+    fn count_or(&mut self, s: Setting, default: usize, min: usize, max: usize) -> usize {
+        let Some(v) = self.raw(s.name) else {
             return default;
+        };
+        match v.parse::<usize>() {
+            Ok(n) if (min..=max).contains(&n) => n,
+            Ok(n) => {
+                self.fail(s.name, format!("must be between {min} and {max}, got {n}"));
+                default
+            }
+            Err(_) => {
+                let msg = format!("expected a whole number, got {v:?}");
+                self.fail(s.name, msg);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, s: Setting, min: usize, max: usize) -> usize {
+        let v: usize = self.parse(s, "a whole number");
+        if v < min || v > max {
+            self.fail(s.name, format!("must be between {min} and {max}, got {v}"));
+            return Self::default_of(s);
         }
         v
     }
 
-    fn duration(&mut self, name: &str, default: Duration, min: Duration) -> Duration {
-        let Some(v) = self.raw(name) else {
+    fn duration(&mut self, s: Setting, min: Duration) -> Duration {
+        let default = humantime::parse_duration(s.default)
+            .unwrap_or_else(|_| panic!("the default of {} parses", s.name));
+        let Some(v) = self.raw(s.name) else {
             return default;
         };
         match humantime::parse_duration(v) {
             Ok(d) if d >= min => d,
             Ok(_) => {
                 self.fail(
-                    name,
+                    s.name,
                     format!("must be at least {}", humantime::format_duration(min)),
                 );
                 default
             }
             Err(e) => {
                 self.fail(
-                    name,
+                    s.name,
                     format!(
                         "expected a duration with a unit such as 500ms, 5s or 1h, got {v:?} ({e})"
                     ),
@@ -555,8 +344,13 @@ impl Reader<'_> {
         }
     }
 
-    fn string(&self, name: &str) -> Option<String> {
-        self.raw(name).map(str::to_string)
+    /// The value, or the setting's default text.
+    fn string_or_default(&self, s: Setting) -> String {
+        self.string(s).unwrap_or_else(|| s.default.to_string())
+    }
+
+    fn string(&self, s: Setting) -> Option<String> {
+        self.raw(s.name).map(str::to_string)
     }
 }
 
@@ -577,36 +371,28 @@ impl Config {
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, ConfigError> {
-        let listen_addr = r.parse(
-            env::LISTEN_ADDR,
-            defaults::LISTEN_ADDR
-                .parse()
-                .expect("default address parses"),
-            "an address such as 0.0.0.0:8070",
-        );
+        let listen_addr = r.parse(env::LISTEN_ADDR, "an address such as 0.0.0.0:8070");
         let metrics_addr = match r.string(env::METRICS_ADDR) {
             None => None,
             Some(v) => match v.parse() {
                 Ok(a) => Some(a),
                 Err(_) => {
                     r.fail(
-                        env::METRICS_ADDR,
+                        env::METRICS_ADDR.name,
                         format!("expected an address such as 127.0.0.1:9100, got {v:?}"),
                     );
                     None
                 }
             },
         };
-        let redis_url = r
-            .string(env::REDIS_URL)
-            .unwrap_or_else(|| defaults::REDIS_URL.into());
+        let redis_url = r.string_or_default(env::REDIS_URL);
         if !(redis_url.starts_with("redis://")
             || redis_url.starts_with("rediss://")
             || redis_url.starts_with("redis+unix://")
             || redis_url.starts_with("unix://"))
         {
             r.fail(
-                env::REDIS_URL,
+                env::REDIS_URL.name,
                 format!("expected a redis:// URL, got {redis_url:?}"),
             );
         }
@@ -618,122 +404,79 @@ impl Config {
         });
         if let Some(urls) = &redis_cluster_urls {
             if urls.is_empty() {
-                r.fail(env::REDIS_CLUSTER_URLS, "lists no node");
+                r.fail(env::REDIS_CLUSTER_URLS.name, "lists no node");
             }
             for u in urls {
                 if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
                     r.fail(
-                        env::REDIS_CLUSTER_URLS,
+                        env::REDIS_CLUSTER_URLS.name,
                         format!("expected redis:// URLs, got {u:?}"),
                     );
                 }
             }
         }
-        let redis_pool_size = r.count(env::REDIS_POOL_SIZE, defaults::REDIS_POOL_SIZE, 1, 1024);
-        let redis_timeout = r.duration(
-            env::REDIS_TIMEOUT,
-            defaults::REDIS_TIMEOUT,
-            Duration::from_millis(10),
-        );
-        let key_prefix = r
-            .string(env::KEY_PREFIX)
-            .unwrap_or_else(|| defaults::KEY_PREFIX.into());
+        let redis_pool_size = r.count(env::REDIS_POOL_SIZE, 1, 1024);
+        let redis_timeout = r.duration(env::REDIS_TIMEOUT, Duration::from_millis(10));
+        let key_prefix = r.string_or_default(env::KEY_PREFIX);
         if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
             r.fail(
-                env::KEY_PREFIX,
+                env::KEY_PREFIX.name,
                 "must not contain '{', '}' or control characters",
             );
         }
-        let shards = r.count(env::SHARDS, defaults::SHARDS as usize, 1, 16_384) as u32;
-        let window = r.duration(env::WINDOW, defaults::WINDOW, Duration::from_secs(1));
+        let shards = r.count(env::SHARDS, 1, 16_384) as u32;
+        let window = r.duration(env::WINDOW, Duration::from_secs(1));
         if window.subsec_nanos() != 0 {
-            r.fail(env::WINDOW, "must be a whole number of seconds");
+            r.fail(env::WINDOW.name, "must be a whole number of seconds");
         }
-        let stabilisation_delay = r.duration(
-            env::STABILISATION_DELAY,
-            defaults::STABILISATION_DELAY,
-            Duration::ZERO,
-        );
+        let stabilisation_delay = r.duration(env::STABILISATION_DELAY, Duration::ZERO);
         let processor_url = r.string(env::PROCESSOR_URL);
         if let Some(u) = &processor_url
             && !(u.starts_with("http://") || u.starts_with("https://"))
         {
             r.fail(
-                env::PROCESSOR_URL,
+                env::PROCESSOR_URL.name,
                 format!("expected an http:// or https:// URL, got {u:?}"),
             );
         }
         let processor_token = r.string(env::PROCESSOR_TOKEN);
-        let processor_timeout = r.duration(
-            env::PROCESSOR_TIMEOUT,
-            defaults::PROCESSOR_TIMEOUT,
-            Duration::from_millis(10),
-        );
-        let batch_size = r.count(env::BATCH_SIZE, defaults::BATCH_SIZE, 1, 100_000);
-        let delivery_concurrency = r.count(
-            env::DELIVERY_CONCURRENCY,
-            defaults::DELIVERY_CONCURRENCY,
-            1,
-            256,
-        );
-        let delivery_max_backoff = r.duration(
-            env::DELIVERY_MAX_BACKOFF,
-            defaults::DELIVERY_MAX_BACKOFF,
-            Duration::from_millis(1),
-        );
-        let delivery_max_attempts = r.count(
-            env::DELIVERY_MAX_ATTEMPTS,
-            defaults::DELIVERY_MAX_ATTEMPTS as usize,
-            1,
-            1_000,
-        ) as u32;
-        let drain_interval = r.duration(
-            env::DRAIN_INTERVAL,
-            defaults::DRAIN_INTERVAL,
-            Duration::from_millis(50),
-        );
-        let lock_ttl = r.duration(
-            env::LOCK_TTL,
-            defaults::LOCK_TTL,
-            Duration::from_millis(300),
-        );
-        let queue_capacity = r.count(env::QUEUE_CAPACITY, defaults::QUEUE_CAPACITY, 1, 10_000_000);
+        let processor_timeout = r.duration(env::PROCESSOR_TIMEOUT, Duration::from_millis(10));
+        let batch_size = r.count(env::BATCH_SIZE, 1, 100_000);
+        let delivery_concurrency = r.count(env::DELIVERY_CONCURRENCY, 1, 256);
+        let delivery_max_backoff = r.duration(env::DELIVERY_MAX_BACKOFF, Duration::from_millis(1));
+        let delivery_max_attempts = r.count(env::DELIVERY_MAX_ATTEMPTS, 1, 1_000) as u32;
+        let drain_interval = r.duration(env::DRAIN_INTERVAL, Duration::from_millis(50));
+        let lock_ttl = r.duration(env::LOCK_TTL, Duration::from_millis(300));
+        let queue_capacity = r.count(env::QUEUE_CAPACITY, 1, 10_000_000);
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let workers = r.count(env::WORKERS, cpus, 1, 1024);
-        let worker_batch = r.count(env::WORKER_BATCH, defaults::WORKER_BATCH, 1, 100_000);
-        let commit_linger = r.duration(env::COMMIT_LINGER, defaults::COMMIT_LINGER, Duration::ZERO);
+        let workers = r.count_or(env::WORKERS, cpus, 1, 1024);
+        let worker_batch = r.count(env::WORKER_BATCH, 1, 100_000);
+        let commit_linger = r.duration(env::COMMIT_LINGER, Duration::ZERO);
         if commit_linger > Duration::from_millis(10) {
-            r.fail(env::COMMIT_LINGER, "must be at most 10ms");
+            r.fail(env::COMMIT_LINGER.name, "must be at most 10ms");
         }
-        let ack_mode = match r.raw(env::ACK_MODE).map(str::to_ascii_lowercase).as_deref() {
+        let ack_mode = match r
+            .raw(env::ACK_MODE.name)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("durable") => AckMode::Durable,
             Some("enqueued") => AckMode::Enqueued,
             Some(other) => {
                 r.fail(
-                    env::ACK_MODE,
+                    env::ACK_MODE.name,
                     format!("expected durable or enqueued, got {other:?}"),
                 );
                 AckMode::Durable
             }
         };
-        let max_body_bytes = r.count(env::MAX_BODY_BYTES, defaults::MAX_BODY_BYTES, 64, 1 << 30);
-        let max_batch_items = r.count(
-            env::MAX_BATCH_ITEMS,
-            defaults::MAX_BATCH_ITEMS,
-            1,
-            1_000_000,
-        );
-        let max_field_len = r.count(env::MAX_FIELD_LEN, defaults::MAX_FIELD_LEN, 1, 65_536);
-        let amount_decimals = r.count(
-            env::AMOUNT_DECIMALS,
-            defaults::AMOUNT_DECIMALS as usize,
-            0,
-            crate::amount::SCALE as usize,
-        ) as u32;
+        let max_body_bytes = r.count(env::MAX_BODY_BYTES, 64, 1 << 30);
+        let max_batch_items = r.count(env::MAX_BATCH_ITEMS, 1, 1_000_000);
+        let max_field_len = r.count(env::MAX_FIELD_LEN, 1, 65_536);
+        let amount_decimals =
+            r.count(env::AMOUNT_DECIMALS, 0, crate::amount::SCALE as usize) as u32;
         let ceiling = crate::amount::Amount::from_units(10u128.pow(18 + crate::amount::SCALE));
-        let max_amount_text = r
-            .string(env::MAX_AMOUNT)
-            .unwrap_or_else(|| defaults::MAX_AMOUNT.into());
+        let max_amount_text = r.string_or_default(env::MAX_AMOUNT);
         let max_amount = match crate::amount::Amount::parse_decimal(
             &max_amount_text,
             crate::amount::SCALE,
@@ -742,7 +485,7 @@ impl Config {
             Ok(a) if a > crate::amount::Amount::ZERO => a,
             _ => {
                 r.fail(
-                    env::MAX_AMOUNT,
+                    env::MAX_AMOUNT.name,
                     format!(
                         "must be a positive decimal no larger than 1e18, got {max_amount_text:?}"
                     ),
@@ -750,13 +493,13 @@ impl Config {
                 ceiling
             }
         };
-        let redis_allow_eviction = r.parse(env::REDIS_ALLOW_EVICTION, false, "true or false");
-        let redis_commit_per_shard = match r.raw(env::REDIS_COMMIT) {
+        let redis_allow_eviction = r.parse(env::REDIS_ALLOW_EVICTION, "true or false");
+        let redis_commit_per_shard = match r.raw(env::REDIS_COMMIT.name) {
             None | Some("one-call") => false,
             Some("per-shard") => true,
             Some(other) => {
                 let msg = format!("expected one-call or per-shard, got {other:?}");
-                r.fail(env::REDIS_COMMIT, msg);
+                r.fail(env::REDIS_COMMIT.name, msg);
                 false
             }
         };
@@ -766,46 +509,21 @@ impl Config {
                 .filter(|u| !u.is_empty())
                 .collect::<Vec<_>>()
         });
-        let dedupe_ttl = r.duration(
-            env::DEDUPE_TTL,
-            defaults::DEDUPE_TTL,
-            Duration::from_secs(1),
-        );
-        let retry_after = r.duration(
-            env::RETRY_AFTER,
-            defaults::RETRY_AFTER,
-            Duration::from_secs(1),
-        );
-        let shutdown_timeout = r.duration(
-            env::SHUTDOWN_TIMEOUT,
-            defaults::SHUTDOWN_TIMEOUT,
-            Duration::from_millis(100),
-        );
-        let header_read_timeout = r.duration(
-            env::HEADER_READ_TIMEOUT,
-            defaults::HEADER_READ_TIMEOUT,
-            Duration::from_millis(100),
-        );
-        let request_timeout = r.duration(
-            env::REQUEST_TIMEOUT,
-            defaults::REQUEST_TIMEOUT,
-            Duration::from_millis(100),
-        );
+        let dedupe_ttl = r.duration(env::DEDUPE_TTL, Duration::from_secs(1));
+        let retry_after = r.duration(env::RETRY_AFTER, Duration::from_secs(1));
+        let shutdown_timeout = r.duration(env::SHUTDOWN_TIMEOUT, Duration::from_millis(100));
+        let header_read_timeout = r.duration(env::HEADER_READ_TIMEOUT, Duration::from_millis(100));
+        let request_timeout = r.duration(env::REQUEST_TIMEOUT, Duration::from_millis(100));
         if request_timeout <= redis_timeout {
             r.fail(
-                env::REQUEST_TIMEOUT,
+                env::REQUEST_TIMEOUT.name,
                 "must be longer than REDIS_TIMEOUT, or durable commits would time out",
             );
         }
-        let max_connections = r.count(
-            env::MAX_CONNECTIONS,
-            defaults::MAX_CONNECTIONS,
-            1,
-            1_000_000,
-        );
+        let max_connections = r.count(env::MAX_CONNECTIONS, 1, 1_000_000);
         let admin_token = r.string(env::ADMIN_TOKEN);
         let log_format = match r
-            .raw(env::LOG_FORMAT)
+            .raw(env::LOG_FORMAT.name)
             .map(str::to_ascii_lowercase)
             .as_deref()
         {
@@ -813,15 +531,15 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some(other) => {
                 r.fail(
-                    env::LOG_FORMAT,
+                    env::LOG_FORMAT.name,
                     format!("expected text or json, got {other:?}"),
                 );
                 LogFormat::Text
             }
         };
         let api_keys_file = r.string(env::API_KEYS_FILE).map(std::path::PathBuf::from);
-        let rate = r.raw(env::RATE_LIMIT).map(str::to_string);
-        let burst = r.count(env::RATE_LIMIT_BURST, 0, 0, 10_000_000) as u32;
+        let rate = r.raw(env::RATE_LIMIT.name).map(str::to_string);
+        let burst = r.count_or(env::RATE_LIMIT_BURST, 0, 0, 10_000_000) as u32;
         let rate_limit = match rate {
             None => None,
             Some(v) => match v.parse::<f64>() {
@@ -836,7 +554,7 @@ impl Config {
                 }),
                 _ => {
                     r.fail(
-                        env::RATE_LIMIT,
+                        env::RATE_LIMIT.name,
                         format!("expected pulses per second (> 0), got {v:?}"),
                     );
                     None
@@ -848,12 +566,12 @@ impl Config {
             Some(s) => {
                 crate::tenancy::parse_overrides(&s, rate_limit.map_or(burst.max(1), |l| l.burst))
                     .unwrap_or_else(|e| {
-                        r.fail(env::RATE_LIMIT_OVERRIDES, e);
+                        r.fail(env::RATE_LIMIT_OVERRIDES.name, e);
                         HashMap::new()
                     })
             }
         };
-        let rate_limit_replicas = r.count(env::RATE_LIMIT_REPLICAS, 1, 1, 10_000) as u32;
+        let rate_limit_replicas = r.count(env::RATE_LIMIT_REPLICAS, 1, 10_000) as u32;
         if !r.problems.is_empty() {
             return Err(ConfigError {
                 problems: std::mem::take(&mut r.problems),
@@ -997,6 +715,14 @@ mod tests {
         let mut listed: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
         listed.sort();
         assert_eq!(names, listed);
+    }
+
+    #[test]
+    fn computed_defaults_report_bad_values_instead_of_panicking() {
+        let err =
+            Config::from_map(&map(&[("WORKERS", "many"), ("RATE_LIMIT_BURST", "x")])).unwrap_err();
+        let vars: Vec<_> = err.problems.iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(vars, ["WORKERS", "RATE_LIMIT_BURST"]);
     }
 
     #[test]
