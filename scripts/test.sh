@@ -12,6 +12,10 @@ ensure_cmd promtool prometheus
 ensure_cmd npm npm
 ensure_cmd faketime faketime
 python3 -c 'import jsonschema, yaml' 2>/dev/null || python3 -m pip install -q jsonschema pyyaml
+# A real browser for the /ui page: Debian's chromium and its driver, Selenium from PyPI.
+ensure_cmd chromium chromium
+ensure_cmd chromedriver chromium-driver
+python3 -c 'import selenium' 2>/dev/null || python3 -m pip install -q selenium
 # Contract and manifest checkers nobody here wrote (PyPI).
 command -v st >/dev/null 2>&1 && command -v openapi-spec-validator >/dev/null 2>&1 \
   && command -v kubernetes-validate >/dev/null 2>&1 \
@@ -33,6 +37,8 @@ echo "==> observability: promtool, compose schema, dashboard queries against a l
 python3 scripts/check_observability.py target/debug
 echo "==> API contracts: docs current, openapi-spec-validator, Schemathesis against a live instance"
 python3 scripts/check_contract.py target/debug
+echo "==> the /ui page in headless Chromium (screenshots in target/ui-test/)"
+python3 scripts/check_ui.py target/debug
 echo "==> Kubernetes manifests: kubernetes-validate --strict and consistency with the service"
 python3 scripts/check_deploy.py target/debug
 echo "==> all tests passed"

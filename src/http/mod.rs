@@ -16,6 +16,7 @@ pub use serve::serve;
 mod health;
 mod ingest;
 pub mod openapi;
+mod usage;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -75,7 +76,10 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/replay", post(admin::replay))
         .route("/admin/rejections", get(admin::rejections))
-        .route("/openapi.json", get(openapi::openapi_json));
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/status", get(usage::status))
+        .route("/ui", get(usage::ui));
     // With METRICS_ADDR set, /metrics lives on its own listener only.
     let api = if metrics_here {
         api.route("/metrics", get(health::metrics))

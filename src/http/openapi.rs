@@ -241,12 +241,16 @@ impl Modify for Security {
         super::admin::replay,
         super::admin::rejections,
         openapi_json,
+        super::usage::usage,
+        super::usage::status,
+        super::usage::ui,
     ),
     components(schemas(Pulse, Batch, Accepted, Error, FieldError, Report)),
     modifiers(&Security),
     tags(
         (name = "ingest", description = "Sending pulses"),
         (name = "operations", description = "Health, metrics and the contract"),
+        (name = "usage", description = "Live usage and the page (GET /ui)"),
         (name = "admin", description = "Operators (Authorization: Bearer ADMIN_TOKEN when it is set)"),
     )
 )]

@@ -96,6 +96,7 @@ struct ClusterPool {
 use crate::config::Config;
 
 pub mod reshard;
+pub mod usage;
 
 /// A script that may toggle a generation or add exact amounts: prefixed with the shared library.
 macro_rules! with_lib {

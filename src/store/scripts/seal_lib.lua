@@ -19,14 +19,30 @@ local CARRY_LO = '-4000000000000000000'
 local CARRY_HI = '4000'
 
 -- Adds an exact amount, given as decimal limb strings, to one field of (lohash, hihash).
+-- Returns true when the field may be new (its lo equals this increment).
 local function add(lohash, hihash, field, lo, hi)
   local v = redis.call('HINCRBY', lohash, field, lo)
+  local fresh = v == tonumber(lo)
   if v >= CARRY_AT then
     redis.call('HINCRBY', lohash, field, CARRY_LO)
     redis.call('HINCRBY', hihash, field, CARRY_HI)
   end
   if hi ~= '0' then
     redis.call('HINCRBY', hihash, field, hi)
+  end
+  return fresh
+end
+
+-- The usage index: per shard, window and tenant, the set of a tenant's fields, so that "what has
+-- tenant T used" reads T's keys only (GET /v1/usage), whatever the other tenants hold. A field
+-- joins when it is first counted in the window; the set outlives the window by a week (a
+-- window pending longer is read by scanning its hash instead).
+local INDEX_TTL = 604800
+local function index(base, start, field, len)
+  local tenant = cjson.decode(field)[1]
+  local key = base .. ':x:idx:' .. string.format('%d', start) .. ':' .. tenant
+  if redis.call('SADD', key, field) == 1 then
+    redis.call('EXPIRE', key, string.format('%d', len + INDEX_TTL), 'NX')
   end
 end
 

@@ -75,7 +75,9 @@ for s = 1, #sections do
   local base, first, first_id, after, agg, start = unpack(sections[s])
   local hi = agg .. ':hi'
   for k = first, first_id - 1, 3 do
-    add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2])
+    if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+      index(base, start, ARGV[k], len)
+    end
   end
   local flags = {}
   if first_id < after then
@@ -97,7 +99,9 @@ for s = 1, #sections do
         end
       end
       if new then
-        add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2])
+        if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+          index(base, start, ARGV[k], len)
+        end
         flags[#flags + 1] = '1'
       else
         flags[#flags + 1] = '0'

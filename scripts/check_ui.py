@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""The /ui page in a real browser (headless Chromium driven by Selenium): against a running
+instance with real Redis, real pulses and the reference Processor, the page shows the window,
+the pending windows, a tenant's exact usage and the dead letters, and its Replay button replays
+them. No JavaScript console errors. A screenshot is kept in target/ui-test/."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pyutil import free_port, wait_port  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "debug")
+OUT = os.path.join(ROOT, "target", "ui-test")
+os.makedirs(OUT, exist_ok=True)
+procs = []
+
+
+def start(args, env=None, log=None):
+    p = subprocess.Popen(args, env=env, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
+    procs.append(p)
+    return p
+
+
+def req(method, url, body=None, token=None):
+    r = urllib.request.Request(url, data=body, method=method)
+    r.add_header("content-type", "application/json")
+    if token:
+        r.add_header("authorization", "Bearer " + token)
+    with urllib.request.urlopen(r, timeout=10) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def pulse(base, tenant, sku, amount):
+    body = '{"tenant_id":%s,"product_sku":"%s","use_unit":"KB","used_amount":%s}' % (json.dumps(tenant), sku, amount)
+    req("POST", base + "/ingest", body.encode())
+
+
+def until(what, f, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            v = f()
+            if v:
+                return v
+        except Exception:  # noqa: BLE001 - retried until the deadline
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"FAIL {what}")
+
+
+tmp = tempfile.mkdtemp(prefix="pulse-ui-")
+driver = None
+try:
+    rport, port, pport = free_port(), free_port(), free_port()
+    start(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--dir", tmp])
+    wait_port(rport)
+    processor = start([os.path.join(BIN, "pulse-processor"), "--listen", f"127.0.0.1:{pport}",
+                       "--reject-tenant", "bad"])
+    wait_port(pport)
+    env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}", LISTEN_ADDR=f"127.0.0.1:{port}",
+               WINDOW="2s", STABILISATION_DELAY="0s", DRAIN_INTERVAL="300ms", ADMIN_TOKEN="adm",
+               PROCESSOR_URL=f"http://127.0.0.1:{pport}/batches", RUST_LOG="warn")
+    start([os.path.join(BIN, "pulse-ingestor")], env=env, log=open(os.path.join(tmp, "ingestor.log"), "w"))
+    wait_port(port)
+    base = f"http://127.0.0.1:{port}"
+    # A window with a tenant the Processor refuses: dead letters.
+    pulse(base, "bad", "SKU-9", "7.5")
+    until("dead letters", lambda: req("GET", base + "/admin/dead-letters", token="adm")["records"])
+    # The Processor is fixed (restarted without the rejection) before the replay.
+    processor.send_signal(signal.SIGTERM)
+    processor.wait(10)
+    start([os.path.join(BIN, "pulse-processor"), "--listen", f"127.0.0.1:{pport}", "--fail-status", "503",
+           "--fail-first", "1000000"])
+    wait_port(pport)
+    # Live usage of a tenant with tricky characters, in the current window, exact.
+    tenant = 'ui "tenant" | 東京'
+    for amount in ("0.1", "0.2", "1234.567890123"):
+        pulse(base, tenant, "SKU-1", amount)
+
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1400"):
+        opts.add_argument(a)
+    opts.binary_location = "/usr/bin/chromium"
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"), options=opts)
+    # The admin token is entered before the page's first call (kept in the tab's sessionStorage).
+    driver.get(base + "/healthz")
+    driver.execute_script("sessionStorage.setItem('admin-token', 'adm')")
+    driver.get_log("browser")  # what that JSON page logged (its favicon) is not the page's
+    driver.get(base + "/ui")
+    wait = WebDriverWait(driver, 20)
+    text = lambda i: driver.find_element(By.ID, i).text
+    wait.until(lambda d: text("window").endswith("Z"))
+    status = req("GET", base + "/v1/status")
+    print("ok   window", text("window"), "sealed in", text("seal-in"), "queue", text("queue"))
+    assert text("seal-in").endswith(" s"), text("seal-in")
+    wait.until(lambda d: "pulses/s" in text("rate"))
+    print("ok   ingest rate", text("rate"))
+    # Pending: the window sealed from the pulses above waits for a Processor that fails (503).
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pending tbody tr")) > 0)
+    pending = req("GET", base + "/admin/pending", token="adm")
+    print("ok   pending windows on the page:", text("pending").replace("\n", " | "))
+    assert str(pending["windows"][0]["records"]) in text("pending")
+    # Dead letters with their exact amount.
+    wait.until(lambda d: "bad" in text("dead") and "7.5" in text("dead"))
+    print("ok   dead letters:", text("dead").replace("\n", " | "))
+    # Tenant lookup: exact sums of the live (or just sealed) window.
+    driver.find_element(By.ID, "tenant").send_keys(tenant)
+    driver.find_element(By.ID, "lookup").click()
+    wait.until(lambda d: "1234.867890123" in text("usage"))
+    print("ok   usage:", text("usage").replace("\n", " | "))
+    driver.save_screenshot(os.path.join(OUT, "ui.png"))
+    # Replay: the dead letters go back for delivery.
+    driver.find_element(By.ID, "replay").click()
+    wait.until(lambda d: "replayed 1 records" in text("replay-result"))
+    until("dead letters replayed", lambda: not req("GET", base + "/admin/dead-letters", token="adm")["records"])
+    wait.until(lambda d: "bad" not in text("dead"))
+    print("ok   replay:", text("replay-result"))
+    driver.save_screenshot(os.path.join(OUT, "ui-after-replay.png"))
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    print("ok   no console errors; screenshots in", OUT)
+    assert status["window_end"] - status["window_start"] == 2
+finally:
+    if driver:
+        driver.quit()
+    for p in reversed(procs):
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()

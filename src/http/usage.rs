@@ -1,0 +1,307 @@
+//! `GET /v1/usage` (what a tenant has used so far, exact, live), `GET /v1/status` (this
+//! replica's window, queue and counters) and `GET /ui`, the page that shows them.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::amount::Amount;
+use crate::processor::{ExactNumber, rfc3339};
+
+/// Query parameters of `GET /v1/usage`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// The tenant.
+    tenant_id: String,
+    /// Only this SKU.
+    product_sku: Option<String>,
+    /// Only this unit.
+    use_unit: Option<String>,
+    /// Only the window starting at this unix second.
+    window: Option<u64>,
+}
+
+/// A tenant's usage.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Usage {
+    tenant_id: String,
+    /// Redis time when it was read (unix seconds): everything acknowledged before is in it.
+    redis_time: u64,
+    /// The windows holding the tenant's usage, oldest first: the live one and each sealed one
+    /// not yet delivered.
+    windows: Vec<UsageWindow>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UsageWindow {
+    /// Unix seconds.
+    window_start: u64,
+    window_end: u64,
+    #[schema(format = DateTime)]
+    window_start_rfc3339: String,
+    /// `live` (being written), `waiting` (sealed, within STABILISATION_DELAY), `delivering`
+    /// (a drain is running), `retrying` (due, not yet accepted by the Processor) or
+    /// `dead-lettered` (refused by the Processor; see /admin/dead-letters).
+    state: String,
+    usage: Vec<KeyUsage>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct KeyUsage {
+    product_sku: String,
+    use_unit: String,
+    /// Exact total, a JSON number in canonical decimal form.
+    #[schema(value_type = f64)]
+    used_amount: ExactNumber,
+    used_amount_text: String,
+    /// Part of it the Processor refused (dead-lettered), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dead_lettered_text: Option<String>,
+}
+
+/// Tenant keys read their own tenant only; a trusted (`*`) key or the admin token reads any.
+fn authorise(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<(), ApiError> {
+    let Some(keys) = &state.api_keys else {
+        return Ok(());
+    };
+    if let Some(expected) = &state.cfg.admin_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            given.as_bytes(),
+            expected.as_bytes(),
+        )) {
+            return Ok(());
+        }
+    }
+    let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) else {
+        return Err(ApiError::NoApiKey("X-API-Key header is required"));
+    };
+    let set = keys.get();
+    match set.lookup(key) {
+        None => Err(ApiError::NoApiKey("unknown API key")),
+        Some((crate::tenancy::Grant::Tenant(t), _)) if t != tenant => Err(ApiError::Forbidden(
+            format!("this API key may not read tenant {tenant:?}"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// What a tenant has used so far.
+///
+/// The live window's exact totals (every pulse acknowledged before the query is in them) and
+/// each sealed window not yet delivered, with its state. Reads the tenant's own keys only.
+#[utoipa::path(
+    get, path = "/v1/usage", tag = "usage",
+    params(UsageQuery),
+    security((), ("api_key" = []), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "The tenant's usage (empty windows list when none)", body = Usage),
+        (status = 400, description = "A parameter is malformed", body = super::openapi::Error),
+        (status = 401, description = "API keys on: X-API-Key missing or unknown", body = super::openapi::Error),
+        (status = 403, description = "The key may not read this tenant", body = super::openapi::Error),
+        (status = 422, description = "tenant_id is empty or too long", body = super::openapi::Error),
+        (status = 503, description = "Redis unavailable", body = super::openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
+pub async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Malformed(e.body_text()))?;
+    if q.tenant_id.is_empty()
+        || q.tenant_id.chars().count() > state.cfg.max_field_len
+        || q.tenant_id.chars().any(char::is_control)
+    {
+        return Err(ApiError::Invalid(vec![crate::pulse::FieldError {
+            index: None,
+            field: "tenant_id".into(),
+            message: format!(
+                "must be 1 to {} characters without control characters",
+                state.cfg.max_field_len
+            ),
+        }]));
+    }
+    authorise(&state, &headers, &q.tenant_id)?;
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "usage query failed on redis");
+        ApiError::Unavailable {
+            message: "storage unavailable".into(),
+            retry_after: state.cfg.retry_after,
+        }
+    };
+    let store = &state.store;
+    let mut conn = store.conn().await.map_err(unavailable)?;
+    let shards = store.shards_to_drain().await.map_err(unavailable)?;
+    let stabilisation = state.cfg.stabilisation_delay.as_secs();
+    // (start) → (end, state, (sku, unit) → (amount, dead))
+    type Totals = BTreeMap<(String, String), (Amount, Amount)>;
+    let mut windows: BTreeMap<u64, (u64, String, Totals)> = BTreeMap::new();
+    let mut redis_now = 0;
+    for shard in 0..shards {
+        let u = store
+            .tenant_usage(&mut conn, shard, &q.tenant_id)
+            .await
+            .map_err(unavailable)?;
+        redis_now = redis_now.max(u.redis_now);
+        for w in u.windows {
+            if q.window.is_some_and(|s| s != w.start) {
+                continue;
+            }
+            let state_name = if w.current {
+                "live"
+            } else if !w.pending && w.dead_lettered {
+                "dead-lettered"
+            } else if u.redis_now < w.end + stabilisation {
+                "waiting"
+            } else if w.busy {
+                "delivering"
+            } else {
+                "retrying"
+            };
+            let entry = windows
+                .entry(w.start)
+                .or_insert_with(|| (w.end, state_name.to_string(), BTreeMap::new()));
+            for (field, k) in w.keys {
+                let Some((t, sku, unit)) = crate::pulse::decode_field(field.as_bytes()) else {
+                    continue;
+                };
+                if t != q.tenant_id
+                    || q.product_sku.as_ref().is_some_and(|s| *s != sku)
+                    || q.use_unit.as_ref().is_some_and(|u| *u != unit)
+                {
+                    continue;
+                }
+                let parse = |s: &Option<String>| {
+                    s.as_deref()
+                        .and_then(|t| Amount::parse_decimal(t, 12, crate::amount::MAX_TOTAL).ok())
+                        .unwrap_or(Amount::ZERO)
+                };
+                let slot = entry.2.entry((sku, unit)).or_default();
+                slot.0 = slot.0.checked_add(parse(&k.amount)).unwrap_or(slot.0);
+                slot.1 = slot.1.checked_add(parse(&k.dead)).unwrap_or(slot.1);
+            }
+        }
+    }
+    let windows = windows
+        .into_iter()
+        .filter(|(_, (_, state_name, keys))| !keys.is_empty() || state_name == "live")
+        .map(|(start, (end, state_name, keys))| UsageWindow {
+            window_start: start,
+            window_end: end,
+            window_start_rfc3339: rfc3339(start),
+            state: state_name,
+            usage: keys
+                .into_iter()
+                .map(|((product_sku, use_unit), (amount, dead))| KeyUsage {
+                    product_sku,
+                    use_unit,
+                    used_amount: ExactNumber::new(&amount.to_string()),
+                    used_amount_text: amount.to_string(),
+                    dead_lettered_text: (dead > Amount::ZERO).then(|| dead.to_string()),
+                })
+                .collect(),
+        })
+        .filter(|w| !w.usage.is_empty())
+        .collect();
+    Ok((
+        StatusCode::OK,
+        Json(Usage {
+            tenant_id: q.tenant_id,
+            redis_time: redis_now,
+            windows,
+        }),
+    )
+        .into_response())
+}
+
+/// This replica at a glance (the page polls it).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Status {
+    redis_time: u64,
+    window_start: u64,
+    window_end: u64,
+    /// Seconds until the current window is sealed.
+    seconds_to_seal: u64,
+    queue_depth: usize,
+    queue_capacity: usize,
+    /// Pulses accepted by this replica since it started (the page derives a rate).
+    pulses_accepted_total: u64,
+    shards: u32,
+    ack_mode: String,
+    version: String,
+}
+
+/// This replica's window, queue and counters.
+#[utoipa::path(
+    get, path = "/v1/status", tag = "usage",
+    responses(
+        (status = 200, description = "Status", body = Status),
+        (status = 503, description = "Redis unavailable", body = super::openapi::Error,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
+pub async fn status(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut conn = state
+        .store
+        .conn()
+        .await
+        .map_err(|_| ApiError::Unavailable {
+            message: "storage unavailable".into(),
+            retry_after: state.cfg.retry_after,
+        })?;
+    let now = state
+        .store
+        .time(&mut conn)
+        .await
+        .map_err(|_| ApiError::Unavailable {
+            message: "storage unavailable".into(),
+            retry_after: state.cfg.retry_after,
+        })?;
+    let len = state.store.window_secs;
+    let start = now - now % len;
+    Ok(Json(Status {
+        redis_time: now,
+        window_start: start,
+        window_end: start + len,
+        seconds_to_seal: start + len - now,
+        queue_depth: state.ingest.depth(),
+        queue_capacity: state.ingest.capacity(),
+        pulses_accepted_total: state.metrics.pulses.with_label_values(&["accepted"]).get(),
+        shards: state.store.shards,
+        ack_mode: format!("{:?}", state.cfg.ack_mode).to_lowercase(),
+        version: concat!(
+            env!("CARGO_PKG_VERSION"),
+            " (",
+            env!("PULSE_GIT_COMMIT"),
+            ")"
+        )
+        .into(),
+    })
+    .into_response())
+}
+
+/// The operator and tenant page: one self-contained HTML file that calls the API above.
+#[utoipa::path(
+    get, path = "/ui", tag = "usage",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String))
+)]
+pub async fn ui() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("ui.html"),
+    )
+        .into_response()
+}

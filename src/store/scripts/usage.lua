@@ -1,0 +1,63 @@
+-- A tenant's usage in one shard, read in one step: the current window's totals and each
+-- pending window's, with its state. Reads only the tenant's own keys (the usage index, then
+-- HMGET of those fields): its cost does not grow with other tenants' data.
+-- KEYS[1] :x:gen, KEYS[2] :x:window, KEYS[3] :x:window_len, KEYS[4] pending set,
+-- KEYS[5] drain lock, KEYS[6] dead-letter index. ARGV[1] shard base, ARGV[2] tenant.
+-- Returns JSON: {now, current = window or false, windows = {member: window}} where a window is
+-- {start, end, pending, dead_lettered, busy, indexed, keys = {field: {lo, hi, dead}}}.
+local base, tenant = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local out = {now = t[1], windows = {}}
+local function read(hash, dead, start)
+  local w = {start = tostring(start), keys = {}, indexed = true}
+  local idx = base .. ':x:idx:' .. start .. ':' .. tenant
+  local fields = redis.call('SMEMBERS', idx)
+  if #fields == 0 then
+    w.indexed = redis.call('EXISTS', hash) == 0
+    return w
+  end
+  local lo = redis.call('HMGET', hash, unpack(fields))
+  local hi = redis.call('HMGET', hash .. ':hi', unpack(fields))
+  local dl = redis.call('HMGET', dead, unpack(fields))
+  for i, f in ipairs(fields) do
+    w.keys[f] = {lo = lo[i] or '0', hi = hi[i] or '0', dead = dl[i] or false}
+  end
+  return w
+end
+local gen = redis.call('GET', KEYS[1])
+local start = redis.call('GET', KEYS[2])
+if gen and start then
+  local w = read(base .. ':x:agg:' .. gen, base .. ':x:dead:none', start)
+  w['end'] = tostring(tonumber(start) + (tonumber(redis.call('GET', KEYS[3])) or 0))
+  out.current = w
+else
+  out.current = false
+end
+local dead = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
+  dead[m] = true
+end
+local busy = redis.call('EXISTS', KEYS[5]) == 1
+local members = redis.call('ZRANGE', KEYS[4], 0, -1)
+local seen = {}
+local function window(m, pending)
+  local s, e, x = string.match(m, '^(%d+):(%d+):?(x?)$')
+  if not s or x ~= 'x' or seen[m] then
+    return
+  end
+  seen[m] = true
+  local w = read(base .. ':x:sealed:' .. s, base .. ':x:dead:' .. s, s)
+  w['end'] = e
+  w.member = m
+  w.pending = pending
+  w.dead_lettered = dead[m] or false
+  w.busy = busy
+  out.windows[m] = w
+end
+for _, m in ipairs(members) do
+  window(m, true)
+end
+for m, _ in pairs(dead) do
+  window(m, false)
+end
+return cjson.encode(out)

@@ -1,0 +1,277 @@
+//! Live usage (`GET /v1/usage`): exact, live, per window, by key, and at a cost that does not
+//! grow with other tenants' data.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use pulse_producer::processor::Faults;
+
+async fn usage(
+    c: &reqwest::Client,
+    base: &str,
+    query: &str,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut r = c.get(format!("{base}/v1/usage?{query}"));
+    if let Some(k) = key {
+        r = r.header("x-api-key", k);
+    }
+    let r = r.send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or_default())
+}
+
+/// (window start, state, sku, unit) → amount text.
+fn rows(u: &serde_json::Value) -> BTreeMap<(u64, String, String, String), String> {
+    let mut out = BTreeMap::new();
+    for w in u["windows"].as_array().unwrap() {
+        for k in w["usage"].as_array().unwrap() {
+            out.insert(
+                (
+                    w["window_start"].as_u64().unwrap(),
+                    w["state"].as_str().unwrap().to_string(),
+                    k["product_sku"].as_str().unwrap().to_string(),
+                    k["use_unit"].as_str().unwrap().to_string(),
+                ),
+                k["used_amount_text"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_exact_live_and_follows_a_window_until_it_is_delivered() {
+    let redis = RedisServer::start();
+    let (p, purl) = processor(Faults::default()).await;
+    p.set_faults(Faults {
+        error_rate: 1.0,
+        fail_status: 503,
+        ..Faults::default()
+    });
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "3s"),
+            ("STABILISATION_DELAY", "1s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    let c = http();
+    // Start right after a boundary so the pulses share one window.
+    let ok = eventually(Duration::from_secs(10), || async {
+        let (now, _): (u64, u64) = redis.cmd(&["TIME"]);
+        now % 3 == 0
+    })
+    .await;
+    assert!(ok);
+    let tenant = "Zürich: \"ops\" | 東京";
+    for (sku, unit, a) in [
+        ("SKU:1", "KB", "0.1"),
+        ("SKU:1", "KB", "0.2"),
+        ("s|2", "GB/sec", "123456789.123456789"),
+    ] {
+        // The amount as decimal text, verbatim (a serde_json::Value would make it a float).
+        let r = c
+            .post(format!("{}/ingest", app.base))
+            .header("content-type", "application/json")
+            .body(pulse_text(tenant, sku, unit, a))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    // Another tenant's data never shows.
+    assert_eq!(
+        post(
+            &c,
+            &format!("{}/ingest", app.base),
+            &pulse("other", "SKU:1", "KB", 5.0)
+        )
+        .await
+        .0,
+        202
+    );
+    let q = format!("tenant_id={}", urlencode(tenant));
+    let (s, u) = usage(&c, &app.base, &q, None).await;
+    assert_eq!(s, 200, "{u}");
+    let r = rows(&u);
+    let w = u["windows"][0]["window_start"].as_u64().unwrap();
+    assert_eq!(r.len(), 2, "{u}");
+    assert_eq!(
+        r[&(w, "live".into(), "SKU:1".into(), "KB".into())],
+        "0.3",
+        "live and exact: {u}"
+    );
+    assert_eq!(
+        r[&(w, "live".into(), "s|2".into(), "GB/sec".into())],
+        "123456789.123456789"
+    );
+    // Filters.
+    let (_, f) = usage(&c, &app.base, &format!("{q}&use_unit=KB"), None).await;
+    assert_eq!(rows(&f).len(), 1);
+    // The window ends: sealed and pending (the Processor refuses for now)...
+    let ok = eventually(Duration::from_secs(10), || async {
+        let (_, u) = usage(&c, &app.base, &q, None).await;
+        rows(&u)
+            .keys()
+            .any(|k| k.0 == w && (k.1 == "waiting" || k.1 == "retrying" || k.1 == "delivering"))
+    })
+    .await;
+    assert!(ok, "the sealed window shows as awaiting delivery");
+    let (_, u) = usage(&c, &app.base, &q, None).await;
+    assert_eq!(rows(&u).values().filter(|v| *v == "0.3").count(), 1, "{u}");
+    // ...then delivered: gone from usage.
+    p.set_faults(Faults::default());
+    let ok = eventually(Duration::from_secs(15), || async {
+        let (_, u) = usage(&c, &app.base, &q, None).await;
+        !rows(&u).keys().any(|k| k.0 == w)
+    })
+    .await;
+    assert!(ok, "a delivered window leaves the usage");
+    // A tenant with no usage: 200 and no windows, not 404.
+    let (s, u) = usage(&c, &app.base, "tenant_id=nobody", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(u["windows"].as_array().unwrap().len(), 0);
+    let (s, _) = usage(&c, &app.base, "tenant_id=", None).await;
+    assert_eq!(s, 422);
+    app.stop().await.unwrap();
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_key_reads_only_its_own_usage() {
+    use sha2::{Digest, Sha256};
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let h = |k: &str| hex::encode(Sha256::digest(k.as_bytes()));
+    std::fs::write(
+        &keys,
+        format!("{} t-a a\n{} * svc\n", h("key-a"), h("key-svc")),
+    )
+    .unwrap();
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("API_KEYS_FILE", keys.to_str().unwrap()),
+            ("ADMIN_TOKEN", "adm"),
+        ],
+    ))
+    .await;
+    let c = http();
+    assert_eq!(usage(&c, &app.base, "tenant_id=t-a", None).await.0, 401);
+    assert_eq!(
+        usage(&c, &app.base, "tenant_id=t-a", Some("nope")).await.0,
+        401
+    );
+    assert_eq!(
+        usage(&c, &app.base, "tenant_id=t-a", Some("key-a")).await.0,
+        200
+    );
+    assert_eq!(
+        usage(&c, &app.base, "tenant_id=t-b", Some("key-a")).await.0,
+        403
+    );
+    assert_eq!(
+        usage(&c, &app.base, "tenant_id=t-b", Some("key-svc"))
+            .await
+            .0,
+        200
+    );
+    let r = c
+        .get(format!("{}/v1/usage?tenant_id=t-b", app.base))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the admin token reads any tenant");
+    app.stop().await.unwrap();
+}
+
+/// The query reads the tenant's own keys: with 1,000,000 keys of other tenants in the same
+/// shard's window, Redis spends about what it spends without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_query_costs_the_same_whatever_other_tenants_hold() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[("SHARDS", "1")])).await;
+    let c = http();
+    for i in 0..10 {
+        assert_eq!(
+            post(
+                &c,
+                &format!("{}/ingest", app.base),
+                &pulse("small", &format!("s{i}"), "KB", 1.0)
+            )
+            .await
+            .0,
+            202
+        );
+    }
+    let cost = |n: usize| {
+        let redis = &redis;
+        let c = c.clone();
+        let base = app.base.clone();
+        async move {
+            let info = |r: &RedisServer| -> (u64, u64) {
+                let text: String = r.cmd(&["INFO", "commandstats"]);
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("cmdstat_evalsha:"))
+                    .unwrap();
+                let field = |k: &str| -> u64 {
+                    line.split(&[':', ','][..])
+                        .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                (field("calls"), field("usec"))
+            };
+            let (c0, u0) = info(redis);
+            for _ in 0..n {
+                let (s, u) = usage(&c, &base, "tenant_id=small", None).await;
+                assert_eq!(s, 200);
+                assert_eq!(rows(&u).len(), 10);
+            }
+            let (c1, u1) = info(redis);
+            (u1 - u0) as f64 / (c1 - c0) as f64
+        }
+    };
+    let alone = cost(50).await;
+    // A million other tenants' keys in the same window of the same shard.
+    let generation: String = redis.cmd(&["GET", "{pulses:0}:x:gen"]);
+    let agg = format!("{{pulses:0}}:x:agg:{generation}");
+    let _: () = redis.cmd(&[
+        "EVAL",
+        "for i = 1, 1000000 do redis.call('HSET', KEYS[1], '[\"other-' .. i .. '\",\"s\",\"KB\"]', '1000000000000') end",
+        "1",
+        &agg,
+    ]);
+    let hlen: u64 = redis.cmd(&["HLEN", &agg]);
+    assert!(hlen > 1_000_000);
+    let crowded = cost(50).await;
+    println!(
+        "usage query: {alone:.1} µs of Redis alone, {crowded:.1} µs beside 1,000,000 other keys"
+    );
+    assert!(
+        crowded < alone * 3.0 + 20.0,
+        "{alone:.1} µs vs {crowded:.1} µs: the query scans other tenants"
+    );
+    app.stop().await.unwrap();
+}
