@@ -19,7 +19,11 @@ use crate::processor::{ExactNumber, rfc3339};
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// The tenant.
-    #[param(min_length = 1, max_length = 256, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")]
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     tenant_id: String,
     /// Only this SKU.
     product_sku: Option<String>,
