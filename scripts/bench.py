@@ -265,6 +265,8 @@ def main():
             if processor_port:
                 env["PROCESSOR_URL"] = f"http://127.0.0.1:{processor_port}/batches"
             env.update(extra)
+            if "REDIS_CLUSTER_URLS" in extra:
+                del env["REDIS_URL"]  # one way to reach Redis
             p = procs.start([os.path.join(BIN, "pulse-ingestor")], env=env,
                             log=os.path.join(tmp, "ingestor.log"))
             wait_port(port)
@@ -520,7 +522,7 @@ def main():
     return 0 if ok else 1
 
 
-def ab(pairs=5, base_bin=None):
+def ab(pairs=5, base_bin=None, wait=False):
     """Alternating before/after pairs in one sitting: REDIS_COMMIT=per-shard (one script call
     per shard, the previous behaviour) against one-call (a commit's shards in one call), for
     single pulses (scenario 2) and worst-case batches (4a). Prints medians and per-pair ratios."""
@@ -534,10 +536,22 @@ def ab(pairs=5, base_bin=None):
                      "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
                     log=os.path.join(tmp, "redis.log"))
         wait_port(rport)
-        # Either REDIS_COMMIT per-shard against one-call in this build, or (compare) another
-        # build's binary against this one, with the same settings.
-        variants = ([("per-shard", BIN, {"REDIS_COMMIT": "per-shard"}), ("one-call", BIN, {})]
-                    if base_bin is None else [("base", base_bin, {}), ("this", BIN, {})])
+        if wait:
+            # A replica of the benchmark's Redis, for REDIS_WAIT_REPLICAS.
+            rep = free_port()
+            procs.start(["redis-server", "--port", str(rep), "--bind", "127.0.0.1", "--dir", tmp,
+                         "--dbfilename", "replica.rdb", "--appendonly", "no", "--save", "",
+                         "--replicaof", "127.0.0.1", str(rport)], log=os.path.join(tmp, "replica.log"))
+            wait_port(rep)
+            time.sleep(1)
+        # Either REDIS_COMMIT per-shard against one-call in this build, (compare) another build's
+        # binary against this one, or (wait) REDIS_WAIT_REPLICAS 0 against 1.
+        if wait:
+            variants = [("no-wait", BIN, {}), ("wait-1", BIN, {"REDIS_WAIT_REPLICAS": "1"})]
+        elif base_bin is None:
+            variants = [("per-shard", BIN, {"REDIS_COMMIT": "per-shard"}), ("one-call", BIN, {})]
+        else:
+            variants = [("base", base_bin, {}), ("this", BIN, {})]
         scenarios = [("2", "single", "/ingest", 64, 1), ("4a", "batch", "/ingest/batch", 8, 1000)]
         if base_bin is not None:
             scenarios.append(("4b", "typical", "/ingest/batch", 8, 1000))
@@ -583,6 +597,9 @@ def ab(pairs=5, base_bin=None):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ab":
         sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 5))
+    if len(sys.argv) > 1 and sys.argv[1] == "wait":
+        # scripts/bench.sh wait [pairs]: the cost of REDIS_WAIT_REPLICAS=1 (with a real replica)
+        sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 3, wait=True))
     if len(sys.argv) > 2 and sys.argv[1] == "compare":
         # scripts/bench.sh compare <dir holding another build's pulse-ingestor> [pairs]
         sys.exit(ab(int(sys.argv[3]) if len(sys.argv) > 3 else 3, base_bin=sys.argv[2]))

@@ -4,7 +4,8 @@
 # and writes the table into BENCHMARKS.md. BENCH_QUICK=1 runs shorter, smaller scenarios.
 # `scripts/bench.sh ab [pairs]`: alternating REDIS_COMMIT=per-shard / one-call pairs (scenarios 2
 # and 4a) with the cost model, printed as a table. `scripts/bench.sh compare <dir> [pairs]`: the
-# same against another build's pulse-ingestor in <dir> (scenarios 2, 4a, 4b).
+# same against another build's pulse-ingestor in <dir> (scenarios 2, 4a, 4b). `scripts/bench.sh
+# wait [pairs]`: REDIS_WAIT_REPLICAS 0 against 1, with a real replica.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh

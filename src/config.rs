@@ -51,6 +51,12 @@ settings! {
     /// A local Redis, as `scripts/run_ingestor.sh` starts one.
     REDIS_URL = "redis://127.0.0.1:6379", "The Redis to use";
     REDIS_CLUSTER_URLS = "", "Comma-separated seed nodes of a Redis Cluster; replaces REDIS_URL";
+    /// Sentinel mode: the master is found through these sentinels, and again after a failover.
+    REDIS_SENTINEL_URLS = "", "Comma-separated Redis Sentinels (redis://host:26379); replaces REDIS_URL";
+    REDIS_SENTINEL_MASTER = "", "The master's name the sentinels monitor (with REDIS_SENTINEL_URLS)";
+    /// Off by default: replication is asynchronous, and waiting costs a round trip per commit.
+    REDIS_WAIT_REPLICAS = "0", "Acknowledge a commit only once this many replicas have it (Redis WAIT); 0: do not wait";
+    REDIS_WAIT_TIMEOUT = "200ms", "How long a commit waits for its replicas; short of them it is answered 503 (may have been counted)";
     /// Connections are multiplexed; a few per core keeps Redis busy without head-of-line waits.
     REDIS_POOL_SIZE = "16", "Pooled multiplexed Redis connections";
     /// Long enough for a loaded Redis, short enough that a client gets its 503 before it gives up.
@@ -145,6 +151,12 @@ pub struct Config {
     /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_URLS`, comma separated); when set, the
     /// cluster is used instead of `REDIS_URL`.
     pub redis_cluster_urls: Option<Vec<String>>,
+    /// Sentinels and the master's name (`REDIS_SENTINEL_URLS`, `REDIS_SENTINEL_MASTER`).
+    pub redis_sentinel: Option<(Vec<String>, String)>,
+    /// Replicas a commit must reach before it is acknowledged (`REDIS_WAIT_REPLICAS`).
+    pub redis_wait_replicas: u32,
+    /// How long a commit waits for them (`REDIS_WAIT_TIMEOUT`).
+    pub redis_wait_timeout: Duration,
     /// Pooled multiplexed connections (`REDIS_POOL_SIZE`).
     pub redis_pool_size: usize,
     /// Per-command response timeout (`REDIS_TIMEOUT`).
@@ -415,6 +427,57 @@ impl Config {
                 }
             }
         }
+        let split = |v: String| {
+            v.split(',')
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect::<Vec<_>>()
+        };
+        let sentinels = r.string(env::REDIS_SENTINEL_URLS).map(split);
+        let sentinel_master = r.string(env::REDIS_SENTINEL_MASTER);
+        let redis_sentinel = match (sentinels, sentinel_master) {
+            (None, None) => None,
+            (Some(urls), Some(master)) => {
+                if urls.is_empty() {
+                    r.fail(env::REDIS_SENTINEL_URLS.name, "lists no sentinel");
+                }
+                for u in &urls {
+                    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                        let msg = format!("expected redis:// URLs, got {u:?}");
+                        r.fail(env::REDIS_SENTINEL_URLS.name, msg);
+                    }
+                }
+                Some((urls, master))
+            }
+            (Some(_), None) => {
+                r.fail(
+                    env::REDIS_SENTINEL_MASTER.name,
+                    "is required with REDIS_SENTINEL_URLS",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                r.fail(
+                    env::REDIS_SENTINEL_URLS.name,
+                    "is required with REDIS_SENTINEL_MASTER",
+                );
+                None
+            }
+        };
+        // Exactly one way to reach Redis.
+        let modes = [
+            r.raw(env::REDIS_URL.name).is_some(),
+            redis_cluster_urls.is_some(),
+            redis_sentinel.is_some(),
+        ];
+        if modes.iter().filter(|m| **m).count() > 1 {
+            r.fail(
+                env::REDIS_URL.name,
+                "set only one of REDIS_URL, REDIS_CLUSTER_URLS and REDIS_SENTINEL_URLS",
+            );
+        }
+        let redis_wait_replicas = r.count(env::REDIS_WAIT_REPLICAS, 0, 16) as u32;
+        let redis_wait_timeout = r.duration(env::REDIS_WAIT_TIMEOUT, Duration::from_millis(1));
         let redis_pool_size = r.count(env::REDIS_POOL_SIZE, 1, 1024);
         let redis_timeout = r.duration(env::REDIS_TIMEOUT, Duration::from_millis(10));
         let key_prefix = r.string_or_default(env::KEY_PREFIX);
@@ -582,6 +645,9 @@ impl Config {
             metrics_addr,
             redis_url,
             redis_cluster_urls,
+            redis_sentinel,
+            redis_wait_replicas,
+            redis_wait_timeout,
             redis_pool_size,
             redis_timeout,
             key_prefix,

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub handler_panics: IntCounter,
     /// Processor answers that mean our credentials are wrong (401/403): retried, alert-worthy.
     pub processor_auth_failures: IntCounter,
+    /// Commits that fewer than REDIS_WAIT_REPLICAS replicas confirmed in time (answered 503).
+    pub redis_wait_short: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -196,6 +198,10 @@ impl Metrics {
             processor_auth_failures: reg!(IntCounter::new(
                 "ingestor_processor_auth_failures_total",
                 "Processor answers 401/403 (credentials rejected); batches are retried"
+            )),
+            redis_wait_short: reg!(IntCounter::new(
+                "ingestor_redis_wait_short_total",
+                "Commits fewer than REDIS_WAIT_REPLICAS replicas confirmed in time (answered 503)"
             )),
             registry,
         };

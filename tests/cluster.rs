@@ -22,6 +22,7 @@ fn cluster_vars(cluster: &RedisCluster, extra: &[(&str, &str)]) -> HashMap<Strin
     ];
     base.extend_from_slice(extra);
     let mut m = settings(&cluster.nodes[0], &base);
+    m.remove("REDIS_URL");
     m.insert("REDIS_CLUSTER_URLS".into(), cluster.urls());
     m
 }

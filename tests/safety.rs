@@ -207,6 +207,7 @@ async fn a_write_sent_twice_counts_once() {
     let cluster = RedisCluster::start(3, 0);
     for vars in [settings(&redis, &[]), {
         let mut v = settings(&redis, &[]);
+        v.remove("REDIS_URL");
         v.insert("REDIS_CLUSTER_URLS".into(), cluster.urls());
         v
     }] {
@@ -573,5 +574,62 @@ async fn a_remembered_pulse_id_costs_at_most_64_bytes() {
         "Redis memory per remembered pulse id: {per_id:.1} bytes in the marker sets ({per_id_total:.1} bytes of used_memory growth, which includes Lua and buffers)"
     );
     assert!(per_id <= 64.0, "{per_id:.1} bytes per id");
+    app.stop().await.unwrap();
+}
+
+/// `REDIS_WAIT_REPLICAS=1`: a 202 means a replica has the pulse too; with no replica to
+/// confirm, the answer is the ambiguous 503 (the pulse is on the master; a retry with the same
+/// id settles it exactly once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_a_202_means_a_replica_has_it() {
+    let master = RedisServer::start();
+    let mut replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    let ok = eventually(Duration::from_secs(10), || async {
+        let info: String = replica.cmd(&["INFO", "replication"]);
+        info.contains("master_link_status:up")
+    })
+    .await;
+    assert!(ok);
+    let app = TestApp::spawn(settings(
+        &master,
+        &[
+            ("REDIS_WAIT_REPLICAS", "1"),
+            ("REDIS_WAIT_TIMEOUT", "300ms"),
+        ],
+    ))
+    .await;
+    let c = http();
+    let url = format!("{}/ingest", app.base);
+    for i in 0..20 {
+        let mut p = pulse("t", "s", "KB", 1.0);
+        p["pulse_id"] = serde_json::json!(format!("w-{i}"));
+        assert_eq!(post(&c, &url, &p).await.0, 202);
+        // Acknowledged means replicated: the replica holds it already.
+        assert_eq!(
+            replica.totals("pulses")[&("t".into(), "s".into(), "KB".into())],
+            dec(f64::from(i + 1)),
+            "pulse {i} acknowledged before the replica had it"
+        );
+    }
+    replica.crash();
+    let mut p = pulse("t", "s", "KB", 1.0);
+    p["pulse_id"] = serde_json::json!("w-last");
+    let (s, h, body) = post(&c, &url, &p).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(h.get("retry-after").is_some());
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("may have been counted"),
+        "{body}"
+    );
+    assert!(
+        metric(&c, &app.base, "ingestor_redis_wait_short_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
     app.stop().await.unwrap();
 }

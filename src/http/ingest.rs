@@ -211,7 +211,7 @@ async fn submit(
             ),
         }])),
         Ok(Err(CommitError::Partial(_))) => Err(unavailable(
-            "storage failed part-way; retry with the same pulse_id or Idempotency-Key to complete it exactly".into(),
+            "storage failed part-way or could not confirm the write; the pulses may have been counted: retry with the same pulse_id or Idempotency-Key to count them exactly once".into(),
         )),
         Err(_) => Err(unavailable("shutting down; retry later".into())),
     }

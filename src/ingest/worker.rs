@@ -21,6 +21,9 @@ pub(crate) struct Worker {
     pub max_batch: usize,
     /// See `COMMIT_LINGER`.
     pub linger: Duration,
+    /// `REDIS_WAIT_REPLICAS` and `REDIS_WAIT_TIMEOUT`.
+    pub wait_replicas: u32,
+    pub wait_timeout: Duration,
     /// Enqueued mode: nobody waits for the answer, so a failed commit is retried until it
     /// succeeds or the shutdown deadline passes.
     pub retry_forever: bool,
@@ -306,6 +309,51 @@ async fn write_all(
             Ok(replies) => replies.into_iter().map(Ok).collect(),
             Err(e) => shards.iter().map(|_| Err(e.fan_out())).collect(),
         }
+    };
+    // REDIS_WAIT_REPLICAS: a commit is acknowledged only once enough replicas have it; short
+    // of them it was applied on the master but may not survive a failover — ambiguous (503,
+    // "may have been counted"), which a retry with the same ids settles exactly.
+    let results = if w.wait_replicas > 0 && results.iter().any(|r| r.is_ok()) {
+        let targets: Vec<u32> = if w.store.is_cluster() {
+            shards.iter().map(|(s, _)| *s).collect()
+        } else {
+            shards.iter().take(1).map(|(s, _)| *s).collect()
+        };
+        let waits = join_all(targets.iter().map(|s| {
+            let mut mc = c.clone();
+            let store = &w.store;
+            async move {
+                store
+                    .wait_replicas(&mut mc, *s, w.wait_replicas, w.wait_timeout)
+                    .await
+            }
+        }))
+        .await;
+        let short = waits
+            .iter()
+            .any(|r| !matches!(r, Ok(n) if *n >= w.wait_replicas));
+        if short {
+            w.metrics.redis_wait_short.inc();
+            results
+                .into_iter()
+                .map(|r| {
+                    r.and_then(|_| {
+                        Err(StoreError::Shared {
+                            message: format!(
+                                "fewer than {} replicas confirmed the commit within {:?}",
+                                w.wait_replicas, w.wait_timeout
+                            ),
+                            ambiguous: true,
+                            suspect: false,
+                        })
+                    })
+                })
+                .collect()
+        } else {
+            results
+        }
+    } else {
+        results
     };
     w.metrics
         .redis_write_duration

@@ -82,6 +82,17 @@ impl ConnectionLike for Conn {
 enum Pools {
     Single(deadpool_redis::Pool),
     Cluster(Arc<ClusterPool>),
+    Sentinel(Arc<SentinelPool>),
+}
+
+/// The master found through Redis Sentinel (redis-rs' `SentinelClient` asks the sentinels and
+/// checks the role). One multiplexed connection, replaced whenever a connection failure — or a
+/// `READONLY`/`MASTERDOWN` answer: the master changed — is seen, so that after a failover the
+/// next commit asks the sentinels again.
+struct SentinelPool {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// The connection and the store epoch it was made in.
+    conn: tokio::sync::Mutex<Option<(MultiplexedConnection, u64)>>,
 }
 
 /// One multiplexed cluster connection, made on first use. Built with redis-rs' own client so
@@ -159,7 +170,12 @@ impl StoreError {
     /// connection may be dead and should be replaced.
     pub fn connection_suspect(&self) -> bool {
         match self {
-            StoreError::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
+            // A server error means the connection works — unless the server is no longer the
+            // master (a failover): then a new connection must find the new one.
+            StoreError::Redis(e) => {
+                !matches!(e.kind(), redis::ErrorKind::Server(_))
+                    || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+            }
             StoreError::Overflow | StoreError::ShardsChanged { .. } => false,
             StoreError::Shared { suspect, .. } => *suspect,
             _ => true,
@@ -368,8 +384,20 @@ impl Store {
             create: Some(cfg.redis_timeout),
             recycle: Some(cfg.redis_timeout),
         };
-        let pool = match &cfg.redis_cluster_urls {
-            None => Pools::Single(
+        let pool = match (&cfg.redis_cluster_urls, &cfg.redis_sentinel) {
+            (None, Some((sentinels, master))) => {
+                let client = redis::sentinel::SentinelClient::build(
+                    sentinels.clone(),
+                    master.clone(),
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )?;
+                Pools::Sentinel(Arc::new(SentinelPool {
+                    client: tokio::sync::Mutex::new(client),
+                    conn: tokio::sync::Mutex::new(None),
+                }))
+            }
+            (None, None) => Pools::Single(
                 deadpool_redis::Config {
                     url: Some(cfg.redis_url.clone()),
                     connection: None,
@@ -378,7 +406,7 @@ impl Store {
                 .create_pool(Some(Runtime::Tokio1))
                 .map_err(|e| StoreError::Pool(e.to_string()))?,
             ),
-            Some(urls) => {
+            (Some(urls), _) => {
                 let client = redis::cluster::ClusterClient::builder(urls.clone())
                     .connection_timeout(cfg.redis_timeout)
                     .response_timeout(cfg.redis_timeout)
@@ -432,6 +460,31 @@ impl Store {
                 let mut c = p.get().await?;
                 c.set_response_timeout(self.timeout);
                 Ok(Conn::Single((*c).clone()))
+            }
+            Pools::Sentinel(p) => {
+                let epoch = self.epoch();
+                let mut slot = p.conn.lock().await;
+                if let Some((c, e)) = slot.as_ref()
+                    && *e == epoch
+                {
+                    return Ok(Conn::Single(c.clone()));
+                }
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout));
+                let c = tokio::time::timeout(self.timeout * 2, async {
+                    p.client
+                        .lock()
+                        .await
+                        .get_async_connection_with_config(&config)
+                        .await
+                })
+                .await
+                .map_err(|_| {
+                    StoreError::Pool("timed out asking the sentinels for the master".into())
+                })??;
+                *slot = Some((c.clone(), epoch));
+                Ok(Conn::Single(c))
             }
             Pools::Cluster(p) => {
                 let mut slot = p.conn.lock().await;
@@ -530,6 +583,30 @@ impl Store {
             .query_async::<i64>(&mut c)
             .await?;
         Ok(())
+    }
+
+    /// Waits until `replicas` replicas have this connection's writes (Redis `WAIT`), at most
+    /// `timeout`; returns how many have them. On a cluster, asks the master of `shard`.
+    pub async fn wait_replicas(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<u32, StoreError> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout.as_millis() as u64);
+        match conn {
+            Conn::Single(c) => Ok(cmd.query_async(c).await?),
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(self.keys.base(shard), SlotAddr::Master),
+                ));
+                let v = c.route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
+            }
+        }
     }
 
     /// Whether this store talks to a Redis Cluster.

@@ -1,0 +1,176 @@
+//! Redis Sentinel: a master, a replica and three sentinels, all real `redis-server` processes;
+//! the master is killed (`kill -9`) under load and the service finds the promoted replica by
+//! itself, with no restart.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use pulse_producer::processor::Faults;
+
+struct Sentinel {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    fn start(master_port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Sentinel {
+            child,
+            port,
+            _dir: dir,
+        };
+        let ok = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(ok, "sentinel on {port} did not start");
+        s
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn master_of(sentinel: &Sentinel) -> Option<u16> {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{}", sentinel.port))
+        .ok()?
+        .get_connection()
+        .ok()?;
+    let addr: Vec<String> = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg("mymaster")
+        .query(&mut c)
+        .ok()?;
+    addr.get(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_loses_no_acknowledged_pulse_with_wait() {
+    let mut master = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+    let ok = eventually(Duration::from_secs(10), || async {
+        let info: String = replica.cmd(&["INFO", "replication"]);
+        info.contains("master_link_status:up")
+    })
+    .await;
+    assert!(ok, "the replica syncs");
+    let (p, purl) = processor(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = settings(&master, &[("WINDOW", "2s")]);
+    v.remove("REDIS_URL");
+    v.insert(
+        "REDIS_SENTINEL_URLS".into(),
+        sentinels
+            .iter()
+            .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    v.insert("REDIS_SENTINEL_MASTER".into(), "mymaster".into());
+    v.insert("REDIS_WAIT_REPLICAS".into(), "1".into());
+    v.insert("REDIS_WAIT_TIMEOUT".into(), "500ms".into());
+    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let a = Ingestor::spawn(&v, dir.path(), "a").await;
+    let b = Ingestor::spawn(&v, dir.path(), "b").await;
+    let ledger = dir.path().join("ledger.json");
+    let (urls, ledger_arg) = (
+        format!("{},{}", a.base, b.base),
+        ledger.display().to_string(),
+    );
+    let load = tokio::spawn(async move {
+        producer(&[
+            "--url",
+            &urls,
+            "--ids",
+            "--retries",
+            "60",
+            "--mode",
+            "rate",
+            "--rate",
+            "200",
+            "--duration",
+            "14s",
+            "--tenants",
+            "200",
+            "--ledger",
+            &ledger_arg,
+        ])
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    master.crash();
+    let ok = eventually(Duration::from_secs(20), || async {
+        sentinels.iter().all(|s| master_of(s) == Some(replica.port))
+    })
+    .await;
+    assert!(ok, "the sentinels promote the replica");
+    // The old master comes back and is turned into the new master's replica, so that WAIT 1
+    // can be satisfied again (with one replica, writes wait for it).
+    master.restart();
+    let (code, out) = load.await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    // Every acknowledged pulse reaches the Processor: nothing lost, nothing doubled.
+    let ok = eventually(Duration::from_secs(40), || async {
+        let (code, _) = producer(&[
+            "verify",
+            "--ledger",
+            ledger.to_str().unwrap(),
+            "--processor",
+            &purl,
+        ])
+        .await;
+        code == 0
+    })
+    .await;
+    let (_, out) = producer(&[
+        "verify",
+        "--ledger",
+        ledger.to_str().unwrap(),
+        "--processor",
+        &purl,
+    ])
+    .await;
+    assert!(ok, "books after a master kill with WAIT 1:\n{out}");
+    assert_eq!(p.totals().redelivered, 0);
+    // Both replicas rode through it without a restart.
+    for i in [&a, &b] {
+        assert_eq!(
+            http()
+                .get(format!("{}/healthz", i.base))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+}
