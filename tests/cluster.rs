@@ -302,3 +302,130 @@ async fn a_live_reshard_during_ingest_keeps_the_books_exact() {
         .unwrap();
     assert_eq!(h.status(), 200);
 }
+
+/// Real failures, not the polite `CLUSTER FAILOVER`: under load with pulse ids and
+/// `REDIS_WAIT_REPLICAS=1`, one master is killed (`kill -9`) and later another is frozen
+/// (`SIGSTOP`) past `cluster-node-timeout`. Their replicas are promoted by the cluster; the killed
+/// node comes back and the frozen one resumes, both rejoining as replicas. Windows are 2 s, so
+/// drains run throughout. The service is never restarted and the books balance exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masters_killed_and_frozen_under_load_lose_nothing_with_wait() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let synced = eventually(Duration::from_secs(20), || async {
+        cluster.nodes.iter().all(|n| {
+            n.role().as_deref() != Some("slave") || {
+                let info: String = n.cmd(&["INFO", "replication"]);
+                info.contains("master_link_status:up")
+            }
+        })
+    })
+    .await;
+    assert!(
+        synced,
+        "every replica has synced (only a synced replica can be promoted)"
+    );
+    let (_p, purl) = processor(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = cluster_vars(
+        &cluster,
+        &[
+            ("REDIS_WAIT_REPLICAS", "1"),
+            ("REDIS_WAIT_TIMEOUT", "500ms"),
+        ],
+    );
+    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let a = Ingestor::spawn(&v, dir.path(), "a").await;
+    let ledger = dir.path().join("ledger.json");
+    let (urls, ledger_arg) = (a.base.clone(), ledger.display().to_string());
+    let load = tokio::spawn(async move {
+        producer(&[
+            "--url",
+            &urls,
+            "--ids",
+            "--retries",
+            "80",
+            "--mode",
+            "rate",
+            "--rate",
+            "200",
+            "--duration",
+            "18s",
+            "--tenants",
+            "300",
+            "--ledger",
+            &ledger_arg,
+        ])
+        .await
+    });
+    let masters: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|&i| cluster.nodes[i].role().as_deref() == Some("master"))
+        .collect();
+    assert_eq!(masters.len(), 3);
+    let promoted = |cluster: &RedisCluster, gone: usize| {
+        (0..cluster.nodes.len())
+            .filter(|&i| i != gone && cluster.nodes[i].role().as_deref() == Some("master"))
+            .count()
+            == 3
+    };
+    // kill -9 of a master.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed = masters[0];
+    cluster.nodes[killed].crash();
+    let ok = eventually(Duration::from_secs(20), || async {
+        promoted(&cluster, killed)
+    })
+    .await;
+    let roles: Vec<Option<String>> = cluster.nodes.iter().map(|n| n.role()).collect();
+    assert!(
+        ok,
+        "the killed master's replica is promoted: {roles:?} (killed {killed})"
+    );
+    cluster.nodes[killed].restart();
+    let ok = eventually(Duration::from_secs(20), || async {
+        cluster.nodes[killed].role().as_deref() == Some("slave")
+    })
+    .await;
+    assert!(ok, "the killed master rejoins as a replica");
+    // SIGSTOP of another master past the node timeout (2 s), then SIGCONT.
+    let frozen = masters[1];
+    cluster.nodes[frozen].signal("STOP");
+    let ok = eventually(Duration::from_secs(20), || async {
+        promoted(&cluster, frozen)
+    })
+    .await;
+    cluster.nodes[frozen].signal("CONT");
+    assert!(ok, "the frozen master's replica is promoted");
+    let ok = eventually(Duration::from_secs(20), || async {
+        cluster.nodes[frozen].role().as_deref() == Some("slave")
+    })
+    .await;
+    assert!(
+        ok,
+        "the frozen master resumes as a replica, not a second master"
+    );
+    cluster.wait_ok();
+    let (code, out) = load.await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    delivered(&cluster, &a.base).await;
+    let (code, out) = producer(&[
+        "verify",
+        "--ledger",
+        ledger.to_str().unwrap(),
+        "--processor",
+        &purl,
+    ])
+    .await;
+    assert_eq!(
+        code, 0,
+        "books after a kill -9 and a SIGSTOP of masters:\n{out}"
+    );
+    assert_eq!(
+        http()
+            .get(format!("{}/healthz", a.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

@@ -67,6 +67,29 @@ impl RedisServer {
         self.kill();
     }
 
+    /// Sends a signal (`STOP`, `CONT`…) to the server process.
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+    }
+
+    /// `ROLE` of this node, or `None` when it does not answer.
+    pub fn role(&self) -> Option<String> {
+        let mut c = redis::Client::open(self.url())
+            .ok()?
+            .get_connection_with_timeout(Duration::from_millis(300))
+            .ok()?;
+        let _ = c.set_read_timeout(Some(Duration::from_millis(300)));
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).ok()?;
+        match role.first()? {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
+    }
+
     pub fn spawn(port: u16, dir: &tempfile::TempDir, extra: &[&str]) -> Child {
         let mut args: Vec<String> = vec![
             "--port".into(),
@@ -507,6 +530,9 @@ impl RedisCluster {
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
+                // Replicas sync at once (a replica that never synced may not be promoted).
+                "--repl-diskless-sync-delay",
+                "0",
                 "--appendonly",
                 "yes",
                 "--appendfsync",
