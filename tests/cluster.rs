@@ -371,6 +371,7 @@ async fn masters_killed_and_frozen_under_load_lose_nothing_with_wait() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let killed = masters[0];
     cluster.nodes[killed].crash();
+    let killed_at = std::time::Instant::now();
     let ok = eventually(Duration::from_secs(20), || async {
         promoted(&cluster, killed)
     })
@@ -387,12 +388,21 @@ async fn masters_killed_and_frozen_under_load_lose_nothing_with_wait() {
     .await;
     assert!(ok, "the killed master rejoins as a replica");
     // SIGSTOP of another master past the node timeout (2 s), then SIGCONT.
+    println!(
+        "cluster: replica promoted {:?} after a kill -9",
+        killed_at.elapsed()
+    );
     let frozen = masters[1];
     cluster.nodes[frozen].signal("STOP");
+    let frozen_at = std::time::Instant::now();
     let ok = eventually(Duration::from_secs(20), || async {
         promoted(&cluster, frozen)
     })
     .await;
+    println!(
+        "cluster: replica promoted {:?} after a SIGSTOP",
+        frozen_at.elapsed()
+    );
     cluster.nodes[frozen].signal("CONT");
     assert!(ok, "the frozen master's replica is promoted");
     let ok = eventually(Duration::from_secs(20), || async {

@@ -175,9 +175,19 @@ async fn two_replicas_deliver_every_window_once_and_the_books_balance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_outage_over_several_windows_loses_nothing_and_mixes_no_hours() {
+    processor_outage(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_processor_outage_over_several_windows_loses_nothing() {
+    processor_outage(true).await;
+}
+
+async fn processor_outage(on_cluster: bool) {
     let redis = RedisServer::start();
+    let cluster = on_cluster.then(|| RedisCluster::start(3, 0));
     let port = free_port();
-    let vars = settings(
+    let mut vars = settings(
         &redis,
         &[
             ("WINDOW", "1s"),
@@ -186,12 +196,28 @@ async fn a_processor_outage_over_several_windows_loses_nothing_and_mixes_no_hour
             ("DELIVERY_MAX_ATTEMPTS", "2"),
         ],
     );
+    if let Some(c) = &cluster {
+        vars.remove("REDIS_URL");
+        vars.insert("REDIS_CLUSTER_URLS".into(), c.urls());
+    }
     let app = TestApp::spawn(vars).await;
     // Three or more windows while nothing listens at the Processor's address.
     let books = load(vec![app.base.clone()], Duration::from_millis(3500), 8, 50).await;
     let c = http();
     let last = *books.lock().unwrap().1.keys().last().unwrap();
-    wait_sealed(&redis, 8, last).await;
+    match &cluster {
+        None => wait_sealed(&redis, 8, last).await,
+        Some(c) => {
+            let ok = eventually(Duration::from_secs(10), || async {
+                (0..8).all(|s| {
+                    c.get_u64(&format!("{{pulses:{s}}}:x:window"))
+                        .is_some_and(|w| w > last)
+                })
+            })
+            .await;
+            assert!(ok, "window {last} was not sealed on every shard");
+        }
+    }
     let p = pending_records(&c, &app.base).await;
     assert!(
         p["pending_windows"].as_u64().unwrap() >= 3,

@@ -16,6 +16,37 @@ use pulse_producer::processor::Faults;
 const WINDOW: u64 = 2;
 const SHARDS: u32 = 4;
 
+/// The Redis a scenario runs against: one server, or a 3-master cluster.
+enum Backend {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    fn vars(&self, processor: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        match self {
+            Backend::Single(r) => vars(r, processor, extra),
+            Backend::Cluster(c) => {
+                let mut v = vars(&c.nodes[0], processor, extra);
+                v.remove("REDIS_URL");
+                v.insert("REDIS_CLUSTER_URLS".into(), c.urls());
+                v
+            }
+        }
+    }
+
+    async fn delivered(&self, base: &str, timeout: Duration) {
+        match self {
+            Backend::Single(r) => delivered(r, base, timeout).await,
+            Backend::Cluster(c) => {
+                let (now, _): (u64, u64) = c.nodes[0].cmd(&["TIME"]);
+                let window_of = |s: u32| c.get_u64(&format!("{{pulses:{s}}}:x:window"));
+                wait_all_delivered(now, WINDOW, SHARDS, window_of, base, timeout).await;
+            }
+        }
+    }
+}
+
 fn vars(redis: &RedisServer, processor: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
     let mut base = vec![
         ("WINDOW", "2s"),
@@ -91,10 +122,18 @@ fn retries(out: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_a_replica_during_ingest_counts_every_2xx_once() {
-    let redis = RedisServer::start();
+    kill9_of_a_replica(Backend::Single(RedisServer::start())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_kill9_of_a_replica_during_ingest_counts_every_2xx_once() {
+    kill9_of_a_replica(Backend::Cluster(RedisCluster::start(3, 0))).await;
+}
+
+async fn kill9_of_a_replica(backend: Backend) {
     let (_p, purl) = processor(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let v = vars(&redis, &purl, &[]);
+    let v = backend.vars(&purl, &[]);
     let mut a = Ingestor::spawn(&v, dir.path(), "a").await;
     let b = Ingestor::spawn(&v, dir.path(), "b").await;
     let ledger = dir.path().join("ledger.json");
@@ -124,7 +163,7 @@ async fn kill9_of_a_replica_during_ingest_counts_every_2xx_once() {
         retries(&out) > 0,
         "requests to the killed replica were retried on the other: {out}"
     );
-    delivered(&redis, &b.base, Duration::from_secs(30)).await;
+    backend.delivered(&b.base, Duration::from_secs(30)).await;
     verify(&ledger, &purl).await;
 }
 
@@ -483,10 +522,18 @@ async fn replicas_with_clocks_minutes_apart_agree_on_windows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_loses_nothing() {
-    let redis = RedisServer::start();
+    rolling_restart(Backend::Single(RedisServer::start())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_rolling_restart_under_load_loses_nothing() {
+    rolling_restart(Backend::Cluster(RedisCluster::start(3, 0))).await;
+}
+
+async fn rolling_restart(backend: Backend) {
     let (_p, purl) = processor(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let v = vars(&redis, &purl, &[]);
+    let v = backend.vars(&purl, &[]);
     let mut a = Ingestor::spawn(&v, dir.path(), "a").await;
     let mut b = Ingestor::spawn(&v, dir.path(), "b").await;
     let (a_base, b_base) = (a.base.clone(), b.base.clone());
@@ -534,7 +581,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
         rep["transport_errors"], 0,
         "requests refused by a restarting replica were retried: {out}"
     );
-    delivered(&redis, &a.base, Duration::from_secs(30)).await;
+    backend.delivered(&a.base, Duration::from_secs(30)).await;
     verify(&ledger, &purl).await;
 }
 
