@@ -76,18 +76,8 @@ fn authorise(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<(), 
     let Some(keys) = &state.api_keys else {
         return Ok(());
     };
-    if let Some(expected) = &state.cfg.admin_token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if bool::from(subtle::ConstantTimeEq::ct_eq(
-            given.as_bytes(),
-            expected.as_bytes(),
-        )) {
-            return Ok(());
-        }
+    if super::admin::has_admin_token(state, headers) {
+        return Ok(());
     }
     let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) else {
         return Err(ApiError::NoApiKey("X-API-Key header is required"));
