@@ -1,6 +1,7 @@
 //! pulse-ingestor: usage pulses in, one exact aggregate per (tenant, sku, unit) and window out.
 //!
-//! Module map — what each part owns and the invariant it keeps (numbers refer to DESIGN.md):
+//! Module map — what each part owns and the invariant it keeps (numbers refer to the invariants
+//! in ARCHITECTURE.md):
 //!
 //! - [`config`]: one typed [`Config`](config::Config); every bad variable is reported at once.
 //! - [`amount`]: exact decimal amounts as fixed-point integers (11); parsing never uses a float.
