@@ -145,11 +145,11 @@ impl App {
         };
         let rate_limits =
             (cfg.rate_limit.is_some() || !cfg.rate_limit_overrides.is_empty()).then(|| {
-                crate::tenancy::RateLimits::new(
+                Arc::new(crate::tenancy::RateLimits::new(
                     cfg.rate_limit,
                     &cfg.rate_limit_overrides,
                     cfg.rate_limit_replicas,
-                )
+                ))
             });
         let state: AppState = Arc::new(AppContext {
             cfg: Arc::new(cfg),
@@ -238,26 +238,14 @@ impl App {
                 keys.clone().watch(shutdown.clone()),
             );
         }
-        if state.rate_limits.is_some() {
-            let (st, stop) = (state.clone(), shutdown.clone());
-            let cleanup = async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    if let Some(l) = &st.rate_limits {
-                        l.forget_idle();
-                    }
-                }
-            };
+        if let Some(limits) = &state.rate_limits {
             supervise::spawn(
                 &tracker,
                 "rate_limit_cleanup",
                 health,
                 metrics,
                 &shutdown,
-                cleanup,
+                limits.clone().clean_up(shutdown.clone()),
             );
         }
         {

@@ -1,13 +1,10 @@
-//! The pulse: decoding, validation, and the pure functions that place it in Redis.
-//!
-//! Invariant 8 lives here: a `(tenant, sku, unit)` triple is encoded as a JSON array, so any valid
-//! UTF-8 — `:`, `|`, `"`, spaces, emoji — round-trips and no two triples share an encoding.
+//! The pulse: request decoding and validation. Where a pulse is stored (its field, shard,
+//! dedupe digest and record id) is the key layout's business: `store::keys`.
 //! Nothing in this module does I/O; everything is unit- and property-tested.
 
 use serde::Deserialize;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 
 use crate::amount::Amount;
 
@@ -381,56 +378,6 @@ fn malformed(e: &serde_json::Error) -> DecodeError {
     DecodeError::Malformed(clean(e))
 }
 
-/// The Redis hash field of a `(tenant, sku, unit)` triple: a JSON array of the three strings.
-pub fn encode_field(tenant: &str, sku: &str, unit: &str) -> String {
-    serde_json::to_string(&(tenant, sku, unit)).expect("strings always serialise")
-}
-
-/// The inverse of [`encode_field`]; `None` for a field this service did not write.
-pub fn decode_field(field: &[u8]) -> Option<(String, String, String)> {
-    serde_json::from_slice(field).ok()
-}
-
-/// The shard of a tenant: a stable hash, identical on every replica and release.
-pub fn shard_of(tenant: &str, shards: u32) -> u32 {
-    (xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) % u64::from(shards)) as u32
-}
-
-/// The tenant's placement hash: the value its shard is derived from (`shard_of` is this, as
-/// `u64`, modulo `SHARDS`). Dedupe markers keep it so `reshard` can move them.
-pub fn placement_of(tenant: &str) -> i64 {
-    xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) as i64
-}
-
-/// The dedupe digest of a pulse id, scoped by tenant: 128 bits of SHA-256 (markers keep the
-/// first 96). A cryptographic hash so that one tenant cannot craft ids that collide with
-/// another's.
-pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> [u8; 16] {
-    let mut h = Sha256::new();
-    h.update((tenant.len() as u64).to_be_bytes());
-    h.update(tenant.as_bytes());
-    h.update(pulse_id.as_bytes());
-    h.finalize()[..16].try_into().expect("16 of 32 bytes")
-}
-
-/// The stable identity of a delivered record: `(window_start, shard, tenant, sku, unit)`
-/// hashed. The shard is part of it so that, in the one window during which `SHARDS` changed,
-/// a key counted in two shards arrives as two records the Processor adds up — never as two
-/// records with one id, where an upsert would drop one.
-///
-/// Windows in the exact (fixed-point) layout add a format byte, so that in the one window of an
-/// upgrade from the float layout a key held in both arrives as two records that add up.
-pub fn record_id(window_start: u64, shard: u32, field: &str, exact: bool) -> String {
-    let mut h = Sha256::new();
-    h.update(window_start.to_be_bytes());
-    h.update(shard.to_be_bytes());
-    h.update(field.as_bytes());
-    if exact {
-        h.update([1u8]);
-    }
-    hex::encode(&h.finalize()[..16])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,20 +556,7 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn naive_joins_do_not_collide() {
-        assert_ne!(encode_field("a:b", "c", "d"), encode_field("a", "b:c", "d"));
-        assert_ne!(encode_field("a|b", "c", "d"), encode_field("a", "b|c", "d"));
-        assert_ne!(dedupe_digest("ab", "c"), dedupe_digest("a", "bc"));
-    }
-
     proptest! {
-        #[test]
-        fn fields_round_trip(t in "\\PC*", s in "\\PC*", u in "\\PC*") {
-            let f = encode_field(&t, &s, &u);
-            prop_assert_eq!(decode_field(f.as_bytes()), Some((t, s, u)));
-        }
-
         #[test]
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = limits().decode_one(&body, None);
@@ -662,11 +596,6 @@ mod tests {
             }
             let dup = br#"{"tenant_id":"a","tenant_id":"b","product_sku":"s","used_amount":1,"use_unit":"u"}"#;
             prop_assert!(matches!(l.decode_one(dup, None), Err(DecodeError::Malformed(_))));
-        }
-
-        #[test]
-        fn shards_stay_in_range(t in "\\PC*", n in 1u32..1000) {
-            prop_assert!(shard_of(&t, n) < n);
         }
     }
 }

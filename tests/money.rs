@@ -347,7 +347,7 @@ async fn dead_letters_and_their_replay_stay_exact() {
 async fn a_window_sealed_by_the_float_release_is_delivered_as_redis_holds_it() {
     let redis = RedisServer::start();
     // What the previous release left: a sealed hash of HINCRBYFLOAT totals, pending.
-    let field = pulse_ingestor::pulse::encode_field("legacy", "SKU", "KB");
+    let field = pulse_ingestor::store::keys::encode_field("legacy", "SKU", "KB");
     for _ in 0..3 {
         let _: String = redis.cmd(&["HINCRBYFLOAT", "{pulses:0}:sealed:1000", &field, "0.1"]);
     }

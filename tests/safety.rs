@@ -220,7 +220,7 @@ async fn a_write_sent_twice_counts_once() {
         )
         .unwrap();
         let items = vec![WriteItem {
-            field: pulse_ingestor::pulse::encode_field("t", "s", "KB"),
+            field: pulse_ingestor::store::keys::encode_field("t", "s", "KB"),
             amount,
             digest: None,
             placement: 0,
@@ -401,7 +401,7 @@ async fn replay_respects_the_drain_lock_and_reaches_every_shard() {
     app.stop().await.unwrap();
     let store = Store::new(&Config::from_map(&vars8).unwrap()).unwrap();
     let high = (0..40)
-        .map(|i| pulse_ingestor::pulse::shard_of(&format!("bad-{i}"), 8))
+        .map(|i| pulse_ingestor::store::keys::shard_of(&format!("bad-{i}"), 8))
         .max()
         .unwrap();
     assert!(high >= 2, "some dead letters sit in shards above 2");
@@ -500,8 +500,8 @@ async fn markers_of_the_previous_layout_are_honoured_until_they_expire() {
     let redis = RedisServer::start();
     // What the previous release left: its meta and one marker.
     let _: i64 = redis.cmd(&["HSET", "{pulses}:meta", "shards_max", "8"]);
-    let digest = hex::encode(pulse_ingestor::pulse::dedupe_digest("t", "old-id"));
-    let shard = pulse_ingestor::pulse::shard_of("t", 8);
+    let digest = hex::encode(pulse_ingestor::store::keys::dedupe_digest("t", "old-id"));
+    let shard = pulse_ingestor::store::keys::shard_of("t", 8);
     let key = format!("{{pulses:{shard}}}:seen:{digest}");
     let _: () = redis.cmd(&["SET", &key, "1795539600", "EX", "3600"]);
     let app = TestApp::spawn(settings(&redis, &[])).await;

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::processor::{ExactNumber, ProcessorClient, ProcessorError, Record, backoff, rfc3339};
-use crate::pulse::{decode_field, record_id};
+use crate::store::keys::{decode_field, record_id};
 use crate::store::{Conn, PendingWindow, Store, StoreError};
 
 /// What the drain needs; shared by the scheduler and the admin routes.
@@ -285,12 +285,12 @@ impl Drainer {
         let mut undecodable = Vec::new();
         for (field, value) in batch {
             match (decode_field(field.as_bytes()), value) {
-                (Some((tenant_id, product_sku, use_unit)), Some(amount)) => {
+                (Some(key), Some(amount)) => {
                     records.push(Record {
                         record_id: record_id(w.start, shard, field, w.exact),
-                        tenant_id,
-                        product_sku,
-                        use_unit,
+                        tenant_id: key.tenant,
+                        product_sku: key.sku,
+                        use_unit: key.unit,
                         used_amount: ExactNumber::new(amount),
                         used_amount_text: amount.clone(),
                         window_start: window_start.clone(),

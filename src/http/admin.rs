@@ -237,15 +237,15 @@ pub async fn dead_letters(
                 .await
                 .map_err(|e| storage(&state, e))?;
             for (field, value) in pairs {
-                let key = crate::pulse::decode_field(field.as_bytes());
+                let key = crate::store::keys::decode_field(field.as_bytes());
                 let amount = crate::store::dead_letter_total(&value);
                 let value: serde_json::Value = serde_json::from_str(&value).unwrap_or(json!(value));
                 out.push(DeadLetter {
                     shard,
                     window_start: w.start,
-                    tenant_id: key.as_ref().map(|k| k.0.clone()),
-                    product_sku: key.as_ref().map(|k| k.1.clone()),
-                    use_unit: key.as_ref().map(|k| k.2.clone()),
+                    tenant_id: key.as_ref().map(|k| k.tenant.clone()),
+                    product_sku: key.as_ref().map(|k| k.sku.clone()),
+                    use_unit: key.as_ref().map(|k| k.unit.clone()),
                     used_amount: amount.as_deref().map(crate::processor::ExactNumber::new),
                     used_amount_text: amount,
                     reason: value["reason"].clone(),

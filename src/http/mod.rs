@@ -57,7 +57,7 @@ pub struct AppContext {
     /// API keys, when `API_KEYS_FILE` is set.
     pub api_keys: Option<Arc<crate::tenancy::ApiKeys>>,
     /// Per-tenant rate limits, when `RATE_LIMIT` or overrides are set.
-    pub rate_limits: Option<crate::tenancy::RateLimits>,
+    pub rate_limits: Option<Arc<crate::tenancy::RateLimits>>,
     /// Bounds the rejection records being written at once.
     pub rejection_slots: Arc<tokio::sync::Semaphore>,
 }

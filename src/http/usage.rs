@@ -13,6 +13,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::amount::Amount;
 use crate::processor::{ExactNumber, rfc3339};
+use crate::store::keys::{FieldKey, decode_field};
 
 /// Query parameters of `GET /v1/usage`.
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -170,7 +171,12 @@ pub async fn usage(
                 .entry(w.start)
                 .or_insert_with(|| (w.end, state_name.to_string(), BTreeMap::new()));
             for (field, k) in w.keys {
-                let Some((t, sku, unit)) = crate::pulse::decode_field(field.as_bytes()) else {
+                let Some(FieldKey {
+                    tenant: t,
+                    sku,
+                    unit,
+                }) = decode_field(field.as_bytes())
+                else {
                     continue;
                 };
                 if t != q.tenant_id

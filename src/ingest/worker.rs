@@ -10,7 +10,7 @@ use tracing::{debug, error, warn};
 
 use super::{CommitError, Job, Outcome};
 use crate::metrics::Metrics;
-use crate::pulse::{dedupe_digest, encode_field, placement_of, shard_of};
+use crate::store::keys::{dedupe_digest, encode_field, placement_of, shard_of};
 use crate::store::{Conn, Store, StoreError, WriteItem};
 
 pub(crate) struct Worker {

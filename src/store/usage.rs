@@ -2,14 +2,11 @@
 //! the write script), per window — the current one and every sealed one not yet delivered.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
-use redis::Script;
 use serde::Deserialize;
 
+use super::scripts::USAGE;
 use super::{Conn, Store, StoreError, dead_letter_total, exact_total};
-
-static USAGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/usage.lua")));
 
 /// One key's totals in one window of one shard.
 #[derive(Debug, Clone, Default)]

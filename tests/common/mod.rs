@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use pulse_ingestor::app::App;
 use pulse_ingestor::config::Config;
-use pulse_ingestor::pulse::decode_field;
+use pulse_ingestor::store::keys::decode_field;
 pub use pulse_producer::money::{self, Dec};
 use pulse_producer::processor::{Faults, Processor};
 use tokio::sync::oneshot;
@@ -189,8 +189,8 @@ impl RedisServer {
         let mut out: BTreeMap<Key, Dec> = BTreeMap::new();
         for (_, kv) in self.aggregates(prefix) {
             for (f, v) in kv {
-                let key = decode_field(f.as_bytes()).expect("fields decode");
-                *out.entry(key).or_default() += v;
+                let k = decode_field(f.as_bytes()).expect("fields decode");
+                *out.entry((k.tenant, k.sku, k.unit)).or_default() += v;
             }
         }
         out

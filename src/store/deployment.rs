@@ -1,0 +1,99 @@
+//! Deployment-wide facts in Redis: the shard count in use (invariant 12), the live replicas,
+//! the eviction policy readiness depends on, and the stream of refused requests.
+
+use super::{Conn, Store, StoreError, scripts::REGISTER_SHARDS};
+
+impl Store {
+    /// Records this deployment's shard count and returns the largest one ever used, so that
+    /// windows left in shards of an earlier, larger `SHARDS` are still drained.
+    pub async fn shards_to_drain(&self) -> Result<u32, StoreError> {
+        Ok(self.register_shards().await?.0.max(self.shards))
+    }
+
+    /// Records this replica's `SHARDS`; returns (largest count ever used, the deployment's
+    /// count). A replica whose count differs from the deployment's must not write: its pulse
+    /// ids would be looked up in other shards (see `reshard`).
+    pub async fn register_shards(&self) -> Result<(u32, u32), StoreError> {
+        let mut c = self.conn().await?;
+        Ok(REGISTER_SHARDS
+            .key(self.keys.meta())
+            .arg(self.shards)
+            .invoke_async(&mut c)
+            .await?)
+    }
+
+    /// Appends a rejected request (status, reason, tenant — never a key) to a stream capped at
+    /// about 1,000 entries.
+    pub async fn record_rejection(
+        &self,
+        status: u16,
+        reason: &str,
+        tenant: &str,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("XADD")
+            .arg(self.keys.rejections())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(1000)
+            .arg("*")
+            .arg("status")
+            .arg(status)
+            .arg("reason")
+            .arg(reason)
+            .arg("tenant")
+            .arg(tenant)
+            .query_async::<String>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The most recent rejections, newest first, as (id, fields).
+    pub async fn recent_rejections(
+        &self,
+        count: usize,
+    ) -> Result<Vec<(String, Vec<(String, String)>)>, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("XREVRANGE")
+            .arg(self.keys.rejections())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await?)
+    }
+
+    /// Records that this process is alive (Redis seconds); `reshard` refuses to run while any
+    /// replica was seen recently.
+    pub async fn heartbeat(&self, conn: &mut Conn, now: u64) -> Result<(), StoreError> {
+        redis::cmd("ZADD")
+            .arg(self.keys.replicas())
+            .arg(now)
+            .arg(&*self.instance)
+            .query_async::<i64>(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes this process from the live replicas (clean shutdown).
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("ZREM")
+            .arg(self.keys.replicas())
+            .arg(&*self.instance)
+            .query_async::<i64>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Redis' `maxmemory-policy` (from `INFO memory`, which managed Redis services allow).
+    pub async fn eviction_policy(&self) -> Result<String, StoreError> {
+        let mut c = self.conn().await?;
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+            .map(|p| p.trim().to_string())
+            .ok_or_else(|| StoreError::Reply("INFO memory has no maxmemory_policy".into()))
+    }
+}

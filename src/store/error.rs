@@ -1,0 +1,76 @@
+//! The store's one error type.
+
+/// A Redis failure, as the rest of the service sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis pool: {0}")]
+    Pool(String),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
+    /// This replica's `SHARDS` is not the deployment's: it must not write (see `reshard`).
+    #[error(
+        "SHARDS={configured}, but this deployment's Redis uses SHARDS={deployment}; change it with `pulse-ingestor reshard --shards <n>` (README: Changing SHARDS)"
+    )]
+    ShardsChanged { configured: u32, deployment: u32 },
+    /// A key's window total would leave the exact range; nothing of the commit was written.
+    #[error("a key's total for this window would exceed the exact range")]
+    Overflow,
+    /// One failure of a call that carried several shards, as each shard sees it.
+    #[error("{message}")]
+    Shared {
+        message: String,
+        ambiguous: bool,
+        suspect: bool,
+    },
+}
+
+impl StoreError {
+    /// True when the command may have run although we saw an error (a timeout or a dropped
+    /// connection after sending). Such a write is never retried by the service itself.
+    /// True unless Redis itself answered with an error reply (OOM, NOSCRIPT...): the
+    /// connection may be dead and should be replaced.
+    pub fn connection_suspect(&self) -> bool {
+        match self {
+            // A server error means the connection works — unless the server is no longer the
+            // master (a failover): then a new connection must find the new one.
+            StoreError::Redis(e) => {
+                !matches!(e.kind(), redis::ErrorKind::Server(_))
+                    || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+            }
+            StoreError::Overflow | StoreError::ShardsChanged { .. } => false,
+            StoreError::Shared { suspect, .. } => *suspect,
+            _ => true,
+        }
+    }
+
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => e.is_timeout() || e.is_connection_dropped(),
+            StoreError::Shared { ambiguous, .. } => *ambiguous,
+            _ => false,
+        }
+    }
+
+    /// This failure as each shard of a multi-shard call reports it.
+    pub fn fan_out(&self) -> StoreError {
+        match self {
+            StoreError::Overflow => StoreError::Overflow,
+            e => StoreError::Shared {
+                message: e.to_string(),
+                ambiguous: e.is_ambiguous(),
+                suspect: e.connection_suspect(),
+            },
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for StoreError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        match e {
+            deadpool_redis::PoolError::Backend(e) => StoreError::Redis(e),
+            other => StoreError::Pool(other.to_string()),
+        }
+    }
+}

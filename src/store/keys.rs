@@ -1,0 +1,226 @@
+//! The key layout and the storage identity of a pulse: which hash field names its key
+//! (invariant 8: a JSON array, so any UTF-8 — `:`, `|`, `"`, spaces, emoji — round-trips and no
+//! two keys share a field), which shard holds its tenant, how its id is remembered, and the
+//! stable id of the record it ends up in (invariant 6). Every key of shard `s` starts with the
+//! hash tag `{<prefix>:<s>}` (invariant 10). Pure; unit- and property-tested.
+
+use sha2::{Digest, Sha256};
+
+/// The Redis hash field of a `(tenant, sku, unit)` triple: a JSON array of the three strings.
+pub fn encode_field(tenant: &str, sku: &str, unit: &str) -> String {
+    serde_json::to_string(&(tenant, sku, unit)).expect("strings always serialise")
+}
+
+/// The key a record aggregates: what a field of an aggregate hash names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FieldKey {
+    pub tenant: String,
+    pub sku: String,
+    pub unit: String,
+}
+
+/// The inverse of [`encode_field`]; `None` for a field this service did not write.
+pub fn decode_field(field: &[u8]) -> Option<FieldKey> {
+    let (tenant, sku, unit) = serde_json::from_slice(field).ok()?;
+    Some(FieldKey { tenant, sku, unit })
+}
+
+/// The shard of a tenant: a stable hash, identical on every replica and release.
+pub fn shard_of(tenant: &str, shards: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) % u64::from(shards)) as u32
+}
+
+/// The tenant's placement hash: the value its shard is derived from (`shard_of` is this, as
+/// `u64`, modulo `SHARDS`). Dedupe markers keep it so `reshard` can move them.
+pub fn placement_of(tenant: &str) -> i64 {
+    xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) as i64
+}
+
+/// The dedupe digest of a pulse id, scoped by tenant: 128 bits of SHA-256 (markers keep the
+/// first 96). A cryptographic hash so that one tenant cannot craft ids that collide with
+/// another's.
+pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update((tenant.len() as u64).to_be_bytes());
+    h.update(tenant.as_bytes());
+    h.update(pulse_id.as_bytes());
+    h.finalize()[..16].try_into().expect("16 of 32 bytes")
+}
+
+/// The stable identity of a delivered record: `(window_start, shard, tenant, sku, unit)`
+/// hashed. The shard is part of it so that, in the one window during which `SHARDS` changed,
+/// a key counted in two shards arrives as two records the Processor adds up — never as two
+/// records with one id, where an upsert would drop one.
+///
+/// Windows in the exact (fixed-point) layout add a format byte, so that in the one window of an
+/// upgrade from the float layout a key held in both arrives as two records that add up.
+pub fn record_id(window_start: u64, shard: u32, field: &str, exact: bool) -> String {
+    let mut h = Sha256::new();
+    h.update(window_start.to_be_bytes());
+    h.update(shard.to_be_bytes());
+    h.update(field.as_bytes());
+    if exact {
+        h.update([1u8]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// A pulse id's dedupe marker as a set member: 96 bits of its digest and the tenant's placement
+/// modulo 65,536 (big-endian), 14 bytes — short enough for Redis' smallest string allocation,
+/// and enough for `reshard` to place it under any shard count that divides 65,536.
+pub fn marker_member(digest: &[u8; 16], placement: i64) -> [u8; 14] {
+    let mut m = [0u8; 14];
+    m[..12].copy_from_slice(&digest[..12]);
+    m[12..].copy_from_slice(&((placement as u64 % 65_536) as u16).to_be_bytes());
+    m
+}
+
+/// The key layout of one deployment.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+    /// `{prefix:shard}` — the hash tag every key of the shard starts with.
+    pub fn base(&self, shard: u32) -> String {
+        format!("{{{}:{shard}}}", self.prefix)
+    }
+    /// The exact layout's namespace inside the shard (see `scripts/seal_lib.lua`).
+    pub(crate) fn ns(&self, shard: u32, exact: bool) -> String {
+        if exact {
+            format!("{}:x", self.base(shard))
+        } else {
+            self.base(shard)
+        }
+    }
+    /// The current generation, "A" or "B" (exact layout).
+    pub fn generation(&self, shard: u32) -> String {
+        format!("{}:gen", self.ns(shard, true))
+    }
+    /// The keys the write and seal scripts may touch that are known before they run: they are
+    /// declared in `KEYS` so that a cluster routes, redirects and migrates them correctly.
+    pub(crate) fn generation_keys(&self, shard: u32) -> [String; 8] {
+        let ns = self.ns(shard, true);
+        [
+            format!("{ns}:gen"),
+            format!("{ns}:window"),
+            format!("{ns}:window_len"),
+            format!("{ns}:agg:A"),
+            format!("{ns}:agg:A:hi"),
+            format!("{ns}:agg:B"),
+            format!("{ns}:agg:B:hi"),
+            self.pending(shard),
+        ]
+    }
+    /// The sealed hash of a window (its `:hi` twin holds the high limbs in the exact layout).
+    pub fn sealed(&self, shard: u32, w: &PendingWindow) -> String {
+        format!("{}:sealed:{}", self.ns(shard, w.exact), w.start)
+    }
+    pub fn pending(&self, shard: u32) -> String {
+        format!("{}:pending", self.base(shard))
+    }
+    pub fn dead(&self, shard: u32, w: &PendingWindow) -> String {
+        format!("{}:dead:{}", self.ns(shard, w.exact), w.start)
+    }
+    pub fn dead_index(&self, shard: u32) -> String {
+        format!("{}:dead_windows", self.base(shard))
+    }
+    /// A shard's dedupe markers: a set per `DEDUPE_TTL` bucket (see `scripts/write.lua`), or,
+    /// from the previous release, a string key per id (`suffix` = its hex digest).
+    pub fn seen(&self, shard: u32, suffix: &str) -> String {
+        format!("{}:seen:{suffix}", self.base(shard))
+    }
+    /// A commit's token: makes a write script call that a client library re-sends count once.
+    pub fn commit(&self, shard: u32, token: &str) -> String {
+        format!("{}:commit:{token}", self.base(shard))
+    }
+    /// Live replicas (sorted set of instance ids by last heartbeat, Redis seconds).
+    pub fn replicas(&self) -> String {
+        format!("{{{}}}:replicas", self.prefix)
+    }
+    /// The capped stream of recently rejected requests.
+    pub fn rejections(&self) -> String {
+        format!("{{{}}}:rejections", self.prefix)
+    }
+    /// Deployment-wide facts (the largest shard count used), under its own hash tag.
+    pub fn meta(&self) -> String {
+        format!("{{{}}}:meta", self.prefix)
+    }
+    pub fn lock(&self, shard: u32) -> String {
+        format!("{}:lock", self.base(shard))
+    }
+}
+
+/// A sealed window awaiting delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingWindow {
+    /// The member in the pending set: `"<start>:<end>:x"`, or `"<start>:<end>"` for a window
+    /// the float release sealed.
+    pub member: String,
+    pub start: u64,
+    pub end: u64,
+    /// Exact (fixed-point limbs) layout; false for a legacy `HINCRBYFLOAT` window.
+    pub exact: bool,
+}
+
+impl PendingWindow {
+    pub fn parse(member: &str) -> Option<Self> {
+        let (s, rest) = member.split_once(':')?;
+        let (e, exact) = match rest.split_once(':') {
+            Some((e, "x")) => (e, true),
+            Some(_) => return None,
+            None => (rest, false),
+        };
+        Some(PendingWindow {
+            member: member.to_string(),
+            start: s.parse().ok()?,
+            end: e.parse().ok()?,
+            exact,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn naive_joins_do_not_collide() {
+        assert_ne!(encode_field("a:b", "c", "d"), encode_field("a", "b:c", "d"));
+        assert_ne!(encode_field("a|b", "c", "d"), encode_field("a", "b|c", "d"));
+        assert_ne!(dedupe_digest("ab", "c"), dedupe_digest("a", "bc"));
+    }
+
+    #[test]
+    fn pending_members_parse_in_both_layouts() {
+        let w = PendingWindow::parse("3600:7200:x").unwrap();
+        assert_eq!((w.start, w.end, w.exact), (3600, 7200, true));
+        let w = PendingWindow::parse("3600:7200").unwrap();
+        assert_eq!((w.start, w.end, w.exact), (3600, 7200, false));
+        assert!(PendingWindow::parse("3600:7200:y").is_none());
+        assert!(PendingWindow::parse("x:7200:x").is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn fields_round_trip(t in "\\PC*", s in "\\PC*", u in "\\PC*") {
+            let f = encode_field(&t, &s, &u);
+            prop_assert_eq!(
+                decode_field(f.as_bytes()),
+                Some(FieldKey { tenant: t, sku: s, unit: u })
+            );
+        }
+
+        #[test]
+        fn shards_stay_in_range(t in "\\PC*", n in 1u32..1000) {
+            prop_assert!(shard_of(&t, n) < n);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The Lua scripts, each in its own `.lua` file. The ones that may toggle a generation or add
+//! exact amounts are prefixed with `seal_lib.lua`, the only place the toggle is written
+//! (invariants 2, 3, 4).
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// A script that may toggle a generation or add exact amounts: prefixed with the shared library.
+macro_rules! with_lib {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("scripts/seal_lib.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+
+pub(super) static WRITE: LazyLock<Script> = with_lib!("scripts/write.lua");
+pub(super) static SEAL: LazyLock<Script> = with_lib!("scripts/seal.lua");
+pub(super) static REPLAY: LazyLock<Script> = with_lib!("scripts/replay.lua");
+pub(super) static DEAD_LETTER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/dead_letter.lua")));
+pub(super) static FINISH_WINDOW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/finish_window.lua")));
+pub(super) static DELIVERED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/delivered.lua")));
+pub(super) static REGISTER_SHARDS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/register_shards.lua")));
+pub(super) static LOCK_RENEW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/lock_renew.lua")));
+pub(super) static LOCK_RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/lock_release.lua")));
+pub(super) static USAGE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/usage.lua")));

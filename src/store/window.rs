@@ -1,0 +1,154 @@
+//! Reading and retiring sealed windows: the pending list, HSCAN steps with exact totals,
+//! delete-after-ack and the one-step finish (invariant 5).
+
+use super::keys::PendingWindow;
+use super::scripts::{DELIVERED, FINISH_WINDOW};
+use super::{Conn, Store, StoreError};
+
+/// The exact total of a record from its two limbs, as canonical decimal text.
+pub fn exact_total(lo: &str, hi: &str) -> Option<String> {
+    let lo: u128 = lo.parse().ok()?;
+    let hi: u128 = hi.parse().ok()?;
+    crate::amount::Amount::from_limbs(hi, lo).map(|a| a.to_string())
+}
+
+impl Store {
+    /// Sealed windows of a shard awaiting delivery, oldest first.
+    pub async fn pending(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+    ) -> Result<Vec<PendingWindow>, StoreError> {
+        self.windows_in(conn, &self.keys.pending(shard)).await
+    }
+
+    /// The windows listed in a sorted set of window members (pending or dead-letter index),
+    /// oldest first.
+    pub(super) async fn windows_in(
+        &self,
+        conn: &mut Conn,
+        index: &str,
+    ) -> Result<Vec<PendingWindow>, StoreError> {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(index)
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| PendingWindow::parse(m))
+            .collect())
+    }
+
+    /// One `HSCAN` step: the next cursor and the (field, value) pairs.
+    pub async fn hscan(
+        &self,
+        conn: &mut Conn,
+        key: &str,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<(String, String)>), StoreError> {
+        let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(conn)
+            .await?;
+        let mut pairs = Vec::with_capacity(flat.len() / 2);
+        let mut it = flat.into_iter();
+        while let (Some(f), Some(v)) = (it.next(), it.next()) {
+            pairs.push((f, v));
+        }
+        Ok((next, pairs))
+    }
+
+    /// One step through a sealed window: the next cursor and each record's field with its exact
+    /// total as canonical decimal text (`None` when the stored value cannot be read).
+    pub async fn scan_window(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<(String, Option<String>)>), StoreError> {
+        let key = self.keys.sealed(shard, w);
+        let (next, pairs) = self.hscan(conn, &key, cursor, count).await?;
+        if !w.exact {
+            let out = pairs
+                .into_iter()
+                .map(|(f, v)| {
+                    let a = crate::amount::canonical(&v);
+                    (f, a)
+                })
+                .collect();
+            return Ok((next, out));
+        }
+        let his: Vec<Option<String>> = if pairs.is_empty() {
+            Vec::new()
+        } else {
+            redis::cmd("HMGET")
+                .arg(format!("{key}:hi"))
+                .arg(pairs.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>())
+                .query_async(conn)
+                .await?
+        };
+        let out = pairs
+            .into_iter()
+            .zip(his)
+            .map(|((f, lo), hi)| {
+                let a = exact_total(&lo, hi.as_deref().unwrap_or("0"));
+                (f, a)
+            })
+            .collect();
+        Ok((next, out))
+    }
+
+    /// Deletes delivered records, both limbs in one step.
+    pub async fn delivered(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+        fields: &[&str],
+    ) -> Result<(), StoreError> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys.sealed(shard, w);
+        DELIVERED
+            .key(&key)
+            .key(format!("{key}:hi"))
+            .arg(fields)
+            .invoke_async::<i64>(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a window from the pending set once its hashes are gone, checked and removed in
+    /// one script. Returns false if records are still there (a batch failed, or a replay put
+    /// records back).
+    pub async fn finish_window(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.sealed(shard, w);
+        let done: i64 = FINISH_WINDOW
+            .key(&key)
+            .key(format!("{key}:hi"))
+            .key(self.keys.pending(shard))
+            .arg(&w.member)
+            .invoke_async(conn)
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Length of a hash.
+    pub async fn hlen(&self, conn: &mut Conn, key: &str) -> Result<u64, StoreError> {
+        Ok(redis::cmd("HLEN").arg(key).query_async(conn).await?)
+    }
+}
