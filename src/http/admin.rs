@@ -1,14 +1,14 @@
 //! Operator routes under `/admin`, guarded by `ADMIN_TOKEN` (bearer) when it is set.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::store::StoreError;
 
 /// Whether the request carries `Authorization: Bearer <ADMIN_TOKEN>` (false when no token is
 /// configured). Constant-time: the token must not leak through timing.
@@ -27,19 +27,17 @@ pub(super) fn has_admin_token(state: &AppState, headers: &HeaderMap) -> bool {
     ))
 }
 
-fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    if state.cfg.admin_token.is_none() || has_admin_token(state, headers) {
-        Ok(())
+/// The `route_layer` of every `/admin` route: with `ADMIN_TOKEN` set, the bearer token must
+/// match (401 otherwise).
+pub(super) async fn require_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.cfg.admin_token.is_none() || has_admin_token(&state, req.headers()) {
+        next.run(req).await
     } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
-fn storage(state: &AppState, e: StoreError) -> ApiError {
-    tracing::warn!(error = %e, "admin request failed on redis");
-    ApiError::Unavailable {
-        message: "storage unavailable".into(),
-        retry_after: state.cfg.retry_after,
+        ApiError::Unauthorized.into_response()
     }
 }
 
@@ -50,21 +48,11 @@ fn storage(state: &AppState, e: StoreError) -> ApiError {
     security((), ("admin_token" = [])),
     responses(
         (status = 200, description = "What was sealed and delivered", body = super::openapi::Report),
-        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
-        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
+        super::openapi::AdminErrors,
     )
 )]
-pub async fn flush(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
-    let (seal, report) = state
-        .flusher
-        .flush_now(&state.shutdown)
-        .await
-        .map_err(|e| storage(&state, e))?;
+pub async fn flush(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (seal, report) = state.flusher.flush_now(&state.shutdown).await?;
     Ok((StatusCode::OK, Json(json!({"seal": seal, "drain": report}))).into_response())
 }
 
@@ -74,27 +62,13 @@ pub async fn flush(
     security((), ("admin_token" = [])),
     responses(
         (status = 200, description = "Pending windows and dead letters", body = super::openapi::Report),
-        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
-        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
+        super::openapi::AdminErrors,
     )
 )]
-pub async fn pending(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
-    let mut conn = state.store.conn().await.map_err(|e| storage(&state, e))?;
-    let now = state
-        .store
-        .time(&mut conn)
-        .await
-        .map_err(|e| storage(&state, e))?;
-    let status = state
-        .flusher
-        .pending_status(now)
-        .await
-        .map_err(|e| storage(&state, e))?;
+pub async fn pending(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut conn = state.store.conn().await?;
+    let now = state.store.time(&mut conn).await?;
+    let status = state.flusher.pending_status(now).await?;
     let records: u64 = status.windows.iter().map(|w| w.records).sum();
     let dead: u64 = status.dead_letters.iter().map(|w| w.records).sum();
     Ok((
@@ -118,35 +92,20 @@ pub async fn pending(
     security((), ("admin_token" = [])),
     responses(
         (status = 200, description = "Records moved back for delivery", body = super::openapi::Report),
-        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
-        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
+        super::openapi::AdminErrors,
     )
 )]
-pub async fn replay(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
+pub async fn replay(State(state): State<AppState>) -> Result<Response, ApiError> {
     let store = &state.store;
-    let mut conn = store.conn().await.map_err(|e| storage(&state, e))?;
+    let mut conn = store.conn().await?;
     let _ = &mut conn;
     let mut moved = 0u64;
     let mut busy = Vec::new();
     // Every shard that may hold dead letters — those of an earlier, larger SHARDS too — and
     // each under its drain lock, so no drain finishes a window while records come back.
-    let shards = store
-        .shards_to_drain()
-        .await
-        .map_err(|e| storage(&state, e))?;
+    let shards = store.shards_to_drain().await?;
     for shard in 0..shards {
-        match state
-            .flusher
-            .drainer
-            .replay_shard(shard)
-            .await
-            .map_err(|e| storage(&state, e))?
-        {
+        match state.flusher.drainer.replay_shard(shard).await? {
             Some(n) => moved += n,
             None => busy.push(shard),
         }
@@ -169,21 +128,11 @@ pub async fn replay(
     security((), ("admin_token" = [])),
     responses(
         (status = 200, description = "Recent refused requests, newest first", body = super::openapi::Report),
-        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
-        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
+        super::openapi::AdminErrors,
     )
 )]
-pub async fn rejections(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
-    let entries = state
-        .store
-        .recent_rejections(100)
-        .await
-        .map_err(|e| storage(&state, e))?;
+pub async fn rejections(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let entries = state.store.recent_rejections(100).await?;
     let list: Vec<_> = entries
         .into_iter()
         .map(|(id, fields)| {
@@ -209,33 +158,19 @@ pub async fn rejections(
     security((), ("admin_token" = [])),
     responses(
         (status = 200, description = "Dead-lettered records with their exact amounts and reasons", body = super::openapi::Report),
-        (status = 401, description = "ADMIN_TOKEN is set and the bearer token is missing or wrong", body = super::openapi::Error),
-        (status = 503, description = "Redis unavailable (or, for replay, a shard is being drained)", body = super::openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
+        super::openapi::AdminErrors,
     )
 )]
-pub async fn dead_letters(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
+pub async fn dead_letters(State(state): State<AppState>) -> Result<Response, ApiError> {
     let store = &state.store;
-    let mut conn = store.conn().await.map_err(|e| storage(&state, e))?;
+    let mut conn = store.conn().await?;
     let mut out = Vec::new();
-    let shards = store
-        .shards_to_drain()
-        .await
-        .map_err(|e| storage(&state, e))?;
+    let shards = store.shards_to_drain().await?;
     for shard in 0..shards {
-        for w in store
-            .dead_windows(&mut conn, shard)
-            .await
-            .map_err(|e| storage(&state, e))?
-        {
+        for w in store.dead_windows(&mut conn, shard).await? {
             let (_, pairs) = store
                 .hscan(&mut conn, &store.keys.dead(shard, &w), 0, 1000)
-                .await
-                .map_err(|e| storage(&state, e))?;
+                .await?;
             for (field, value) in pairs {
                 let key = crate::store::keys::decode_field(field.as_bytes());
                 let amount = crate::store::dead_letter_total(&value);

@@ -1,5 +1,10 @@
 //! `ApiError`: every way a request can fail, each mapped to one documented status code.
 //! Clients see a message about their input, never internals.
+//!
+//! Handlers return `Result<_, ApiError>` and use `?`: a [`StoreError`] converts into a 503 (and
+//! is logged once, when the response is made). A refusal of the client's request carries a
+//! [`Rejection`] in its response extensions, which the request middleware records in the
+//! rejections stream (`/admin/rejections`).
 
 use std::time::Duration;
 
@@ -8,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::pulse::FieldError;
+use crate::store::StoreError;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -35,55 +41,86 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    /// 503: a Redis call failed. Its `Retry-After` is `RETRY_AFTER`, added by the request
+    /// middleware (which knows the configuration).
+    Storage(StoreError),
 }
 
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Storage(e)
+    }
+}
+
+/// A refused request as the rejections stream keeps it: status, a reason an operator can pass
+/// on to the team, and the tenant when known. Never a key.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub status: u16,
+    pub reason: String,
+    pub tenant: String,
+}
+
+/// Marks a 503 whose `Retry-After` is the configured `RETRY_AFTER` (set by the middleware).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DefaultRetryAfter;
+
 impl ApiError {
-    /// For a refusal of the client's request (4xx): its status, a reason an operator can pass
-    /// on to the team, and the tenant when known. Never includes a key.
-    pub fn rejection(&self) -> Option<(u16, String, String)> {
-        let none = String::new();
-        Some(match self {
-            ApiError::Malformed(m) => (400, format!("malformed JSON: {m}"), none),
-            ApiError::TooLarge(m) => (413, m.clone(), none),
-            ApiError::UnsupportedMediaType(m) => (415, m.clone(), none),
+    /// The one status mapping.
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized | ApiError::NoApiKey(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable { .. } | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// For a refusal of the client's request (4xx other than a bad admin token): what the
+    /// rejections stream records.
+    fn rejection(&self) -> Option<Rejection> {
+        let (reason, tenant) = match self {
+            ApiError::Malformed(m) => (format!("malformed JSON: {m}"), String::new()),
+            ApiError::TooLarge(m) | ApiError::UnsupportedMediaType(m) | ApiError::Forbidden(m) => {
+                (m.clone(), String::new())
+            }
             ApiError::Invalid(errs) => (
-                422,
                 errs.iter()
                     .map(|e| format!("{} {}", e.field, e.message))
                     .collect::<Vec<_>>()
                     .join("; "),
-                none,
+                String::new(),
             ),
-            ApiError::NoApiKey(m) => (401, m.to_string(), none),
-            ApiError::Forbidden(m) => (403, m.clone(), none),
+            ApiError::NoApiKey(m) => (m.to_string(), String::new()),
             ApiError::TooManyRequests { tenant, .. } => {
-                (429, "rate limit exceeded".into(), tenant.clone())
+                ("rate limit exceeded".into(), tenant.clone())
             }
-            ApiError::Unauthorized | ApiError::Unavailable { .. } => return None,
+            ApiError::Unauthorized | ApiError::Unavailable { .. } | ApiError::Storage(_) => {
+                return None;
+            }
+        };
+        Some(Rejection {
+            status: self.status().as_u16(),
+            reason,
+            tenant,
         })
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, body) = match &self {
-            ApiError::Malformed(m) => (
-                StatusCode::BAD_REQUEST,
-                json!({"error": "malformed JSON", "detail": m}),
-            ),
-            ApiError::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                json!({"error": "missing or invalid admin token"}),
-            ),
-            ApiError::NoApiKey(m) => (StatusCode::UNAUTHORIZED, json!({"error": m})),
-            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!({"error": m})),
-            ApiError::TooManyRequests { tenant, .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                json!({"error": format!("rate limit of tenant {tenant:?} exceeded; retry later")}),
-            ),
-            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, json!({"error": m})),
-            ApiError::UnsupportedMediaType(m) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"error": m}))
+    /// The JSON body clients see.
+    fn body(&self) -> serde_json::Value {
+        match self {
+            ApiError::Malformed(m) => json!({"error": "malformed JSON", "detail": m}),
+            ApiError::Unauthorized => json!({"error": "missing or invalid admin token"}),
+            ApiError::NoApiKey(m) => json!({"error": m}),
+            ApiError::TooManyRequests { tenant, .. } => {
+                json!({"error": format!("rate limit of tenant {tenant:?} exceeded; retry later")})
+            }
+            ApiError::Forbidden(m) | ApiError::TooLarge(m) | ApiError::UnsupportedMediaType(m) => {
+                json!({"error": m})
             }
             ApiError::Invalid(errors) => {
                 let summary = errors
@@ -94,26 +131,42 @@ impl IntoResponse for ApiError {
                     })
                     .collect::<Vec<_>>()
                     .join("; ");
-                (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    json!({"error": summary, "fields": errors}),
-                )
+                json!({"error": summary, "fields": errors})
             }
-            ApiError::Unavailable { message, .. } => {
-                (StatusCode::SERVICE_UNAVAILABLE, json!({"error": message}))
-            }
-        };
-        let mut resp = (status, axum::Json(body)).into_response();
+            ApiError::Unavailable { message, .. } => json!({"error": message}),
+            ApiError::Storage(_) => json!({"error": "storage unavailable"}),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Storage(e) = &self {
+            // Logged here, once; the client sees no internals.
+            tracing::warn!(error = %e, "request failed on redis");
+        }
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if let Some(r) = self.rejection() {
+            resp.extensions_mut().insert(r);
+        }
+        if let ApiError::Storage(_) = self {
+            resp.extensions_mut().insert(DefaultRetryAfter);
+        }
         if let ApiError::Unavailable { retry_after, .. }
         | ApiError::TooManyRequests { retry_after, .. } = self
         {
-            // Whole seconds, rounded up: coming back early would only be refused again.
-            let secs = retry_after.as_secs_f64().ceil().max(1.0).to_string();
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_str(&secs).expect("digits are a valid header"),
-            );
+            set_retry_after(&mut resp, retry_after);
         }
         resp
     }
+}
+
+/// Sets `Retry-After` in whole seconds, rounded up: coming back early would only be refused
+/// again.
+pub(super) fn set_retry_after(resp: &mut Response, retry_after: Duration) {
+    let secs = retry_after.as_secs_f64().ceil().max(1.0).to_string();
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_str(&secs).expect("digits are a valid header"),
+    );
 }

@@ -217,22 +217,6 @@ async fn submit(
     }
 }
 
-/// Records a refused request in the capped rejections stream, off the request path; under a
-/// flood of bad requests at most 64 records are in flight and the rest are only counted.
-fn note_rejection(state: &AppState, e: &ApiError) {
-    let Some((status, reason, tenant)) = e.rejection() else {
-        return;
-    };
-    let Ok(permit) = state.rejection_slots.clone().try_acquire_owned() else {
-        return;
-    };
-    let store = state.store.clone();
-    tokio::spawn(async move {
-        let _ = store.record_rejection(status, &reason, &tenant).await;
-        drop(permit);
-    });
-}
-
 /// One pulse.
 ///
 /// Durable mode answers 202 after the pulse is committed to Redis, exactly once.
@@ -245,18 +229,7 @@ fn note_rejection(state: &AppState, e: &ApiError) {
     security((), ("api_key" = [])),
     responses(
         (status = 202, description = "Counted (or recognised as a re-send)", body = openapi::Accepted),
-        (status = 400, description = "Not JSON, not the expected shape, duplicate keys", body = openapi::Error),
-        (status = 401, description = "API keys on: X-API-Key missing or unknown", body = openapi::Error),
-        (status = 403, description = "API keys on: the key may not send for this tenant", body = openapi::Error),
-        (status = 408, description = "The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued"),
-        (status = 413, description = "Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request", body = openapi::Error),
-        (status = 415, description = "Content type not accepted", body = openapi::Error),
-        (status = 422, description = "A field is missing or invalid (each is named; batch items with their index)", body = openapi::Error),
-        (status = 429, description = "The tenant is over its rate limit", body = openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 500, description = "A bug: the handler panicked (counted; the service keeps running)", body = openapi::Error),
-        (status = 503, description = "Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key", body = openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
+        openapi::IngestErrors,
     )
 )]
 pub async fn one(
@@ -265,11 +238,18 @@ pub async fn one(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let r = one_inner(&state, started.map(|e| e.0), headers, raw).await;
-    if let Err(e) = &r {
-        note_rejection(&state, e);
-    }
-    r
+    let state = &state;
+    format(&headers, false)?;
+    let raw = body(raw)?;
+    let key = idempotency_key(state, &headers)?;
+    let pulse = state
+        .limits
+        .decode_one(&raw, key)
+        .map_err(|e| decode_error(state, e))?;
+    let pulses = vec![pulse];
+    authorise(state, &headers, &pulses)?;
+    rate_limit(state, &pulses)?;
+    submit(state, started.map(|e| e.0), pulses).await
 }
 
 /// Many pulses, all or nothing.
@@ -289,18 +269,7 @@ pub async fn one(
     security((), ("api_key" = [])),
     responses(
         (status = 202, description = "Counted (re-sends recognised)", body = openapi::Accepted),
-        (status = 400, description = "Not JSON, not the expected shape, duplicate keys", body = openapi::Error),
-        (status = 401, description = "API keys on: X-API-Key missing or unknown", body = openapi::Error),
-        (status = 403, description = "API keys on: the key may not send for this tenant", body = openapi::Error),
-        (status = 408, description = "The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued"),
-        (status = 413, description = "Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request", body = openapi::Error),
-        (status = 415, description = "Content type not accepted", body = openapi::Error),
-        (status = 422, description = "A field is missing or invalid (each is named; batch items with their index)", body = openapi::Error),
-        (status = 429, description = "The tenant is over its rate limit", body = openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 500, description = "A bug: the handler panicked (counted; the service keeps running)", body = openapi::Error),
-        (status = 503, description = "Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key", body = openapi::Error,
-            headers(("Retry-After" = u64, description = "Seconds"))),
+        openapi::IngestErrors,
     )
 )]
 pub async fn batch(
@@ -309,38 +278,7 @@ pub async fn batch(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let r = batch_inner(&state, started.map(|e| e.0), headers, raw).await;
-    if let Err(e) = &r {
-        note_rejection(&state, e);
-    }
-    r
-}
-
-async fn one_inner(
-    state: &AppState,
-    started: Option<RequestStart>,
-    headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    format(&headers, false)?;
-    let raw = body(raw)?;
-    let key = idempotency_key(state, &headers)?;
-    let pulse = state
-        .limits
-        .decode_one(&raw, key)
-        .map_err(|e| decode_error(state, e))?;
-    let pulses = vec![pulse];
-    authorise(state, &headers, &pulses)?;
-    rate_limit(state, &pulses)?;
-    submit(state, started, pulses).await
-}
-
-async fn batch_inner(
-    state: &AppState,
-    started: Option<RequestStart>,
-    headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+    let state = &state;
     let fmt = format(&headers, true)?;
     let raw = body(raw)?;
     let key = idempotency_key(state, &headers)?;
@@ -352,5 +290,5 @@ async fn batch_inner(
         .map_err(|e| decode_error(state, e))?;
     authorise(state, &headers, &pulses)?;
     rate_limit(state, &pulses)?;
-    submit(state, started, pulses).await
+    submit(state, started.map(|e| e.0), pulses).await
 }

@@ -66,16 +66,23 @@ pub struct AppContext {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.max_body_bytes;
     let metrics_here = state.cfg.metrics_addr.is_none();
-    let api = Router::new()
-        .route("/ingest", post(ingest::one))
-        .route("/ingest/batch", post(ingest::batch))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+    // Operator routes: the admin token is checked once, for all of them.
+    let admin = Router::new()
         .route("/admin/flush", post(admin::flush))
         .route("/admin/pending", get(admin::pending))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/replay", post(admin::replay))
         .route("/admin/rejections", get(admin::rejections))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_token,
+        ));
+    let api = Router::new()
+        .route("/ingest", post(ingest::one))
+        .route("/ingest/batch", post(ingest::batch))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .merge(admin)
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/status", get(usage::status))
@@ -101,8 +108,17 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(panic_response(
             state.metrics.clone(),
         )))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// The span of one request, with the route it matched (low cardinality, unlike the URI).
+fn request_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    tracing::info_span!("request", method = %req.method(), matched_path = route)
 }
 
 fn panic_response(
@@ -148,7 +164,8 @@ async fn supported_encoding(req: Request, next: Next) -> Response {
 #[derive(Clone, Copy)]
 pub(crate) struct RequestStart(pub Instant);
 
-/// Counts every request by route and status, and times it.
+/// Counts every request by route and status, and times it; records a refused ingest request in
+/// the rejections stream and gives a storage 503 its configured `Retry-After`.
 async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -158,7 +175,19 @@ async fn record(State(state): State<AppState>, req: Request, next: Next) -> Resp
     let started = Instant::now();
     let mut req = req;
     req.extensions_mut().insert(RequestStart(started));
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if let Some(r) = resp.extensions_mut().remove::<error::Rejection>()
+        && route.starts_with("/ingest")
+    {
+        note_rejection(&state, r);
+    }
+    if resp
+        .extensions_mut()
+        .remove::<error::DefaultRetryAfter>()
+        .is_some()
+    {
+        error::set_retry_after(&mut resp, state.cfg.retry_after);
+    }
     state
         .metrics
         .http_duration
@@ -170,4 +199,17 @@ async fn record(State(state): State<AppState>, req: Request, next: Next) -> Resp
         .with_label_values(&[&route, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// Records a refused request in the capped rejections stream, off the request path; under a
+/// flood of bad requests at most 64 records are in flight and the rest are only counted.
+fn note_rejection(state: &AppState, r: error::Rejection) {
+    let Ok(permit) = state.rejection_slots.clone().try_acquire_owned() else {
+        return;
+    };
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        let _ = store.record_rejection(r.status, &r.reason, &r.tenant).await;
+        drop(permit);
+    });
 }

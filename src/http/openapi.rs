@@ -221,6 +221,54 @@ impl Modify for Security {
     }
 }
 
+/// The error answers every `/admin` route shares.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum AdminErrors {
+    /// ADMIN_TOKEN is set and the bearer token is missing or wrong
+    #[response(status = 401)]
+    Unauthorized(Error),
+    /// Redis unavailable (or, for replay, a shard is being drained)
+    #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds")))]
+    Unavailable(Error),
+}
+
+/// The refusals both ingest routes share (their 202 differs).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum IngestErrors {
+    /// Not JSON, not the expected shape, duplicate keys
+    #[response(status = 400)]
+    Malformed(Error),
+    /// API keys on: X-API-Key missing or unknown
+    #[response(status = 401)]
+    NoApiKey(Error),
+    /// API keys on: the key may not send for this tenant
+    #[response(status = 403)]
+    Forbidden(Error),
+    /// The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued
+    #[response(status = 408)]
+    Timeout,
+    /// Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request
+    #[response(status = 413)]
+    TooLarge(Error),
+    /// Content type not accepted
+    #[response(status = 415)]
+    UnsupportedMediaType(Error),
+    /// A field is missing or invalid (each is named; batch items with their index)
+    #[response(status = 422)]
+    Invalid(Error),
+    /// The tenant is over its rate limit
+    #[response(status = 429, headers(("Retry-After" = u64, description = "Seconds")))]
+    TooManyRequests(Error),
+    /// A bug: the handler panicked (counted; the service keeps running)
+    #[response(status = 500)]
+    Panicked(Error),
+    /// Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key
+    #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds")))]
+    Unavailable(Error),
+}
+
 /// The ingest API.
 #[derive(OpenApi)]
 #[openapi(

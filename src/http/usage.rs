@@ -131,26 +131,16 @@ pub async fn usage(
         }]));
     }
     authorise(&state, &headers, &q.tenant_id)?;
-    let unavailable = |e: crate::store::StoreError| {
-        tracing::warn!(error = %e, "usage query failed on redis");
-        ApiError::Unavailable {
-            message: "storage unavailable".into(),
-            retry_after: state.cfg.retry_after,
-        }
-    };
     let store = &state.store;
-    let mut conn = store.conn().await.map_err(unavailable)?;
-    let shards = store.shards_to_drain().await.map_err(unavailable)?;
+    let mut conn = store.conn().await?;
+    let shards = store.shards_to_drain().await?;
     let stabilisation = state.cfg.stabilisation_delay.as_secs();
     // (start) → (end, state, (sku, unit) → (amount, dead))
     type Totals = BTreeMap<(String, String), (Amount, Amount)>;
     let mut windows: BTreeMap<u64, (u64, String, Totals)> = BTreeMap::new();
     let mut redis_now = 0;
     for shard in 0..shards {
-        let u = store
-            .tenant_usage(&mut conn, shard, &q.tenant_id)
-            .await
-            .map_err(unavailable)?;
+        let u = store.tenant_usage(&mut conn, shard, &q.tenant_id).await?;
         redis_now = redis_now.max(u.redis_now);
         for w in u.windows {
             if q.window.is_some_and(|s| s != w.start) {
@@ -255,22 +245,8 @@ pub struct Status {
     )
 )]
 pub async fn status(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let mut conn = state
-        .store
-        .conn()
-        .await
-        .map_err(|_| ApiError::Unavailable {
-            message: "storage unavailable".into(),
-            retry_after: state.cfg.retry_after,
-        })?;
-    let now = state
-        .store
-        .time(&mut conn)
-        .await
-        .map_err(|_| ApiError::Unavailable {
-            message: "storage unavailable".into(),
-            retry_after: state.cfg.retry_after,
-        })?;
+    let mut conn = state.store.conn().await?;
+    let now = state.store.time(&mut conn).await?;
     let len = state.store.window_secs;
     let start = now - now % len;
     Ok(Json(Status {
