@@ -65,7 +65,7 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
                 warn!(error = %e, "could not read the dedupe marker layout; will retry");
             }
             match store.eviction_policy().await {
-                Ok(p) if p != "noeviction" && !cfg.redis_allow_eviction => error!(
+                Ok(p) if p != "noeviction" && !cfg.redis.allow_eviction => error!(
                     policy = %p,
                     "Redis maxmemory-policy is not noeviction: evicted dedupe markers count re-sends twice and evicted aggregates lose pulses; /readyz stays 503 until it is noeviction (or REDIS_ALLOW_EVICTION=true)"
                 ),
@@ -113,7 +113,7 @@ impl App {
             hard_stop.clone(),
         );
         let flusher = Arc::new(Flusher::new(&cfg, store.clone(), metrics.clone())?);
-        if cfg.processor_url.is_none() {
+        if cfg.delivery.processor_url.is_none() {
             warn!(
                 "PROCESSOR_URL is not set: windows are sealed and kept in Redis, but not delivered"
             );
@@ -134,23 +134,24 @@ impl App {
             None => None,
         };
         let limits = Arc::new(Limits {
-            max_field_len: cfg.max_field_len,
-            max_amount: cfg.max_amount,
-            decimals: cfg.amount_decimals,
-            allowed_units: cfg.allowed_units.clone(),
+            max_field_len: cfg.limits.max_field_len,
+            max_amount: cfg.limits.max_amount,
+            decimals: cfg.limits.amount_decimals,
+            allowed_units: cfg.limits.allowed_units.clone(),
         });
-        let api_keys = match &cfg.api_keys_file {
+        let api_keys = match &cfg.security.api_keys_file {
             Some(p) => Some(crate::tenancy::ApiKeys::load(p).map_err(AppError::ApiKeys)?),
             None => None,
         };
-        let rate_limits =
-            (cfg.rate_limit.is_some() || !cfg.rate_limit_overrides.is_empty()).then(|| {
-                Arc::new(crate::tenancy::RateLimits::new(
-                    cfg.rate_limit,
-                    &cfg.rate_limit_overrides,
-                    cfg.rate_limit_replicas,
-                ))
-            });
+        let rate_limits = (cfg.security.rate_limit.is_some()
+            || !cfg.security.rate_limit_overrides.is_empty())
+        .then(|| {
+            Arc::new(crate::tenancy::RateLimits::new(
+                cfg.security.rate_limit,
+                &cfg.security.rate_limit_overrides,
+                cfg.security.rate_limit_replicas,
+            ))
+        });
         let state: AppState = Arc::new(AppContext {
             cfg: Arc::new(cfg),
             limits,
@@ -222,7 +223,7 @@ impl App {
                 crate::http::serve(
                     l,
                     crate::http::metrics_router(state.clone()),
-                    state.cfg.header_read_timeout,
+                    state.cfg.limits.header_read_timeout,
                     64,
                     shutdown.clone(),
                 ),
@@ -272,8 +273,8 @@ impl App {
         let serve = crate::http::serve(
             listener,
             router(state.clone()),
-            state.cfg.header_read_timeout,
-            state.cfg.max_connections,
+            state.cfg.limits.header_read_timeout,
+            state.cfg.limits.max_connections,
             shutdown.clone(),
         );
         tokio::select! {

@@ -69,11 +69,11 @@ pub struct Flusher {
 
 impl Flusher {
     pub fn new(cfg: &Config, store: Store, metrics: Arc<Metrics>) -> Result<Self, reqwest::Error> {
-        let processor = match &cfg.processor_url {
+        let processor = match &cfg.delivery.processor_url {
             Some(url) => Some(ProcessorClient::new(
                 url,
-                cfg.processor_token.clone(),
-                cfg.processor_timeout,
+                cfg.delivery.processor_token.clone(),
+                cfg.delivery.processor_timeout,
             )?),
             None => None,
         };
@@ -82,18 +82,18 @@ impl Flusher {
                 store: store.clone(),
                 processor,
                 metrics: metrics.clone(),
-                batch_size: cfg.batch_size,
-                max_attempts: cfg.delivery_max_attempts,
-                max_backoff: cfg.delivery_max_backoff,
-                lock_ttl: cfg.lock_ttl,
-                concurrency: cfg.delivery_concurrency,
-                in_flight: Arc::new(Semaphore::new(cfg.delivery_concurrency)),
+                batch_size: cfg.delivery.batch_size,
+                max_attempts: cfg.delivery.max_attempts,
+                max_backoff: cfg.delivery.max_backoff,
+                lock_ttl: cfg.delivery.lock_ttl,
+                concurrency: cfg.delivery.concurrency,
+                in_flight: Arc::new(Semaphore::new(cfg.delivery.concurrency)),
             },
             store,
             metrics,
             stabilisation_delay: cfg.stabilisation_delay,
-            drain_interval: cfg.drain_interval,
-            shard_parallelism: cfg.delivery_concurrency,
+            drain_interval: cfg.delivery.drain_interval,
+            shard_parallelism: cfg.delivery.concurrency,
             shards: std::sync::atomic::AtomicU32::new(cfg.shards),
         })
     }

@@ -13,7 +13,7 @@ use super::error::ApiError;
 /// Whether the request carries `Authorization: Bearer <ADMIN_TOKEN>` (false when no token is
 /// configured). Constant-time: the token must not leak through timing.
 pub(super) fn has_admin_token(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(expected) = &state.cfg.admin_token else {
+    let Some(expected) = &state.cfg.security.admin_token else {
         return false;
     };
     let given = headers
@@ -34,7 +34,7 @@ pub(super) async fn require_token(
     req: Request,
     next: Next,
 ) -> Response {
-    if state.cfg.admin_token.is_none() || has_admin_token(&state, req.headers()) {
+    if state.cfg.security.admin_token.is_none() || has_admin_token(&state, req.headers()) {
         next.run(req).await
     } else {
         ApiError::Unauthorized.into_response()

@@ -41,7 +41,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let capacity = state.ingest.capacity();
     let queue_ok = depth * 10 < capacity * 9;
     // Eviction would drop dedupe markers (double counts) or aggregates (loss).
-    let eviction = match (&redis, state.cfg.redis_allow_eviction) {
+    let eviction = match (&redis, state.cfg.redis.allow_eviction) {
         (Ok(()), false) => match state.store.eviction_policy().await {
             Ok(p) if p == "noeviction" => None,
             Ok(p) => Some(format!(

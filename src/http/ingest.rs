@@ -184,7 +184,7 @@ async fn submit(
     // 408 would tell the client it was not. A little before the deadline we answer the
     // ambiguous 503 instead; a job whose client is gone by the time a worker takes it is
     // dropped uncounted (see `ingest::worker`).
-    let timeout = state.cfg.request_timeout;
+    let timeout = state.cfg.limits.request_timeout;
     let margin = (timeout / 10).min(std::time::Duration::from_secs(1));
     let deadline =
         started.map_or_else(tokio::time::Instant::now, |s| s.0.into()) + timeout - margin;
@@ -283,7 +283,11 @@ pub async fn batch(
     let raw = body(raw)?;
     let key = idempotency_key(state, &headers)?;
     // A batch can never be larger than the queue it must fit into.
-    let max = state.cfg.max_batch_items.min(state.ingest.capacity());
+    let max = state
+        .cfg
+        .limits
+        .max_batch_items
+        .min(state.ingest.capacity());
     let pulses = state
         .limits
         .decode_batch(&raw, fmt == Format::Ndjson, key, max)

@@ -64,7 +64,7 @@ pub struct AppContext {
 
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
-    let body_limit = state.cfg.max_body_bytes;
+    let body_limit = state.cfg.limits.max_body_bytes;
     let metrics_here = state.cfg.metrics_addr.is_none();
     // Operator routes: the admin token is checked once, for all of them.
     let admin = Router::new()
@@ -101,7 +101,7 @@ pub fn router(state: AppState) -> Router {
         // A request that is not done in time (a body trickling in) is answered 408.
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
-            state.cfg.request_timeout,
+            state.cfg.limits.request_timeout,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         // A panic in one handler answers that request 500 and leaves the rest running.

@@ -118,7 +118,7 @@ pub async fn usage(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Malformed(e.body_text()))?;
     if q.tenant_id.is_empty()
-        || q.tenant_id.chars().count() > state.cfg.max_field_len
+        || q.tenant_id.chars().count() > state.cfg.limits.max_field_len
         || q.tenant_id.chars().any(char::is_control)
     {
         return Err(ApiError::Invalid(vec![crate::pulse::FieldError {
@@ -126,7 +126,7 @@ pub async fn usage(
             field: "tenant_id".into(),
             message: format!(
                 "must be 1 to {} characters without control characters",
-                state.cfg.max_field_len
+                state.cfg.limits.max_field_len
             ),
         }]));
     }

@@ -98,8 +98,8 @@ impl Ingest {
                 metrics: metrics.clone(),
                 max_batch: cfg.worker_batch,
                 linger: cfg.commit_linger,
-                wait_replicas: cfg.redis_wait_replicas,
-                wait_timeout: cfg.redis_wait_timeout,
+                wait_replicas: cfg.redis.wait_replicas,
+                wait_timeout: cfg.redis.wait_timeout,
                 retry_forever: cfg.ack_mode == AckMode::Enqueued,
                 hard_stop: hard_stop.clone(),
             };

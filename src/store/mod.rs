@@ -61,13 +61,13 @@ pub struct Store {
 impl Store {
     /// Builds the pool; connections are made lazily, so this succeeds while Redis is down.
     pub fn new(cfg: &Config) -> Result<Self, StoreError> {
-        let mut pc = PoolConfig::new(cfg.redis_pool_size);
+        let mut pc = PoolConfig::new(cfg.redis.pool_size);
         pc.timeouts = Timeouts {
-            wait: Some(cfg.redis_timeout),
-            create: Some(cfg.redis_timeout),
-            recycle: Some(cfg.redis_timeout),
+            wait: Some(cfg.redis.timeout),
+            create: Some(cfg.redis.timeout),
+            recycle: Some(cfg.redis.timeout),
         };
-        let pool = match (&cfg.redis_cluster_urls, &cfg.redis_sentinel) {
+        let pool = match (&cfg.redis.cluster_urls, &cfg.redis.sentinel) {
             (None, Some((sentinels, master))) => {
                 let client = redis::sentinel::SentinelClient::build(
                     sentinels.clone(),
@@ -82,7 +82,7 @@ impl Store {
             }
             (None, None) => Pools::Single(
                 deadpool_redis::Config {
-                    url: Some(cfg.redis_url.clone()),
+                    url: Some(cfg.redis.url.clone()),
                     connection: None,
                     pool: Some(pc),
                 }
@@ -91,8 +91,8 @@ impl Store {
             ),
             (Some(urls), _) => {
                 let client = redis::cluster::ClusterClient::builder(urls.clone())
-                    .connection_timeout(cfg.redis_timeout)
-                    .response_timeout(cfg.redis_timeout)
+                    .connection_timeout(cfg.redis.timeout)
+                    .response_timeout(cfg.redis.timeout)
                     .build()?;
                 Pools::Cluster(Arc::new(ClusterPool {
                     client,
@@ -106,12 +106,12 @@ impl Store {
             shards: cfg.shards,
             window_secs: cfg.window_secs(),
             dedupe_ttl_secs: cfg.dedupe_ttl.as_secs().max(1),
-            timeout: cfg.redis_timeout,
+            timeout: cfg.redis.timeout,
             epoch: Default::default(),
             instance: hex::encode(rand::random::<[u8; 8]>()).into(),
             // Until `init_markers` says otherwise, consult the previous layout's markers too.
             legacy_markers_until: Arc::new(u64::MAX.into()),
-            commit_per_shard: cfg.redis_commit_per_shard,
+            commit_per_shard: cfg.redis.commit == crate::config::CommitMode::PerShard,
         })
     }
 }

@@ -1,0 +1,325 @@
+//! Typed configuration, read from environment variables (and `.env`, loaded by `main` only).
+//!
+//! Every setting is declared once (`settings.rs`): its variable, the default users see (parsed
+//! from that same text) and its meaning, with the reason for the default. Parsing collects *all*
+//! problems and reports them together, so a bad `.env` is fixed in one go (exit code 64). The
+//! settings are grouped as users think of them: the service itself here, then [`RedisConfig`],
+//! [`DeliveryConfig`], [`LimitsConfig`] and [`SecurityConfig`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+mod reader;
+mod sections;
+mod settings;
+
+pub use reader::ConfigError;
+use reader::Reader;
+pub use sections::{DeliveryConfig, LimitsConfig, RedisConfig, SecurityConfig};
+pub use settings::{SETTINGS, Setting, env};
+
+/// When a request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// 202 after the pulse is committed to Redis.
+    Durable,
+    /// 202 once queued, as the earlier Go ingestor did; the queue is lost on a crash.
+    Enqueued,
+}
+
+impl FromStr for AckMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "durable" => Ok(AckMode::Durable),
+            "enqueued" => Ok(AckMode::Enqueued),
+            other => Err(format!("expected durable or enqueued, got {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected text or json, got {other:?}")),
+        }
+    }
+}
+
+/// How a commit's shards reach Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Every shard of a commit in one script call (one Redis allows keys of several slots).
+    OneCall,
+    /// One script call per shard (what a cluster node requires; always so on a cluster).
+    PerShard,
+}
+
+impl FromStr for CommitMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "one-call" => Ok(CommitMode::OneCall),
+            "per-shard" => Ok(CommitMode::PerShard),
+            other => Err(format!("expected one-call or per-shard, got {other:?}")),
+        }
+    }
+}
+
+/// The service's whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP API address (`LISTEN_ADDR`).
+    pub listen_addr: SocketAddr,
+    /// Serve `/metrics` here instead of on the API address (`METRICS_ADDR`).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Key namespace (`KEY_PREFIX`); keys are `{<prefix>:<shard>}:...`.
+    pub key_prefix: String,
+    /// Number of shards (`SHARDS`).
+    pub shards: u32,
+    /// Aggregation window (`WINDOW`), whole seconds.
+    pub window: Duration,
+    /// Wait after a window ends before its drain (`STABILISATION_DELAY`).
+    pub stabilisation_delay: Duration,
+    /// Pulses queued or being committed, at most (`QUEUE_CAPACITY`).
+    pub queue_capacity: usize,
+    /// Commit workers (`WORKERS`).
+    pub workers: usize,
+    /// Pulses per worker commit, at most (`WORKER_BATCH`).
+    pub worker_batch: usize,
+    /// How long a nearly empty commit may wait for more pulses under load (`COMMIT_LINGER`).
+    pub commit_linger: Duration,
+    /// When requests are answered (`ACK_MODE`).
+    pub ack_mode: AckMode,
+    /// How long a pulse id is remembered (`DEDUPE_TTL`).
+    pub dedupe_ttl: Duration,
+    /// `Retry-After` sent with 503 (`RETRY_AFTER`).
+    pub retry_after: Duration,
+    /// Shutdown finishes within this (`SHUTDOWN_TIMEOUT`).
+    pub shutdown_timeout: Duration,
+    /// `text` or `json` (`LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// How to reach Redis and use it.
+    pub redis: RedisConfig,
+    /// Delivery to the Processor.
+    pub delivery: DeliveryConfig,
+    /// What one request may be.
+    pub limits: LimitsConfig,
+    /// The admin token, API keys and rate limits.
+    pub security: SecurityConfig,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Builds a configuration from a map of variables (tests use this, never the environment).
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::read(&mut Reader::new(vars))
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, ConfigError> {
+        let listen_addr = r.parse(env::LISTEN_ADDR, "an address such as 0.0.0.0:8070");
+        let metrics_addr = match r.string(env::METRICS_ADDR) {
+            None => None,
+            Some(v) => v.parse().map(Some).unwrap_or_else(|_| {
+                let msg = format!("expected an address such as 127.0.0.1:9100, got {v:?}");
+                r.fail(env::METRICS_ADDR.name, msg);
+                None
+            }),
+        };
+        let redis = RedisConfig::read(r);
+        let key_prefix = r.string_or_default(env::KEY_PREFIX);
+        if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
+            r.fail(
+                env::KEY_PREFIX.name,
+                "must not contain '{', '}' or control characters",
+            );
+        }
+        let shards = r.count(env::SHARDS, 1, 16_384) as u32;
+        let window = r.duration(env::WINDOW, Duration::from_secs(1));
+        if window.subsec_nanos() != 0 {
+            r.fail(env::WINDOW.name, "must be a whole number of seconds");
+        }
+        let stabilisation_delay = r.duration(env::STABILISATION_DELAY, Duration::ZERO);
+        let delivery = DeliveryConfig::read(r);
+        let queue_capacity = r.count(env::QUEUE_CAPACITY, 1, 10_000_000);
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = r.count_or(env::WORKERS, cpus, 1, 1024);
+        let worker_batch = r.count(env::WORKER_BATCH, 1, 100_000);
+        let commit_linger = r.duration(env::COMMIT_LINGER, Duration::ZERO);
+        if commit_linger > Duration::from_millis(10) {
+            r.fail(env::COMMIT_LINGER.name, "must be at most 10ms");
+        }
+        let ack_mode = r.choice(env::ACK_MODE);
+        let limits = LimitsConfig::read(r);
+        let dedupe_ttl = r.duration(env::DEDUPE_TTL, Duration::from_secs(1));
+        let retry_after = r.duration(env::RETRY_AFTER, Duration::from_secs(1));
+        let shutdown_timeout = r.duration(env::SHUTDOWN_TIMEOUT, Duration::from_millis(100));
+        if limits.request_timeout <= redis.timeout {
+            r.fail(
+                env::REQUEST_TIMEOUT.name,
+                "must be longer than REDIS_TIMEOUT, or durable commits would time out",
+            );
+        }
+        let log_format = r.choice(env::LOG_FORMAT);
+        let security = SecurityConfig::read(r);
+        if !r.problems.is_empty() {
+            return Err(ConfigError {
+                problems: std::mem::take(&mut r.problems),
+            });
+        }
+        Ok(Config {
+            listen_addr,
+            metrics_addr,
+            key_prefix,
+            shards,
+            window,
+            stabilisation_delay,
+            queue_capacity,
+            workers,
+            worker_batch,
+            commit_linger,
+            ack_mode,
+            dedupe_ttl,
+            retry_after,
+            shutdown_timeout,
+            log_format,
+            redis,
+            delivery,
+            limits,
+            security,
+        })
+    }
+
+    /// The window length in whole seconds, as the scripts use it.
+    pub fn window_secs(&self) -> u64 {
+        self.window.as_secs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(c.window, Duration::from_secs(3600));
+        assert_eq!(c.shards, 16);
+        assert_eq!(c.delivery.batch_size, 500);
+        assert_eq!(c.ack_mode, AckMode::Durable);
+        assert_eq!(c.listen_addr.port(), 8070);
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let c =
+            Config::from_map(&map(&[("WINDOW", "2s"), ("STABILISATION_DELAY", "500ms")])).unwrap();
+        assert_eq!(c.window, Duration::from_secs(2));
+        assert_eq!(c.stabilisation_delay, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn every_bad_variable_is_reported_at_once() {
+        let err = Config::from_map(&map(&[
+            ("WINDOW", "60"),
+            ("SHARDS", "zero"),
+            ("ACK_MODE", "sometimes"),
+            ("PROCESSOR_URL", "ftp://x"),
+            ("WINDOW", "1500ms"),
+        ]))
+        .unwrap_err();
+        let vars: Vec<_> = err.problems.iter().map(|(v, _)| v.as_str()).collect();
+        assert!(vars.contains(&"WINDOW"), "{err}");
+        assert!(vars.contains(&"SHARDS"), "{err}");
+        assert!(vars.contains(&"ACK_MODE"), "{err}");
+        assert!(vars.contains(&"PROCESSOR_URL"), "{err}");
+    }
+
+    #[test]
+    fn settings_list_exactly_what_is_read_with_the_real_defaults() {
+        let vars = HashMap::new();
+        let mut r = Reader::new(&vars);
+        let _ = Config::read(&mut r);
+        let read: Vec<String> = r.read.into_inner().into_iter().collect();
+        let mut listed: Vec<String> = SETTINGS.iter().map(|s| s.name.to_string()).collect();
+        listed.sort();
+        assert_eq!(read, listed);
+        // Setting every shown default explicitly changes nothing.
+        let shown: HashMap<String, String> = SETTINGS
+            .iter()
+            .filter(|s| !s.default.is_empty() && !s.default.contains(' '))
+            .map(|s| (s.name.to_string(), s.default.to_string()))
+            .collect();
+        let explicit = Config::from_map(&shown).unwrap();
+        let implicit = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(format!("{explicit:?}"), format!("{implicit:?}"));
+    }
+
+    #[test]
+    fn example_env_lists_every_setting() {
+        let text = include_str!("../../example.env");
+        let mut names: Vec<&str> = text
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim())
+            .filter_map(|l| l.split_once('=').map(|(n, _)| n))
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .filter(|n| *n != "RUST_LOG")
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut listed: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        listed.sort();
+        assert_eq!(names, listed);
+    }
+
+    #[test]
+    fn computed_defaults_report_bad_values_instead_of_panicking() {
+        let err =
+            Config::from_map(&map(&[("WORKERS", "many"), ("RATE_LIMIT_BURST", "x")])).unwrap_err();
+        let vars: Vec<_> = err.problems.iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(vars, ["WORKERS", "RATE_LIMIT_BURST"]);
+    }
+
+    #[test]
+    fn choices_parse_case_insensitively_and_name_the_options() {
+        let c = Config::from_map(&map(&[
+            ("ACK_MODE", "Enqueued"),
+            ("LOG_FORMAT", "JSON"),
+            ("REDIS_COMMIT", "per-shard"),
+        ]))
+        .unwrap();
+        assert_eq!(c.ack_mode, AckMode::Enqueued);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.redis.commit, CommitMode::PerShard);
+        let err = Config::from_map(&map(&[("REDIS_COMMIT", "sometimes")])).unwrap_err();
+        assert!(err.to_string().contains("one-call or per-shard"), "{err}");
+    }
+
+    #[test]
+    fn a_window_without_unit_is_refused() {
+        let err = Config::from_map(&map(&[("WINDOW", "60")])).unwrap_err();
+        assert!(err.to_string().contains("WINDOW"));
+    }
+}
