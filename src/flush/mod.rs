@@ -6,6 +6,7 @@
 //! under per-shard locks. The first pass runs at start-up, so windows a crashed replica left
 //! pending are delivered; failed windows are retried every `DRAIN_INTERVAL`.
 
+mod deliver;
 pub mod drain;
 
 use std::sync::Arc;

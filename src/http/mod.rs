@@ -9,9 +9,9 @@
 //! | `POST /admin/flush`, `GET /admin/pending`, `POST /admin/dead-letters/replay` | operators |
 
 mod admin;
-pub mod error;
+pub(crate) mod error;
 mod serve;
-pub use serve::serve;
+pub(crate) use serve::serve;
 
 mod health;
 mod ingest;
@@ -40,30 +40,30 @@ use crate::pulse::Limits;
 use crate::store::Store;
 
 /// What every handler can reach, behind one `Arc` (extractors clone the state per request).
-pub type AppState = Arc<AppContext>;
+pub(crate) type AppState = Arc<AppContext>;
 
 /// The parts of the service the HTTP layer uses.
-pub struct AppContext {
-    pub cfg: Arc<Config>,
-    pub limits: Arc<Limits>,
-    pub ingest: Ingest,
-    pub store: Store,
-    pub flusher: Arc<Flusher>,
-    pub metrics: Arc<Metrics>,
+pub(crate) struct AppContext {
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) limits: Arc<Limits>,
+    pub(crate) ingest: Ingest,
+    pub(crate) store: Store,
+    pub(crate) flusher: Arc<Flusher>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Cancelled at shutdown; admin drains stop with it.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Set when a long-lived task failed: health checks and ingest answer 503.
-    pub health: Arc<crate::supervise::Health>,
+    pub(crate) health: Arc<crate::supervise::Health>,
     /// API keys, when `API_KEYS_FILE` is set.
-    pub api_keys: Option<Arc<crate::tenancy::ApiKeys>>,
+    pub(crate) api_keys: Option<Arc<crate::tenancy::ApiKeys>>,
     /// Per-tenant rate limits, when `RATE_LIMIT` or overrides are set.
-    pub rate_limits: Option<Arc<crate::tenancy::RateLimits>>,
+    pub(crate) rate_limits: Option<Arc<crate::tenancy::RateLimits>>,
     /// Bounds the rejection records being written at once.
-    pub rejection_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) rejection_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the router.
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let body_limit = state.cfg.limits.max_body_bytes;
     let metrics_here = state.cfg.metrics_addr.is_none();
     // Operator routes: the admin token is checked once, for all of them.
@@ -138,7 +138,7 @@ fn panic_response(
 }
 
 /// The router of the separate metrics listener (`METRICS_ADDR`).
-pub fn metrics_router(state: AppState) -> Router {
+pub(crate) fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(health::metrics))
         .with_state(state)

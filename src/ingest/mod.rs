@@ -121,11 +121,6 @@ impl Ingest {
         }
     }
 
-    /// The acknowledgement mode.
-    pub fn ack_mode(&self) -> AckMode {
-        self.ack
-    }
-
     /// Pulses queued or being committed.
     pub fn depth(&self) -> usize {
         self.capacity - self.permits.available_permits()

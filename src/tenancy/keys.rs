@@ -86,10 +86,6 @@ impl KeySet {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// A key set and the digest of the file text it came from.

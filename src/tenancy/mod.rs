@@ -17,5 +17,5 @@
 pub mod keys;
 pub mod limits;
 
-pub use keys::{ApiKeys, Grant, KeySet};
+pub use keys::{ApiKeys, Grant};
 pub use limits::{Limit, LimitExceeded, RateLimits, parse_overrides};
