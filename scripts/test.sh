@@ -9,7 +9,6 @@ ensure_cmd redis-server redis-server
 ensure_cmd redis-cli redis-tools
 ensure_cmd prometheus prometheus
 ensure_cmd promtool prometheus
-ensure_cmd npm npm
 ensure_cmd faketime faketime
 python3 -c 'import jsonschema, yaml' 2>/dev/null || python3 -m pip install -q jsonschema pyyaml
 # A real browser for the /ui page: Debian's chromium and its driver, Selenium from PyPI.

@@ -95,76 +95,21 @@ pub struct App {
 impl App {
     /// Builds every part and binds `cfg.listen_addr` (port 0 picks a free port).
     pub async fn build(cfg: Config) -> Result<App, AppError> {
-        let metrics = Arc::new(Metrics::new());
-        metrics.window_seconds.set(cfg.window_secs() as i64);
         let store = Store::new(&cfg)?;
         check_redis(&cfg, &store).await?;
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
-        let shutdown = CancellationToken::new();
-        let health = Arc::new(Health::default());
-        let ingest = Ingest::start(
-            &cfg,
-            store.clone(),
-            metrics.clone(),
-            &tracker,
-            &health,
-            &shutdown,
-            hard_stop.clone(),
-        );
-        let flusher = Arc::new(Flusher::new(&cfg, store.clone(), metrics.clone())?);
-        if cfg.delivery.processor_url.is_none() {
-            warn!(
-                "PROCESSOR_URL is not set: windows are sealed and kept in Redis, but not delivered"
-            );
-        }
-        let listener =
-            TcpListener::bind(cfg.listen_addr)
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
                 .await
-                .map_err(|source| AppError::Bind {
-                    addr: cfg.listen_addr,
-                    source,
-                })?;
+                .map_err(|source| AppError::Bind { addr, source })
+        };
+        let listener = bind(cfg.listen_addr).await?;
         let metrics_listener = match cfg.metrics_addr {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| AppError::Bind { addr, source })?,
-            ),
+            Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        let limits = Arc::new(Limits {
-            max_field_len: cfg.limits.max_field_len,
-            max_amount: cfg.limits.max_amount,
-            decimals: cfg.limits.amount_decimals,
-            allowed_units: cfg.limits.allowed_units.clone(),
-        });
-        let api_keys = match &cfg.security.api_keys_file {
-            Some(p) => Some(crate::tenancy::ApiKeys::load(p).map_err(AppError::ApiKeys)?),
-            None => None,
-        };
-        let rate_limits = (cfg.security.rate_limit.is_some()
-            || !cfg.security.rate_limit_overrides.is_empty())
-        .then(|| {
-            Arc::new(crate::tenancy::RateLimits::new(
-                cfg.security.rate_limit,
-                &cfg.security.rate_limit_overrides,
-                cfg.security.rate_limit_replicas,
-            ))
-        });
-        let state: AppState = Arc::new(AppContext {
-            cfg: Arc::new(cfg),
-            limits,
-            ingest,
-            store,
-            flusher,
-            metrics,
-            shutdown,
-            health,
-            api_keys,
-            rate_limits,
-            rejection_slots: Arc::new(tokio::sync::Semaphore::new(64)),
-        });
+        let state = assemble(cfg, store, &tracker, hard_stop.clone())?;
         Ok(App {
             listener,
             metrics_listener,
@@ -329,4 +274,63 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+/// Every part the HTTP layer reaches, with the commit workers started on `tracker`; nothing is
+/// bound and Redis is not asked (the router's tests use it with no Redis at all).
+pub(crate) fn assemble(
+    cfg: Config,
+    store: Store,
+    tracker: &TaskTracker,
+    hard_stop: CancellationToken,
+) -> Result<AppState, AppError> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.window_seconds.set(cfg.window_secs() as i64);
+    let shutdown = CancellationToken::new();
+    let health = Arc::new(Health::default());
+    let ingest = Ingest::start(
+        &cfg,
+        store.clone(),
+        metrics.clone(),
+        tracker,
+        &health,
+        &shutdown,
+        hard_stop,
+    );
+    let flusher = Arc::new(Flusher::new(&cfg, store.clone(), metrics.clone())?);
+    if cfg.delivery.processor_url.is_none() {
+        warn!("PROCESSOR_URL is not set: windows are sealed and kept in Redis, but not delivered");
+    }
+    let limits = Arc::new(Limits {
+        max_field_len: cfg.limits.max_field_len,
+        max_amount: cfg.limits.max_amount,
+        decimals: cfg.limits.amount_decimals,
+        allowed_units: cfg.limits.allowed_units.clone(),
+    });
+    let api_keys = match &cfg.security.api_keys_file {
+        Some(p) => Some(crate::tenancy::ApiKeys::load(p).map_err(AppError::ApiKeys)?),
+        None => None,
+    };
+    let security = &cfg.security;
+    let rate_limits = (security.rate_limit.is_some() || !security.rate_limit_overrides.is_empty())
+        .then(|| {
+            Arc::new(crate::tenancy::RateLimits::new(
+                security.rate_limit,
+                &security.rate_limit_overrides,
+                security.rate_limit_replicas,
+            ))
+        });
+    Ok(Arc::new(AppContext {
+        cfg: Arc::new(cfg),
+        limits,
+        ingest,
+        store,
+        flusher,
+        metrics,
+        shutdown,
+        health,
+        api_keys,
+        rate_limits,
+        rejection_slots: Arc::new(tokio::sync::Semaphore::new(64)),
+    }))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use pulse_producer::ledger::{Ledger, compare};
 use pulse_producer::load::{LoadConfig, Mode, run};
-use pulse_producer::processor::Totals;
+use pulse_producer::processor::{KeyTotal, Totals};
 use pulse_producer::traffic::{Amounts, Skew, Traffic};
 
 #[derive(Parser)]
@@ -27,7 +27,8 @@ struct Cli {
 enum Cmd {
     /// Send pulses (the default).
     Run(RunArgs),
-    /// Compare a ledger with the reference Processor's totals; exit 1 with a diff if they differ.
+    /// Compare a ledger with the reference Processor's totals — or, with `--ingestor`, with what
+    /// the service holds (its live usage API); exit 1 with a diff if they differ.
     Verify {
         #[arg(long, num_args = 1.., required = true)]
         ledger: Vec<PathBuf>,
@@ -38,6 +39,16 @@ enum Cmd {
             default_value = "http://127.0.0.1:8090"
         )]
         processor: String,
+        /// Compare with an ingestor's `GET /v1/usage` of every tenant in the ledger instead:
+        /// what is not delivered yet (live, sealed and dead-lettered windows), exactly.
+        #[arg(long, conflicts_with = "processor")]
+        ingestor: Option<String>,
+        /// `ADMIN_TOKEN` of that ingestor, when API keys are on.
+        #[arg(long, env = "ADMIN_TOKEN", requires = "ingestor")]
+        admin_token: Option<String>,
+        /// Or a trusted (`*`) API key of it.
+        #[arg(long, requires = "ingestor")]
+        api_key: Option<String>,
     },
 }
 
@@ -120,7 +131,16 @@ async fn main() -> ExitCode {
     // reqwest is built without a default crypto provider (see the workspace Cargo.toml).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.cmd {
-        Some(Cmd::Verify { ledger, processor }) => verify(&ledger, &processor).await,
+        Some(Cmd::Verify {
+            ledger,
+            ingestor: Some(url),
+            admin_token,
+            api_key,
+            ..
+        }) => verify_usage(&ledger, &url, admin_token.as_deref(), api_key.as_deref()).await,
+        Some(Cmd::Verify {
+            ledger, processor, ..
+        }) => verify(&ledger, &processor).await,
         Some(Cmd::Run(a)) => load(a).await,
         None => load(cli.run).await,
     };
@@ -180,11 +200,107 @@ async fn load(a: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode> {
+fn merged(ledgers: &[PathBuf]) -> anyhow::Result<Ledger> {
     let mut expected = Ledger::default();
     for p in ledgers {
         expected.merge(&Ledger::load(p)?);
     }
+    Ok(expected)
+}
+
+/// The ledger against an ingestor's live usage: every tenant's windows summed per key (what is
+/// still to deliver plus what was dead-lettered), so it holds while nothing has been delivered.
+async fn verify_usage(
+    ledgers: &[PathBuf],
+    ingestor: &str,
+    admin_token: Option<&str>,
+    api_key: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use futures::StreamExt;
+    let expected = merged(ledgers)?.totals();
+    let mut tenants: Vec<&str> = expected.iter().map(|k| k.tenant_id.as_str()).collect();
+    tenants.dedup();
+    let client = reqwest::Client::new();
+    let base = ingestor.trim_end_matches('/');
+    let replies: Vec<anyhow::Result<Vec<KeyTotal>>> = futures::stream::iter(tenants)
+        .map(|t| {
+            let url =
+                reqwest::Url::parse_with_params(&format!("{base}/v1/usage"), [("tenant_id", t)]);
+            let client = client.clone();
+            async move {
+                let mut req = client.get(url?);
+                if let Some(token) = admin_token {
+                    req = req.bearer_auth(token);
+                }
+                if let Some(key) = api_key {
+                    req = req.header("x-api-key", key);
+                }
+                usage_totals(t, req.send().await?.error_for_status()?.json().await?)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut found = Vec::new();
+    for r in replies {
+        found.extend(r?);
+    }
+    found.sort_by(|a, b| {
+        (&a.tenant_id, &a.product_sku, &a.use_unit).cmp(&(
+            &b.tenant_id,
+            &b.product_sku,
+            &b.use_unit,
+        ))
+    });
+    let diff = compare(&expected, &found);
+    print!("{diff}");
+    println!("ingestor: {} keys of {} tenants", found.len(), {
+        let mut t: Vec<_> = found.iter().map(|k| &k.tenant_id).collect();
+        t.dedup();
+        t.len()
+    });
+    Ok(if diff.balanced() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One tenant's `GET /v1/usage` answer summed per key over its windows.
+fn usage_totals(tenant: &str, usage: serde_json::Value) -> anyhow::Result<Vec<KeyTotal>> {
+    use pulse_producer::money::{Dec, parse};
+    let mut sums: std::collections::BTreeMap<(String, String), Dec> = Default::default();
+    let windows = usage["windows"].as_array().cloned().unwrap_or_default();
+    for w in windows {
+        for k in w["usage"].as_array().cloned().unwrap_or_default() {
+            let text = |f: &str| k[f].as_str().map(str::to_string);
+            let amount = text("used_amount_text")
+                .and_then(|t| parse(&t))
+                .ok_or_else(|| anyhow::anyhow!("usage of {tenant:?}: no exact amount in {k}"))?;
+            let dead = text("dead_lettered_text")
+                .map(|t| parse(&t).ok_or_else(|| anyhow::anyhow!("bad dead_lettered_text in {k}")))
+                .transpose()?
+                .unwrap_or_default();
+            let key = (
+                text("product_sku").unwrap_or_default(),
+                text("use_unit").unwrap_or_default(),
+            );
+            *sums.entry(key).or_default() += amount + dead;
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .map(|((product_sku, use_unit), used_amount)| KeyTotal {
+            tenant_id: tenant.to_string(),
+            product_sku,
+            use_unit,
+            used_amount,
+        })
+        .collect())
+}
+
+async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode> {
+    let expected = merged(ledgers)?;
     let totals: Totals = reqwest::get(format!("{}/totals", processor.trim_end_matches('/')))
         .await?
         .error_for_status()?

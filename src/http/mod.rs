@@ -213,3 +213,6 @@ fn note_rejection(state: &AppState, r: error::Rejection) {
         drop(permit);
     });
 }
+
+#[cfg(test)]
+mod tests;

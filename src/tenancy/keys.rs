@@ -221,4 +221,30 @@ mod tests {
         );
         assert!(keys.get().lookup("new-key").is_some());
     }
+
+    /// The poll is a timer: with tokio's clock paused, the two seconds pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn the_watcher_applies_a_rewrite_at_its_next_poll_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{} t-1\n", hash("old-key"))).unwrap();
+        let keys = ApiKeys::load(&path).unwrap();
+        let stop = CancellationToken::new();
+        let watcher = tokio::spawn(keys.clone().watch(stop.clone()));
+        tokio::task::yield_now().await;
+        std::fs::write(&path, format!("{} t-1\n", hash("new-key"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(1_900)).await;
+        assert!(keys.get().lookup("old-key").is_some(), "no poll yet");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            keys.get().lookup("old-key").is_none(),
+            "revoked at the poll"
+        );
+        assert!(keys.get().lookup("new-key").is_some());
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), watcher)
+            .await
+            .expect("the watcher ends with the shutdown")
+            .unwrap();
+    }
 }

@@ -1,11 +1,9 @@
 //! Tenant protection against real Redis and real HTTP: API keys bound to tenants, key file
 //! reloads, per-tenant rate limits (single replica and shared by two), and keys kept out of logs.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 

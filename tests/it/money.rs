@@ -3,12 +3,10 @@
 //! integer limbs, sealing, delivery, dead letters and replay, and from windows the float
 //! release left behind.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use pulse_producer::processor::{Faults, Record};
 use rand::{Rng, SeedableRng};
 
@@ -61,25 +59,17 @@ async fn send_many(
 }
 
 async fn flush_until_delivered(
-    c: &reqwest::Client,
     base: &str,
     p: &pulse_producer::processor::Processor,
     tenants: &[&str],
 ) {
     let ok = eventually(Duration::from_secs(30), || async {
-        let _ = c.post(format!("{base}/admin/flush")).send().await;
+        flush_now(base).await;
         let recs = p.records();
         tenants
             .iter()
             .all(|t| recs.iter().any(|r| r.tenant_id == *t))
-            && c.get(format!("{base}/admin/pending"))
-                .send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()["pending_records"]
-                == 0
+            && pending(base).await["pending_records"] == 0
     })
     .await;
     assert!(ok, "not delivered");
@@ -147,7 +137,6 @@ async fn the_processor_receives_exact_decimal_sums() {
     );
 
     flush_until_delivered(
-        &c,
         &base,
         &p,
         &["tenths", "mixed", "long", "carry", "forms", "huge"],
@@ -299,7 +288,7 @@ async fn dead_letters_and_their_replay_stay_exact() {
     .await;
     assert_eq!(s, 202);
     let ok = eventually(Duration::from_secs(20), || async {
-        let _ = c.post(format!("{}/admin/flush", app.base)).send().await;
+        app.flush_now().await;
         let dl: serde_json::Value = c
             .get(format!("{}/admin/dead-letters", app.base))
             .send()
@@ -338,7 +327,7 @@ async fn dead_letters_and_their_replay_stay_exact() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    flush_until_delivered(&c, &app.base, &p, &["bad"]).await;
+    flush_until_delivered(&app.base, &p, &["bad"]).await;
     assert_eq!(total_of(&p.records(), "bad"), "123457089.123456789");
     app.stop().await.unwrap();
 }
@@ -368,8 +357,7 @@ async fn a_window_sealed_by_the_float_release_is_delivered_as_redis_holds_it() {
         ],
     ))
     .await;
-    let c = http();
-    flush_until_delivered(&c, &app.base, &p, &["legacy"]).await;
+    flush_until_delivered(&app.base, &p, &["legacy"]).await;
     let recs = p.records();
     let kb = recs.iter().find(|r| r.use_unit == "KB").unwrap();
     assert_eq!(

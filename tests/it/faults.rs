@@ -5,12 +5,10 @@
 //! windows, and ends with `pulse-producer verify`: nothing missing, nothing extra, nothing
 //! counted twice. The 10-minute soak runs only with `SOAK=1`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use pulse_producer::processor::Faults;
 
 const WINDOW: u64 = 2;
@@ -69,19 +67,6 @@ async fn delivered(redis: &RedisServer, base: &str, timeout: Duration) {
     let window_of =
         |s: u32| redis.cmd::<Option<u64>>(&["GET", &format!("{{pulses:{s}}}:x:window")]);
     wait_all_delivered(now, WINDOW, SHARDS, window_of, base, timeout).await;
-}
-
-async fn verify(ledger: &std::path::Path, processor: &str) {
-    let (code, out) = producer(&[
-        "verify",
-        "--ledger",
-        ledger.to_str().unwrap(),
-        "--processor",
-        processor,
-    ])
-    .await;
-    assert_eq!(code, 0, "books must balance:\n{out}");
-    assert!(out.contains("books balance"), "{out}");
 }
 
 /// Starts the producer in the background against the given replicas; it retries a request
@@ -164,7 +149,7 @@ async fn kill9_of_a_replica(backend: Backend) {
         "requests to the killed replica were retried on the other: {out}"
     );
     backend.delivered(&b.base, Duration::from_secs(30)).await;
-    verify(&ledger, &purl).await;
+    assert_verified(&ledger, &purl, "after the fault").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,21 +188,14 @@ async fn kill9_during_the_stabilisation_delay_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pending: serde_json::Value = http()
-        .get(format!("{}/admin/pending", b.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pending = pending(&b.base).await;
     assert!(
         pending["pending_windows"].as_u64().unwrap() > 0,
         "killed while windows wait: {pending}"
     );
     a.signal("KILL");
     delivered(&redis, &b.base, Duration::from_secs(30)).await;
-    verify(&ledger, &purl).await;
+    assert_verified(&ledger, &purl, "after the fault").await;
 }
 
 async fn redis_restart(fsync: &str, crash: bool) {
@@ -359,7 +337,7 @@ async fn redis_unreachable_during_load_sheds_boundedly_and_recovers() {
         "clients saw 503s during the outage and retried: {out}"
     );
     delivered(&redis, &a.base, Duration::from_secs(30)).await;
-    verify(&ledger, &purl).await;
+    assert_verified(&ledger, &purl, "after the fault").await;
 }
 
 async fn processor_fault(faults: Faults, extra: &[(&str, &str)], reason: &str) {
@@ -389,7 +367,7 @@ async fn processor_fault(faults: Faults, extra: &[(&str, &str)], reason: &str) {
     // Then the Processor heals; everything still arrives, once.
     p.set_faults(Faults::default());
     delivered(&redis, &a.base, Duration::from_secs(40)).await;
-    verify(&ledger, &purl).await;
+    assert_verified(&ledger, &purl, "after the fault").await;
     let series = format!("ingestor_delivery_failures_total{{reason=\"{reason}\"}}");
     let failures = metric(&http(), &a.base, &series).await.unwrap_or(0.0);
     assert!(failures > 0.0, "the fault was seen as {reason}");
@@ -582,7 +560,7 @@ async fn rolling_restart(backend: Backend) {
         "requests refused by a restarting replica were retried: {out}"
     );
     backend.delivered(&a.base, Duration::from_secs(30)).await;
-    verify(&ledger, &purl).await;
+    assert_verified(&ledger, &purl, "after the fault").await;
 }
 
 /// `SOAK=1`: ten minutes at a steady rate with 30-second windows. Prints the slopes of RSS,
@@ -651,7 +629,7 @@ async fn soak() {
     let (code, out) = load.await.unwrap();
     assert_eq!(code, 0, "{out}");
     delivered(&redis, &a.base, Duration::from_secs(90)).await;
-    verify(&ledger, &purl).await;
+    assert_verified(&ledger, &purl, "after the fault").await;
     // Slopes over the second half (after warm-up and the dedupe TTL's fill), per minute.
     let half: Vec<_> = samples[samples.len() / 2..].to_vec();
     let slope = |f: fn(&(f64, f64, f64, f64)) -> f64| {

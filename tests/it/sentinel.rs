@@ -2,12 +2,10 @@
 //! the master is killed (`kill -9`) under load and the service finds the promoted replica by
 //! itself, with no restart.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use pulse_producer::processor::Faults;
 
 struct Sentinel {
@@ -173,16 +171,7 @@ async fn failover(wait: bool) {
     );
     if wait {
         // Every acknowledged pulse reaches the Processor: nothing lost, nothing doubled.
-        let verify = || async {
-            producer(&[
-                "verify",
-                "--ledger",
-                ledger.to_str().unwrap(),
-                "--processor",
-                &purl,
-            ])
-            .await
-        };
+        let verify = || async { verify(&ledger, &purl).await };
         let ok = eventually(Duration::from_secs(90), || async { verify().await.0 == 0 }).await;
         let pending = http()
             .get(format!("{}/admin/pending", a.base))
@@ -203,19 +192,7 @@ async fn failover(wait: bool) {
         let acked = pulse_producer::ledger::Ledger::load(&ledger)
             .unwrap()
             .totals();
-        let settled = eventually(Duration::from_secs(60), || async {
-            http()
-                .get(format!("{}/admin/pending", a.base))
-                .send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()["pending_windows"]
-                == 0
-        })
-        .await;
-        assert!(settled, "every window delivered");
+        wait_delivered(&a.base, Duration::from_secs(60)).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let found: std::collections::BTreeMap<_, _> = p
             .totals()

@@ -1,13 +1,11 @@
 //! The ingest core against a real redis-server: exact totals, dedupe, key encoding, window
 //! boundaries, bad input, overload and shutdown.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use rand::Rng;
 use serde_json::json;
@@ -16,9 +14,7 @@ const PREFIX: &str = "pulses";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_pulses_over_three_thousand_tenants_sum_exactly() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(&redis, &[])).await;
-    let c = http();
+    let app = TestApp::start(&[]).await;
     let mut rng = rand::rng();
     let pulses: Vec<(String, String, String, f64)> = (0..10_000)
         .map(|i| {
@@ -28,12 +24,9 @@ async fn ten_thousand_pulses_over_three_thousand_tenants_sum_exactly() {
             (t, s, u, f64::from(rng.random_range(1u32..100_000)) / 100.0)
         })
         .collect();
-    let url = format!("{}/ingest", app.base);
+    let app_ref = &app;
     let statuses: Vec<u16> = futures::stream::iter(pulses.iter().cloned())
-        .map(|(t, s, u, a)| {
-            let (c, url) = (c.clone(), url.clone());
-            async move { post(&c, &url, &pulse(&t, &s, &u, a)).await.0 }
-        })
+        .map(|(t, s, u, a)| async move { app_ref.post_pulse(&pulse(&t, &s, &u, a)).await.0 })
         .buffer_unordered(64)
         .collect()
         .await;
@@ -47,14 +40,13 @@ async fn ten_thousand_pulses_over_three_thousand_tenants_sum_exactly() {
             .entry((t.clone(), s.clone(), u.clone()))
             .or_default() += dec(*a);
     }
-    assert_books(&expected, &redis.totals(PREFIX));
+    app.assert_books(PREFIX, &expected);
     app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_pulse_id_sent_five_times_concurrently_counts_once() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(&redis, &[])).await;
+    let app = TestApp::start(&[]).await;
     let c = http();
     let mut body = pulse("t-1", "SKU-1", "KB", 10.0);
     body["pulse_id"] = json!("p-1");
@@ -85,7 +77,7 @@ async fn one_pulse_id_sent_five_times_concurrently_counts_once() {
             .unwrap();
         assert_eq!(r.status(), 202);
     }
-    let totals = redis.totals(PREFIX);
+    let totals = app.redis().totals(PREFIX);
     assert_eq!(
         totals[&("t-1".into(), "SKU-1".into(), "KB".into())],
         dec(10.0)
@@ -103,27 +95,24 @@ async fn one_pulse_id_sent_five_times_concurrently_counts_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_a_redis_error_counts_once() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(&redis, &[])).await;
-    let c = http();
-    let url = format!("{}/ingest", app.base);
+    let app = TestApp::start(&[]).await;
     let mut body = pulse("t-1", "SKU-1", "KB", 7.25);
     body["pulse_id"] = json!("retry-1");
     // Redis refuses writes (out of memory): the first attempt fails cleanly.
-    let _: () = redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
-    let (status, headers, reply) = post(&c, &url, &body).await;
+    let _: () = app.redis().cmd(&["CONFIG", "SET", "maxmemory", "1"]);
+    let (status, headers, reply) = app.post_pulse(&body).await;
     assert_eq!(status, 503, "{reply}");
     assert!(headers.contains_key("retry-after"));
     assert!(
-        redis.totals(PREFIX).is_empty(),
+        app.redis().totals(PREFIX).is_empty(),
         "nothing was counted by the failed attempt"
     );
-    let _: () = redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    let _: () = app.redis().cmd(&["CONFIG", "SET", "maxmemory", "0"]);
     // The client retries, twice even: counted once.
-    assert_eq!(post(&c, &url, &body).await.2["accepted"], 1);
-    assert_eq!(post(&c, &url, &body).await.2["duplicates"], 1);
+    assert_eq!(app.post_pulse(&body).await.2["accepted"], 1);
+    assert_eq!(app.post_pulse(&body).await.2["duplicates"], 1);
     assert_eq!(
-        redis.totals(PREFIX)[&("t-1".into(), "SKU-1".into(), "KB".into())],
+        app.redis().totals(PREFIX)[&("t-1".into(), "SKU-1".into(), "KB".into())],
         dec(7.25)
     );
     app.stop().await.unwrap();
@@ -131,10 +120,7 @@ async fn a_retry_after_a_redis_error_counts_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_utf8_names_round_trip_and_naive_joins_do_not_collide() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(&redis, &[])).await;
-    let c = http();
-    let url = format!("{}/ingest", app.base);
+    let app = TestApp::start(&[]).await;
     let names = [
         ("a:b", "c", "d", 1.0),
         ("a", "b:c", "d", 2.0),
@@ -145,21 +131,20 @@ async fn any_utf8_names_round_trip_and_naive_joins_do_not_collide() {
         ("{pulses:0}", "}{", "\\", 64.0),
     ];
     for (t, s, u, a) in names {
-        assert_eq!(post(&c, &url, &pulse(t, s, u, a)).await.0, 202);
+        assert_eq!(app.post_pulse(&pulse(t, s, u, a)).await.0, 202);
     }
     let expected: BTreeMap<Key, Dec> = names
         .iter()
         .map(|(t, s, u, a)| ((t.to_string(), s.to_string(), u.to_string()), dec(*a)))
         .collect();
-    assert_books(&expected, &redis.totals(PREFIX));
+    app.assert_books(PREFIX, &expected);
     app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_boundary_during_load_puts_each_pulse_in_exactly_one_window() {
-    let redis = RedisServer::start();
     // The scheduler is far away from the boundary logic here: writes seal by themselves.
-    let app = TestApp::spawn(settings(&redis, &[("WINDOW", "2s")])).await;
+    let app = TestApp::start(&[("WINDOW", "2s")]).await;
     let c = http();
     let url = format!("{}/ingest", app.base);
     let started = Instant::now();
@@ -182,7 +167,7 @@ async fn a_window_boundary_during_load_puts_each_pulse_in_exactly_one_window() {
     for t in tasks {
         t.await.unwrap();
     }
-    let windows = redis.window_sums(PREFIX);
+    let windows = app.redis().window_sums(PREFIX);
     let sealed = windows.keys().filter(|k| *k != "current").count();
     assert!(sealed >= 2, "at least two boundaries passed: {windows:?}");
     let total: Dec = windows.values().sum();
@@ -196,15 +181,11 @@ async fn a_window_boundary_during_load_puts_each_pulse_in_exactly_one_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_status_and_names_the_field() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(
-        &redis,
-        &[
-            ("MAX_BODY_BYTES", "2048"),
-            ("ALLOWED_UNITS", "KB,MB"),
-            ("MAX_AMOUNT", "1000"),
-        ],
-    ))
+    let app = TestApp::start(&[
+        ("MAX_BODY_BYTES", "2048"),
+        ("ALLOWED_UNITS", "KB,MB"),
+        ("MAX_AMOUNT", "1000"),
+    ])
     .await;
     let c = http();
     let one = format!("{}/ingest", app.base);
@@ -348,29 +329,25 @@ async fn bad_input_gets_its_status_and_names_the_field() {
         .unwrap();
     assert_eq!(r.status(), 413);
     // Nothing bad was counted; the service still answers.
-    assert!(redis.totals(PREFIX).is_empty());
+    assert!(app.redis().totals(PREFIX).is_empty());
     assert_eq!(post(&c, &one, &pulse("t", "s", "KB", 1.0)).await.0, 202);
     app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_with_retry_after() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(
-        &redis,
-        &[
-            ("QUEUE_CAPACITY", "4"),
-            ("WORKERS", "1"),
-            ("WORKER_BATCH", "1"),
-            ("REDIS_TIMEOUT", "5s"),
-        ],
-    ))
+    let app = TestApp::start(&[
+        ("QUEUE_CAPACITY", "4"),
+        ("WORKERS", "1"),
+        ("WORKER_BATCH", "1"),
+        ("REDIS_TIMEOUT", "5s"),
+    ])
     .await;
     let c = http();
     let url = format!("{}/ingest", app.base);
     assert_eq!(post(&c, &url, &pulse("warm", "s", "KB", 1.0)).await.0, 202);
     // Redis stops answering for 1.5 s; the worker waits, the queue fills.
-    let _: () = redis.cmd(&["CLIENT", "PAUSE", "1500", "ALL"]);
+    let _: () = app.redis().cmd(&["CLIENT", "PAUSE", "1500", "ALL"]);
     let bodies: Vec<_> = (0..20)
         .map(|i| pulse(&format!("t-{i}"), "s", "KB", 1.0))
         .collect();
@@ -389,15 +366,14 @@ async fn a_full_queue_answers_503_with_retry_after() {
         assert!(body["error"].as_str().unwrap().contains("queue is full"));
     }
     // Exactly the acknowledged pulses are in Redis.
-    let totals = redis.totals(PREFIX);
+    let totals = app.redis().totals(PREFIX);
     assert_eq!(totals.len(), ok + 1);
     app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_accept_json_arrays_and_ndjson() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(&redis, &[])).await;
+    let app = TestApp::start(&[]).await;
     let c = http();
     let url = format!("{}/ingest/batch", app.base);
     let arr = json!([
@@ -432,7 +408,7 @@ async fn batches_accept_json_arrays_and_ndjson() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let totals = redis.totals(PREFIX);
+    let totals = app.redis().totals(PREFIX);
     assert_eq!(totals[&("t".into(), "s".into(), "KB".into())], dec(5.0));
     assert_eq!(totals[&("u".into(), "s".into(), "KB".into())], dec(1.0));
     assert_eq!(totals[&("v".into(), "s".into(), "KB".into())], dec(2.0));
@@ -441,20 +417,13 @@ async fn batches_accept_json_arrays_and_ndjson() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueued_mode_answers_before_the_write_and_keeps_the_totals() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(
-        &redis,
-        &[("ACK_MODE", "enqueued"), ("REDIS_TIMEOUT", "5s")],
-    ))
-    .await;
-    let c = http();
-    let url = format!("{}/ingest", app.base);
-    let _: () = redis.cmd(&["CLIENT", "PAUSE", "1000", "ALL"]);
+    let app = TestApp::start(&[("ACK_MODE", "enqueued"), ("REDIS_TIMEOUT", "5s")]).await;
+    let _: () = app.redis().cmd(&["CLIENT", "PAUSE", "1000", "ALL"]);
     let started = Instant::now();
     let mut sent = Dec::default();
     for i in 0..50 {
         let a = f64::from(i) + 0.5;
-        let (s, _, body) = post(&c, &url, &pulse("t", "s", "KB", a)).await;
+        let (s, _, body) = app.post_pulse(&pulse("t", "s", "KB", a)).await;
         assert_eq!(s, 202);
         assert_eq!(body["status"], "queued");
         sent += dec(a);
@@ -465,7 +434,7 @@ async fn enqueued_mode_answers_before_the_write_and_keeps_the_totals() {
     );
     let key: Key = ("t".into(), "s".into(), "KB".into());
     let ok = eventually(Duration::from_secs(5), || {
-        let v = redis.totals(PREFIX).get(&key).cloned();
+        let v = app.redis().totals(PREFIX).get(&key).cloned();
         let sent = sent.clone();
         async move { v == Some(sent) }
     })
@@ -473,7 +442,7 @@ async fn enqueued_mode_answers_before_the_write_and_keeps_the_totals() {
     assert!(
         ok,
         "the queue is committed after the answers: {:?}",
-        redis.totals(PREFIX).get(&key)
+        app.redis().totals(PREFIX).get(&key)
     );
     app.stop().await.unwrap();
 }
@@ -528,15 +497,11 @@ async fn sigterm_during_load_keeps_every_acknowledged_pulse_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_by_timeouts_and_connections_are_capped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(
-        &redis,
-        &[
-            ("HEADER_READ_TIMEOUT", "500ms"),
-            ("REQUEST_TIMEOUT", "2500ms"),
-            ("MAX_CONNECTIONS", "3"),
-        ],
-    ))
+    let app = TestApp::start(&[
+        ("HEADER_READ_TIMEOUT", "500ms"),
+        ("REQUEST_TIMEOUT", "2500ms"),
+        ("MAX_CONNECTIONS", "3"),
+    ])
     .await;
     // Slow-loris: headers that never finish are cut after the header timeout.
     let mut loris = tokio::net::TcpStream::connect(app.addr).await.unwrap();

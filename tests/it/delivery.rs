@@ -1,13 +1,11 @@
 //! Seal and delivery against real redis-server, real replica processes and the reference
 //! Processor: books per key and per window, outages, a killed lock holder, dead letters.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use pulse_ingestor::app::App;
 use pulse_ingestor::config::Config;
 use pulse_ingestor::store::Store;
@@ -53,19 +51,6 @@ async fn load(bases: Vec<String>, dur: Duration, workers: usize, tenants: usize)
     books
 }
 
-fn by_key(records: &[Record]) -> BTreeMap<Key, Dec> {
-    let mut m = BTreeMap::new();
-    for r in records {
-        *m.entry((
-            r.tenant_id.clone(),
-            r.product_sku.clone(),
-            r.use_unit.clone(),
-        ))
-        .or_default() += &r.used_amount;
-    }
-    m
-}
-
 fn by_window(records: &[Record]) -> BTreeMap<u64, Dec> {
     let mut m = BTreeMap::new();
     for r in records {
@@ -91,16 +76,6 @@ fn assert_windows(expected: &BTreeMap<u64, Dec>, found: &BTreeMap<u64, Dec>) {
     }
 }
 
-async fn pending_records(c: &reqwest::Client, base: &str) -> serde_json::Value {
-    c.get(format!("{base}/admin/pending"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Waits until every shard has moved past the window starting at `start`, that is until that
 /// window is sealed everywhere (by a scheduler tick or a write).
 async fn wait_sealed(redis: &RedisServer, shards: u32, start: u64) {
@@ -112,20 +87,6 @@ async fn wait_sealed(redis: &RedisServer, shards: u32, start: u64) {
     })
     .await;
     assert!(ok, "window {start} was not sealed on every shard");
-}
-
-/// Waits until no window is pending (every window delivered or dead-lettered).
-async fn wait_delivered(c: &reqwest::Client, base: &str, timeout: Duration) {
-    let ok = eventually(timeout, || async {
-        let p = pending_records(c, base).await;
-        p["pending_windows"] == 0
-    })
-    .await;
-    assert!(
-        ok,
-        "windows still pending: {}",
-        pending_records(c, base).await
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,10 +111,9 @@ async fn two_replicas_deliver_every_window_once_and_the_books_balance() {
         500,
     )
     .await;
-    let c = http();
     let (keys, windows) = books.lock().unwrap().clone();
     wait_sealed(&redis, 8, *windows.keys().last().unwrap()).await;
-    wait_delivered(&c, &a.base, Duration::from_secs(20)).await;
+    wait_delivered(&a.base, Duration::from_secs(20)).await;
     assert!(
         windows.len() >= 2,
         "load spanned at least two windows: {windows:?}"
@@ -203,7 +163,6 @@ async fn processor_outage(on_cluster: bool) {
     let app = TestApp::spawn(vars).await;
     // Three or more windows while nothing listens at the Processor's address.
     let books = load(vec![app.base.clone()], Duration::from_millis(3500), 8, 50).await;
-    let c = http();
     let last = *books.lock().unwrap().1.keys().last().unwrap();
     match &cluster {
         None => wait_sealed(&redis, 8, last).await,
@@ -218,7 +177,7 @@ async fn processor_outage(on_cluster: bool) {
             assert!(ok, "window {last} was not sealed on every shard");
         }
     }
-    let p = pending_records(&c, &app.base).await;
+    let p = pending(&app.base).await;
     assert!(
         p["pending_windows"].as_u64().unwrap() >= 3,
         "windows wait for the Processor: {p}"
@@ -235,7 +194,7 @@ async fn processor_outage(on_cluster: bool) {
     pulse_producer::processor::spawn(proc_.clone(), format!("127.0.0.1:{port}").parse().unwrap())
         .await
         .unwrap();
-    wait_delivered(&c, &app.base, Duration::from_secs(30)).await;
+    app.wait_delivered(Duration::from_secs(30)).await;
     let (keys, windows) = books.lock().unwrap().clone();
     assert!(windows.len() >= 3, "{windows:?}");
     let records = proc_.records();
@@ -326,7 +285,7 @@ async fn killing_the_lock_holder_mid_drain_lets_the_other_replica_finish() {
         delivered_before < 10_000,
         "killed mid-drain ({delivered_before} delivered)"
     );
-    wait_delivered(&c, &survivor.base, Duration::from_secs(60)).await;
+    wait_delivered(&survivor.base, Duration::from_secs(60)).await;
     let records = proc_.records();
     assert_books(&expected, &by_key(&records));
     let t = proc_.totals();

@@ -1,12 +1,10 @@
 //! Live usage (`GET /v1/usage`): exact, live, per window, by key, and at a cost that does not
 //! grow with other tenants' data.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use pulse_producer::processor::Faults;
 
 async fn usage(

@@ -2,11 +2,9 @@
 //! and delivered to the reference Processor, and `verify` — which passes when the books balance
 //! and names what is missing, extra or off when they do not.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use pulse_producer::processor::Faults;
 use serde_json::json;
 
@@ -51,15 +49,7 @@ async fn verify_passes_when_the_books_balance_and_names_every_difference() {
     let c = http();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ok = eventually(Duration::from_secs(20), || async {
-        let p: serde_json::Value = c
-            .get(format!("{}/admin/pending", a.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        p["pending_windows"] == 0
+        pending(&a.base).await["pending_windows"] == 0
             && producer(&["verify", "--ledger", ledger_s, "--processor", &purl])
                 .await
                 .0
@@ -121,4 +111,59 @@ async fn verify_passes_when_the_books_balance_and_names_every_difference() {
         out.contains(&format!("off     {}", name(&off))),
         "names the key that is off: {out}"
     );
+}
+
+/// `verify --ingestor` checks the books against what the service still holds (its live usage
+/// API), before anything is delivered — how the benchmarks check them without reading Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_against_the_live_usage_api_balances_and_sees_a_pulse_nobody_recorded() {
+    let app = TestApp::start(&[("SHARDS", "4"), ("WINDOW", "2s")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.json");
+    let ledger_s = ledger.to_str().unwrap();
+    let (code, out) = producer(&[
+        "--url",
+        &app.base,
+        "--mode",
+        "max",
+        "--count",
+        "1500",
+        "--tenants",
+        "50",
+        "--amounts",
+        "fine",
+        "--ledger",
+        ledger_s,
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    // Some windows are sealed by now (2 s each) and none delivered (no Processor): all count.
+    let args = ["verify", "--ledger", ledger_s, "--ingestor", &app.base];
+    let verify_usage = || producer(&args);
+    let (code, out) = verify_usage().await;
+    assert_eq!(code, 0, "books balance against the live usage: {out}");
+    assert!(out.contains("books balance"), "{out}");
+    // A pulse the ledger never saw, for a tenant it knows.
+    let l: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ledger).unwrap()).unwrap();
+    let t = &l["totals"][0];
+    let body = pulse_text(
+        t["tenant_id"].as_str().unwrap(),
+        t["product_sku"].as_str().unwrap(),
+        t["use_unit"].as_str().unwrap(),
+        "0.000000001",
+    );
+    let r = app
+        .client
+        .post(format!("{}/ingest", app.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let (code, out) = verify_usage().await;
+    assert_eq!(code, 1, "a nanounit off is off: {out}");
+    assert!(out.contains("off     "), "{out}");
+    app.stop().await.unwrap();
 }

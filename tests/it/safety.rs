@@ -1,37 +1,14 @@
 //! Money-safety: paths that once deleted, lost or double-counted money, each pinned by a test
 //! that failed before its fix (RELIABILITY.md, "found and fixed").
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::*;
 use axum::routing::get;
-use common::*;
 use pulse_ingestor::config::Config;
 use pulse_ingestor::store::{Store, WriteItem};
 use pulse_producer::processor::Faults;
-
-async fn pending(c: &reqwest::Client, base: &str) -> serde_json::Value {
-    c.get(format!("{base}/admin/pending"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// Seals what is there and tries to deliver it now.
-async fn flush(c: &reqwest::Client, base: &str) -> serde_json::Value {
-    c.post(format!("{base}/admin/flush"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap_or_default()
-}
 
 /// Sends pulses to tenants `t-0..n` and waits for their window to end.
 async fn ingest_and_wait_for_the_window(
@@ -82,8 +59,8 @@ async fn a_redirecting_processor_never_deletes_a_window() {
     .await;
     let c = http();
     let expected = ingest_and_wait_for_the_window(&c, &app.base, 20).await;
-    flush(&c, &app.base).await;
-    let p = pending(&c, &app.base).await;
+    app.flush_now().await;
+    let p = pending(&app.base).await;
     assert_eq!(p["pending_records"], 20, "nothing may be deleted: {p}");
     assert!(
         metric(
@@ -140,8 +117,8 @@ async fn a_processor_refusing_our_token_is_retried_not_dead_lettered() {
     .await;
     let c = http();
     ingest_and_wait_for_the_window(&c, &app.base, 10).await;
-    flush(&c, &app.base).await;
-    let p = pending(&c, &app.base).await;
+    app.flush_now().await;
+    let p = pending(&app.base).await;
     assert_eq!(p["dead_letter_records"], 0, "{p}");
     assert_eq!(p["pending_records"], 10, "{p}");
     assert!(
@@ -159,7 +136,7 @@ async fn a_processor_refusing_our_token_is_retried_not_dead_lettered() {
         proc_.records().len() == 10
     })
     .await;
-    assert!(ok, "{}", pending(&c, &app.base).await);
+    assert!(ok, "{}", pending(&app.base).await);
     app.stop().await.unwrap();
 }
 
@@ -171,15 +148,9 @@ async fn a_batch_its_rate_limit_can_never_admit_gets_413_not_an_endless_429() {
         &[("RATE_LIMIT", "100"), ("RATE_LIMIT_REPLICAS", "4")],
     ))
     .await;
-    let c = http();
     let batch: Vec<serde_json::Value> = (0..60).map(|_| pulse("t", "s", "KB", 1.0)).collect();
     for _ in 0..3 {
-        let (s, h, body) = post(
-            &c,
-            &format!("{}/ingest/batch", app.base),
-            &serde_json::json!(batch),
-        )
-        .await;
+        let (s, h, body) = app.post_batch(&serde_json::json!(batch)).await;
         assert_eq!(s, 413, "{body}");
         assert!(h.get("retry-after").is_none());
         assert!(
@@ -188,12 +159,7 @@ async fn a_batch_its_rate_limit_can_never_admit_gets_413_not_an_endless_429() {
         );
     }
     let small: Vec<serde_json::Value> = (0..25).map(|_| pulse("t", "s", "KB", 1.0)).collect();
-    let (s, _, body) = post(
-        &c,
-        &format!("{}/ingest/batch", app.base),
-        &serde_json::json!(small),
-    )
-    .await;
+    let (s, _, body) = app.post_batch(&serde_json::json!(small)).await;
     assert_eq!(s, 202, "{body}");
     app.stop().await.unwrap();
 }
@@ -393,11 +359,11 @@ async fn replay_respects_the_drain_lock_and_reaches_every_shard() {
         );
     }
     let ok = eventually(Duration::from_secs(15), || async {
-        flush(&c, &app.base).await;
-        pending(&c, &app.base).await["dead_letter_records"] == 40
+        app.flush_now().await;
+        pending(&app.base).await["dead_letter_records"] == 40
     })
     .await;
-    assert!(ok, "{}", pending(&c, &app.base).await);
+    assert!(ok, "{}", pending(&app.base).await);
     app.stop().await.unwrap();
     let store = Store::new(&Config::from_map(&vars8).unwrap()).unwrap();
     let high = (0..40)
@@ -449,12 +415,12 @@ async fn replay_respects_the_drain_lock_and_reaches_every_shard() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let ok = eventually(Duration::from_secs(15), || async {
-        flush(&c, &app.base).await;
+        app.flush_now().await;
         proc_.records().len() == 40
     })
     .await;
     assert!(ok, "every shard's dead letters were replayed and delivered");
-    let p = pending(&c, &app.base).await;
+    let p = pending(&app.base).await;
     assert_eq!(p["dead_letter_records"], 0, "{p}");
     app.stop().await.unwrap();
 }
@@ -523,7 +489,6 @@ async fn markers_of_the_previous_layout_are_honoured_until_they_expire() {
 async fn a_remembered_pulse_id_costs_at_most_64_bytes() {
     let redis = RedisServer::start();
     let app = TestApp::spawn(settings(&redis, &[("MAX_BATCH_ITEMS", "10000")])).await;
-    let c = http();
     let used = || -> i64 {
         let info: String = redis.cmd(&["INFO", "memory"]);
         info.lines()
@@ -546,20 +511,10 @@ async fn a_remembered_pulse_id_costs_at_most_64_bytes() {
             .collect();
         serde_json::json!(items)
     };
-    assert_eq!(
-        post(&c, &format!("{}/ingest/batch", app.base), &batch(0, false))
-            .await
-            .0,
-        202
-    );
+    assert_eq!(app.post_batch(&batch(0, false)).await.0, 202);
     let before = used();
     for k in 0..10 {
-        let (s, _, b) = post(
-            &c,
-            &format!("{}/ingest/batch", app.base),
-            &batch(k * 10_000, true),
-        )
-        .await;
+        let (s, _, b) = app.post_batch(&batch(k * 10_000, true)).await;
         assert_eq!(s, 202, "{b}");
     }
     let per_id_total = (used() - before) as f64 / 100_000.0;

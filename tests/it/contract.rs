@@ -1,10 +1,8 @@
 //! Compressed request bodies and the producer's output, end to end.
 
-mod common;
-
 use std::io::Write;
 
-use common::*;
+use crate::common::*;
 
 fn gzip(b: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

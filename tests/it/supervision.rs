@@ -2,13 +2,11 @@
 //! dead task that stops the process, a command line, and hostile surroundings (a Redis that
 //! refuses writes, too few file descriptors).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use pulse_producer::processor::Faults;
 
 fn vars(redis: &RedisServer, extra: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
@@ -94,19 +92,6 @@ async fn a_broken_log_pipe_neither_stops_delivery_nor_shutdown() {
         "SIGTERM stops it cleanly"
     );
     assert!(started.elapsed() < Duration::from_secs(12));
-}
-
-fn by_key(records: &[pulse_producer::processor::Record]) -> BTreeMap<Key, Dec> {
-    let mut m: BTreeMap<Key, Dec> = BTreeMap::new();
-    for r in records {
-        *m.entry((
-            r.tenant_id.clone(),
-            r.product_sku.clone(),
-            r.use_unit.clone(),
-        ))
-        .or_default() += &r.used_amount;
-    }
-    m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

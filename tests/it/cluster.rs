@@ -1,12 +1,10 @@
 //! The same service on a real 3-master Redis Cluster: ingest, seal, drain and the books, shards
 //! spread over the masters, and a failover during ingest.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use pulse_producer::processor::Faults;
 
@@ -119,14 +117,7 @@ async fn two_replicas_seal_and_deliver_from_a_cluster_and_the_books_balance() {
     .await;
     assert_eq!(code, 0, "{out}");
     delivered(&cluster, &a.base).await;
-    let (code, out) = producer(&[
-        "verify",
-        "--ledger",
-        ledger.to_str().unwrap(),
-        "--processor",
-        &purl,
-    ])
-    .await;
+    let (code, out) = verify(&ledger, &purl).await;
     assert_eq!(code, 0, "{out}");
     let t = p.totals();
     assert!(
@@ -188,14 +179,7 @@ async fn a_failover_during_ingest_keeps_acknowledged_pulses_without_a_restart() 
     let (code, out) = load.await.unwrap();
     assert_eq!(code, 0, "{out}");
     delivered(&cluster, &a.base).await;
-    let (code, out) = producer(&[
-        "verify",
-        "--ledger",
-        ledger.to_str().unwrap(),
-        "--processor",
-        &purl,
-    ])
-    .await;
+    let (code, out) = verify(&ledger, &purl).await;
     assert_eq!(code, 0, "acknowledged pulses survive the failover:\n{out}");
 }
 
@@ -285,14 +269,7 @@ async fn a_live_reshard_during_ingest_keeps_the_books_exact() {
     let (code, out) = load.await.unwrap();
     assert_eq!(code, 0, "{out}");
     delivered(&cluster, &a.base).await;
-    let (code, out) = producer(&[
-        "verify",
-        "--ledger",
-        ledger.to_str().unwrap(),
-        "--processor",
-        &purl,
-    ])
-    .await;
+    let (code, out) = verify(&ledger, &purl).await;
     assert_eq!(code, 0, "books after a live reshard:\n{out}");
     // The service rode through it: the same process, still healthy.
     let h = http()
@@ -417,14 +394,7 @@ async fn masters_killed_and_frozen_under_load_lose_nothing_with_wait() {
     let (code, out) = load.await.unwrap();
     assert_eq!(code, 0, "{out}");
     delivered(&cluster, &a.base).await;
-    let (code, out) = producer(&[
-        "verify",
-        "--ledger",
-        ledger.to_str().unwrap(),
-        "--processor",
-        &purl,
-    ])
-    .await;
+    let (code, out) = verify(&ledger, &purl).await;
     assert_eq!(
         code, 0,
         "books after a kill -9 and a SIGSTOP of masters:\n{out}"

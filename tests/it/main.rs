@@ -1,0 +1,21 @@
+//! The integration and end-to-end tests: one test binary, one harness (`common`).
+//!
+//! Everything runs against real processes: `redis-server` (single, Sentinel, a 3-master
+//! Cluster) on free loopback ports, the service in-process or as its real binary, the reference
+//! Processor and the producer. Nothing mocks Redis. Each module reads as a specification of one
+//! area; the books must balance exactly at the end of every scenario.
+
+mod common;
+
+mod cluster;
+mod contract;
+mod delivery;
+mod faults;
+mod ingest;
+mod money;
+mod producer;
+mod safety;
+mod sentinel;
+mod supervision;
+mod tenancy;
+mod usage;
