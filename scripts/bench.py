@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pyutil import free_port, wait_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# BENCH_BIN: another build's binaries (with `compare`, two builds against each other).
+BIN = os.environ.get("BENCH_BIN", os.path.join(ROOT, "target", "release"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 DUR = 4 if QUICK else 10
 BENCH_KEY = "bench-trusted-service-key"
@@ -604,7 +605,67 @@ def ab(pairs=5, base_bin=None, wait=False):
     return 0
 
 
+def usage_latency(queries=300):
+    """`GET /v1/usage` latency for a tenant with 10 keys and one with 1,000 keys, first alone in
+    Redis, then beside 1,000,000 keys of other tenants in the same window (and shards): the query
+    reads the tenant's own usage index, so its cost should not move. Prints a table."""
+    procs = Procs()
+    tmp = tempfile.mkdtemp(prefix="pulse-usage-")
+    log = os.path.join(tmp, "bench.log")
+    rows = []
+    try:
+        rport = free_port()
+        procs.start(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", tmp,
+                     "--appendonly", "no", "--save", ""], log=os.path.join(tmp, "redis.log"))
+        wait_port(rport)
+        port = free_port()
+        env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
+                   LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn", WINDOW="1h")
+        ing = procs.start([os.path.join(BIN, "pulse-ingestor")], env=env,
+                          log=os.path.join(tmp, "ingestor.log"))
+        wait_port(port)
+        base = f"http://127.0.0.1:{port}"
+        tenants = (("small", 10), ("big", 1000))
+        for tenant, keys in tenants:
+            body = json.dumps([{"tenant_id": tenant, "product_sku": f"SKU-{i}", "use_unit": "KB",
+                                "used_amount": 1} for i in range(keys)]).encode()
+            req = urllib.request.Request(f"{base}/ingest/batch", data=body, method="POST",
+                                         headers={"content-type": "application/json"})
+            urllib.request.urlopen(req, timeout=30).read()
+
+        def measure(label):
+            for tenant, keys in tenants:
+                times = []
+                for _ in range(queries):
+                    t = time.perf_counter()
+                    u = http("GET", f"{base}/v1/usage?tenant_id={tenant}")
+                    times.append((time.perf_counter() - t) * 1000)
+                    assert sum(len(w["usage"]) for w in u["windows"]) == keys, u
+                times.sort()
+                rows.append((label, f"{tenant} ({keys} keys)", times[len(times) // 2],
+                             times[int(len(times) * 0.99) - 1]))
+                print(f"{label}, {tenant}: p50 {rows[-1][2]:.2f} ms, p99 {rows[-1][3]:.2f} ms",
+                      file=sys.stderr)
+
+        measure("alone")
+        other = 200_000 if QUICK else 1_000_000
+        producer(["--url", base, "--mode", "max", "--concurrency", "4", "--batch", "1000",
+                  "--distinct", "--tenants", str(other // 10), "--skus", "10", "--count",
+                  str(other), "--duration", "60s"], log)
+        measure(f"beside {other:,} keys of other tenants")
+        procs.stop(ing)
+    finally:
+        procs.stop_all()
+    print("| Redis holds | tenant | p50 ms | p99 ms |\n|---|---|---|---|")
+    for label, tenant, p50, p99 in rows:
+        print(f"| {label} | {tenant} | {p50:.2f} | {p99:.2f} |")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "usage":
+        # scripts/bench.sh usage: live usage query latency, alone and beside 1,000,000 keys
+        sys.exit(usage_latency())
     if len(sys.argv) > 1 and sys.argv[1] == "ab":
         sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 5))
     if len(sys.argv) > 1 and sys.argv[1] == "wait":

@@ -18,6 +18,7 @@ Usage: check_observability.py <dir with pulse-ingestor, pulse-producer, pulse-pr
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,7 +64,7 @@ def compose_schema():
         return json.load(f)
 
 
-def compose():
+def compose(bins):
     with open(os.path.join(ROOT, "docker-compose.yml")) as f:
         doc = yaml.safe_load(f)
     schema = compose_schema()
@@ -96,12 +97,19 @@ def compose():
         check(env.get("PROCESSOR_URL", "").startswith("http://processor:8090"), f"{name} PROCESSOR_URL points at the processor")
         check(env.get("LISTEN_ADDR", "").endswith(":8070"), f"{name} listens on 8070")
         check("WINDOW" in env and "ACK_MODE" in env, f"{name} gets WINDOW and ACK_MODE from example.env")
-    # Every variable the ingestor reads is documented in example.env.
-    with open(os.path.join(ROOT, "src", "config.rs")) as f:
-        names = [l.split('"')[1] for l in f if l.strip().startswith("pub const") and ": &str = \"" in l and l.strip().split()[2].rstrip(":").isupper()]
-    names = [n for n in names if n.isupper() and "_" in n or n in ("WINDOW", "SHARDS", "WORKERS")]
-    missing = [n for n in set(names) if n not in open(os.path.join(ROOT, "example.env")).read()]
+    # Every variable the ingestor reads (as its --help lists them) is in example.env, and the
+    # compose file sets none the binary does not know.
+    helptext = subprocess.run([os.path.join(bins, "pulse-ingestor"), "--help"], capture_output=True,
+                              text=True, check=True).stdout
+    names = re.findall(r"^  ([A-Z][A-Z0-9_]+)\s", helptext.split("Settings (", 1)[1], re.M)
+    check(len(names) >= 40, f"--help lists the settings ({len(names)} found)")
+    with open(os.path.join(ROOT, "example.env")) as f:
+        example = f.read()
+    missing = [n for n in names if not re.search(rf"^#?\s*{n}=", example, re.M)]
     check(not missing, f"every configuration variable is in example.env (missing: {missing})")
+    for name in ("ingestor-1", "ingestor-2"):
+        unknown = [k for k in services[name].get("environment", {}) if k not in names and k != "RUST_LOG"]
+        check(not unknown, f"{name} sets only variables the ingestor reads (unknown: {unknown})")
     proc_cmd = services["processor"]["command"]
     check("0.0.0.0:8090" in proc_cmd, "processor listens on 8090 inside the network")
     mounts = " ".join(services["prometheus"].get("volumes", []))
@@ -204,7 +212,7 @@ def live(bins, dash):
 def main():
     bins = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "debug")
     promtool_static()
-    compose()
+    compose(bins)
     dash = dashboard()
     live(bins, dash)
     if FAILURES:

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,6 +20,7 @@ use tracing::{info, warn};
 use super::deliver::BatchResult;
 use crate::metrics::Metrics;
 use crate::processor::ProcessorClient;
+use crate::store::lock::DrainLock;
 use crate::store::{Conn, PendingWindow, Store, StoreError};
 
 /// What the drain needs; shared by the scheduler and the admin routes.
@@ -80,12 +80,8 @@ impl Drainer {
                 ..Default::default()
             });
         }
-        let token = hex::encode(rand::rng().random::<[u8; 16]>());
-        if !self
-            .store
-            .try_lock(&mut conn, shard, &token, self.lock_ttl)
-            .await?
-        {
+        let lock = DrainLock::new(shard, self.lock_ttl);
+        if !self.store.try_lock(&mut conn, &lock).await? {
             return Ok(DrainReport {
                 busy: true,
                 windows_left: pending.len() as u64,
@@ -99,9 +95,7 @@ impl Drainer {
         let renewer = tokio::spawn(renew(
             self.store.clone(),
             conn.clone(),
-            shard,
-            token.clone(),
-            self.lock_ttl,
+            lock.clone(),
             stop.clone(),
         ));
         let result = self
@@ -109,9 +103,7 @@ impl Drainer {
             .await;
         stop.cancel();
         let _ = renewer.await;
-        if let Err(e) = self.store.release_lock(&mut conn, shard, &token).await {
-            warn!(shard, error = %e, "could not release drain lock; it expires by itself");
-        }
+        self.release(&mut conn, &lock).await;
         self.metrics.locks_held.dec();
         self.metrics
             .drain_duration
@@ -126,13 +118,9 @@ impl Drainer {
         if self.store.dead_windows(&mut conn, shard).await?.is_empty() {
             return Ok(Some(0));
         }
-        let token = hex::encode(rand::rng().random::<[u8; 16]>());
+        let lock = DrainLock::new(shard, self.lock_ttl);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self
-            .store
-            .try_lock(&mut conn, shard, &token, self.lock_ttl)
-            .await?
-        {
+        while !self.store.try_lock(&mut conn, &lock).await? {
             if Instant::now() > deadline {
                 return Ok(None);
             }
@@ -146,10 +134,15 @@ impl Drainer {
             Ok::<_, StoreError>(())
         }
         .await;
-        if let Err(e) = self.store.release_lock(&mut conn, shard, &token).await {
-            warn!(shard, error = %e, "could not release drain lock; it expires by itself");
-        }
+        self.release(&mut conn, &lock).await;
         result.map(|()| Some(moved))
+    }
+
+    /// Releases the lock; if Redis does not answer, it expires by itself.
+    async fn release(&self, conn: &mut Conn, lock: &DrainLock) {
+        if let Err(e) = self.store.release_lock(conn, lock).await {
+            warn!(shard = lock.shard, error = %e, "could not release drain lock; it expires by itself");
+        }
     }
 
     async fn drain_locked(
@@ -265,21 +258,15 @@ impl Drainer {
 }
 
 /// Renews the lock every third of its ttl; cancels `stop` if it was lost.
-async fn renew(
-    store: Store,
-    mut conn: Conn,
-    shard: u32,
-    token: String,
-    ttl: Duration,
-    stop: CancellationToken,
-) {
+async fn renew(store: Store, mut conn: Conn, lock: DrainLock, stop: CancellationToken) {
+    let shard = lock.shard;
     let mut failures = 0;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep(lock.ttl / 3) => {}
             _ = stop.cancelled() => return,
         }
-        match store.renew_lock(&mut conn, shard, &token, ttl).await {
+        match store.renew_lock(&mut conn, &lock).await {
             Ok(true) => failures = 0,
             Ok(false) => {
                 warn!(shard, "drain lock lost; stopping this drain");

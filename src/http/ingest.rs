@@ -238,18 +238,7 @@ pub async fn one(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let state = &state;
-    format(&headers, false)?;
-    let raw = body(raw)?;
-    let key = idempotency_key(state, &headers)?;
-    let pulse = state
-        .limits
-        .decode_one(&raw, key)
-        .map_err(|e| decode_error(state, e))?;
-    let pulses = vec![pulse];
-    authorise(state, &headers, &pulses)?;
-    rate_limit(state, &pulses)?;
-    submit(state, started.map(|e| e.0), pulses).await
+    accept(&state, started.map(|e| e.0), &headers, raw, false).await
 }
 
 /// Many pulses, all or nothing.
@@ -278,21 +267,32 @@ pub async fn batch(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let state = &state;
-    let fmt = format(&headers, true)?;
+    accept(&state, started.map(|e| e.0), &headers, raw, true).await
+}
+
+/// Both routes: decode and validate (one pulse, or a batch), check the key and the tenant's
+/// limit, then queue and (durable) wait for the commit.
+async fn accept(
+    state: &AppState,
+    started: Option<RequestStart>,
+    headers: &HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+    batch: bool,
+) -> Result<Response, ApiError> {
+    let fmt = format(headers, batch)?;
     let raw = body(raw)?;
-    let key = idempotency_key(state, &headers)?;
-    // A batch can never be larger than the queue it must fit into.
-    let max = state
-        .cfg
-        .limits
-        .max_batch_items
-        .min(state.ingest.capacity());
-    let pulses = state
-        .limits
-        .decode_batch(&raw, fmt == Format::Ndjson, key, max)
-        .map_err(|e| decode_error(state, e))?;
-    authorise(state, &headers, &pulses)?;
+    let key = idempotency_key(state, headers)?;
+    let pulses = if batch {
+        // A batch can never be larger than the queue it must fit into.
+        let max = state.cfg.limits.max_batch_items;
+        let max = max.min(state.ingest.capacity());
+        let ndjson = fmt == Format::Ndjson;
+        state.limits.decode_batch(&raw, ndjson, key, max)
+    } else {
+        state.limits.decode_one(&raw, key).map(|p| vec![p])
+    }
+    .map_err(|e| decode_error(state, e))?;
+    authorise(state, headers, &pulses)?;
     rate_limit(state, &pulses)?;
-    submit(state, started.map(|e| e.0), pulses).await
+    submit(state, started, pulses).await
 }

@@ -44,16 +44,79 @@ pub enum ReshardError {
 }
 
 impl Store {
+    /// Copies every live dedupe marker to its shard under `to` shards and records `to` as the
+    /// deployment's count. Refuses while replicas are running, unless `force`.
+    pub async fn reshard(&self, to: u32, force: bool) -> Result<ReshardReport, ReshardError> {
+        let mut conn = self.conn().await?;
+        let (from, max): (Option<u32>, Option<u32>) = redis::cmd("HMGET")
+            .arg(self.keys.meta())
+            .arg("shards")
+            .arg("shards_max")
+            .query_async(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        let (now, _): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.replicas())
+            .arg(now.saturating_sub(LIVE_WITHIN_SECS))
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        if !live.is_empty() && !force {
+            return Err(ReshardError::ReplicasRunning(live));
+        }
+        let from = from.unwrap_or(to);
+        let mut mover = Mover {
+            store: self,
+            conn: &mut conn,
+            to,
+            report: ReshardReport {
+                from,
+                to,
+                ..Default::default()
+            },
+        };
+        if from != to {
+            // Markers may sit in any shard ever used (an earlier reshard copied, not moved).
+            for shard in 0..from.max(max.unwrap_or(0)) {
+                mover.shard(shard).await?;
+            }
+        }
+        let report = mover.report;
+        redis::pipe()
+            .cmd("HSET")
+            .arg(self.keys.meta())
+            .arg("shards")
+            .arg(to)
+            .cmd("HSET")
+            .arg(self.keys.meta())
+            .arg("shards_max")
+            .arg(max.unwrap_or(0).max(from).max(to))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(report)
+    }
+}
+
+/// One reshard's work: markers copied to their shards under `to` shards, counted in `report`.
+struct Mover<'a> {
+    store: &'a Store,
+    conn: &'a mut Conn,
+    to: u32,
+    report: ReshardReport,
+}
+
+impl Mover<'_> {
     /// Copies one bucket set's members into the same bucket of each member's new shard, with
     /// the same expiry.
-    async fn move_marker_set(
-        &self,
-        conn: &mut Conn,
-        shard: u32,
-        key: &str,
-        to: u32,
-        report: &mut ReshardReport,
-    ) -> Result<(), StoreError> {
+    async fn marker_set(&mut self, shard: u32, key: &str) -> Result<(), StoreError> {
+        let (to, conn) = (self.to, &mut *self.conn);
+        let report = &mut self.report;
         let bucket = key.rsplit(':').next().unwrap_or_default();
         let expire_at: i64 = redis::cmd("PEXPIRETIME").arg(key).query_async(conn).await?;
         let mut cursor = 0u64;
@@ -89,7 +152,7 @@ impl Store {
                 }
             }
             for (target, members) in by_target {
-                let dest = self.keys.seen(target, bucket);
+                let dest = self.store.keys.seen(target, bucket);
                 let mut p = redis::pipe();
                 p.cmd("SADD").arg(&dest).arg(members).ignore();
                 if expire_at > 0 {
@@ -109,14 +172,9 @@ impl Store {
 
     /// Copies one marker of the previous layout (a string key per id, whose value was a window
     /// start: no placement) into every new shard.
-    async fn move_marker_key(
-        &self,
-        conn: &mut Conn,
-        shard: u32,
-        key: &str,
-        to: u32,
-        report: &mut ReshardReport,
-    ) -> Result<(), StoreError> {
+    async fn marker_key(&mut self, shard: u32, key: &str) -> Result<(), StoreError> {
+        let (to, conn) = (self.to, &mut *self.conn);
+        let report = &mut self.report;
         let (value, pttl): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
             .arg(key)
@@ -132,7 +190,7 @@ impl Store {
         let mut p = redis::pipe();
         for t in (0..to).filter(|&t| t != shard) {
             p.cmd("SET")
-                .arg(self.keys.seen(t, digest))
+                .arg(self.store.keys.seen(t, digest))
                 .arg(&value)
                 .arg("PX")
                 .arg(pttl)
@@ -145,66 +203,9 @@ impl Store {
         Ok(())
     }
 
-    /// Copies every live dedupe marker to its shard under `to` shards and records `to` as the
-    /// deployment's count. Refuses while replicas are running, unless `force`.
-    pub async fn reshard(&self, to: u32, force: bool) -> Result<ReshardReport, ReshardError> {
-        let mut conn = self.conn().await?;
-        let (from, max): (Option<u32>, Option<u32>) = redis::cmd("HMGET")
-            .arg(self.keys.meta())
-            .arg("shards")
-            .arg("shards_max")
-            .query_async(&mut conn)
-            .await
-            .map_err(StoreError::from)?;
-        let (now, _): (u64, u64) = redis::cmd("TIME")
-            .query_async(&mut conn)
-            .await
-            .map_err(StoreError::from)?;
-        let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.replicas())
-            .arg(now.saturating_sub(LIVE_WITHIN_SECS))
-            .arg("+inf")
-            .query_async(&mut conn)
-            .await
-            .map_err(StoreError::from)?;
-        if !live.is_empty() && !force {
-            return Err(ReshardError::ReplicasRunning(live));
-        }
-        let from = from.unwrap_or(to);
-        let mut report = ReshardReport {
-            from,
-            to,
-            ..Default::default()
-        };
-        if from != to {
-            // Markers may sit in any shard ever used (an earlier reshard copied, not moved).
-            for shard in 0..from.max(max.unwrap_or(0)) {
-                self.move_markers(&mut conn, shard, to, &mut report).await?;
-            }
-        }
-        redis::pipe()
-            .cmd("HSET")
-            .arg(self.keys.meta())
-            .arg("shards")
-            .arg(to)
-            .cmd("HSET")
-            .arg(self.keys.meta())
-            .arg("shards_max")
-            .arg(max.unwrap_or(0).max(from).max(to))
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(StoreError::from)?;
-        Ok(report)
-    }
-
-    async fn move_markers(
-        &self,
-        conn: &mut Conn,
-        shard: u32,
-        to: u32,
-        report: &mut ReshardReport,
-    ) -> Result<(), StoreError> {
-        let pattern = format!("{}:seen:*", self.keys.base(shard));
+    /// Every marker of one shard.
+    async fn shard(&mut self, shard: u32) -> Result<(), StoreError> {
+        let pattern = format!("{}:seen:*", self.store.keys.base(shard));
         let mut cursor = 0u64;
         loop {
             let mut scan = redis::cmd("SCAN");
@@ -213,12 +214,12 @@ impl Store {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(1000);
-            let (next, keys): (u64, Vec<String>) = match conn {
+            let (next, keys): (u64, Vec<String>) = match &mut *self.conn {
                 Conn::Single(c) => scan.query_async(c).await?,
                 // Every key of a shard shares its slot: ask the master that owns it.
                 Conn::Cluster(c) => {
                     let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                        Route::with_key(self.keys.base(shard), SlotAddr::Master),
+                        Route::with_key(self.store.keys.base(shard), SlotAddr::Master),
                     ));
                     redis::from_redis_value(c.route_command(scan, route).await?)
                         .map_err(redis::RedisError::from)?
@@ -226,10 +227,13 @@ impl Store {
             };
             cursor = next;
             for key in keys {
-                let kind: String = redis::cmd("TYPE").arg(&key).query_async(conn).await?;
+                let kind: String = redis::cmd("TYPE")
+                    .arg(&key)
+                    .query_async(&mut *self.conn)
+                    .await?;
                 match kind.as_str() {
-                    "set" => self.move_marker_set(conn, shard, &key, to, report).await?,
-                    "string" => self.move_marker_key(conn, shard, &key, to, report).await?,
+                    "set" => self.marker_set(shard, &key).await?,
+                    "string" => self.marker_key(shard, &key).await?,
                     _ => {} // expired meanwhile
                 }
             }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::common::*;
 use axum::routing::get;
 use pulse_ingestor::config::Config;
+use pulse_ingestor::store::lock::DrainLock;
 use pulse_ingestor::store::{Store, WriteItem};
 use pulse_producer::processor::Faults;
 
@@ -374,12 +375,8 @@ async fn replay_respects_the_drain_lock_and_reaches_every_shard() {
     // Two shards from now on (the documented way), then a drain holds the highest shard's lock.
     store.reshard(2, false).await.unwrap();
     let mut conn = store.conn().await.unwrap();
-    assert!(
-        store
-            .try_lock(&mut conn, high, "a-drain", Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    let held = DrainLock::with_token(high, "a-drain", Duration::from_secs(30));
+    assert!(store.try_lock(&mut conn, &held).await.unwrap());
     proc_.set_faults(Faults::default());
     let app = TestApp::spawn(settings(
         &redis,
@@ -404,10 +401,7 @@ async fn replay_respects_the_drain_lock_and_reaches_every_shard() {
             .contains(&format!("[{high}]")),
         "{body}"
     );
-    store
-        .release_lock(&mut conn, high, "a-drain")
-        .await
-        .unwrap();
+    store.release_lock(&mut conn, &held).await.unwrap();
     let r = c
         .post(format!("{}/admin/dead-letters/replay", app.base))
         .send()
