@@ -89,6 +89,8 @@ fn start_producer(
         "5s".into(),
         "--ledger".into(),
         ledger.display().to_string(),
+        "--report-json".into(),
+        report_of(ledger).display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     tokio::spawn(async move {
@@ -97,12 +99,19 @@ fn start_producer(
     })
 }
 
-/// The producer report's retry count.
-fn retries(out: &str) -> u64 {
-    out.lines()
-        .find(|l| l.starts_with("retries"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+/// Where `start_producer` has the producer write its `--report-json`.
+fn report_of(ledger: &std::path::Path) -> std::path::PathBuf {
+    ledger.with_extension("report.json")
+}
+
+/// The producer's report (`--report-json`) of the run that kept `ledger`.
+fn report(ledger: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(report_of(ledger)).unwrap()).unwrap()
+}
+
+/// Requests the producer retried (same pulse ids), from its report.
+fn retries(ledger: &std::path::Path) -> u64 {
+    report(ledger)["retries"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +154,7 @@ async fn kill9_of_a_replica(backend: Backend) {
     let (code, out) = load.await.unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(
-        retries(&out) > 0,
+        retries(&ledger) > 0,
         "requests to the killed replica were retried on the other: {out}"
     );
     backend.delivered(&b.base, Duration::from_secs(30)).await;
@@ -333,7 +342,7 @@ async fn redis_unreachable_during_load_sheds_boundedly_and_recovers() {
     assert_eq!(code, 0, "{out}");
     // Clients were told to come back (503 + Retry-After) and did, with the same pulse ids.
     assert!(
-        retries(&out) > 0,
+        retries(&ledger) > 0,
         "clients saw 503s during the outage and retried: {out}"
     );
     delivered(&redis, &a.base, Duration::from_secs(30)).await;
@@ -516,7 +525,6 @@ async fn rolling_restart(backend: Backend) {
     let mut b = Ingestor::spawn(&v, dir.path(), "b").await;
     let (a_base, b_base) = (a.base.clone(), b.base.clone());
     let ledger = dir.path().join("ledger.json");
-    let report_path = dir.path().join("report.json");
     let load = start_producer(
         &[&a_base, &b_base],
         &ledger,
@@ -530,8 +538,6 @@ async fn rolling_restart(backend: Backend) {
             "9s",
             "--concurrency",
             "32",
-            "--report-json",
-            report_path.to_str().unwrap(),
         ],
     );
     for (r, name) in [(&mut a, "a"), (&mut b, "b")] {
@@ -548,8 +554,7 @@ async fn rolling_restart(backend: Backend) {
     }
     let (code, out) = load.await.unwrap();
     assert_eq!(code, 0, "{out}");
-    let rep: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let rep = report(&ledger);
     assert_eq!(
         rep["status_5xx"],
         serde_json::json!({}),

@@ -19,6 +19,8 @@ async fn verify_passes_when_the_books_balance_and_names_every_difference() {
     let b = Ingestor::spawn(&v, dir.path(), "b").await;
     let ledger = dir.path().join("ledger.json");
     let ledger_s = ledger.to_str().unwrap();
+    let report_path = dir.path().join("report.json");
+    let report_s = report_path.to_str().unwrap();
     let (code, out) = producer(&[
         "--url",
         &format!("{},{}", a.base, b.base),
@@ -38,12 +40,18 @@ async fn verify_passes_when_the_books_balance_and_names_every_difference() {
         "0.05",
         "--ledger",
         ledger_s,
+        "--report-json",
+        report_s,
     ])
     .await;
     assert_eq!(code, 0, "no malformed body was accepted: {out}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["malformed_accepted"], 0, "{report}");
     assert!(
-        out.contains("422") && out.contains("400"),
-        "malformed bodies got 4xx: {out}"
+        report["status_4xx"]["422"].as_u64() > Some(0)
+            && report["status_4xx"]["400"].as_u64() > Some(0),
+        "malformed bodies got 4xx: {report}"
     );
     // The last window ends and is delivered.
     let c = http();
