@@ -3,22 +3,25 @@
 //! Module map — what each part owns and the invariant it keeps (numbers refer to the invariants
 //! in ARCHITECTURE.md):
 //!
-//! - [`config`]: one typed [`Config`](config::Config); every bad variable is reported at once.
+//! - [`config`]: one typed [`Config`](config::Config) in sections (redis, delivery, limits,
+//!   security), every setting declared once; every bad variable is reported at once.
 //! - [`amount`]: exact decimal amounts as fixed-point integers (11); parsing never uses a float.
-//! - [`pulse`]: the pulse type, request decoding and validation, unambiguous field encoding (8),
-//!   shard choice and dedupe digests. Pure and unit-tested.
+//! - `pulse`: the pulse type, request decoding and validation (one pulse, batches). Pure and
+//!   unit-tested.
 //! - [`http`]: the axum router; maps every error to one documented status code.
-//! - [`ingest`]: the bounded queue (7) and the workers that group-commit pulses to Redis.
-//! - [`store`]: the Redis pool and the Lua scripts. Dedupe and increment happen in one script (1);
+//! - `ingest`: the bounded queue (7) and the workers that group-commit pulses to Redis.
+//! - [`store`]: connections (one Redis, Sentinel, Cluster), the key layout and a pulse's storage
+//!   identity — unambiguous field encoding (8), shard, dedupe digest, record id (6) — and the Lua
+//!   scripts, one job per file. Dedupe and increment happen in one script (1);
 //!   the generation is read and written inside that script (2); windows come from Redis `TIME`
 //!   (3); sealing renames the old generation to a per-window key (4); every key of a shard shares
 //!   one hash tag (10).
-//! - [`flush`]: the scheduler (seal at each boundary, drain after the stabilisation delay) and the
+//! - `flush`: the scheduler (seal at each boundary, drain after the stabilisation delay) and the
 //!   drain that deletes a record only after the Processor accepted it (5, 6).
-//! - [`processor`]: the Processor HTTP client and its retry policy.
-//! - [`metrics`]: every Prometheus metric, defined in one place.
-//! - [`tenancy`]: API keys bound to tenants and per-tenant rate limits.
-//! - [`supervise`]: every long-lived task supervised; a dead one stops the process (13).
+//! - `processor`: the Processor HTTP client and its retry policy.
+//! - `metrics`: every Prometheus metric, defined in one place.
+//! - `tenancy`: API keys bound to tenants and per-tenant rate limits.
+//! - `supervise`: every long-lived task supervised; a dead one stops the process (13).
 //! - [`app`]: wires the parts together and orders a graceful shutdown (9).
 
 pub mod amount;

@@ -4,9 +4,14 @@
 //! |---|---|
 //! | `POST /ingest` | one pulse |
 //! | `POST /ingest/batch` | a JSON array or NDJSON of pulses, all or nothing |
-//! | `GET /healthz`, `GET /readyz` | liveness; readiness (Redis reachable, queue not saturated) |
-//! | `GET /metrics` | Prometheus text format |
-//! | `POST /admin/flush`, `GET /admin/pending`, `POST /admin/dead-letters/replay` | operators |
+//! | `GET /v1/usage`, `GET /v1/status`, `GET /ui` | live usage of a tenant; the page and what it polls |
+//! | `GET /healthz`, `GET /readyz` | liveness (every task alive); readiness (Redis answers, no eviction, queue has room) |
+//! | `GET /metrics`, `GET /openapi.json` | Prometheus text format; the contract |
+//! | `/admin/*` | operators, behind the admin token (`route_layer`) |
+//!
+//! Errors are `ApiError` (`error.rs`): handlers return it with `?`; the request middleware
+//! (`record`) counts every request, records refused ingest requests from the response's
+//! `Rejection` extension and gives storage 503s their `Retry-After`.
 
 mod admin;
 pub(crate) mod error;

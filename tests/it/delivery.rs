@@ -351,33 +351,15 @@ async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed(
     );
     let admin = |path: &str| c.get(format!("{}{path}", app.base)).bearer_auth("s3cret");
     let ok = eventually(Duration::from_secs(15), || async {
-        let p: serde_json::Value = admin("/admin/pending")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let p: serde_json::Value = admin("/admin/pending").json_reply().await;
         p["pending_windows"] == 0 && p["dead_letter_records"] == 3
     })
     .await;
-    let p: serde_json::Value = admin("/admin/pending")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p: serde_json::Value = admin("/admin/pending").json_reply().await;
     assert!(ok, "{p}");
     assert_books(&good, &by_key(&proc_.records()));
     // The dead letters can be inspected, with the Processor's reason.
-    let dl: serde_json::Value = admin("/admin/dead-letters")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dl: serde_json::Value = admin("/admin/dead-letters").json_reply().await;
     let recs = dl["records"].as_array().unwrap();
     assert_eq!(recs.len(), 3, "{dl}");
     for r in recs {
@@ -397,13 +379,7 @@ async fn a_rejected_batch_is_dead_lettered_and_the_rest_delivered_then_replayed(
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["replayed_records"], 3);
     let ok = eventually(Duration::from_secs(15), || async {
-        let p: serde_json::Value = admin("/admin/pending")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let p: serde_json::Value = admin("/admin/pending").json_reply().await;
         p["pending_windows"] == 0 && p["dead_letter_records"] == 0 && proc_.records().len() == 23
     })
     .await;

@@ -291,12 +291,8 @@ async fn dead_letters_and_their_replay_stay_exact() {
         app.flush_now().await;
         let dl: serde_json::Value = c
             .get(format!("{}/admin/dead-letters", app.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .json_reply()
+            .await;
         dl["records"]
             .as_array()
             .is_some_and(|r| r.iter().any(|r| r["product_sku"] == "long"))

@@ -74,12 +74,8 @@ async fn verify_passes_when_the_books_balance_and_names_every_difference() {
     let r: serde_json::Value = c
         .post(format!("{purl}/admin/remove"))
         .json(&gone)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_reply()
+        .await;
     assert!(r["removed"].as_u64().unwrap() >= 1);
     // An extra key nobody sent, and a second record that puts another key off.
     let off = l["totals"][1].clone();

@@ -302,27 +302,11 @@ async fn operators_see_recent_rejections_without_keys_and_metrics_can_move_off_t
         "admin routes want the token"
     );
     let ok = eventually(Duration::from_secs(5), || async {
-        let r: serde_json::Value = c
-            .get(&url)
-            .bearer_auth("op-token")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: serde_json::Value = c.get(&url).bearer_auth("op-token").json_reply().await;
         r["rejections"].as_array().is_some_and(|a| a.len() == 4)
     })
     .await;
-    let r: serde_json::Value = c
-        .get(&url)
-        .bearer_auth("op-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: serde_json::Value = c.get(&url).bearer_auth("op-token").json_reply().await;
     assert!(ok, "{r}");
     // Rejections are recorded off the request path, so two within a millisecond may land in
     // either order; the listing is newest first by the stream's own clock.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{Dec, eventually, http};
+use super::{Dec, JsonReply, eventually, http};
 
 pub type Key = (String, String, String);
 
@@ -72,12 +72,8 @@ pub fn by_key(records: &[pulse_producer::processor::Record]) -> BTreeMap<Key, De
 pub async fn pending(base: &str) -> serde_json::Value {
     http()
         .get(format!("{base}/admin/pending"))
-        .send()
+        .json_reply()
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// `POST /admin/flush`: seals what has ended and tries to deliver it now.

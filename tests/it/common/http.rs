@@ -82,3 +82,15 @@ pub async fn metric(c: &reqwest::Client, base: &str, series: &str) -> Option<f64
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// Sends a request and reads its JSON answer (a test fails on a transport error or a body that
+/// is not JSON).
+pub trait JsonReply {
+    fn json_reply(self) -> impl std::future::Future<Output = serde_json::Value>;
+}
+
+impl JsonReply for reqwest::RequestBuilder {
+    async fn json_reply(self) -> serde_json::Value {
+        self.send().await.unwrap().json().await.unwrap()
+    }
+}
