@@ -64,6 +64,62 @@ def compose_schema():
         return json.load(f)
 
 
+def sentinel_profile(services):
+    """The `sentinel` profile: every part of it under the profile, three sentinels monitoring the
+    profile's master with a quorum they can reach, a replica of that master, and an ingestor that
+    reaches Redis through exactly those sentinels (and not through REDIS_URL)."""
+    part = ["redis-s", "redis-s-replica", "sentinel-1", "sentinel-2", "sentinel-3", "ingestor-sentinel"]
+    check(all("sentinel" in services[n].get("profiles", []) for n in part),
+          "the Sentinel services run under the sentinel profile only")
+    monitors = []
+    for n in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        cmd = " ".join(services[n]["command"])
+        m = re.search(r"sentinel monitor (\S+) (\S+) (\d+) (\d+)", cmd)
+        monitors.append(m.groups() if m else None)
+        check("--sentinel" in cmd, f"{n} runs redis-server --sentinel")
+    check(len(set(monitors)) == 1 and monitors[0] is not None, f"the sentinels agree: {monitors}")
+    name, host, port, quorum = monitors[0]
+    check(host == "redis-s" and port == "6379" and 1 <= int(quorum) <= 2,
+          f"they monitor redis-s:6379 with a quorum a majority of 3 reaches ({quorum})")
+    check("--replicaof redis-s 6379" in " ".join(services["redis-s-replica"]["command"]),
+          "redis-s-replica replicates redis-s")
+    env = services["ingestor-sentinel"]["environment"]
+    urls = env.get("REDIS_SENTINEL_URLS", "").split(",")
+    check(sorted(urls) == [f"redis://sentinel-{i}:26379" for i in (1, 2, 3)],
+          f"ingestor-sentinel asks the three sentinels: {urls}")
+    check(env.get("REDIS_SENTINEL_MASTER") == name, "ingestor-sentinel asks for the monitored master")
+    check(env.get("REDIS_URL") == "" and "REDIS_CLUSTER_URLS" not in env,
+          "ingestor-sentinel has no other way to Redis (REDIS_URL cleared)")
+    # The sentinel configuration the profile writes, run by a real redis-server --sentinel
+    # against a real master on loopback (its hostname mapped to 127.0.0.1).
+    conf = re.search(r"printf '([^']*)'", " ".join(services["sentinel-1"]["command"])).group(1)
+    tmp = tempfile.mkdtemp(prefix="sentinel-profile-")
+    mport, sport = free_port(), free_port()
+    conf = conf.replace("\\n", "\n").replace("port 26379", f"port {sport}") \
+        .replace("redis-s 6379", f"127.0.0.1 {mport}")
+    path = os.path.join(tmp, "sentinel.conf")
+    with open(path, "w") as f:
+        f.write(conf + f"dir {tmp}\n")
+    procs = [subprocess.Popen(["redis-server", "--port", str(mport), "--bind", "127.0.0.1",
+                               "--save", "", "--dir", tmp], stdout=subprocess.DEVNULL),
+             subprocess.Popen(["redis-server", path, "--sentinel"], stdout=subprocess.DEVNULL)]
+    try:
+        master = None
+        for _ in range(50):
+            r = subprocess.run(["redis-cli", "-p", str(sport), "SENTINEL",
+                                "get-master-addr-by-name", name], capture_output=True, text=True)
+            master = r.stdout.split()
+            if master == ["127.0.0.1", str(mport)]:
+                break
+            time.sleep(0.1)
+        check(master == ["127.0.0.1", str(mport)],
+              f"redis-server --sentinel runs the profile's configuration and finds the master ({master})")
+    finally:
+        for pr in procs:
+            pr.kill()
+            pr.wait()
+
+
 def compose(bins):
     with open(os.path.join(ROOT, "docker-compose.yml")) as f:
         doc = yaml.safe_load(f)
@@ -73,7 +129,9 @@ def compose(bins):
           + "".join(f"\n     {e.message} at {list(e.path)}" for e in errors[:5]))
     services = doc["services"]
     check(set(services) == {"redis", "processor", "ingestor-1", "ingestor-2", "prometheus",
-                            "grafana", "producer"}, f"service set: {sorted(services)}")
+                            "grafana", "producer", "redis-s", "redis-s-replica", "sentinel-1",
+                            "sentinel-2", "sentinel-3", "ingestor-sentinel"},
+          f"service set: {sorted(services)}")
     ports = {name: [str(p) for p in s.get("ports", [])] for name, s in services.items()}
     check(ports["ingestor-1"] == ["8070:8070"] and ports["ingestor-2"] == ["8071:8070"],
           f"ingestor ports {ports['ingestor-1']} {ports['ingestor-2']}")
@@ -107,9 +165,10 @@ def compose(bins):
         example = f.read()
     missing = [n for n in names if not re.search(rf"^#?\s*{n}=", example, re.M)]
     check(not missing, f"every configuration variable is in example.env (missing: {missing})")
-    for name in ("ingestor-1", "ingestor-2"):
+    for name in ("ingestor-1", "ingestor-2", "ingestor-sentinel"):
         unknown = [k for k in services[name].get("environment", {}) if k not in names and k != "RUST_LOG"]
         check(not unknown, f"{name} sets only variables the ingestor reads (unknown: {unknown})")
+    sentinel_profile(services)
     proc_cmd = services["processor"]["command"]
     check("0.0.0.0:8090" in proc_cmd, "processor listens on 8090 inside the network")
     mounts = " ".join(services["prometheus"].get("volumes", []))
