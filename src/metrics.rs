@@ -4,6 +4,8 @@
 //! labels are low-cardinality — never a tenant id. The `ingestor_` namespace keeps the earlier
 //! Go service's dashboards meaningful where a metric kept its meaning.
 
+use std::time::Duration;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -43,6 +45,25 @@ pub struct Metrics {
     pub processor_auth_failures: IntCounter,
     /// Commits that fewer than REDIS_WAIT_REPLICAS replicas confirmed in time (answered 503).
     pub redis_wait_short: IntCounter,
+    /// The two ingest routes' series for their usual answer (202), bound once so that the
+    /// request path does no label lookup for them.
+    ingest_one: BoundRoute,
+    ingest_batch: BoundRoute,
+}
+
+/// One route's latency histogram and its `202` counter.
+struct BoundRoute {
+    duration: Histogram,
+    accepted: IntCounter,
+}
+
+impl BoundRoute {
+    fn new(requests: &IntCounterVec, duration: &HistogramVec, route: &str) -> Self {
+        BoundRoute {
+            duration: duration.with_label_values(&[route]),
+            accepted: requests.with_label_values(&[route, "202"]),
+        }
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -61,22 +82,24 @@ impl Metrics {
                 m
             }};
         }
+        let requests = reg!(IntCounterVec::new(
+            Opts::new(
+                "ingestor_http_requests_total",
+                "HTTP requests by route and status code"
+            ),
+            &["route", "status"]
+        ));
+        let duration = reg!(HistogramVec::new(
+            HistogramOpts::new(
+                "ingestor_http_request_duration_seconds",
+                "HTTP request latency"
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"]
+        ));
         let m = Metrics {
-            http_requests: reg!(IntCounterVec::new(
-                Opts::new(
-                    "ingestor_http_requests_total",
-                    "HTTP requests by route and status code"
-                ),
-                &["route", "status"]
-            )),
-            http_duration: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "ingestor_http_request_duration_seconds",
-                    "HTTP request latency"
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-                &["route"]
-            )),
+            http_requests: requests.clone(),
+            http_duration: duration.clone(),
             pulses_received: reg!(IntCounter::new(
                 "ingestor_pulses_received_total",
                 "Pulses in well-formed requests, before validation"
@@ -204,6 +227,8 @@ impl Metrics {
                 "Commits fewer than REDIS_WAIT_REPLICAS replicas confirmed in time (answered 503)"
             )),
             registry,
+            ingest_one: BoundRoute::new(&requests, &duration, "/ingest"),
+            ingest_batch: BoundRoute::new(&requests, &duration, "/ingest/batch"),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("PULSE_GIT_COMMIT")])
@@ -243,6 +268,35 @@ impl Metrics {
             m.redis_errors.with_label_values(&[op]);
         }
         m
+    }
+
+    /// Counts and times one HTTP request by the route it matched and its status.
+    pub fn observe_request(&self, route: &str, status: axum::http::StatusCode, took: Duration) {
+        let bound = match route {
+            "/ingest" => Some(&self.ingest_one),
+            "/ingest/batch" => Some(&self.ingest_batch),
+            _ => None,
+        };
+        match bound {
+            Some(b) => {
+                b.duration.observe(took.as_secs_f64());
+                if status == axum::http::StatusCode::ACCEPTED {
+                    b.accepted.inc();
+                } else {
+                    self.http_requests
+                        .with_label_values(&[route, status.as_str()])
+                        .inc();
+                }
+            }
+            None => {
+                self.http_duration
+                    .with_label_values(&[route])
+                    .observe(took.as_secs_f64());
+                self.http_requests
+                    .with_label_values(&[route, status.as_str()])
+                    .inc();
+            }
+        }
     }
 
     /// Records which window and generation this replica last saw.
