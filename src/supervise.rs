@@ -85,3 +85,70 @@ pub fn fault(task: &str) -> bool {
         .as_deref()
         == Some(task)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn parts() -> (TaskTracker, Arc<Health>, Arc<Metrics>, CancellationToken) {
+        let metrics = Arc::new(Metrics::new());
+        (
+            TaskTracker::new(),
+            Arc::default(),
+            metrics,
+            CancellationToken::new(),
+        )
+    }
+
+    /// Supervision is about when tasks end: under tokio's paused clock an hour passes at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_panics_or_returns_early_fails_health_once_shutdown_does_not() {
+        let (tracker, health, metrics, shutdown) = parts();
+        // A loop that ends only with the shutdown: healthy for an hour, and after it.
+        let stop = shutdown.clone();
+        spawn(
+            &tracker,
+            "ticker",
+            &health,
+            &metrics,
+            &shutdown,
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(health.failure(), None);
+        // A task that panics after a minute.
+        spawn(&tracker, "worker", &health, &metrics, &shutdown, async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            panic!("boom");
+        });
+        tokio::time::timeout(Duration::from_secs(61), health.failed())
+            .await
+            .expect("the panic fails health within its minute");
+        assert_eq!(health.failure(), Some("task worker panicked: boom"));
+        // A second failure does not replace the first reason; both are counted.
+        spawn(&tracker, "watcher", &health, &metrics, &shutdown, async {});
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(health.failure(), Some("task worker panicked: boom"));
+        let count = |t: &str| metrics.task_failures.with_label_values(&[t]).get();
+        assert_eq!(
+            (count("worker"), count("watcher"), count("ticker")),
+            (1, 1, 0)
+        );
+        // The shutdown ends the ticker without a failure.
+        shutdown.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(1), tracker.wait())
+            .await
+            .unwrap();
+        assert_eq!(count("ticker"), 0);
+    }
+}
