@@ -111,34 +111,8 @@ impl Store {
                 StoreError::Redis(e)
             }
         })?;
-        let parts: Vec<&str> = reply.split(';').collect();
-        if parts.len() != sections.len() {
-            return Err(StoreError::Reply(reply.clone()));
-        }
-        parts
-            .iter()
-            .zip(sections)
-            .zip(with_id)
-            .map(|((part, (_, items)), ids)| {
-                let (start, flags) = part
-                    .split_once(':')
-                    .ok_or_else(|| StoreError::Reply(reply.clone()))?;
-                let window_start = start
-                    .parse()
-                    .map_err(|_| StoreError::Reply(reply.clone()))?;
-                if flags.len() != ids.len() {
-                    return Err(StoreError::Reply(reply.clone()));
-                }
-                let mut counted = vec![true; items.len()];
-                for (flag, i) in flags.bytes().zip(ids) {
-                    counted[i] = flag == b'1';
-                }
-                Ok(WriteReply {
-                    window_start,
-                    counted,
-                })
-            })
-            .collect()
+        let sizes: Vec<usize> = sections.iter().map(|(_, items)| items.len()).collect();
+        parse_reply(&reply, &sizes, &with_id)
     }
 
     /// Until when (Redis seconds) markers of the previous layout — one string key per id —
@@ -199,5 +173,87 @@ impl Store {
             redis_now,
             redis_now_micros: redis_now * 1_000_000 + micros,
         })
+    }
+}
+
+/// The write script's reply — per section `"<window start>:<flags>"`, joined by `;`, one flag
+/// per item with an id (`1` counted, `0` a re-send) — as one [`WriteReply`] per section. It is
+/// a string because the script also stores it under the commit's token and answers a re-sent
+/// call with it. `sizes[s]` is section `s`'s item count, `with_id[s]` the indexes of its items
+/// with an id, in the order the script saw them.
+fn parse_reply(
+    reply: &str,
+    sizes: &[usize],
+    with_id: &[Vec<usize>],
+) -> Result<Vec<WriteReply>, StoreError> {
+    let bad = || StoreError::Reply(reply.to_string());
+    let parts: Vec<&str> = reply.split(';').collect();
+    if parts.len() != sizes.len() || with_id.len() != sizes.len() {
+        return Err(bad());
+    }
+    parts
+        .iter()
+        .zip(sizes)
+        .zip(with_id)
+        .map(|((part, &size), ids)| {
+            let (start, flags) = part.split_once(':').ok_or_else(bad)?;
+            let window_start = start.parse().map_err(|_| bad())?;
+            if flags.len() != ids.len() || ids.iter().any(|&i| i >= size) {
+                return Err(bad());
+            }
+            let mut counted = vec![true; size];
+            for (flag, &i) in flags.bytes().zip(ids) {
+                counted[i] = flag == b'1';
+            }
+            Ok(WriteReply {
+                window_start,
+                counted,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_says_per_section_where_items_counted_and_which_ids_were_re_sent() {
+        // Two sections: 3 items (ids on items 0 and 2), then 1 item without id.
+        let r = parse_reply("3600:10;3600:", &[3, 1], &[vec![0, 2], vec![]]).unwrap();
+        assert_eq!(
+            r,
+            vec![
+                WriteReply {
+                    window_start: 3600,
+                    counted: vec![true, true, false],
+                },
+                WriteReply {
+                    window_start: 3600,
+                    counted: vec![true],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reply_that_does_not_fit_the_commit_is_an_error_not_a_guess() {
+        let ids = [vec![0], vec![]];
+        for bad in [
+            "3600:1",
+            "3600:1;x:",
+            "3600:11;3600:",
+            "3600;3600:",
+            "3600:1;3600:;7:",
+        ] {
+            assert!(
+                matches!(parse_reply(bad, &[1, 1], &ids), Err(StoreError::Reply(_))),
+                "{bad}"
+            );
+        }
+        assert!(
+            parse_reply("3600:1", &[1], &[vec![5]]).is_err(),
+            "an id index past the section"
+        );
     }
 }
