@@ -367,3 +367,90 @@ async fn a_window_sealed_by_the_float_release_is_delivered_as_redis_holds_it() {
     assert_eq!(left, 0, "delivered records are deleted");
     app.stop().await.unwrap();
 }
+
+/// The float release's generation still holds a key whose window is also sealed already (the
+/// merge that "cannot happen" while windows move forward): the two are one record id at the
+/// Processor, so they are summed before delivery — exactly, as decimal text, not by
+/// `HINCRBYFLOAT` (which gave 1234567890123456.7899169921875 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_window_sealed_twice_is_merged_exactly() {
+    let redis = RedisServer::start();
+    let field = pulse_ingestor::store::keys::encode_field("legacy", "SKU", "KB");
+    let _: () = redis.cmd(&["MSET", "{pulses:0}:gen", "A", "{pulses:0}:window", "1000"]);
+    let _: () = redis.cmd(&["SET", "{pulses:0}:window_len", "3600"]);
+    let _: i64 = redis.cmd(&["HSET", "{pulses:0}:agg:A", &field, "0.001"]);
+    let _: i64 = redis.cmd(&[
+        "HSET",
+        "{pulses:0}:sealed:1000",
+        &field,
+        "1234567890123456.7889404296875",
+    ]);
+    let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
+    let (p, purl) = processor(Faults::default()).await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    flush_until_delivered(&app.base, &p, &["legacy"]).await;
+    assert_eq!(
+        total_of(&p.records(), "legacy"),
+        "1234567890123456.7899404296875"
+    );
+    let left: i64 = redis.cmd(&["EXISTS", "{pulses:0}:agg:A"]);
+    assert_eq!(left, 0, "the legacy generation was sealed");
+    app.stop().await.unwrap();
+}
+
+/// A record of a float-release window that the Processor refused goes back, on replay, as the
+/// decimal text Redis held — not through `HINCRBYFLOAT`, which rounds it to 17 decimals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_dead_letter_is_replayed_as_redis_held_it() {
+    let redis = RedisServer::start();
+    let held = "0.12345678901234567890123";
+    let field = pulse_ingestor::store::keys::encode_field("bad", "SKU", "KB");
+    let _: i64 = redis.cmd(&["HSET", "{pulses:0}:sealed:1000", &field, held]);
+    let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
+    let (p, purl) = processor(Faults {
+        reject_tenant: Some("bad".into()),
+        ..Faults::default()
+    })
+    .await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    let c = http();
+    let dead = eventually(Duration::from_secs(20), || async {
+        app.flush_now().await;
+        let dl = c
+            .get(format!("{}/admin/dead-letters", app.base))
+            .json_reply()
+            .await;
+        dl["records"].as_array().is_some_and(|r| {
+            r.iter()
+                .any(|r| r["tenant_id"] == "bad" && r["used_amount_text"] == held)
+        })
+    })
+    .await;
+    assert!(
+        dead,
+        "the refused legacy record is dead-lettered with its exact amount"
+    );
+    p.set_faults(Faults::default());
+    let r = c
+        .post(format!("{}/admin/dead-letters/replay", app.base))
+        .json_reply()
+        .await;
+    assert_eq!(r["replayed_records"], 1, "{r}");
+    flush_until_delivered(&app.base, &p, &["bad"]).await;
+    assert_eq!(total_of(&p.records(), "bad"), held);
+    app.stop().await.unwrap();
+}

@@ -3,19 +3,36 @@
 -- KEYS[1] dead-letter hash, KEYS[2] sealed hash, KEYS[3] its hi hash, KEYS[4] pending set,
 -- KEYS[5] dead-letter index. ARGV[1] window member, ARGV[2] window start, ARGV[3] "1" for the
 -- exact layout. Returns records moved.
+-- A legacy (float release) amount is decimal text: it goes back verbatim, or summed exactly with
+-- a value the field holds again (decimal_sum), never through binary floating point; one that is
+-- not a plain decimal stays dead-lettered.
 local kv = redis.call('HGETALL', KEYS[1])
 local moved = 0
 for i = 1, #kv, 2 do
   local d = cjson.decode(kv[i + 1])
+  local back = true
   if ARGV[3] == '1' then
     add(KEYS[2], KEYS[3], kv[i], d['lo'], d['hi'])
   else
-    redis.call('HINCRBYFLOAT', KEYS[2], kv[i], d['amount'])
+    local held = redis.call('HGET', KEYS[2], kv[i])
+    local value = d['amount']
+    if held then
+      value = decimal_sum(held, value)
+    end
+    if value then
+      redis.call('HSET', KEYS[2], kv[i], value)
+    else
+      back = false
+    end
   end
-  moved = moved + 1
+  if back then
+    redis.call('HDEL', KEYS[1], kv[i])
+    moved = moved + 1
+  end
 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[5], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[5], ARGV[1])
+end
 if moved > 0 then
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 end

@@ -4,8 +4,10 @@
 --   exact  (this release): namespace `base:x`, amounts as two integer limbs per key —
 --          `<hash>` holds lo and `<hash>:hi` multiples of 10^15 (see add below), both
 --          added with HINCRBY, so sums are exact (invariant 11). Pending members "<s>:<e>:x".
---   legacy (the float release): namespace `base`, HINCRBYFLOAT values. Only sealed, never
---          written, so windows a previous version left are still delivered.
+--   legacy (the float release): namespace `base`, values that release wrote as decimal text
+--          (HINCRBYFLOAT's output). Only sealed, never written, and never added to in binary
+--          floating point here (see decimal_sum): windows a previous version left are still
+--          delivered as Redis holds them.
 -- Each layout has its own generation and window keys, so replicas of both versions can run
 -- side by side during an upgrade and each seals only its own hashes.
 
@@ -31,6 +33,40 @@ local function add(lohash, hihash, field, lo, hi)
     redis.call('HINCRBY', hihash, field, hi)
   end
   return fresh
+end
+
+-- The exact sum of two non-negative plain decimals ("12", "0.5", "19999.99999999972" — what
+-- the float release's HINCRBYFLOAT wrote), digit by digit; nil for any other form. Only the
+-- legacy layout needs it: its values are decimal text, which Lua numbers (doubles) cannot add
+-- without rounding.
+local function decimal_sum(a, b)
+  local ai, af = string.match(a, '^(%d+)%.?(%d*)$')
+  local bi, bf = string.match(b, '^(%d+)%.?(%d*)$')
+  if not ai or not bi then
+    return nil
+  end
+  local n = math.max(#af, #bf)
+  local x = ai .. af .. string.rep('0', n - #af)
+  local y = bi .. bf .. string.rep('0', n - #bf)
+  local m = math.max(#x, #y)
+  x = string.rep('0', m - #x) .. x
+  y = string.rep('0', m - #y) .. y
+  local digits, carry = {}, 0
+  for k = m, 1, -1 do
+    local d = string.byte(x, k) + string.byte(y, k) - 96 + carry
+    carry = math.floor(d / 10)
+    digits[k] = d % 10
+  end
+  local all = (carry > 0 and tostring(carry) or '') .. table.concat(digits)
+  local int = string.gsub(string.sub(all, 1, #all - n), '^0+', '')
+  local frac = string.gsub(string.sub(all, #all - n + 1), '0+$', '')
+  if int == '' then
+    int = '0'
+  end
+  if frac == '' then
+    return int
+  end
+  return int .. '.' .. frac
 end
 
 -- The usage index: per shard, window and tenant, the set of a tenant's fields, so that "what has
@@ -80,21 +116,36 @@ local function seal(base, ns, exact, now, window_len)
       end
     else
       -- Cannot happen while windows only move forward; merged rather than overwritten, so
-      -- nothing is lost if it ever does.
+      -- nothing is lost if it ever does — and merged exactly: both are one record id at the
+      -- Processor, which would keep only one of two deliveries.
       local kv = redis.call('HGETALL', old)
-      for i = 1, #kv, 2 do
-        if exact then
-          add(sealed, sealed .. ':hi', kv[i], kv[i + 1], '0')
-        else
-          redis.call('HINCRBYFLOAT', sealed, kv[i], kv[i + 1])
-        end
-      end
       if exact then
+        for i = 1, #kv, 2 do
+          add(sealed, sealed .. ':hi', kv[i], kv[i + 1], '0')
+        end
         local kh = redis.call('HGETALL', old .. ':hi')
         for i = 1, #kh, 2 do
           redis.call('HINCRBY', sealed .. ':hi', kh[i], kh[i + 1])
         end
         redis.call('DEL', old .. ':hi')
+      else
+        -- Every sum first: a script that stops half-way keeps what it wrote.
+        local sums = {}
+        for i = 1, #kv, 2 do
+          local held = redis.call('HGET', sealed, kv[i])
+          sums[i] = kv[i + 1]
+          if held then
+            sums[i] = decimal_sum(held, kv[i + 1])
+          end
+          if not sums[i] then
+            -- Not a plain decimal: leave both hashes and this generation as they are (the
+            -- window stays sealed and pending; nothing is rounded, nothing is lost).
+            return gen, start, 0
+          end
+        end
+        for i = 1, #kv, 2 do
+          redis.call('HSET', sealed, kv[i], sums[i])
+        end
       end
       redis.call('DEL', old)
     end
