@@ -217,7 +217,7 @@ class Bench:
     """One benchmark run: its Redis, processes, wrk scripts and the rows it collects. Each
     scenario is a method, run in the order of the table."""
 
-    def __init__(self):
+    def __init__(self, aof=True):
         self.procs = Procs()
         self.tmp = tempfile.mkdtemp(prefix="pulse-bench-")
         self.log = os.path.join(self.tmp, "bench.log")
@@ -225,9 +225,11 @@ class Bench:
         self.rows, self.costs, self.fleet = [], [], []
         self.ok = True
         self.rport = free_port()
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof \
+            else ["--appendonly", "no"]
         self.procs.start(["redis-server", "--port", str(self.rport), "--bind", "127.0.0.1",
-                          "--dir", self.tmp, "--appendonly", "yes", "--appendfsync", "everysec",
-                          "--save", ""], log=os.path.join(self.tmp, "redis.log"))
+                          "--dir", self.tmp, "--save", ""] + persistence,
+                         log=os.path.join(self.tmp, "redis.log"))
         wait_port(self.rport)
 
     def processor(self):
@@ -237,7 +239,9 @@ class Bench:
         wait_port(port)
         return p, port
 
-    def ingestor(self, extra, processor_port=None, flush=True, log="ingestor.log"):
+    def ingestor(self, extra, processor_port=None, flush=True, log="ingestor.log", wait=True):
+        """A fresh ingestor on this run's Redis (flushed first unless `flush=False`); waits until
+        it listens unless `wait=False` (the fleet starts several, then waits)."""
         if flush:
             subprocess.run(["redis-cli", "-p", str(self.rport), "FLUSHALL"], check=True,
                            capture_output=True)
@@ -251,21 +255,19 @@ class Bench:
             del env["REDIS_URL"]  # one way to reach Redis
         p = self.procs.start([os.path.join(BIN, "pulse-ingestor")], env=env,
                              log=os.path.join(self.tmp, log))
+        if wait:
+            wait_port(port)
         return p, port
-
-    def started(self, ing_port):
-        ing, port = ing_port
-        wait_port(port)
-        return ing, port
 
     def http_scenario(self, name, extra, script, path, producer_args, per_request=1, conns=64,
                       api_key=None):
         """wrk against a fresh ingestor (throughput, latency, cost model), then a producer run
         whose ledger is checked against what the ingestor holds."""
-        ing, port = self.started(self.ingestor(extra))
-        cost = Cost(self.rport, [ing.pid], [port])
+        ing, port = self.ingestor(extra)
+        # The cost model reads this run's single Redis: not what a cluster run spends.
+        cost = None if "REDIS_CLUSTER_URLS" in extra else Cost(self.rport, [ing.pid], [port])
         w = wrk(f"http://127.0.0.1:{port}{path}", self.scripts[script], conns=conns)
-        if "REDIS_CLUSTER_URLS" not in extra:
+        if cost:
             self.costs.append((name, cost.done(w["ok"], w["ok"] * per_request)))
         ledger = os.path.join(self.tmp, "ledger.json")
         producer(["--url", f"http://127.0.0.1:{port}", "--duration", f"{min(DUR, 5)}s",
@@ -334,7 +336,7 @@ class Bench:
 
     def s5_tenant_model(self):
         """5. The earlier producer's model: 3,000 tenants, 500-1,000 ms between sends."""
-        ing, port = self.started(self.ingestor({}))
+        ing, port = self.ingestor({})
         ledger = os.path.join(self.tmp, "ledger.json")
         rep = os.path.join(self.tmp, "report.json")
         secs = 10 if QUICK else 30
@@ -357,9 +359,9 @@ class Bench:
         keys = 200_000 if QUICK else 1_000_000
         window = 30
         proc, pport = self.processor()
-        ing, port = self.started(self.ingestor(
+        ing, port = self.ingestor(
             {"WINDOW": f"{window}s", "STABILISATION_DELAY": "0s", "DRAIN_INTERVAL": "1s"},
-            processor_port=pport))
+            processor_port=pport)
         # Start right after a boundary so the whole load lands in one window.
         while True:
             now = int(subprocess.run(["redis-cli", "-p", str(self.rport), "TIME"],
@@ -432,7 +434,7 @@ class Bench:
     def s8_memory_per_id(self):
         """8. Redis memory per remembered pulse id: 100,000 ids. The marker sets are the one
         place this script names a key (`:seen:`), to weigh them with MEMORY USAGE."""
-        ing, port = self.started(self.ingestor({}))
+        ing, port = self.ingestor({})
         before = used_memory(self.rport)
         producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max", "--concurrency", "4",
                   "--batch", "1000", "--ids", "--count", "100000", "--duration", "60s"], self.log)
@@ -454,7 +456,8 @@ class Bench:
         for n in (2, 3):
             subprocess.run(["redis-cli", "-p", str(self.rport), "FLUSHALL"], check=True,
                            capture_output=True)
-            ings = [self.ingestor({}, flush=False, log=f"fleet-{n}-{i}.log") for i in range(n)]
+            ings = [self.ingestor({}, flush=False, log=f"fleet-{n}-{i}.log", wait=False)
+                    for i in range(n)]
             for _, port in ings:
                 wait_port(port)
             cost = Cost(self.rport, [p.pid for p, _ in ings], [port for _, port in ings])
@@ -609,21 +612,11 @@ def usage_latency(queries=300):
     """`GET /v1/usage` latency for a tenant with 10 keys and one with 1,000 keys, first alone in
     Redis, then beside 1,000,000 keys of other tenants in the same window (and shards): the query
     reads the tenant's own usage index, so its cost should not move. Prints a table."""
-    procs = Procs()
-    tmp = tempfile.mkdtemp(prefix="pulse-usage-")
-    log = os.path.join(tmp, "bench.log")
+    # No AOF: its rewrite after the million-key load would compete with the queries measured.
+    bench = Bench(aof=False)
     rows = []
     try:
-        rport = free_port()
-        procs.start(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", tmp,
-                     "--appendonly", "no", "--save", ""], log=os.path.join(tmp, "redis.log"))
-        wait_port(rport)
-        port = free_port()
-        env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
-                   LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn", WINDOW="1h")
-        ing = procs.start([os.path.join(BIN, "pulse-ingestor")], env=env,
-                          log=os.path.join(tmp, "ingestor.log"))
-        wait_port(port)
+        _, port = bench.ingestor({"WINDOW": "1h"})
         base = f"http://127.0.0.1:{port}"
         tenants = (("small", 10), ("big", 1000))
         for tenant, keys in tenants:
@@ -651,11 +644,10 @@ def usage_latency(queries=300):
         other = 200_000 if QUICK else 1_000_000
         producer(["--url", base, "--mode", "max", "--concurrency", "4", "--batch", "1000",
                   "--distinct", "--tenants", str(other // 10), "--skus", "10", "--count",
-                  str(other), "--duration", "60s"], log)
+                  str(other), "--duration", "60s"], bench.log)
         measure(f"beside {other:,} keys of other tenants")
-        procs.stop(ing)
     finally:
-        procs.stop_all()
+        bench.procs.stop_all()
     print("| Redis holds | tenant | p50 ms | p99 ms |\n|---|---|---|---|")
     for label, tenant, p50, p99 in rows:
         print(f"| {label} | {tenant} | {p50:.2f} | {p99:.2f} |")

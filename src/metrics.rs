@@ -14,8 +14,8 @@ use prometheus::{
 /// The service's metrics and the registry they live in.
 pub struct Metrics {
     registry: Registry,
-    pub http_requests: IntCounterVec,
-    pub http_duration: HistogramVec,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
     pub pulses_received: IntCounter,
     pub pulses: IntCounterVec,
     pub queue_depth: IntGauge,

@@ -216,87 +216,104 @@ async fn verify_usage(
     admin_token: Option<&str>,
     api_key: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    use futures::StreamExt;
+    use futures::{StreamExt, TryStreamExt};
     let expected = merged(ledgers)?.totals();
-    let mut tenants: Vec<&str> = expected.iter().map(|k| k.tenant_id.as_str()).collect();
-    tenants.dedup();
+    let tenants: std::collections::BTreeSet<&str> =
+        expected.iter().map(|k| k.tenant_id.as_str()).collect();
     let client = reqwest::Client::new();
     let base = ingestor.trim_end_matches('/');
-    let replies: Vec<anyhow::Result<Vec<KeyTotal>>> = futures::stream::iter(tenants)
-        .map(|t| {
-            let url =
-                reqwest::Url::parse_with_params(&format!("{base}/v1/usage"), [("tenant_id", t)]);
+    let found: Vec<Vec<KeyTotal>> = futures::stream::iter(&tenants)
+        .map(|&t| {
             let client = client.clone();
             async move {
-                let mut req = client.get(url?);
+                let url = reqwest::Url::parse_with_params(
+                    &format!("{base}/v1/usage"),
+                    [("tenant_id", t)],
+                )?;
+                let mut req = client.get(url);
                 if let Some(token) = admin_token {
                     req = req.bearer_auth(token);
                 }
                 if let Some(key) = api_key {
                     req = req.header("x-api-key", key);
                 }
-                usage_totals(t, req.send().await?.error_for_status()?.json().await?)
+                let usage: Usage = req.send().await?.error_for_status()?.json().await?;
+                usage.totals(t)
             }
         })
         .buffer_unordered(16)
-        .collect()
-        .await;
-    let mut found = Vec::new();
-    for r in replies {
-        found.extend(r?);
+        .try_collect()
+        .await?;
+    let found: Vec<KeyTotal> = found.into_iter().flatten().collect();
+    report_diff(
+        &expected,
+        &found,
+        &format!(
+            "ingestor: {} keys of {} tenants",
+            found.len(),
+            tenants.len()
+        ),
+    )
+}
+
+/// `GET /v1/usage`, as much of it as the books need (amounts as exact decimal text).
+#[derive(serde::Deserialize)]
+struct Usage {
+    windows: Vec<UsageWindow>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageWindow {
+    usage: Vec<KeyUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct KeyUsage {
+    product_sku: String,
+    use_unit: String,
+    used_amount_text: String,
+    dead_lettered_text: Option<String>,
+}
+
+impl Usage {
+    /// One tenant's usage summed per key over its windows, delivered or not yet.
+    fn totals(self, tenant: &str) -> anyhow::Result<Vec<KeyTotal>> {
+        use pulse_producer::money::{Dec, parse};
+        let exact = |t: &str| parse(t).ok_or_else(|| anyhow::anyhow!("not a decimal: {t:?}"));
+        let mut sums: std::collections::BTreeMap<(String, String), Dec> = Default::default();
+        for k in self.windows.into_iter().flat_map(|w| w.usage) {
+            let mut amount = exact(&k.used_amount_text)?;
+            if let Some(dead) = &k.dead_lettered_text {
+                amount += exact(dead)?;
+            }
+            *sums.entry((k.product_sku, k.use_unit)).or_default() += amount;
+        }
+        Ok(sums
+            .into_iter()
+            .map(|((product_sku, use_unit), used_amount)| KeyTotal {
+                tenant_id: tenant.to_string(),
+                product_sku,
+                use_unit,
+                used_amount,
+            })
+            .collect())
     }
-    found.sort_by(|a, b| {
-        (&a.tenant_id, &a.product_sku, &a.use_unit).cmp(&(
-            &b.tenant_id,
-            &b.product_sku,
-            &b.use_unit,
-        ))
-    });
-    let diff = compare(&expected, &found);
+}
+
+/// Prints the diff and a summary line; exit 1 unless the books balance.
+fn report_diff(
+    expected: &[KeyTotal],
+    found: &[KeyTotal],
+    summary: &str,
+) -> anyhow::Result<ExitCode> {
+    let diff = compare(expected, found);
     print!("{diff}");
-    println!("ingestor: {} keys of {} tenants", found.len(), {
-        let mut t: Vec<_> = found.iter().map(|k| &k.tenant_id).collect();
-        t.dedup();
-        t.len()
-    });
+    println!("{summary}");
     Ok(if diff.balanced() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
-}
-
-/// One tenant's `GET /v1/usage` answer summed per key over its windows.
-fn usage_totals(tenant: &str, usage: serde_json::Value) -> anyhow::Result<Vec<KeyTotal>> {
-    use pulse_producer::money::{Dec, parse};
-    let mut sums: std::collections::BTreeMap<(String, String), Dec> = Default::default();
-    let windows = usage["windows"].as_array().cloned().unwrap_or_default();
-    for w in windows {
-        for k in w["usage"].as_array().cloned().unwrap_or_default() {
-            let text = |f: &str| k[f].as_str().map(str::to_string);
-            let amount = text("used_amount_text")
-                .and_then(|t| parse(&t))
-                .ok_or_else(|| anyhow::anyhow!("usage of {tenant:?}: no exact amount in {k}"))?;
-            let dead = text("dead_lettered_text")
-                .map(|t| parse(&t).ok_or_else(|| anyhow::anyhow!("bad dead_lettered_text in {k}")))
-                .transpose()?
-                .unwrap_or_default();
-            let key = (
-                text("product_sku").unwrap_or_default(),
-                text("use_unit").unwrap_or_default(),
-            );
-            *sums.entry(key).or_default() += amount + dead;
-        }
-    }
-    Ok(sums
-        .into_iter()
-        .map(|((product_sku, use_unit), used_amount)| KeyTotal {
-            tenant_id: tenant.to_string(),
-            product_sku,
-            use_unit,
-            used_amount,
-        })
-        .collect())
 }
 
 async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode> {
@@ -306,15 +323,12 @@ async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode
         .error_for_status()?
         .json()
         .await?;
-    let diff = compare(&expected.totals(), &totals.totals);
-    print!("{diff}");
-    println!(
-        "processor: {} records, {} deliveries, {} re-delivered record ids",
-        totals.records, totals.deliveries, totals.redelivered
-    );
-    Ok(if diff.balanced() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    report_diff(
+        &expected.totals(),
+        &totals.totals,
+        &format!(
+            "processor: {} records, {} deliveries, {} re-delivered record ids",
+            totals.records, totals.deliveries, totals.redelivered
+        ),
+    )
 }

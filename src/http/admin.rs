@@ -111,12 +111,9 @@ pub async fn replay(State(state): State<AppState>) -> Result<Response, ApiError>
         }
     }
     if !busy.is_empty() {
-        return Err(ApiError::Unavailable {
-            message: format!(
-                "replayed {moved} records; shards {busy:?} are being drained, retry to replay them"
-            ),
-            retry_after: state.cfg.retry_after,
-        });
+        return Err(ApiError::Unavailable(format!(
+            "replayed {moved} records; shards {busy:?} are being drained, retry to replay them"
+        )));
     }
     Ok((StatusCode::OK, Json(json!({"replayed_records": moved}))).into_response())
 }

@@ -4,7 +4,8 @@
 //! Handlers return `Result<_, ApiError>` and use `?`: a [`StoreError`] converts into a 503 (and
 //! is logged once, when the response is made). A refusal of the client's request carries a
 //! [`Rejection`] in its response extensions, which the request middleware records in the
-//! rejections stream (`/admin/rejections`).
+//! rejections stream (`/admin/rejections`). Every 503 gets `Retry-After: RETRY_AFTER` from that
+//! middleware, whichever part of the service answered it; a 429 carries the limiter's own wait.
 
 use std::time::Duration;
 
@@ -36,13 +37,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     /// 422: fields are missing or invalid; each is named.
     Invalid(Vec<FieldError>),
-    /// 503: queue full, Redis unavailable, or shutting down; retry after the given time.
-    Unavailable {
-        message: String,
-        retry_after: Duration,
-    },
-    /// 503: a Redis call failed. Its `Retry-After` is `RETRY_AFTER`, added by the request
-    /// middleware (which knows the configuration).
+    /// 503: queue full, shutting down, a commit that may have counted, a busy shard.
+    Unavailable(String),
+    /// 503: a Redis call failed.
     Storage(StoreError),
 }
 
@@ -61,10 +58,6 @@ pub struct Rejection {
     pub tenant: String,
 }
 
-/// Marks a 503 whose `Retry-After` is the configured `RETRY_AFTER` (set by the middleware).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct DefaultRetryAfter;
-
 impl ApiError {
     /// The one status mapping.
     fn status(&self) -> StatusCode {
@@ -76,7 +69,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable { .. } | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -99,7 +92,7 @@ impl ApiError {
             ApiError::TooManyRequests { tenant, .. } => {
                 ("rate limit exceeded".into(), tenant.clone())
             }
-            ApiError::Unauthorized | ApiError::Unavailable { .. } | ApiError::Storage(_) => {
+            ApiError::Unauthorized | ApiError::Unavailable(_) | ApiError::Storage(_) => {
                 return None;
             }
         };
@@ -133,7 +126,7 @@ impl ApiError {
                     .join("; ");
                 json!({"error": summary, "fields": errors})
             }
-            ApiError::Unavailable { message, .. } => json!({"error": message}),
+            ApiError::Unavailable(message) => json!({"error": message}),
             ApiError::Storage(_) => json!({"error": "storage unavailable"}),
         }
     }
@@ -149,12 +142,7 @@ impl IntoResponse for ApiError {
         if let Some(r) = self.rejection() {
             resp.extensions_mut().insert(r);
         }
-        if let ApiError::Storage(_) = self {
-            resp.extensions_mut().insert(DefaultRetryAfter);
-        }
-        if let ApiError::Unavailable { retry_after, .. }
-        | ApiError::TooManyRequests { retry_after, .. } = self
-        {
+        if let ApiError::TooManyRequests { retry_after, .. } = self {
             set_retry_after(&mut resp, retry_after);
         }
         resp

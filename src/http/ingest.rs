@@ -160,15 +160,11 @@ async fn submit(
     state.metrics.pulses_received.inc_by(n as u64);
     if let Some(why) = state.health.failure() {
         // Never acknowledge a pulse this replica could not deliver.
-        return Err(ApiError::Unavailable {
-            message: format!("this replica is stopping ({why}); retry on another"),
-            retry_after: state.cfg.retry_after,
-        });
+        return Err(ApiError::Unavailable(format!(
+            "this replica is stopping ({why}); retry on another"
+        )));
     }
-    let unavailable = |message: String| ApiError::Unavailable {
-        message,
-        retry_after: state.cfg.retry_after,
-    };
+    let unavailable = ApiError::Unavailable;
     let rx = state.ingest.submit(pulses).map_err(|e| match e {
         SubmitError::Full => unavailable("ingest queue is full; retry later".into()),
         SubmitError::Closed => unavailable("shutting down; retry on another replica".into()),

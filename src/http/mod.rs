@@ -11,7 +11,7 @@
 //!
 //! Errors are `ApiError` (`error.rs`): handlers return it with `?`; the request middleware
 //! (`record`) counts every request, records refused ingest requests from the response's
-//! `Rejection` extension and gives storage 503s their `Retry-After`.
+//! `Rejection` extension and gives every 503 its `Retry-After`.
 
 mod admin;
 pub(crate) mod error;
@@ -171,7 +171,7 @@ async fn supported_encoding(req: Request, next: Next) -> Response {
 pub(crate) struct RequestStart(pub Instant);
 
 /// Counts every request by route and status, and times it; records a refused ingest request in
-/// the rejections stream and gives a storage 503 its configured `Retry-After`.
+/// the rejections stream and gives every 503 the configured `Retry-After`.
 async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     // The matched path is an `Arc<str>`: cloned, not copied into a new string.
     let route = req.extensions().get::<MatchedPath>().cloned();
@@ -185,10 +185,10 @@ async fn record(State(state): State<AppState>, req: Request, next: Next) -> Resp
     {
         note_rejection(&state, r);
     }
-    if resp
-        .extensions_mut()
-        .remove::<error::DefaultRetryAfter>()
-        .is_some()
+    // Overload and unavailability answer 503 with Retry-After, always: here, once, for every
+    // route (a 503 that carries its own is left alone).
+    if resp.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE
+        && !resp.headers().contains_key(axum::http::header::RETRY_AFTER)
     {
         error::set_retry_after(&mut resp, state.cfg.retry_after);
     }

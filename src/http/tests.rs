@@ -130,6 +130,11 @@ async fn a_storage_failure_is_503_with_the_configured_retry_after() {
     .await;
     assert_eq!(got, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers[header::RETRY_AFTER], "7");
+    // Readiness too: every 503 says when to come back.
+    let (got, headers, reply) =
+        call(&s, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(got, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    assert_eq!(headers[header::RETRY_AFTER], "7");
 }
 
 #[tokio::test]
