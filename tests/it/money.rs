@@ -75,6 +75,25 @@ async fn flush_until_delivered(
     assert!(ok, "not delivered");
 }
 
+/// The service on `redis` with 2-second windows, delivering to a reference Processor with
+/// `faults`.
+async fn delivering_app(
+    redis: &RedisServer,
+    faults: Faults,
+) -> (
+    TestApp,
+    std::sync::Arc<pulse_producer::processor::Processor>,
+) {
+    let (p, purl) = processor(faults).await;
+    let batches = format!("{purl}/batches");
+    let app = TestApp::spawn(settings(
+        redis,
+        &[("WINDOW", "2s"), ("PROCESSOR_URL", &batches)],
+    ))
+    .await;
+    (app, p)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_receives_exact_decimal_sums() {
     let redis = RedisServer::start();
@@ -265,18 +284,13 @@ async fn random_amounts_in_random_groupings_sum_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_and_their_replay_stay_exact() {
     let redis = RedisServer::start();
-    let (p, purl) = processor(Faults {
-        reject_tenant: Some("bad".into()),
-        ..Faults::default()
-    })
-    .await;
-    let app = TestApp::spawn(settings(
+    let (app, p) = delivering_app(
         &redis,
-        &[
-            ("WINDOW", "2s"),
-            ("PROCESSOR_URL", &format!("{purl}/batches")),
-        ],
-    ))
+        Faults {
+            reject_tenant: Some("bad".into()),
+            ..Faults::default()
+        },
+    )
     .await;
     let c = http();
     send_many(&c, &app.base, "bad", "0.1", 3_000, 1_000).await;
@@ -344,15 +358,7 @@ async fn a_window_sealed_by_the_float_release_is_delivered_as_redis_holds_it() {
     ]);
     let held: String = redis.cmd(&["HGET", "{pulses:0}:sealed:1000", &field]);
     let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
-    let (p, purl) = processor(Faults::default()).await;
-    let app = TestApp::spawn(settings(
-        &redis,
-        &[
-            ("WINDOW", "2s"),
-            ("PROCESSOR_URL", &format!("{purl}/batches")),
-        ],
-    ))
-    .await;
+    let (app, p) = delivering_app(&redis, Faults::default()).await;
     flush_until_delivered(&app.base, &p, &["legacy"]).await;
     let recs = p.records();
     let kb = recs.iter().find(|r| r.use_unit == "KB").unwrap();
@@ -386,15 +392,7 @@ async fn a_legacy_window_sealed_twice_is_merged_exactly() {
         "1234567890123456.7889404296875",
     ]);
     let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
-    let (p, purl) = processor(Faults::default()).await;
-    let app = TestApp::spawn(settings(
-        &redis,
-        &[
-            ("WINDOW", "2s"),
-            ("PROCESSOR_URL", &format!("{purl}/batches")),
-        ],
-    ))
-    .await;
+    let (app, p) = delivering_app(&redis, Faults::default()).await;
     flush_until_delivered(&app.base, &p, &["legacy"]).await;
     assert_eq!(
         total_of(&p.records(), "legacy"),
@@ -414,18 +412,13 @@ async fn a_legacy_dead_letter_is_replayed_as_redis_held_it() {
     let field = pulse_ingestor::store::keys::encode_field("bad", "SKU", "KB");
     let _: i64 = redis.cmd(&["HSET", "{pulses:0}:sealed:1000", &field, held]);
     let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
-    let (p, purl) = processor(Faults {
-        reject_tenant: Some("bad".into()),
-        ..Faults::default()
-    })
-    .await;
-    let app = TestApp::spawn(settings(
+    let (app, p) = delivering_app(
         &redis,
-        &[
-            ("WINDOW", "2s"),
-            ("PROCESSOR_URL", &format!("{purl}/batches")),
-        ],
-    ))
+        Faults {
+            reject_tenant: Some("bad".into()),
+            ..Faults::default()
+        },
+    )
     .await;
     let c = http();
     let dead = eventually(Duration::from_secs(20), || async {
