@@ -34,6 +34,8 @@ pub struct Metrics {
     pub delivery_failures: IntCounterVec,
     pub delivery_retries: IntCounter,
     pub dead_letters: IntCounter,
+    pub delivery_isolation_posts: IntCounter,
+    pub dead_letters_set_aside: IntCounter,
     pub drain_duration: Histogram,
     pub locks_held: IntGauge,
     pub build_info: IntGaugeVec,
@@ -189,6 +191,14 @@ impl Metrics {
             dead_letters: reg!(IntCounter::new(
                 "ingestor_dead_letter_records_total",
                 "Records moved to dead-letter after a permanent rejection"
+            )),
+            delivery_isolation_posts: reg!(IntCounter::new(
+                "ingestor_delivery_isolation_posts_total",
+                "Extra Processor requests spent halving refused batches to find the refused records"
+            )),
+            dead_letters_set_aside: reg!(IntCounter::new(
+                "ingestor_dead_letters_set_aside_total",
+                "Dead-lettered records an operator set aside for good (audited)"
             )),
             drain_duration: reg!(Histogram::with_opts(
                 HistogramOpts::new(

@@ -162,9 +162,20 @@ impl ProcessorClient {
             .get("location")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp.text().await.unwrap_or_default();
-        let body: String = body.chars().take(512).collect();
         let code = status.as_u16();
+        // A permanent refusal may name the records it refuses: read enough of it for that
+        // (bounded); other answers are only logged.
+        let limit = if is_permanent(code) {
+            MAX_REJECTION_BODY
+        } else {
+            512
+        };
+        let body = read_bounded(resp, limit).await;
+        let body = if is_permanent(code) {
+            body
+        } else {
+            body.chars().take(512).collect()
+        };
         match code {
             300..=399 => Err(ProcessorError::Retryable {
                 reason: "status_3xx",
@@ -199,6 +210,60 @@ impl ProcessorClient {
             _ => Err(ProcessorError::Rejected { status: code, body }),
         }
     }
+}
+
+/// How much of a refusal's body is read: enough for a `{"rejected": [...]}` naming every record
+/// of a large batch.
+pub const MAX_REJECTION_BODY: usize = 1 << 20;
+
+/// Whether a status is a permanent refusal (see [`ProcessorClient::send`]).
+fn is_permanent(code: u16) -> bool {
+    !matches!(code, 200..=399 | 401 | 403 | 408 | 429 | 500..=599)
+}
+
+/// The body as text, at most `limit` bytes of it (the rest is not read).
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> String {
+    let mut buf: Vec<u8> = Vec::new();
+    while buf.len() < limit {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c[..c.len().min(limit - buf.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The records a refusal names: `{"rejected": [{"record_id": "...", "reason": ...}, ...]}`
+/// (the Processor contract). `None` for any other body.
+pub fn named_rejections(body: &str) -> Option<Vec<(String, serde_json::Value)>> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        rejected: Vec<One>,
+    }
+    #[derive(serde::Deserialize)]
+    struct One {
+        record_id: String,
+        #[serde(default)]
+        reason: serde_json::Value,
+    }
+    let named: Named = serde_json::from_str(body).ok()?;
+    if named.rejected.is_empty() {
+        return None;
+    }
+    Some(
+        named
+            .rejected
+            .into_iter()
+            .map(|o| (o.record_id, o.reason))
+            .collect(),
+    )
+}
+
+/// Statuses a Processor may use for a refusal of some records only: an unstructured refusal
+/// with one of these is narrowed down by halving the batch. Any other permanent status (a
+/// wrong URL's 404, a 413, 410...) is about the batch and dead-letters it whole.
+pub fn may_be_per_record(status: u16) -> bool {
+    matches!(status, 400 | 409 | 422)
 }
 
 /// Capped exponential backoff with jitter: attempt 0 waits about 100 ms, doubling up to `max`;

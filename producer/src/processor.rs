@@ -64,12 +64,30 @@ pub struct Faults {
     /// Fraction of batches stored and then answered by dropping the connection.
     #[arg(long, env = "PROCESSOR_DROP_RATE", default_value_t = 0.0)]
     pub drop_rate: f64,
-    /// Reject (422) every batch holding a record of this tenant.
+    /// Refuse (422) the records of this tenant; the rest of the batch is not accepted either
+    /// (the ingestor re-sends it). See `--reject-style`.
     #[arg(long, env = "PROCESSOR_REJECT_TENANT")]
     pub reject_tenant: Option<String>,
+    /// How a refusal for `--reject-tenant` is answered: `named` (`{"rejected": [{"record_id",
+    /// "reason"}]}`, the contract), `plain` (`{"error": ...}` naming nobody) or `foreign`
+    /// (names record ids that are not in the batch).
+    #[arg(long, env = "PROCESSOR_REJECT_STYLE", default_value = "named")]
+    pub reject_style: RejectStyle,
     /// Require this bearer token.
     #[arg(long, env = "PROCESSOR_TOKEN")]
     pub token: Option<String>,
+}
+
+/// How the reference Processor words a refusal of some records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RejectStyle {
+    /// `{"rejected": [{"record_id", "reason"}]}`: the contract.
+    #[default]
+    Named,
+    /// `{"error": "..."}`, naming no record.
+    Plain,
+    /// Names record ids that are not in the batch.
+    Foreign,
 }
 
 /// What the Processor holds.
@@ -278,7 +296,29 @@ async fn batches(State(p): State<Arc<Processor>>, headers: HeaderMap, body: Byte
     if let Some(t) = &f.reject_tenant
         && records.iter().any(|r| &r.tenant_id == t)
     {
-        return status(422, &format!("tenant {t} is not billable"), None);
+        let reason = format!("tenant {t} is not billable");
+        let named = |ids: Vec<String>| {
+            let rejected: Vec<_> = ids
+                .into_iter()
+                .map(|id| serde_json::json!({"record_id": id, "reason": reason}))
+                .collect();
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(serde_json::json!({"rejected": rejected})),
+            )
+                .into_response()
+        };
+        return match f.reject_style {
+            RejectStyle::Named => named(
+                records
+                    .iter()
+                    .filter(|r| &r.tenant_id == t)
+                    .map(|r| r.record_id.clone())
+                    .collect(),
+            ),
+            RejectStyle::Foreign => named(vec!["not-a-record-of-this-batch".into()]),
+            RejectStyle::Plain => status(422, &reason, None),
+        };
     }
     let count = records.len();
     p.accept(records, &body);

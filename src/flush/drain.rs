@@ -114,6 +114,22 @@ impl Drainer {
     /// Moves a shard's dead letters back into their windows, under the shard's drain lock
     /// (waiting up to a few seconds for a drain in progress). `None`: the lock stayed busy.
     pub async fn replay_shard(&self, shard: u32) -> Result<Option<u64>, StoreError> {
+        self.replay(shard, None).await
+    }
+
+    /// Moves one dead-lettered record back into its window, under the shard's drain lock.
+    pub async fn replay_record(
+        &self,
+        d: &crate::store::DeadLetter,
+    ) -> Result<Option<u64>, StoreError> {
+        self.replay(d.shard, Some((&d.window, &d.field))).await
+    }
+
+    async fn replay(
+        &self,
+        shard: u32,
+        only: Option<(&PendingWindow, &str)>,
+    ) -> Result<Option<u64>, StoreError> {
         let mut conn: Conn = self.store.conn().await?;
         if self.store.dead_windows(&mut conn, shard).await?.is_empty() {
             return Ok(Some(0));
@@ -128,8 +144,18 @@ impl Drainer {
         }
         let mut moved = 0;
         let result = async {
-            for w in self.store.dead_windows(&mut conn, shard).await? {
-                moved += self.store.replay_dead(&mut conn, shard, &w).await?;
+            match only {
+                Some((w, field)) => {
+                    moved += self
+                        .store
+                        .replay_dead(&mut conn, shard, w, Some(field))
+                        .await?;
+                }
+                None => {
+                    for w in self.store.dead_windows(&mut conn, shard).await? {
+                        moved += self.store.replay_dead(&mut conn, shard, &w, None).await?;
+                    }
+                }
             }
             Ok::<_, StoreError>(())
         }
@@ -207,11 +233,8 @@ impl Drainer {
             for (f, _) in &batch {
                 unsettled.remove(f);
             }
-            match r {
-                BatchResult::Delivered(n) => delivered += n,
-                BatchResult::DeadLettered(n) => dead += n,
-                BatchResult::Failed => {}
-            }
+            delivered += r.delivered;
+            dead += r.dead_lettered;
         };
         loop {
             let (next, pairs) = self

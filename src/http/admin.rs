@@ -1,7 +1,7 @@
 //! Operator routes under `/admin`, guarded by `ADMIN_TOKEN` (bearer) when it is set.
 
 use axum::Json;
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -85,20 +85,43 @@ pub async fn pending(State(state): State<AppState>) -> Result<Response, ApiError
         .into_response())
 }
 
-/// `POST /admin/dead-letters/replay`: moves every dead-lettered record back into its window for
-/// another delivery (after the Processor was fixed).
+/// Which dead letter to replay; none: all of them.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+pub struct ReplayQuery {
+    /// Replay only this record (its `record_id` in `GET /admin/dead-letters`).
+    record_id: Option<String>,
+}
+
+/// `POST /admin/dead-letters/replay`: moves dead-lettered records back into their windows for
+/// another delivery (after the Processor was fixed) — all of them, or one (`?record_id=`).
 #[utoipa::path(
     post, path = "/admin/dead-letters/replay", tag = "admin",
+    params(ReplayQuery),
     security((), ("admin_token" = [])),
     responses(
         (status = 200, description = "Records moved back for delivery", body = super::openapi::Report),
-        super::openapi::AdminErrors,
+        super::openapi::DeadLetterErrors,
     )
 )]
-pub async fn replay(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn replay(
+    State(state): State<AppState>,
+    Query(q): Query<ReplayQuery>,
+) -> Result<Response, ApiError> {
     let store = &state.store;
-    let mut conn = store.conn().await?;
-    let _ = &mut conn;
+    if let Some(id) = q.record_id {
+        let Some(d) = store.find_dead_letter(&id).await? else {
+            return Err(ApiError::NotFound(format!(
+                "no dead letter with record_id {id:?}"
+            )));
+        };
+        let Some(moved) = state.flusher.drainer.replay_record(&d).await? else {
+            return Err(ApiError::Unavailable(format!(
+                "shard {} is being drained; retry",
+                d.shard
+            )));
+        };
+        return Ok((StatusCode::OK, Json(json!({"replayed_records": moved}))).into_response());
+    }
     let mut moved = 0u64;
     let mut busy = Vec::new();
     // Every shard that may hold dead letters — those of an earlier, larger SHARDS too — and
@@ -116,6 +139,115 @@ pub async fn replay(State(state): State<AppState>) -> Result<Response, ApiError>
         )));
     }
     Ok((StatusCode::OK, Json(json!({"replayed_records": moved}))).into_response())
+}
+
+/// A request to set one dead letter aside for good.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+pub struct SetAside {
+    /// The record (its `record_id` in `GET /admin/dead-letters`).
+    #[schema(min_length = 1, max_length = 64)]
+    record_id: String,
+    /// Who sets it aside (kept in the audit trail).
+    #[schema(min_length = 1, max_length = 256)]
+    operator: String,
+    /// Why (kept in the audit trail).
+    #[schema(min_length = 1, max_length = 1024)]
+    reason: String,
+}
+
+/// `POST /admin/dead-letters/set-aside`: removes one dead-lettered record for good — the only
+/// way a record leaves without a delivery — leaving an audit entry (who, when, why, the exact
+/// amount) in Redis and in the log. Always requires `ADMIN_TOKEN`.
+#[utoipa::path(
+    post, path = "/admin/dead-letters/set-aside", tag = "admin",
+    request_body(content = SetAside, content_type = "application/json"),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The record set aside, with its audit entry", body = super::openapi::Report),
+        super::openapi::DeadLetterErrors,
+    )
+)]
+pub async fn set_aside(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    if !has_admin_token(&state, &headers) {
+        return Err(ApiError::Forbidden(
+            "setting a record aside requires ADMIN_TOKEN to be set and presented".into(),
+        ));
+    }
+    let req: SetAside = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::Malformed(format!("expected {{record_id, operator, reason}}: {e}"))
+    })?;
+    let blank = |s: &str| s.trim().is_empty();
+    if blank(&req.operator)
+        || blank(&req.reason)
+        || req.operator.len() > 256
+        || req.reason.len() > 1024
+    {
+        return Err(ApiError::Invalid(vec![crate::pulse::FieldError {
+            index: None,
+            field: "operator".into(),
+            message: "operator (at most 256 bytes) and reason (at most 1024) are required".into(),
+        }]));
+    }
+    let Some(d) = state.store.find_dead_letter(&req.record_id).await? else {
+        return Err(ApiError::NotFound(format!(
+            "no dead letter with record_id {:?}",
+            req.record_id
+        )));
+    };
+    let key = crate::store::keys::decode_field(d.field.as_bytes());
+    let amount = crate::store::dead_letter_total(&d.value);
+    let entry = json!({
+        "operator": req.operator,
+        "reason": req.reason,
+        "record_id": d.record_id,
+        "shard": d.shard,
+        "window_start": d.window.start,
+        "window_end": d.window.end,
+        "tenant_id": key.as_ref().map(|k| &k.tenant),
+        "product_sku": key.as_ref().map(|k| &k.sku),
+        "use_unit": key.as_ref().map(|k| &k.unit),
+        "used_amount_text": amount,
+    });
+    if state.store.set_aside(&d, &entry).await?.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "record {:?} is no longer dead-lettered (replayed or set aside meanwhile)",
+            req.record_id
+        )));
+    }
+    state.metrics.dead_letters_set_aside.inc();
+    tracing::warn!(
+        operator = %req.operator,
+        reason = %req.reason,
+        record_id = %d.record_id,
+        window_start = d.window.start,
+        tenant = ?key.as_ref().map(|k| &k.tenant),
+        amount = ?amount,
+        "dead letter set aside for good"
+    );
+    Ok((StatusCode::OK, Json(json!({"set_aside": entry}))).into_response())
+}
+
+/// `GET /admin/dead-letters/set-aside`: the audit trail of records set aside, newest first per
+/// shard (up to 1,000 per shard).
+#[utoipa::path(
+    get, path = "/admin/dead-letters/set-aside", tag = "admin",
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Audit entries: who, when, why, the record and its exact amount", body = super::openapi::Report),
+        super::openapi::AdminErrors,
+    )
+)]
+pub async fn set_aside_log(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let entries = state.store.set_aside_log(1000).await?;
+    let list: Vec<Box<serde_json::value::RawValue>> = entries
+        .into_iter()
+        .filter_map(|e| serde_json::value::RawValue::from_string(e).ok())
+        .collect();
+    Ok((StatusCode::OK, Json(json!({"set_aside": list}))).into_response())
 }
 
 /// `GET /admin/rejections`: the most recent refused requests (status, reason, tenant, time),
@@ -165,16 +297,15 @@ pub async fn dead_letters(State(state): State<AppState>) -> Result<Response, Api
     let shards = store.shards_to_drain().await?;
     for shard in 0..shards {
         for w in store.dead_windows(&mut conn, shard).await? {
-            let (_, pairs) = store
-                .hscan(&mut conn, &store.keys.dead(shard, &w), 0, 1000)
-                .await?;
-            for (field, value) in pairs {
-                let key = crate::store::keys::decode_field(field.as_bytes());
-                let amount = crate::store::dead_letter_total(&value);
-                let value: serde_json::Value = serde_json::from_str(&value).unwrap_or(json!(value));
+            for d in store.dead_letters_of(&mut conn, shard, &w, 1000).await? {
+                let key = crate::store::keys::decode_field(d.field.as_bytes());
+                let amount = crate::store::dead_letter_total(&d.value);
+                let value: serde_json::Value =
+                    serde_json::from_str(&d.value).unwrap_or(json!(d.value));
                 out.push(DeadLetter {
                     shard,
                     window_start: w.start,
+                    record_id: d.record_id,
                     tenant_id: key.as_ref().map(|k| k.tenant.clone()),
                     product_sku: key.as_ref().map(|k| k.sku.clone()),
                     use_unit: key.as_ref().map(|k| k.unit.clone()),
@@ -198,6 +329,8 @@ struct DeadLetters {
 struct DeadLetter {
     shard: u32,
     window_start: u64,
+    /// The record's id at the Processor: what replay and set-aside take.
+    record_id: String,
     tenant_id: Option<String>,
     product_sku: Option<String>,
     use_unit: Option<String>,

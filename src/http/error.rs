@@ -26,6 +26,8 @@ pub enum ApiError {
     NoApiKey(&'static str),
     /// 403: the key may not send for this tenant.
     Forbidden(String),
+    /// 404: an admin route's object does not exist (a dead letter by record id).
+    NotFound(String),
     /// 429: over the tenant's rate limit.
     TooManyRequests {
         tenant: String,
@@ -37,10 +39,20 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     /// 422: fields are missing or invalid; each is named.
     Invalid(Vec<FieldError>),
-    /// 503: queue full, shutting down, a commit that may have counted, a busy shard.
+    /// 503: queue full, shutting down, a busy shard: nothing was counted.
     Unavailable(String),
+    /// 503: a commit that may have counted (a timeout, a failure part-way, replicas that did
+    /// not confirm): a retry with the same ids settles it.
+    Ambiguous(String),
     /// 503: a Redis call failed.
     Storage(StoreError),
+}
+
+impl ApiError {
+    /// Whether the request was certainly not counted (its rate-limit tokens go back).
+    pub fn nothing_counted(&self) -> bool {
+        !matches!(self, ApiError::Ambiguous(_))
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -65,11 +77,14 @@ impl ApiError {
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::NoApiKey(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Ambiguous(_) | ApiError::Storage(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -92,7 +107,11 @@ impl ApiError {
             ApiError::TooManyRequests { tenant, .. } => {
                 ("rate limit exceeded".into(), tenant.clone())
             }
-            ApiError::Unauthorized | ApiError::Unavailable(_) | ApiError::Storage(_) => {
+            ApiError::Unauthorized
+            | ApiError::NotFound(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Ambiguous(_)
+            | ApiError::Storage(_) => {
                 return None;
             }
         };
@@ -126,7 +145,11 @@ impl ApiError {
                     .join("; ");
                 json!({"error": summary, "fields": errors})
             }
-            ApiError::Unavailable(message) => json!({"error": message}),
+            ApiError::Unavailable(message)
+            | ApiError::Ambiguous(message)
+            | ApiError::NotFound(message) => {
+                json!({"error": message})
+            }
             ApiError::Storage(_) => json!({"error": "storage unavailable"}),
         }
     }

@@ -117,37 +117,40 @@ fn authorise(state: &AppState, headers: &HeaderMap, pulses: &[Pulse]) -> Result<
 }
 
 /// Takes each tenant's pulses from its bucket; the first tenant over its limit answers 429.
-fn rate_limit(state: &AppState, pulses: &[Pulse]) -> Result<(), ApiError> {
+/// Takes the request's pulses from its tenants' buckets: all or none.
+fn rate_limit(
+    state: &AppState,
+    pulses: &[Pulse],
+) -> Result<Option<crate::tenancy::Taken>, ApiError> {
     let Some(limits) = &state.rate_limits else {
-        return Ok(());
+        return Ok(None);
     };
     // A batch may hold thousands of pulses over thousands of tenants: count in a map.
     let mut per_tenant: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
     for p in pulses {
         *per_tenant.entry(&p.tenant_id).or_default() += 1;
     }
-    for (tenant, n) in per_tenant {
-        match limits.check(tenant, n) {
-            Ok(()) => {}
-            Err(crate::tenancy::LimitExceeded::Wait(retry_after)) => {
-                state
-                    .metrics
-                    .pulses
-                    .with_label_values(&["limited"])
-                    .inc_by(pulses.len() as u64);
-                return Err(ApiError::TooManyRequests {
-                    tenant: tenant.to_string(),
-                    retry_after,
-                });
-            }
-            Err(crate::tenancy::LimitExceeded::TooLarge(max)) => {
-                return Err(ApiError::TooLarge(format!(
-                    "tenant {tenant:?} has {n} pulses in this request, but its rate limit admits at most {max} per request on this replica: split the batch"
-                )));
-            }
+    let demand: Vec<(&str, u32)> = per_tenant.into_iter().collect();
+    match limits.take_all(&demand) {
+        Ok(taken) => Ok(Some(taken)),
+        Err((i, crate::tenancy::LimitExceeded::Wait(retry_after))) => {
+            state
+                .metrics
+                .pulses
+                .with_label_values(&["limited"])
+                .inc_by(pulses.len() as u64);
+            Err(ApiError::TooManyRequests {
+                tenant: demand[i].0.to_string(),
+                retry_after,
+            })
+        }
+        Err((i, crate::tenancy::LimitExceeded::TooLarge(max))) => {
+            let (tenant, n) = demand[i];
+            Err(ApiError::TooLarge(format!(
+                "tenant {tenant:?} has {n} pulses in this request, but its rate limit admits at most {max} per request on this replica: split the batch"
+            )))
         }
     }
-    Ok(())
 }
 
 /// Queues the pulses and, in durable mode, waits for their commit.
@@ -155,6 +158,7 @@ async fn submit(
     state: &AppState,
     started: Option<RequestStart>,
     pulses: Vec<Pulse>,
+    batch: bool,
 ) -> Result<Response, ApiError> {
     let n = pulses.len();
     state.metrics.pulses_received.inc_by(n as u64);
@@ -185,7 +189,7 @@ async fn submit(
     let deadline =
         started.map_or_else(tokio::time::Instant::now, |s| s.0.into()) + timeout - margin;
     let Ok(answer) = tokio::time::timeout_at(deadline, rx).await else {
-        return Err(unavailable(
+        return Err(ApiError::Ambiguous(
             "the request timed out while its pulses were being committed; they may have been counted: retry with the same pulse_id or Idempotency-Key to count them exactly once".into(),
         ));
     };
@@ -198,15 +202,20 @@ async fn submit(
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
         Ok(Err(CommitError::Unavailable(_))) => Err(unavailable("storage unavailable; nothing was counted, retry later".into())),
-        Ok(Err(CommitError::Overflow)) => Err(ApiError::Invalid(vec![crate::pulse::FieldError {
-            index: None,
-            field: "used_amount".into(),
-            message: format!(
-                "would take this key's total for the window past {}, the largest exact total; nothing was counted",
-                crate::amount::MAX_TOTAL
-            ),
-        }])),
-        Ok(Err(CommitError::Partial(_))) => Err(unavailable(
+        Ok(Err(CommitError::Overflow { items })) => Err(ApiError::Invalid(
+            items
+                .into_iter()
+                .map(|i| crate::pulse::FieldError {
+                    index: batch.then_some(i),
+                    field: "used_amount".into(),
+                    message: format!(
+                        "would take this key's total for the window past {}, the largest exact total; nothing of this request was counted",
+                        crate::amount::MAX_TOTAL
+                    ),
+                })
+                .collect(),
+        )),
+        Ok(Err(CommitError::Partial(_))) => Err(ApiError::Ambiguous(
             "storage failed part-way or could not confirm the write; the pulses may have been counted: retry with the same pulse_id or Idempotency-Key to count them exactly once".into(),
         )),
         Err(_) => Err(unavailable("shutting down; retry later".into())),
@@ -289,6 +298,13 @@ async fn accept(
     }
     .map_err(|e| decode_error(state, e))?;
     authorise(state, headers, &pulses)?;
-    rate_limit(state, &pulses)?;
-    submit(state, started, pulses).await
+    let taken = rate_limit(state, &pulses)?;
+    let answer = submit(state, started, pulses, batch).await;
+    // A request refused with nothing counted spends none of its tenants' tokens.
+    if let (Err(e), Some(taken), Some(limits)) = (&answer, taken, &state.rate_limits)
+        && e.nothing_counted()
+    {
+        limits.refund(taken);
+    }
+    answer
 }

@@ -77,6 +77,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/admin/pending", get(admin::pending))
         .route("/admin/dead-letters", get(admin::dead_letters))
         .route("/admin/dead-letters/replay", post(admin::replay))
+        .route(
+            "/admin/dead-letters/set-aside",
+            post(admin::set_aside).get(admin::set_aside_log),
+        )
         .route("/admin/rejections", get(admin::rejections))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -233,6 +233,30 @@ pub enum AdminErrors {
     Unavailable(Error),
 }
 
+/// The refusals of the routes that act on one dead letter.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum DeadLetterErrors {
+    /// Not the expected JSON body
+    #[response(status = 400)]
+    Malformed(Error),
+    /// ADMIN_TOKEN is set and the bearer token is missing or wrong
+    #[response(status = 401)]
+    Unauthorized(Error),
+    /// Setting aside: ADMIN_TOKEN is not set, or not presented
+    #[response(status = 403)]
+    Forbidden(Error),
+    /// No dead letter with that record_id
+    #[response(status = 404)]
+    NotFound(Error),
+    /// Operator or reason missing or too long
+    #[response(status = 422)]
+    Invalid(Error),
+    /// Redis unavailable, or the shard is being drained
+    #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds")))]
+    Unavailable(Error),
+}
+
 /// The refusals both ingest routes share (their 202 differs).
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
@@ -287,6 +311,8 @@ pub enum IngestErrors {
         super::admin::pending,
         super::admin::dead_letters,
         super::admin::replay,
+        super::admin::set_aside,
+        super::admin::set_aside_log,
         super::admin::rejections,
         openapi_json,
         super::usage::usage,
@@ -313,7 +339,7 @@ pub struct ApiDoc;
         license(name = "MIT")
     ),
     paths(processor_batches),
-    components(schemas(Record))
+    components(schemas(Record, Rejected, RejectedRecord))
 )]
 pub struct ProcessorDoc;
 
@@ -343,8 +369,8 @@ pub async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
         (status = 401, description = "Credentials refused (a token being rotated): retried later, counted in ingestor_processor_auth_failures_total"),
         (status = 403, description = "As 401"),
         (status = 408, description = "Retried with backoff"),
-        (status = 409, description = "Permanent rejection: the batch is dead-lettered. Answer 2xx for a duplicate instead"),
-        (status = 422, description = "Permanent rejection (any 4xx not listed here): the batch's records are dead-lettered, kept and replayable"),
+        (status = 409, description = "Permanent refusal, treated as 422. Answer 2xx for a duplicate instead"),
+        (status = 422, description = "Permanent refusal of some records. Name them with a Rejected body: those are dead-lettered with your reasons and the rest of the batch is POSTed again as a batch of its own. An unstructured 400/409/422 (or one naming ids not in the batch) is narrowed down by halving the batch, within 64 extra POSTs; both halves refused alike means the whole batch is refused. Any other permanent status (404, 410, 413...) dead-letters the whole batch. Dead letters are kept and replayable record by record", body = Rejected),
         (status = 429, description = "Retried after Retry-After (capped by DELIVERY_MAX_BACKOFF)",
             headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "Any 5xx (or no answer, or a 3xx, which is never followed): retried with capped exponential backoff; the records stay in Redis"),
@@ -352,6 +378,23 @@ pub async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
 )]
 #[allow(dead_code)]
 fn processor_batches() {}
+
+/// A refusal naming the records it is about (at most 1 MiB of it is read).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Rejected {
+    rejected: Vec<RejectedRecord>,
+}
+
+/// One refused record.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct RejectedRecord {
+    /// A record_id of the refused batch.
+    record_id: String,
+    /// Why (any JSON value): kept with the dead letter.
+    reason: Option<serde_json::Value>,
+}
 
 #[cfg(test)]
 mod tests {
@@ -372,6 +415,7 @@ mod tests {
             "/admin/pending",
             "/admin/dead-letters",
             "/admin/dead-letters/replay",
+            "/admin/dead-letters/set-aside",
             "/admin/rejections",
         ] {
             assert!(api["paths"].get(p).is_some(), "{p} documented");

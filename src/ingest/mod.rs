@@ -45,9 +45,10 @@ pub enum CommitError {
     /// exactly.
     #[error("redis failed part-way: {0}")]
     Partial(String),
-    /// A key's window total would leave the exact range; nothing of it was counted.
+    /// A key's window total would leave the exact range; nothing of this request was counted
+    /// (other requests of the commit were). `items`: the request's pulses of such keys.
     #[error("a key's window total would leave the exact range")]
-    Overflow,
+    Overflow { items: Vec<usize> },
 }
 
 /// Why a request could not be queued.

@@ -1,6 +1,6 @@
 //! A commit worker: takes a group of queued requests and commits them, one script per shard.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,11 @@ impl Worker {
 /// A commit with fewer pulses than this may linger (`COMMIT_LINGER`) for more.
 const LINGER_BELOW: usize = 64;
 
+/// How long after a commit's first attempt its token is still certainly in Redis: the script
+/// keeps it 600 s, and a re-send after that would count again. Enqueued mode stops retrying a
+/// commit before this.
+const TOKEN_SAFE: Duration = Duration::from_secs(540);
+
 /// Commits one group of jobs and answers each of them.
 pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut jobs: Vec<Job>) {
     // A durable request whose client is gone (its request timed out and was answered) is not
@@ -110,8 +115,172 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut 
     {
         panic!("fault injected: commit worker");
     }
+    let mut commit = Commit {
+        outcomes: vec![Outcome::default(); jobs.len()],
+        failed: vec![None; jobs.len()],
+        shards: group(w, &jobs, |_| true),
+    };
+    commit.run(w, conn, &jobs).await;
+    answer(w, jobs, commit.outcomes, commit.failed);
+}
+
+/// One commit in progress: what each job got so far, and the shards still to write.
+struct Commit {
+    outcomes: Vec<Outcome>,
+    failed: Vec<Option<CommitError>>,
+    shards: Vec<(u32, ShardBatch)>,
+}
+
+impl Commit {
+    /// Writes every shard; refuses the requests carrying a key that would leave the exact
+    /// range and writes the rest again; in enqueued mode retries what a later attempt can
+    /// get past, while the commit's token is certainly remembered.
+    async fn run(&mut self, w: &Worker, conn: &mut Option<(Conn, u64)>, jobs: &[Job]) {
+        let mut backoff = Duration::from_millis(50);
+        // One token per commit, kept across our own retries: a call that ran but whose reply
+        // was lost answers the same flags again instead of counting twice.
+        let token = hex::encode(rand::random::<[u8; 16]>());
+        let first_sent = Instant::now();
+        while !self.shards.is_empty() {
+            let shards = std::mem::take(&mut self.shards);
+            let results = match write_all(w, conn, &token, &shards).await {
+                Ok(r) => r,
+                Err(e) => shards
+                    .iter()
+                    .map(|_| Err(StoreError::Pool(e.to_string())))
+                    .collect(),
+            };
+            let mut retry = Vec::new();
+            let mut full: Vec<(u32, HashSet<String>)> = Vec::new();
+            let mut any_ok = false;
+            for ((shard, b), res) in shards.into_iter().zip(results) {
+                match res {
+                    Ok(reply) => {
+                        any_ok = true;
+                        self.tally(w, &b, &reply);
+                    }
+                    Err(StoreError::Overflow(fields)) => {
+                        full.push((shard, fields.into_iter().collect()));
+                    }
+                    Err(e) => {
+                        w.metrics.redis_errors.with_label_values(&["write"]).inc();
+                        let may_retry = w.retry_forever
+                            && e.is_transient()
+                            && !w.hard_stop.is_cancelled()
+                            && first_sent.elapsed() < TOKEN_SAFE;
+                        if e.is_ambiguous() || w.retry_forever {
+                            warn!(worker = w.id, shard, error = %e, retry = may_retry, "commit failed");
+                        }
+                        if may_retry {
+                            retry.push((shard, b));
+                        } else {
+                            self.fail(&b, &e);
+                        }
+                    }
+                }
+            }
+            // Nothing of an overflowing call was written: refuse the requests that carry a
+            // full key (a key belongs to one tenant) and write the others' pulses again, at
+            // once and under the same token.
+            if !full.is_empty() {
+                self.refuse_full(jobs, &full, w.store.shards);
+                let again: HashSet<u32> = full.iter().map(|(s, _)| *s).collect();
+                let failed = &self.failed;
+                retry.extend(
+                    group(w, jobs, |j| failed[j].is_none())
+                        .into_iter()
+                        .filter(|(s, _)| again.contains(s)),
+                );
+                if retry.iter().all(|(s, _)| again.contains(s)) {
+                    self.shards = retry;
+                    continue;
+                }
+            }
+            if retry.is_empty() {
+                break;
+            }
+            if any_ok {
+                backoff = Duration::from_millis(50);
+            }
+            *conn = None;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = w.hard_stop.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            self.shards = retry;
+        }
+    }
+
+    fn tally(&mut self, w: &Worker, b: &ShardBatch, reply: &crate::store::WriteReply) {
+        w.metrics.observe_window(reply.window_start, None);
+        let note = |o: &mut Outcome| match o.window_start {
+            None => o.window_start = Some(reply.window_start),
+            Some(s) if s != reply.window_start => o.windows_mixed = true,
+            Some(_) => {}
+        };
+        for (i, counted) in reply.counted.iter().enumerate() {
+            if let Some(j) = b.owner[i] {
+                note(&mut self.outcomes[j]);
+                if *counted {
+                    self.outcomes[j].accepted += 1;
+                } else {
+                    self.outcomes[j].duplicates += 1;
+                }
+            }
+        }
+        for (j, c) in &b.plain {
+            note(&mut self.outcomes[*j]);
+            self.outcomes[*j].accepted += c;
+        }
+    }
+
+    /// Every job with pulses in this shard fails with `e`.
+    fn fail(&mut self, b: &ShardBatch, e: &StoreError) {
+        let msg = e.to_string();
+        for j in b.owner.iter().flatten().chain(b.plain.keys()) {
+            self.failed[*j] = Some(if e.is_ambiguous() {
+                CommitError::Partial(msg.clone())
+            } else {
+                CommitError::Unavailable(msg.clone())
+            });
+        }
+    }
+
+    /// Refuses every job that carries a pulse of a full key, naming those pulses.
+    fn refuse_full(&mut self, jobs: &[Job], full: &[(u32, HashSet<String>)], shards: u32) {
+        for (j, job) in jobs.iter().enumerate() {
+            if self.failed[j].is_some() {
+                continue;
+            }
+            let items: Vec<usize> = job
+                .pulses
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| {
+                    let shard = shard_of(&p.tenant_id, shards);
+                    full.iter().any(|(s, fields)| {
+                        *s == shard
+                            && fields.contains(&encode_field(
+                                &p.tenant_id,
+                                &p.product_sku,
+                                &p.use_unit,
+                            ))
+                    })
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if !items.is_empty() {
+                self.failed[j] = Some(CommitError::Overflow { items });
+            }
+        }
+    }
+}
+
+/// The pulses of the jobs `include` admits, by shard, pulses without ids pre-aggregated per key.
+fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32, ShardBatch)> {
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
-    for (j, job) in jobs.iter().enumerate() {
+    for (j, job) in jobs.iter().enumerate().filter(|(j, _)| include(*j)) {
         for p in &job.pulses {
             let shard = shard_of(&p.tenant_id, w.store.shards);
             let b = shards.entry(shard).or_default();
@@ -149,91 +318,17 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut 
             }
         }
     }
-    let mut shards: Vec<(u32, ShardBatch)> = shards.into_iter().collect();
-    let mut outcomes = vec![Outcome::default(); jobs.len()];
-    let mut failed: Vec<Option<CommitError>> = vec![None; jobs.len()];
-    let mut backoff = Duration::from_millis(50);
-    // One token per commit, kept across our own retries: a call that ran but whose reply was
-    // lost answers the same flags again instead of counting twice.
-    let token = hex::encode(rand::random::<[u8; 16]>());
-    loop {
-        let results = match write_all(w, conn, &token, &shards).await {
-            Ok(r) => r,
-            Err(e) => shards
-                .iter()
-                .map(|_| Err(StoreError::Pool(e.to_string())))
-                .collect(),
-        };
-        let mut retry = Vec::new();
-        let mut any_ok = false;
-        for ((shard, b), res) in shards.into_iter().zip(results) {
-            match res {
-                Ok(reply) => {
-                    any_ok = true;
-                    w.metrics.observe_window(reply.window_start, None);
-                    let note = |o: &mut Outcome| match o.window_start {
-                        None => o.window_start = Some(reply.window_start),
-                        Some(s) if s != reply.window_start => o.windows_mixed = true,
-                        Some(_) => {}
-                    };
-                    for (i, counted) in reply.counted.iter().enumerate() {
-                        if let Some(j) = b.owner[i] {
-                            note(&mut outcomes[j]);
-                            if *counted {
-                                outcomes[j].accepted += 1;
-                            } else {
-                                outcomes[j].duplicates += 1;
-                            }
-                        }
-                    }
-                    for (j, c) in &b.plain {
-                        note(&mut outcomes[*j]);
-                        outcomes[*j].accepted += c;
-                    }
-                }
-                Err(e) => {
-                    w.metrics.redis_errors.with_label_values(&["write"]).inc();
-                    if e.is_ambiguous() || w.retry_forever {
-                        warn!(worker = w.id, shard, error = %e, "commit failed");
-                    }
-                    if w.retry_forever && !w.hard_stop.is_cancelled() {
-                        retry.push((shard, b));
-                        continue;
-                    }
-                    let jobs_hit: Vec<usize> = b
-                        .owner
-                        .iter()
-                        .flatten()
-                        .copied()
-                        .chain(b.plain.keys().copied())
-                        .collect();
-                    let msg = e.to_string();
-                    for j in jobs_hit {
-                        failed[j] = Some(if matches!(e, StoreError::Overflow) {
-                            CommitError::Overflow
-                        } else if e.is_ambiguous() {
-                            CommitError::Partial(msg.clone())
-                        } else {
-                            CommitError::Unavailable(msg.clone())
-                        });
-                    }
-                }
-            }
-        }
-        if retry.is_empty() {
-            break;
-        }
-        if any_ok {
-            backoff = Duration::from_millis(50);
-        }
-        *conn = None;
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = w.hard_stop.cancelled() => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-        shards = retry;
-    }
+    shards.into_iter().collect()
+}
+
+/// Answers every job; in enqueued mode, what could not be committed is counted and logged
+/// with its amounts, key by key.
+fn answer(
+    w: &Worker,
+    jobs: Vec<Job>,
+    outcomes: Vec<Outcome>,
+    mut failed: Vec<Option<CommitError>>,
+) {
     for (j, job) in jobs.into_iter().enumerate() {
         let n = job.pulses.len() as u64;
         let result = match failed[j].take() {
@@ -242,13 +337,21 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut 
                 let partial = outcomes[j].accepted + outcomes[j].duplicates > 0;
                 let e = match e {
                     CommitError::Unavailable(m) if partial => CommitError::Partial(m),
-                    CommitError::Overflow if partial => CommitError::Partial(
-                        "a key's window total would leave the exact range".into(),
+                    CommitError::Overflow { .. } if partial => CommitError::Partial(
+                        "a key's window total would leave the exact range; the request's pulses of other shards were counted".into(),
                     ),
                     e => e,
                 };
                 if job.reply.is_none() {
-                    error!(pulses = n, error = %e, "enqueued pulses could not be committed before shutdown");
+                    let mut lost: std::collections::BTreeMap<String, crate::amount::Amount> =
+                        Default::default();
+                    for p in &job.pulses {
+                        let f = encode_field(&p.tenant_id, &p.product_sku, &p.use_unit);
+                        let a = lost.entry(f).or_insert(crate::amount::Amount::ZERO);
+                        *a = a.checked_add(p.used_amount).unwrap_or(*a);
+                    }
+                    let lost: Vec<String> = lost.iter().map(|(f, a)| format!("{f}={a}")).collect();
+                    error!(pulses = n, error = %e, lost = %lost.join(" "), "enqueued pulses could not be committed; they are not counted");
                 }
                 w.metrics.pulses.with_label_values(&["failed"]).inc_by(n);
                 Err(e)
@@ -289,7 +392,14 @@ async fn write_all(
     }
     if conn.is_none() {
         let epoch = w.store.epoch();
-        *conn = Some((w.store.conn().await?, epoch));
+        // A commit that waits for replicas blocks its connection while it waits: on a
+        // connection of this worker's own, so nothing else queues behind it.
+        let c = if w.wait_replicas > 0 {
+            w.store.dedicated_conn(w.wait_timeout).await?
+        } else {
+            w.store.conn().await?
+        };
+        *conn = Some((c, epoch));
     }
     let c = &conn.as_ref().expect("connection was just set").0;
     let started = Instant::now();
@@ -334,6 +444,9 @@ async fn write_all(
             .any(|r| !matches!(r, Ok(n) if *n >= w.wait_replicas));
         if short {
             w.metrics.redis_wait_short.inc();
+            // The next commit starts on a new connection: on Sentinel that asks for the master
+            // again (a master cut off from its replicas may have been replaced).
+            *conn = None;
             results
                 .into_iter()
                 .map(|r| {
@@ -345,6 +458,7 @@ async fn write_all(
                             ),
                             ambiguous: true,
                             suspect: false,
+                            transient: true,
                         })
                     })
                 })

@@ -88,6 +88,45 @@ impl Store {
         c
     }
 
+    /// A connection of its own, shared with nobody: for commits that `WAIT` for replicas.
+    /// `WAIT` covers the writes made earlier on its connection and blocks that connection while
+    /// it waits, so a commit and its `WAIT` go on one connection that no other work (other
+    /// workers' commits, usage reads, the drain) is queued behind. On a cluster: a cluster
+    /// connection of its own (its own socket per node). On Sentinel, the master is asked for
+    /// again each time.
+    /// `wait`: how long its `WAIT`s may block, added to the response timeout.
+    pub async fn dedicated_conn(&self, wait: Duration) -> Result<Conn, StoreError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout + wait));
+        let made = tokio::time::timeout(self.timeout * 2, async {
+            match &self.pool {
+                Pools::Single(_) => {
+                    let client = self.direct.as_ref().expect("a single Redis has its client");
+                    Ok::<_, StoreError>(Conn::Single(
+                        client
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await?,
+                    ))
+                }
+                Pools::Sentinel(p) => Ok(Conn::Single(
+                    p.client
+                        .lock()
+                        .await
+                        .get_async_connection_with_config(&config)
+                        .await?,
+                )),
+                Pools::Cluster(p) => Ok(Conn::Cluster(p.client.get_async_connection().await?)),
+            }
+        })
+        .await
+        .map_err(|_| StoreError::Pool("timed out making a dedicated connection".into()))?;
+        if made.is_err() {
+            self.invalidate();
+        }
+        made
+    }
+
     /// The connection epoch: it changes when a connection failure was seen.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::Acquire)

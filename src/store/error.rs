@@ -14,15 +14,17 @@ pub enum StoreError {
         "SHARDS={configured}, but this deployment's Redis uses SHARDS={deployment}; change it with `pulse-ingestor reshard --shards <n>` (README: Changing SHARDS)"
     )]
     ShardsChanged { configured: u32, deployment: u32 },
-    /// A key's window total would leave the exact range; nothing of the commit was written.
+    /// These keys' (fields') window totals would leave the exact range; nothing of the call
+    /// was written.
     #[error("a key's total for this window would exceed the exact range")]
-    Overflow,
+    Overflow(Vec<String>),
     /// One failure of a call that carried several shards, as each shard sees it.
     #[error("{message}")]
     Shared {
         message: String,
         ambiguous: bool,
         suspect: bool,
+        transient: bool,
     },
 }
 
@@ -39,9 +41,42 @@ impl StoreError {
                 !matches!(e.kind(), redis::ErrorKind::Server(_))
                     || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
             }
-            StoreError::Overflow | StoreError::ShardsChanged { .. } => false,
+            StoreError::Overflow(_) | StoreError::ShardsChanged { .. } => false,
             StoreError::Shared { suspect, .. } => *suspect,
             _ => true,
+        }
+    }
+
+    /// True for a failure a later attempt can get past: the connection, the pool, a timeout,
+    /// a master that is changing or busy, replicas that did not confirm. False for what
+    /// cannot succeed however often it is sent (an overflow, a script or argument error, an
+    /// unreadable reply).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                !matches!(e.kind(), redis::ErrorKind::Server(_))
+                    || matches!(
+                        e.code(),
+                        Some(
+                            "READONLY"
+                                | "MASTERDOWN"
+                                | "LOADING"
+                                | "BUSY"
+                                | "OOM"
+                                | "MISCONF"
+                                | "NOSCRIPT"
+                                | "TRYAGAIN"
+                                | "CLUSTERDOWN"
+                                | "MOVED"
+                                | "ASK"
+                        )
+                    )
+            }
+            StoreError::Pool(_) => true,
+            StoreError::Shared { transient, .. } => *transient,
+            StoreError::Reply(_) | StoreError::ShardsChanged { .. } | StoreError::Overflow(_) => {
+                false
+            }
         }
     }
 
@@ -56,11 +91,12 @@ impl StoreError {
     /// This failure as each shard of a multi-shard call reports it.
     pub fn fan_out(&self) -> StoreError {
         match self {
-            StoreError::Overflow => StoreError::Overflow,
+            StoreError::Overflow(f) => StoreError::Overflow(f.clone()),
             e => StoreError::Shared {
                 message: e.to_string(),
                 ambiguous: e.is_ambiguous(),
                 suspect: e.connection_suspect(),
+                transient: e.is_transient(),
             },
         }
     }

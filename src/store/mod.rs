@@ -32,7 +32,7 @@ pub mod write;
 
 pub use conn::Conn;
 use conn::{ClusterPool, Pools, SentinelPool};
-pub use dead_letter::dead_letter_total;
+pub use dead_letter::{DeadLetter, dead_letter_total};
 pub use error::StoreError;
 pub use keys::{Keys, PendingWindow};
 pub use window::exact_total;
@@ -56,6 +56,8 @@ pub struct Store {
     /// See [`Store::legacy_markers_until`].
     legacy_markers_until: Arc<std::sync::atomic::AtomicU64>,
     commit_per_shard: bool,
+    /// One Redis: its client, for connections of their own ([`Store::dedicated_conn`]).
+    direct: Option<redis::Client>,
 }
 
 impl Store {
@@ -101,6 +103,10 @@ impl Store {
             }
         };
         Ok(Store {
+            direct: match &pool {
+                Pools::Single(_) => Some(redis::Client::open(cfg.redis.url.as_str())?),
+                _ => None,
+            },
             pool,
             keys: Keys::new(&cfg.key_prefix),
             shards: cfg.shards,

@@ -35,3 +35,5 @@ pub(super) static LOCK_RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/lock_release.lua")));
 pub(super) static USAGE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/usage.lua")));
+pub(super) static SET_ASIDE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/set_aside.lua")));

@@ -59,7 +59,6 @@ struct RawWindow {
     dead_lettered: bool,
     #[serde(default)]
     busy: bool,
-    indexed: bool,
     keys: HashMap<String, RawKey>,
 }
 
@@ -71,13 +70,8 @@ struct RawKey {
 }
 
 impl Store {
-    /// The usage index of a tenant in one window of a shard.
-    pub fn usage_index(&self, shard: u32, start: u64, tenant: &str) -> String {
-        format!("{}:x:idx:{start}:{tenant}", self.keys.base(shard))
-    }
-
-    /// A tenant's usage in one shard: one script call reading the tenant's keys only (plus a
-    /// scan of a window whose index expired, if any).
+    /// A tenant's usage in one shard: one script call reading the tenant's keys only, in
+    /// every state of every window (the index lives until the window is gone).
     pub async fn tenant_usage(
         &self,
         conn: &mut Conn,
@@ -104,7 +98,7 @@ impl Store {
         let mut windows = Vec::new();
         let convert = |w: RawWindow, current: bool| -> Result<WindowUsage, StoreError> {
             let start = num(&w.start)?;
-            let mut keys: HashMap<String, KeyUsage> = w
+            let keys: HashMap<String, KeyUsage> = w
                 .keys
                 .into_iter()
                 .map(|(f, k)| {
@@ -113,9 +107,6 @@ impl Store {
                     (f, KeyUsage { amount, dead })
                 })
                 .collect();
-            if !w.indexed {
-                keys = HashMap::new();
-            }
             Ok(WindowUsage {
                 start,
                 end: w.end.as_deref().map(num).transpose()?.unwrap_or(start),
@@ -126,77 +117,17 @@ impl Store {
                 keys,
             })
         };
-        let mut unindexed = Vec::new();
         if raw.current.is_object() {
             let w: RawWindow = serde_json::from_value(raw.current)
                 .map_err(|e| StoreError::Reply(e.to_string()))?;
             windows.push(convert(w, true)?);
         }
         for (_, w) in raw.windows {
-            let indexed = w.indexed;
-            let u = convert(w, false)?;
-            if !indexed {
-                unindexed.push(windows.len());
-            }
-            windows.push(u);
-        }
-        // A sealed window older than the index's lifetime: scan its hash for the tenant's
-        // fields (costs the hash's size, only for windows pending longer than a week).
-        for i in unindexed {
-            let start = windows[i].start;
-            let key = format!("{base}:x:sealed:{start}");
-            let keys = self.scan_tenant(conn, &key, tenant).await?;
-            windows[i].keys = keys;
+            windows.push(convert(w, false)?);
         }
         Ok(ShardUsage {
             redis_now: num(&raw.now)?,
             windows,
         })
-    }
-
-    async fn scan_tenant(
-        &self,
-        conn: &mut Conn,
-        key: &str,
-        tenant: &str,
-    ) -> Result<HashMap<String, KeyUsage>, StoreError> {
-        let prefix = serde_json::to_string(tenant).expect("strings serialise");
-        let mut pattern = String::from("[");
-        for c in prefix.chars() {
-            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                pattern.push('\\');
-            }
-            pattern.push(c);
-        }
-        pattern.push_str(",*");
-        // The field is a JSON array: its first element is the tenant, so the prefix is exact.
-        let pattern = format!("\\{pattern}");
-        let mut out = HashMap::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
-                .arg(key)
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
-            let mut it = flat.into_iter();
-            while let (Some(f), Some(lo)) = (it.next(), it.next()) {
-                let hi: Option<String> = redis::cmd("HGET")
-                    .arg(format!("{key}:hi"))
-                    .arg(&f)
-                    .query_async(conn)
-                    .await?;
-                let amount = exact_total(&lo, hi.as_deref().unwrap_or("0"));
-                out.insert(f, KeyUsage { amount, dead: None });
-            }
-            cursor = next;
-            if cursor == 0 {
-                return Ok(out);
-            }
-        }
     }
 }

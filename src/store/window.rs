@@ -141,7 +141,11 @@ impl Store {
             .key(&key)
             .key(format!("{key}:hi"))
             .key(self.keys.pending(shard))
+            .key(self.keys.dead(shard, w))
+            .key(self.keys.index_tenants(shard, w.start))
             .arg(&w.member)
+            .arg(self.keys.base(shard))
+            .arg(w.start)
             .invoke_async(conn)
             .await?;
         Ok(done == 1)

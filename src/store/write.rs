@@ -104,13 +104,24 @@ impl Store {
             }
             with_id.push(ids);
         }
-        let reply: String = inv.invoke_async(conn).await.map_err(|e| {
-            if e.code() == Some("OVERFLOW") {
-                StoreError::Overflow
-            } else {
-                StoreError::Redis(e)
+        let reply: redis::Value = inv.invoke_async(conn).await?;
+        let reply = match reply {
+            redis::Value::Array(items) => {
+                // {"OVERFLOW", field...}: nothing was written.
+                let texts: Vec<String> = items
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| StoreError::Reply(e.to_string()))?;
+                return match texts.split_first() {
+                    Some((tag, fields)) if tag == "OVERFLOW" => {
+                        Err(StoreError::Overflow(fields.to_vec()))
+                    }
+                    _ => Err(StoreError::Reply(texts.join(","))),
+                };
             }
-        })?;
+            v => redis::from_redis_value::<String>(v).map_err(redis::RedisError::from)?,
+        };
         let sizes: Vec<usize> = sections.iter().map(|(_, items)| items.len()).collect();
         parse_reply(&reply, &sizes, &with_id)
     }

@@ -7,8 +7,9 @@
 //! A presented key is hashed and compared with every known hash in constant time, so neither the
 //! key nor its hash leaks through timing. Keys never reach logs or metrics — only labels do.
 //!
-//! **Limits.** A token bucket per tenant (GCRA, the `governor` crate): `RATE_LIMIT` pulses/s
-//! with `RATE_LIMIT_BURST`, per-tenant overrides in `RATE_LIMIT_OVERRIDES`. Each replica
+//! **Limits.** A token bucket per tenant (GCRA): `RATE_LIMIT` pulses/s with
+//! `RATE_LIMIT_BURST`, per-tenant overrides in `RATE_LIMIT_OVERRIDES`. A request takes from
+//! all its tenants' buckets or from none, and a request refused later gives its tokens back. Each replica
 //! enforces `1 / RATE_LIMIT_REPLICAS` of the limit locally — no Redis round trip on the ingest
 //! path. Behind a balancer that spreads a tenant's requests evenly, the fleet admits about the
 //! configured rate; if one replica receives all of a tenant's traffic, that tenant gets only its
@@ -18,4 +19,4 @@ pub mod keys;
 pub mod limits;
 
 pub use keys::{ApiKeys, Grant};
-pub use limits::{Limit, LimitExceeded, RateLimits, parse_overrides};
+pub use limits::{Limit, LimitExceeded, RateLimits, Taken, parse_overrides};

@@ -12,6 +12,7 @@ mod contract;
 mod delivery;
 mod faults;
 mod ingest;
+mod isolation;
 mod money;
 mod producer;
 mod safety;

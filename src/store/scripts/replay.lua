@@ -2,11 +2,18 @@
 -- the shard's drain lock, so no drain can finish the window in between.
 -- KEYS[1] dead-letter hash, KEYS[2] sealed hash, KEYS[3] its hi hash, KEYS[4] pending set,
 -- KEYS[5] dead-letter index. ARGV[1] window member, ARGV[2] window start, ARGV[3] "1" for the
--- exact layout. Returns records moved.
+-- exact layout, ARGV[4] (optional) the one field to move. Returns records moved.
 -- A legacy (float release) amount is decimal text: it goes back verbatim, or summed exactly with
 -- a value the field holds again (decimal_sum), never through binary floating point; one that is
 -- not a plain decimal stays dead-lettered.
-local kv = redis.call('HGETALL', KEYS[1])
+local kv
+if ARGV[4] then
+  -- One record only.
+  local v = redis.call('HGET', KEYS[1], ARGV[4])
+  kv = v and {ARGV[4], v} or {}
+else
+  kv = redis.call('HGETALL', KEYS[1])
+end
 local moved = 0
 for i = 1, #kv, 2 do
   local d = cjson.decode(kv[i + 1])

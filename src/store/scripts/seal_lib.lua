@@ -70,15 +70,17 @@ local function decimal_sum(a, b)
 end
 
 -- The usage index: per shard, window and tenant, the set of a tenant's fields, so that "what has
--- tenant T used" reads T's keys only (GET /v1/usage), whatever the other tenants hold. A field
--- joins when it is first counted in the window; the set outlives the window by a week (a
--- window pending longer is read by scanning its hash instead).
-local INDEX_TTL = 604800
+-- tenant T used" reads T's keys only (GET /v1/usage), whatever the other tenants hold, in every
+-- state of the window. A field joins when it is first counted in the window; the window's
+-- tenants are listed in `:x:idxt:<start>`, so that the index goes as a whole when the window is
+-- delivered and holds no dead letters (finish_window.lua, set_aside.lua) — nothing of it stays
+-- behind for data already delivered.
 local function index(base, start, field, len)
   local tenant = cjson.decode(field)[1]
-  local key = base .. ':x:idx:' .. string.format('%d', start) .. ':' .. tenant
-  if redis.call('SADD', key, field) == 1 then
-    redis.call('EXPIRE', key, string.format('%d', len + INDEX_TTL), 'NX')
+  local s = string.format('%d', start)
+  local key = base .. ':x:idx:' .. s .. ':' .. tenant
+  if redis.call('SADD', key, field) == 1 and redis.call('SCARD', key) == 1 then
+    redis.call('SADD', base .. ':x:idxt:' .. s, tenant)
   end
 end
 

@@ -4,23 +4,28 @@
 -- KEYS[1] :x:gen, KEYS[2] :x:window, KEYS[3] :x:window_len, KEYS[4] pending set,
 -- KEYS[5] drain lock, KEYS[6] dead-letter index. ARGV[1] shard base, ARGV[2] tenant.
 -- Returns JSON: {now, current = window or false, windows = {member: window}} where a window is
--- {start, end, pending, dead_lettered, busy, indexed, keys = {field: {lo, hi, dead}}}.
+-- {start, end, pending, dead_lettered, busy, keys = {field: {lo, hi, dead}}}.
 local base, tenant = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
 local out = {now = t[1], windows = {}}
+-- HMGET in chunks: unpacking a big tenant's fields at once passes Lua's stack limit.
+local CHUNK = 1000
+local function hmget(hash, fields, from, to)
+  return redis.call('HMGET', hash, unpack(fields, from, to))
+end
 local function read(hash, dead, start)
-  local w = {start = tostring(start), keys = {}, indexed = true}
+  local w = {start = tostring(start), keys = {}}
   local idx = base .. ':x:idx:' .. start .. ':' .. tenant
   local fields = redis.call('SMEMBERS', idx)
-  if #fields == 0 then
-    w.indexed = redis.call('EXISTS', hash) == 0
-    return w
-  end
-  local lo = redis.call('HMGET', hash, unpack(fields))
-  local hi = redis.call('HMGET', hash .. ':hi', unpack(fields))
-  local dl = redis.call('HMGET', dead, unpack(fields))
-  for i, f in ipairs(fields) do
-    w.keys[f] = {lo = lo[i] or '0', hi = hi[i] or '0', dead = dl[i] or false}
+  for from = 1, #fields, CHUNK do
+    local to = math.min(from + CHUNK - 1, #fields)
+    local lo = hmget(hash, fields, from, to)
+    local hi = hmget(hash .. ':hi', fields, from, to)
+    local dl = hmget(dead, fields, from, to)
+    for i = from, to do
+      local k = i - from + 1
+      w.keys[fields[i]] = {lo = lo[k] or '0', hi = hi[k] or '0', dead = dl[k] or false}
+    end
   end
   return w
 end

@@ -11,12 +11,14 @@
 -- digest]). lo and hi are decimal limb strings (lo < 10^15); a marker is 12 bytes of digest
 -- and 2 of tenant placement.
 -- Returns "<window start>:<flags>" per section, joined by ";": one flag per item with id, in
--- order: 1 counted, 0 duplicate (items without id are always counted).
+-- order: 1 counted, 0 duplicate (items without id are always counted). Or, when a key's total
+-- would leave the exact range, the array {"OVERFLOW", field...} and nothing written.
 --
 -- Reading the generation and incrementing into it happen here, in one script, so a toggle can
 -- never interleave with an increment; the dedupe marker is set in the same script as the
 -- increment, so a pulse is never claimed without being counted. A total that could leave the
--- exact range is refused before anything of the commit is written. A re-sent call (a client
+-- exact range is refused before anything of the commit is written; the caller drops the
+-- requests that carry that key and calls again. A re-sent call (a client
 -- library's retry after a lost reply) finds its token and answers the first reply again.
 --
 -- Dedupe markers are members of per-shard sets, one set per DEDUPE_TTL bucket of Redis time,
@@ -37,6 +39,7 @@ if legacy_until > 0 then
   id_stride = 5
 end
 local sections = {}
+local full = {}
 local i = 5
 for s = 1, tonumber(ARGV[4]) do
   local base = ARGV[i]
@@ -63,12 +66,19 @@ for s = 1, tonumber(ARGV[4]) do
     for f, inc in pairs(his) do
       local cur = tonumber(redis.call('HGET', agg .. ':hi', f) or '0')
       if cur + inc >= 4611686018427387904 then
-        return redis.error_reply('OVERFLOW a key total would leave the exact range')
+        full[#full + 1] = f
       end
     end
   end
   sections[s] = {base, i, first_id, after, agg, start}
   i = after
+end
+-- Keys that would leave the exact range: nothing of the commit is written, and the caller
+-- learns which keys they are, so that it refuses only the requests carrying them and commits
+-- the rest again (one tenant's full key never costs another tenant's pulses).
+if #full > 0 then
+  table.insert(full, 1, 'OVERFLOW')
+  return full
 end
 local out = {}
 for s = 1, #sections do
