@@ -86,10 +86,12 @@ impl Worker {
 /// A commit with fewer pulses than this may linger (`COMMIT_LINGER`) for more.
 const LINGER_BELOW: usize = 64;
 
-/// How long after a commit's first attempt its token is still certainly in Redis: the script
-/// keeps it 600 s, and a re-send after that would count again. Enqueued mode stops retrying a
-/// commit before this.
-const TOKEN_SAFE: Duration = Duration::from_secs(540);
+/// How long after a commit's first attempt its token is still certainly in Redis (nine tenths
+/// of its lifetime): a re-send after the token expired would count again, so enqueued mode stops
+/// retrying a commit before this.
+fn token_safe() -> Duration {
+    crate::store::commit_token_ttl() * 9 / 10
+}
 
 /// Commits one group of jobs and answers each of them.
 pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut jobs: Vec<Job>) {
@@ -167,7 +169,7 @@ impl Commit {
                         let may_retry = w.retry_forever
                             && e.is_transient()
                             && !w.hard_stop.is_cancelled()
-                            && first_sent.elapsed() < TOKEN_SAFE;
+                            && first_sent.elapsed() < token_safe();
                         if e.is_ambiguous() || w.retry_forever {
                             warn!(worker = w.id, shard, error = %e, retry = may_retry, "commit failed");
                         }
@@ -208,6 +210,20 @@ impl Commit {
                 _ = w.hard_stop.cancelled() => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
+            // Checked again after the wait: a commit is never re-sent once its token may have
+            // expired, when the re-send would count it again.
+            if first_sent.elapsed() >= token_safe() {
+                let e = StoreError::Shared {
+                    message: "not re-sent: its commit token may have expired".into(),
+                    ambiguous: true,
+                    suspect: false,
+                    transient: false,
+                };
+                for (_, b) in &retry {
+                    self.fail(b, &e);
+                }
+                break;
+            }
             self.shards = retry;
         }
     }

@@ -36,7 +36,7 @@ pub use dead_letter::{DeadLetter, dead_letter_total};
 pub use error::StoreError;
 pub use keys::{Keys, PendingWindow};
 pub use window::exact_total;
-pub use write::{SealReply, WriteItem, WriteReply};
+pub use write::{SealReply, WriteItem, WriteReply, commit_token_ttl};
 
 /// The Redis store of one deployment.
 #[derive(Clone)]

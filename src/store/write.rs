@@ -16,6 +16,17 @@ pub struct WriteItem {
     pub placement: i64,
 }
 
+/// How long Redis keeps a commit's token (and reply): a re-sent call within it is answered from
+/// it; after it, a re-send would count again, so nothing re-sends that late (see the worker).
+/// 600 s; 3 s under the test fault hook `short-token`, so a test can watch it expire.
+pub fn commit_token_ttl() -> std::time::Duration {
+    if crate::supervise::fault("short-token") {
+        std::time::Duration::from_secs(3)
+    } else {
+        std::time::Duration::from_secs(600)
+    }
+}
+
 /// What the write script reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteReply {
@@ -70,7 +81,8 @@ impl Store {
         inv.arg(self.window_secs)
             .arg(self.dedupe_ttl_secs)
             .arg(legacy_until)
-            .arg(sections.len());
+            .arg(sections.len())
+            .arg(commit_token_ttl().as_secs());
         let declare = self.is_cluster();
         let mut with_id: Vec<Vec<usize>> = Vec::with_capacity(sections.len());
         for (shard, items) in sections {

@@ -502,3 +502,47 @@ async fn a_missing_replica_slows_only_the_commits_that_wait_for_it() {
     assert_eq!(master.totals("pulses")[&key("a", "S", "u")], dec(2.0));
     app.stop().await.unwrap();
 }
+
+/// Finding 3: enqueued mode with `REDIS_WAIT_REPLICAS` retries a commit whose `WAIT` fell short
+/// under its token — but never once the token may have expired, when a re-send would count
+/// again. (The real binary, with its commit tokens kept 3 s instead of 600 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueued_mode_never_resends_a_commit_whose_token_may_have_expired() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = settings(
+        &redis,
+        &[
+            ("ACK_MODE", "enqueued"),
+            ("REDIS_WAIT_REPLICAS", "1"),
+            ("REDIS_WAIT_TIMEOUT", "100ms"),
+            ("PULSE_INGESTOR_FAULT", "short-token"),
+        ],
+    );
+    vars.remove("LISTEN_ADDR");
+    let ing = Ingestor::spawn(&vars, dir.path(), "enqueued-wait").await;
+    let c = http();
+    let (s, _, _) = post(
+        &c,
+        &format!("{}/ingest", ing.base),
+        &pulse("t", "S", "u", 5.0),
+    )
+    .await;
+    assert_eq!(s, 202);
+    // No replica ever confirms: the commit is retried, then given up before its token expires.
+    let ok = eventually(Duration::from_secs(15), || async {
+        ing.log_text().contains("could not be committed")
+    })
+    .await;
+    assert!(ok, "the loss is logged: {}", ing.log_text());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        redis.totals("pulses")[&key("t", "S", "u")],
+        dec(5.0),
+        "counted once, never again after its token expired"
+    );
+    assert!(
+        ing.log_text().contains("[\"t\",\"S\",\"u\"]=5"),
+        "the log names key and amount"
+    );
+}

@@ -5,7 +5,8 @@
 -- cluster routes and migrates them correctly; see Store::write_many).
 -- ARGV[1] window length (s), ARGV[2] dedupe TTL (s), ARGV[3] Redis time (s) until which
 -- markers of the previous layout (one string key per id) are still consulted (0: none, and
--- items carry no previous-layout digest), ARGV[4] number of shard sections; then per section:
+-- items carry no previous-layout digest), ARGV[4] number of shard sections, ARGV[5] how long
+-- the commit's token is kept (s); then per section:
 -- shard base (e.g. "{pulses:7}"), count of items without id, count with id; the items without
 -- id as (field, lo, hi); the items with id as (field, lo, hi, marker[, previous-layout hex
 -- digest]). lo and hi are decimal limb strings (lo < 10^15); a marker is 12 bytes of digest
@@ -40,7 +41,7 @@ if legacy_until > 0 then
 end
 local sections = {}
 local full = {}
-local i = 5
+local i = 6
 for s = 1, tonumber(ARGV[4]) do
   local base = ARGV[i]
   local plain = tonumber(ARGV[i + 1])
@@ -124,5 +125,5 @@ for s = 1, #sections do
   out[s] = string.format('%d', start) .. ':' .. table.concat(flags)
 end
 local reply = table.concat(out, ';')
-redis.call('SET', KEYS[1], reply, 'EX', 600)
+redis.call('SET', KEYS[1], reply, 'EX', ARGV[5])
 return reply
