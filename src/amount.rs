@@ -41,6 +41,8 @@ pub enum AmountError {
     TooManyDecimals(u32),
     #[error("must be at most {0}")]
     TooLarge(Amount),
+    #[error("must be written in at most {MAX_TEXT} characters")]
+    TooLong,
 }
 
 impl Amount {
@@ -79,7 +81,7 @@ impl Amount {
     /// Parses decimal text (exponent allowed) exactly.
     pub fn parse_decimal(text: &str, decimals: u32, max: Amount) -> Result<Self, AmountError> {
         if text.len() > MAX_TEXT {
-            return Err(AmountError::TooLarge(max));
+            return Err(AmountError::TooLong);
         }
         let d = BigDecimal::from_str(text).map_err(|_| AmountError::NotANumber)?;
         let d = d.normalized();
@@ -143,7 +145,12 @@ fn is_json_number(s: &str) -> bool {
         }
         *i > start
     };
+    let int_start = i;
     if !digits(&mut i) {
+        return false;
+    }
+    // No leading zeros: `0`, `0.5`, but not `00.1` or `01`.
+    if b[int_start] == b'0' && i - int_start > 1 {
         return false;
     }
     if i < b.len() && b[i] == b'.' {
@@ -220,10 +227,13 @@ mod tests {
         assert_eq!(p("2e15"), Err(AmountError::TooLarge(MAX)));
         for bad in [
             "\"NaN\"", "\"\"", "true", "null", "\"1,5\"", "\" 1\"", "\"+1\"", "\"0x10\"", "1.",
-            "[1]",
+            "[1]", "\"00.1\"", "\"01\"", "007",
         ] {
             assert_eq!(p(bad), Err(AmountError::NotANumber), "{bad}");
         }
+        // Too long to read is said as such, not as "too large".
+        let long = format!("1.{}", "0".repeat(79));
+        assert_eq!(p(&long), Err(AmountError::TooLong));
     }
 
     #[test]

@@ -87,8 +87,10 @@ pub async fn pending(State(state): State<AppState>) -> Result<Response, ApiError
 
 /// Which dead letter to replay; none: all of them.
 #[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ReplayQuery {
     /// Replay only this record (its `record_id` in `GET /admin/dead-letters`).
+    #[param(min_length = 1, max_length = 64)]
     record_id: Option<String>,
 }
 
@@ -157,7 +159,8 @@ pub struct SetAside {
 
 /// `POST /admin/dead-letters/set-aside`: removes one dead-lettered record for good — the only
 /// way a record leaves without a delivery — leaving an audit entry (who, when, why, the exact
-/// amount) in Redis and in the log. Always requires `ADMIN_TOKEN`.
+/// amount) in Redis and in the log. Always requires `ADMIN_TOKEN` (401 without it, also when
+/// none is configured).
 #[utoipa::path(
     post, path = "/admin/dead-letters/set-aside", tag = "admin",
     request_body(content = SetAside, content_type = "application/json"),
@@ -172,10 +175,9 @@ pub async fn set_aside(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    // Never without a token: with ADMIN_TOKEN unset, nobody may set a record aside.
     if !has_admin_token(&state, &headers) {
-        return Err(ApiError::Forbidden(
-            "setting a record aside requires ADMIN_TOKEN to be set and presented".into(),
-        ));
+        return Err(ApiError::Unauthorized);
     }
     let req: SetAside = serde_json::from_slice(&body).map_err(|e| {
         ApiError::Malformed(format!("expected {{record_id, operator, reason}}: {e}"))

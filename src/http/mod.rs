@@ -154,16 +154,33 @@ pub(crate) fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Refuses a `Content-Encoding` other than gzip, zstd or identity with a 415 that names it.
-async fn supported_encoding(req: Request, next: Next) -> Response {
-    if let Some(v) = req.headers().get(axum::http::header::CONTENT_ENCODING) {
+/// Refuses a `Content-Encoding` other than gzip, zstd or identity with a 415 that names it, and
+/// hands the decompression layer the spelling it knows: `x-gzip` is gzip (RFC 9110 §8.4.1.3),
+/// codings are case-insensitive, and `identity` is no coding at all — so what this check
+/// accepts is exactly what gets decoded, never tower-http's bodiless 415.
+async fn supported_encoding(mut req: Request, next: Next) -> Response {
+    use axum::http::{HeaderValue, header::CONTENT_ENCODING};
+    if let Some(v) = req.headers().get(CONTENT_ENCODING) {
         let enc = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
-        if !matches!(enc.as_str(), "gzip" | "x-gzip" | "zstd" | "identity") {
-            return axum::response::IntoResponse::into_response(
-                error::ApiError::UnsupportedMediaType(format!(
-                    "content encoding {enc:?} is not supported; send gzip, zstd or no encoding"
-                )),
-            );
+        match enc.as_str() {
+            "gzip" | "x-gzip" => {
+                req.headers_mut()
+                    .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            "zstd" => {
+                req.headers_mut()
+                    .insert(CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+            }
+            "identity" | "" => {
+                req.headers_mut().remove(CONTENT_ENCODING);
+            }
+            _ => {
+                return axum::response::IntoResponse::into_response(
+                    error::ApiError::UnsupportedMediaType(format!(
+                        "content encoding {enc:?} is not supported; send gzip, zstd or no encoding"
+                    )),
+                );
+            }
         }
     }
     next.run(req).await

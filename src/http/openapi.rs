@@ -100,7 +100,7 @@ fn amount_schema() -> impl Into<RefOr<Schema>> {
         .item(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some(r"^\d{1,15}(\.\d{1,9})?$")),
+                .pattern(Some(r"^(0|[1-9]\d{0,14})(\.\d{1,9})?$")),
         )
         .description(Some(
             "An exact decimal, at most MAX_AMOUNT (default 10^15) with at most AMOUNT_DECIMALS (default 9) fractional digits: a JSON number (12, 12.50, 1.5e3, 1E-9) or a decimal string (\"12.50\"). Bounds shown are the defaults.",
@@ -240,12 +240,9 @@ pub enum DeadLetterErrors {
     /// Not the expected JSON body
     #[response(status = 400)]
     Malformed(Error),
-    /// ADMIN_TOKEN is set and the bearer token is missing or wrong
+    /// The bearer token is missing or wrong (setting aside: also when ADMIN_TOKEN is not set)
     #[response(status = 401)]
     Unauthorized(Error),
-    /// Setting aside: ADMIN_TOKEN is not set, or not presented
-    #[response(status = 403)]
-    Forbidden(Error),
     /// No dead letter with that record_id
     #[response(status = 404)]
     NotFound(Error),

@@ -75,6 +75,19 @@ pub fn marker_member(digest: &[u8; 16], placement: i64) -> [u8; 14] {
     m
 }
 
+/// `text` as a Redis glob (`SCAN MATCH`) that matches it literally: `*`, `?`, `[`, `]` and `\`
+/// escaped.
+pub fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The key layout of one deployment.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -208,6 +221,12 @@ mod tests {
         assert_ne!(encode_field("a:b", "c", "d"), encode_field("a", "b:c", "d"));
         assert_ne!(encode_field("a|b", "c", "d"), encode_field("a", "b|c", "d"));
         assert_ne!(dedupe_digest("ab", "c"), dedupe_digest("a", "bc"));
+    }
+
+    #[test]
+    fn globs_match_a_prefix_literally() {
+        assert_eq!(glob_escape("{bill[eu]:3}"), "{bill\\[eu\\]:3}");
+        assert_eq!(glob_escape("a*b?c\\"), "a\\*b\\?c\\\\");
     }
 
     #[test]

@@ -205,7 +205,11 @@ impl Mover<'_> {
 
     /// Every marker of one shard.
     async fn shard(&mut self, shard: u32) -> Result<(), StoreError> {
-        let pattern = format!("{}:seen:*", self.store.keys.base(shard));
+        // The prefix may hold glob characters (`bill[eu]`): matched literally.
+        let pattern = format!(
+            "{}:seen:*",
+            super::keys::glob_escape(&self.store.keys.base(shard))
+        );
         let mut cursor = 0u64;
         loop {
             let mut scan = redis::cmd("SCAN");

@@ -67,6 +67,21 @@ async fn gzip_and_zstd_bodies_count_and_a_bomb_is_refused_unallocated() {
     assert!(small.len() < 200_000);
     let (s, b) = send(&c, &format!("{}/ingest/batch", app.base), "gzip", small).await;
     assert_eq!(s, 413, "{b}");
+    // Every spelling the check accepts is decoded: x-gzip is gzip (RFC 9110), codings are
+    // case-insensitive, identity is none — each counts, none is a bodiless 415.
+    for (enc, body) in [
+        ("x-gzip", gzip(&one)),
+        ("GZIP", gzip(&one)),
+        ("Zstd", zstd::bulk::compress(&one, 3).unwrap()),
+        ("identity", one.clone()),
+    ] {
+        let (s, b) = send(&c, &format!("{}/ingest", app.base), enc, body).await;
+        assert_eq!(s, 202, "{enc}: {b}");
+    }
+    assert_eq!(
+        redis.totals("pulses")[&("t".into(), "s".into(), "KB".into())],
+        dec(24.0)
+    );
     // An encoding we do not take is named.
     let (s, b) = send(&c, &format!("{}/ingest", app.base), "br", one.clone()).await;
     assert_eq!(s, 415);
@@ -82,7 +97,7 @@ async fn gzip_and_zstd_bodies_count_and_a_bomb_is_refused_unallocated() {
     assert_eq!(s, 400);
     assert_eq!(
         redis.totals("pulses")[&("t".into(), "s".into(), "KB".into())],
-        dec(8.0)
+        dec(24.0)
     );
     app.stop().await.unwrap();
 }

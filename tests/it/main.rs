@@ -7,6 +7,7 @@
 
 mod common;
 
+mod changes;
 mod cluster;
 mod contract;
 mod delivery;

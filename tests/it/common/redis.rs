@@ -142,7 +142,10 @@ impl RedisServer {
     fn aggregates(&self, prefix: &str) -> Vec<(String, Vec<(String, Dec)>)> {
         let mut conn = self.conn();
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{{{prefix}:*"))
+            .arg(format!(
+                "{{{}:*",
+                pulse_ingestor::store::keys::glob_escape(prefix)
+            ))
             .query(&mut conn)
             .unwrap();
         keys.into_iter()
