@@ -52,6 +52,14 @@ pub enum AppError {
 /// differs from the deployment's. A Redis that is down is not an error here: the scheduler and
 /// `/readyz` keep checking.
 async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
+    if let Ok((engine, version)) = store.engine().await {
+        if !crate::store::deployment::engine_supported(&engine, &version) {
+            return Err(AppError::Config(format!(
+                "{engine} {version} is too old: pulse-ingestor's scripts need Redis 7.0 or newer, or Valkey (README: Supported engines)"
+            )));
+        }
+        info!(%engine, %version, "redis engine");
+    }
     match store.register_shards().await {
         Ok((_, deployment)) if deployment != cfg.shards => Err(AppError::Config(
             StoreError::ShardsChanged {
@@ -148,6 +156,11 @@ impl App {
         let shutdown = state.shutdown.clone();
         let deadline = state.cfg.shutdown_timeout;
         info!(addr = %listener.local_addr().map_err(AppError::Serve)?, ack_mode = ?state.cfg.ack_mode, window = ?state.cfg.window, shards = state.cfg.shards, "pulse-ingestor listening");
+        if state.cfg.security.admin_token.is_none() {
+            warn!(
+                "ADMIN_TOKEN is not set: /admin/* answers loopback clients only, and no dead letter can be set aside"
+            );
+        }
 
         let (health, metrics) = (&state.health, &state.metrics);
         supervise::spawn(

@@ -108,7 +108,7 @@ settings! {
     REQUEST_TIMEOUT = "30s", "Time allowed for a whole request, commit included";
     /// Open connections per replica; further clients wait in the listen backlog.
     MAX_CONNECTIONS = "10000", "Open connections per replica";
-    ADMIN_TOKEN = "", "Bearer token required by /admin/*; unset leaves them open";
+    ADMIN_TOKEN = "", "Bearer token required by /admin/*; unset, they answer loopback clients only (setting a dead letter aside always needs it)";
     API_KEYS_FILE = "", "File of SHA-256 API key hashes bound to tenants; unset: no keys";
     RATE_LIMIT = "", "Default per-tenant limit, pulses/s; unset: none";
     RATE_LIMIT_BURST = "one second's worth", "Burst of the default limit";

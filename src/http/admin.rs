@@ -28,13 +28,27 @@ pub(super) fn has_admin_token(state: &AppState, headers: &HeaderMap) -> bool {
 }
 
 /// The `route_layer` of every `/admin` route: with `ADMIN_TOKEN` set, the bearer token must
-/// match (401 otherwise).
+/// match (401 otherwise); without one, only loopback clients are answered (403 otherwise) —
+/// the service listens on every interface by default, and its admin routes move money.
 pub(super) async fn require_token(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
-    if state.cfg.security.admin_token.is_none() || has_admin_token(&state, req.headers()) {
+    if state.cfg.security.admin_token.is_none() {
+        let loopback = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .is_some_and(|c| c.0.ip().is_loopback());
+        if loopback {
+            next.run(req).await
+        } else {
+            ApiError::Forbidden(
+                "admin routes answer loopback clients only while ADMIN_TOKEN is not set".into(),
+            )
+            .into_response()
+        }
+    } else if has_admin_token(&state, req.headers()) {
         next.run(req).await
     } else {
         ApiError::Unauthorized.into_response()

@@ -46,11 +46,15 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(
-            router
-                .clone()
-                .map_request(|req: hyper::Request<Incoming>| req.map(axum::body::Body::new)),
-        );
+        let svc = TowerToHyperService::new(router.clone().map_request(
+            move |mut req: hyper::Request<Incoming>| {
+                // Who is asking: the admin routes answer only loopback peers when no
+                // ADMIN_TOKEN is set.
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req.map(axum::body::Body::new)
+            },
+        ));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)

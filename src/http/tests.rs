@@ -37,6 +37,19 @@ async fn call(
     state: &AppState,
     req: Request<Body>,
 ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    call_from(state, req, [127, 0, 0, 1]).await
+}
+
+/// As a client at `ip` (what the server loop records for each connection).
+async fn call_from(
+    state: &AppState,
+    mut req: Request<Body>,
+    ip: [u8; 4],
+) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            ip, 40000,
+        ))));
     let resp = router(state.clone()).oneshot(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
@@ -135,6 +148,35 @@ async fn a_storage_failure_is_503_with_the_configured_retry_after() {
         call(&s, Request::get("/readyz").body(Body::empty()).unwrap()).await;
     assert_eq!(got, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
     assert_eq!(headers[header::RETRY_AFTER], "7");
+}
+
+/// Without ADMIN_TOKEN the admin routes answer loopback clients only, and nobody may set a
+/// dead letter aside.
+#[tokio::test]
+async fn without_a_token_admin_routes_answer_loopback_only() {
+    let s = state(&[]);
+    let (got, _, reply) = call_from(
+        &s,
+        Request::post("/admin/flush").body(Body::empty()).unwrap(),
+        [10, 1, 2, 3],
+    )
+    .await;
+    assert_eq!(got, StatusCode::FORBIDDEN, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("loopback"));
+    let (got, _, _) = call(
+        &s,
+        post(
+            "/admin/dead-letters/set-aside",
+            "application/json",
+            r#"{"record_id":"x","operator":"o","reason":"r"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        StatusCode::UNAUTHORIZED,
+        "setting aside needs a token, even locally"
+    );
 }
 
 #[tokio::test]

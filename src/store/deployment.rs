@@ -87,6 +87,23 @@ impl Store {
         Ok(())
     }
 
+    /// The server's engine and version (`INFO server`): `("valkey", "9.0.0")`, or `("redis",
+    /// "7.2.4")`.
+    pub async fn engine(&self) -> Result<(String, String), StoreError> {
+        let mut c = self.conn().await?;
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut c).await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        match (field("valkey_version:"), field("redis_version:")) {
+            (Some(v), _) => Ok(("valkey".into(), v)),
+            (None, Some(v)) => Ok(("redis".into(), v)),
+            _ => Err(StoreError::Reply("INFO server names no version".into())),
+        }
+    }
+
     /// Redis' `maxmemory-policy` (from `INFO memory`, which managed Redis services allow).
     pub async fn eviction_policy(&self) -> Result<String, StoreError> {
         let mut c = self.conn().await?;
@@ -95,5 +112,33 @@ impl Store {
             .find_map(|l| l.strip_prefix("maxmemory_policy:"))
             .map(|p| p.trim().to_string())
             .ok_or_else(|| StoreError::Reply("INFO memory has no maxmemory_policy".into()))
+    }
+}
+
+/// Whether the scripts run on this engine version: Redis 7.0 or newer (`EXPIRE … NX`,
+/// `SET … EX` from scripts, listpack hashes), any Valkey (it forked from Redis 7.2).
+pub fn engine_supported(engine: &str, version: &str) -> bool {
+    if engine == "valkey" {
+        return true;
+    }
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    major >= 7
+}
+
+#[cfg(test)]
+mod tests {
+    use super::engine_supported;
+
+    #[test]
+    fn redis_7_and_every_valkey_run_the_scripts() {
+        assert!(engine_supported("redis", "7.0.15"));
+        assert!(engine_supported("redis", "8.2.1"));
+        assert!(engine_supported("valkey", "9.0.0"));
+        assert!(!engine_supported("redis", "6.2.14"));
+        assert!(!engine_supported("redis", "garbage"));
     }
 }

@@ -100,6 +100,10 @@ pub struct ApiKeys {
     /// The keys and the SHA-256 of the file text they came from, swapped whole on reload so
     /// a request never waits for one.
     current: ArcSwap<Loaded>,
+    /// The digest of a changed file seen by the last poll and not yet applied: a poll applies a
+    /// change only once it reads the same content twice in a row, so a file being rewritten in
+    /// place (truncated, then written) is never applied half-written or empty.
+    seen: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 impl ApiKeys {
@@ -114,6 +118,7 @@ impl ApiKeys {
                 set: Arc::new(set),
                 digest: Sha256::digest(&text).into(),
             }),
+            seen: std::sync::Mutex::new(None),
         }))
     }
 
@@ -123,7 +128,8 @@ impl ApiKeys {
 
     /// Re-reads the file and applies it if its content changed (or always, when `force`).
     /// Content, not modification time, decides: a rewrite within the clock's granularity, or
-    /// between reading a file and reading its mtime, is never missed.
+    /// between reading a file and reading its mtime, is never missed. Without `force` (the
+    /// poll), a change is applied when two reads in a row agree on it.
     pub fn reload(&self, force: bool) {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -135,6 +141,14 @@ impl ApiKeys {
         let digest: [u8; 32] = Sha256::digest(&text).into();
         if !force && digest == self.current.load().digest {
             return;
+        }
+        if !force {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen != Some(digest) {
+                // Changed since the last poll: maybe still being written. Next poll decides.
+                *seen = Some(digest);
+                return;
+            }
         }
         match KeySet::parse(&text) {
             Ok(set) => {
@@ -215,11 +229,34 @@ mod tests {
             .set_modified(mtime)
             .unwrap();
         keys.reload(false);
+        keys.reload(false);
         assert!(
             keys.get().lookup("old-key").is_none(),
             "revoked key still works"
         );
         assert!(keys.get().lookup("new-key").is_some());
+    }
+
+    /// A keys file rewritten in place (truncated, then written) is never applied empty: a poll
+    /// that reads it between the two steps does not lock every client out.
+    #[tokio::test(start_paused = true)]
+    async fn a_file_read_while_being_rewritten_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{} t-1\n", hash("key"))).unwrap();
+        let keys = ApiKeys::load(&path).unwrap();
+        let stop = CancellationToken::new();
+        let _watcher = tokio::spawn(keys.clone().watch(stop.clone()));
+        tokio::task::yield_now().await;
+        std::fs::write(&path, "").unwrap();
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        assert!(keys.get().lookup("key").is_some(), "a poll read it empty");
+        std::fs::write(&path, format!("{} t-1\n{} t-2\n", hash("key"), hash("k2"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        assert!(keys.get().lookup("key").is_some());
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        assert!(keys.get().lookup("key").is_some() && keys.get().lookup("k2").is_some());
+        stop.cancel();
     }
 
     /// The poll is a timer: with tokio's clock paused, the two seconds pass at once.
@@ -233,12 +270,15 @@ mod tests {
         let watcher = tokio::spawn(keys.clone().watch(stop.clone()));
         tokio::task::yield_now().await;
         std::fs::write(&path, format!("{} t-1\n", hash("new-key"))).unwrap();
-        tokio::time::sleep(Duration::from_millis(1_900)).await;
-        assert!(keys.get().lookup("old-key").is_some(), "no poll yet");
+        tokio::time::sleep(Duration::from_millis(3_900)).await;
+        assert!(
+            keys.get().lookup("old-key").is_some(),
+            "one poll saw the change: not applied until a second read agrees"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             keys.get().lookup("old-key").is_none(),
-            "revoked at the poll"
+            "revoked at the second poll"
         );
         assert!(keys.get().lookup("new-key").is_some());
         stop.cancel();

@@ -29,7 +29,7 @@ impl Sentinel {
             ),
         )
         .unwrap();
-        let child = Command::new("redis-server")
+        let child = Command::new(server_bin())
             .arg(&conf)
             .arg("--sentinel")
             .stdout(Stdio::null())

@@ -19,6 +19,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The server binary the tests run: `redis-server`, or the engine named by `REDIS_SERVER_BIN`
+/// (e.g. a `valkey-server`; `scripts/test.sh` runs the core suite on Valkey 9 this way).
+pub fn server_bin() -> String {
+    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into())
+}
+
 /// A real redis-server on a free port, killed on drop.
 pub struct RedisServer {
     pub port: u16,
@@ -96,7 +102,7 @@ impl RedisServer {
             dir.path().display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Command::new("redis-server")
+        Command::new(server_bin())
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
