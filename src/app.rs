@@ -48,6 +48,48 @@ pub enum AppError {
     TaskFailed(String),
 }
 
+/// A setting left unset adopts the value the deployment recorded in Redis, not the compiled
+/// default: a release with a new default never changes a running deployment's `SHARDS`,
+/// `WINDOW` or `DEDUPE_TTL`. (Redis down: the defaults stand; the scripts still write by the
+/// shard's recorded settings, and a wrong `SHARDS` is refused at the first seal.)
+async fn adopt_recorded(cfg: &mut Config) -> Result<(), AppError> {
+    let store = Store::new(cfg)?;
+    let Ok((window, ttl, shards)) = store.recorded_settings().await else {
+        return Ok(());
+    };
+    if let (false, Some(w)) = (cfg.explicit.window, window)
+        && w != cfg.window_secs()
+        && w > 0
+    {
+        info!(
+            window_secs = w,
+            "WINDOW unset: the deployment's recorded value applies"
+        );
+        cfg.window = std::time::Duration::from_secs(w);
+    }
+    if let (false, Some(t)) = (cfg.explicit.dedupe_ttl, ttl)
+        && t != cfg.dedupe_ttl.as_secs()
+        && t > 0
+    {
+        info!(
+            dedupe_ttl_secs = t,
+            "DEDUPE_TTL unset: the deployment's recorded value applies"
+        );
+        cfg.dedupe_ttl = std::time::Duration::from_secs(t);
+    }
+    if let (false, Some(n)) = (cfg.explicit.shards, shards)
+        && n != cfg.shards
+        && n > 0
+    {
+        info!(
+            shards = n,
+            "SHARDS unset: the deployment's recorded value applies"
+        );
+        cfg.shards = n;
+    }
+    Ok(())
+}
+
 /// Checks, once at start-up, what would make this replica count wrongly: a `SHARDS` that
 /// differs from the deployment's. A Redis that is down is not an error here: the scheduler and
 /// `/readyz` keep checking.
@@ -69,6 +111,18 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
             .to_string(),
         )),
         Ok(_) => {
+            let window = cfg.explicit.window.then(|| cfg.window_secs());
+            let ttl = cfg
+                .explicit
+                .dedupe_ttl
+                .then(|| cfg.dedupe_ttl.as_secs().max(1));
+            match store.apply_settings(window, ttl).await {
+                Err(StoreError::Setting(m)) => return Err(AppError::Config(m)),
+                Err(e) => {
+                    warn!(error = %e, "could not record the settings; will write by the recorded ones")
+                }
+                Ok(()) => {}
+            }
             if let Err(e) = store.init_markers().await {
                 warn!(error = %e, "could not read the dedupe marker layout; will retry");
             }
@@ -102,7 +156,8 @@ pub struct App {
 
 impl App {
     /// Builds every part and binds `cfg.listen_addr` (port 0 picks a free port).
-    pub async fn build(cfg: Config) -> Result<App, AppError> {
+    pub async fn build(mut cfg: Config) -> Result<App, AppError> {
+        adopt_recorded(&mut cfg).await?;
         let store = Store::new(&cfg)?;
         check_redis(&cfg, &store).await?;
         let tracker = TaskTracker::new();
@@ -197,6 +252,14 @@ impl App {
                 keys.clone().watch(shutdown.clone()),
             );
         }
+        supervise::spawn(
+            &tracker,
+            "heartbeat",
+            health,
+            metrics,
+            &shutdown,
+            state.store.clone().heartbeats(shutdown.clone()),
+        );
         if let Some(limits) = &state.rate_limits {
             supervise::spawn(
                 &tracker,

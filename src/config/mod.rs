@@ -118,6 +118,17 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The admin token, API keys and rate limits.
     pub security: SecurityConfig,
+    /// Which of the settings the deployment records were set explicitly; an unset one adopts
+    /// the deployment's recorded value (see `App::build`).
+    pub explicit: Explicit,
+}
+
+/// Which deployment-wide settings were set explicitly (not left to their defaults).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Explicit {
+    pub shards: bool,
+    pub window: bool,
+    pub dedupe_ttl: bool,
 }
 
 impl Config {
@@ -177,6 +188,11 @@ impl Config {
         }
         let log_format = r.choice(env::LOG_FORMAT);
         let security = SecurityConfig::read(r);
+        let explicit = Explicit {
+            shards: r.raw(env::SHARDS.name).is_some(),
+            window: r.raw(env::WINDOW.name).is_some(),
+            dedupe_ttl: r.raw(env::DEDUPE_TTL.name).is_some(),
+        };
         if !r.problems.is_empty() {
             return Err(ConfigError {
                 problems: std::mem::take(&mut r.problems),
@@ -202,6 +218,7 @@ impl Config {
             delivery,
             limits,
             security,
+            explicit,
         })
     }
 
@@ -272,8 +289,19 @@ mod tests {
             .filter(|s| !s.default.is_empty() && !s.default.contains(' '))
             .map(|s| (s.name.to_string(), s.default.to_string()))
             .collect();
-        let explicit = Config::from_map(&shown).unwrap();
+        let mut explicit = Config::from_map(&shown).unwrap();
         let implicit = Config::from_map(&HashMap::new()).unwrap();
+        // Only which were set differs (unset ones adopt the deployment's recorded values).
+        assert_eq!(
+            explicit.explicit,
+            Explicit {
+                shards: true,
+                window: true,
+                dedupe_ttl: true
+            }
+        );
+        assert_eq!(implicit.explicit, Explicit::default());
+        explicit.explicit = Explicit::default();
         assert_eq!(format!("{explicit:?}"), format!("{implicit:?}"));
     }
 

@@ -33,6 +33,9 @@ pub struct SealSummary {
     pub redis_now_micros: u64,
     /// Start of the current window.
     pub window_start: u64,
+    /// Its end (the next boundary).
+    #[serde(skip)]
+    pub window_end: u64,
     /// Shards this call toggled (0 when another replica or a write got there first).
     pub toggled: u32,
 }
@@ -136,6 +139,7 @@ impl Flusher {
             redis_now: 0,
             redis_now_micros: 0,
             window_start: 0,
+            window_end: 0,
             toggled: 0,
         };
         for r in replies {
@@ -149,6 +153,7 @@ impl Flusher {
             summary.redis_now_micros = summary.redis_now_micros.max(r.redis_now_micros);
             if r.window_start >= summary.window_start {
                 summary.window_start = r.window_start;
+                summary.window_end = r.window_end;
                 self.metrics
                     .observe_window(r.window_start, Some(&r.generation));
             }
@@ -268,10 +273,9 @@ impl Flusher {
         let seal = self.seal_once().await?;
         let report = self.drain_once(seal.redis_now, false, cancel).await?;
         let status = self.pending_status(seal.redis_now).await?;
-        let window = self.store.window_secs;
         let delay = self.stabilisation_delay.as_secs_f64().ceil() as u64;
         // Next boundary, or the moment the earliest pending window becomes due.
-        let mut wake = seal.window_start + window;
+        let mut wake = seal.window_end;
         for w in &status.windows {
             let due = w.window_end + delay;
             if due > seal.redis_now {

@@ -63,7 +63,12 @@ impl Worker {
                 }
             }
             self.metrics.commit_batch.observe(n as f64);
-            commit_once(&self, &mut conn, jobs).await;
+            if let Some(e) = commit_once(&self, &mut conn, jobs).await {
+                // Writing on with another SHARDS would look pulse ids up in the wrong shards
+                // (a reshard happened while this replica was paused): stop the process.
+                error!(worker = self.id, error = %e, "this replica's SHARDS no longer matches the deployment; stopping");
+                return;
+            }
             last_commit = Some(Instant::now());
         }
         debug!(worker = self.id, "ingest worker stopped");
@@ -93,8 +98,13 @@ fn token_safe() -> Duration {
     crate::store::commit_token_ttl() * 9 / 10
 }
 
-/// Commits one group of jobs and answers each of them.
-pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut jobs: Vec<Job>) {
+/// Commits one group of jobs and answers each of them. Returns the error that must stop this
+/// replica, if one was seen (its `SHARDS` is no longer the deployment's).
+pub(crate) async fn commit_once(
+    w: &Worker,
+    conn: &mut Option<(Conn, u64)>,
+    mut jobs: Vec<Job>,
+) -> Option<StoreError> {
     // A durable request whose client is gone (its request timed out and was answered) is not
     // committed: it was told nothing was counted.
     jobs.retain(|j| {
@@ -108,7 +118,7 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut 
         !gone
     });
     if jobs.is_empty() {
-        return;
+        return None;
     }
     if crate::supervise::fault("worker")
         && jobs
@@ -121,9 +131,11 @@ pub(crate) async fn commit_once(w: &Worker, conn: &mut Option<(Conn, u64)>, mut 
         outcomes: vec![Outcome::default(); jobs.len()],
         failed: vec![None; jobs.len()],
         shards: group(w, &jobs, |_| true),
+        fatal: None,
     };
     commit.run(w, conn, &jobs).await;
     answer(w, jobs, commit.outcomes, commit.failed);
+    commit.fatal
 }
 
 /// One commit in progress: what each job got so far, and the shards still to write.
@@ -131,6 +143,8 @@ struct Commit {
     outcomes: Vec<Outcome>,
     failed: Vec<Option<CommitError>>,
     shards: Vec<(u32, ShardBatch)>,
+    /// An error that must stop the replica.
+    fatal: Option<StoreError>,
 }
 
 impl Commit {
@@ -163,6 +177,10 @@ impl Commit {
                     }
                     Err(StoreError::Overflow(fields)) => {
                         full.push((shard, fields.into_iter().collect()));
+                    }
+                    Err(e @ StoreError::ShardsChanged { .. }) => {
+                        self.fail(&b, &e);
+                        self.fatal = Some(e);
                     }
                     Err(e) => {
                         w.metrics.redis_errors.with_label_values(&["write"]).inc();

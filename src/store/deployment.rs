@@ -76,6 +76,87 @@ impl Store {
         Ok(())
     }
 
+    /// Records that this process is alive every few seconds until `shutdown`, so that `reshard`
+    /// sees every running replica whatever the window length.
+    pub async fn heartbeats(self, shutdown: tokio_util::sync::CancellationToken) {
+        let every = std::time::Duration::from_secs(super::reshard::HEARTBEAT_SECS);
+        loop {
+            if let Ok(mut c) = self.conn().await
+                && let Ok(now) = self.time(&mut c).await
+            {
+                let _ = self.heartbeat(&mut c, now).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Records the settings a replica starts with: the ones set explicitly (`Some`) replace the
+    /// deployment's in every shard — a new window length from the next window on, a new dedupe
+    /// TTL with the previous one still consulted until its markers expire — and the values in
+    /// force are kept in `{prefix}:meta` for replicas that leave them unset.
+    pub async fn apply_settings(
+        &self,
+        window: Option<u64>,
+        dedupe_ttl: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        for shard in 0..self.shards_to_drain().await? {
+            let r: Result<String, redis::RedisError> = super::scripts::SETTINGS
+                .key(self.keys.conf(shard))
+                .arg(window.map(|w| w.to_string()).unwrap_or_default())
+                .arg(dedupe_ttl.map(|t| t.to_string()).unwrap_or_default())
+                .arg(self.window_secs)
+                .arg(self.dedupe_ttl_secs)
+                .arg(self.shards)
+                .invoke_async(&mut c)
+                .await;
+            if let Err(e) = r {
+                if e.code() == Some("TTLCHANGING") {
+                    let d: Vec<u64> = e
+                        .detail()
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect();
+                    return Err(StoreError::Setting(format!(
+                        "DEDUPE_TTL changed from {}s less than twice that ago; until Redis time {} only the current ({}s) or that value may be set (the markers of both are consulted until then)",
+                        d.first().copied().unwrap_or(0),
+                        d.get(1).copied().unwrap_or(0),
+                        d.get(2).copied().unwrap_or(0),
+                    )));
+                }
+                return Err(e.into());
+            }
+        }
+        redis::cmd("HSET")
+            .arg(self.keys.meta())
+            .arg("window")
+            .arg(window.unwrap_or(self.window_secs))
+            .arg("dedupe_ttl")
+            .arg(dedupe_ttl.unwrap_or(self.dedupe_ttl_secs))
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The settings the deployment recorded: (`window`, `dedupe_ttl`, `shards`), for a replica
+    /// that leaves them unset.
+    pub async fn recorded_settings(
+        &self,
+    ) -> Result<(Option<u64>, Option<u64>, Option<u32>), StoreError> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("HMGET")
+            .arg(self.keys.meta())
+            .arg("window")
+            .arg("dedupe_ttl")
+            .arg("shards")
+            .query_async(&mut c)
+            .await?)
+    }
+
     /// Removes this process from the live replicas (clean shutdown).
     pub async fn leave(&self) -> Result<(), StoreError> {
         let mut c = self.conn().await?;

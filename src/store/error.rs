@@ -14,6 +14,9 @@ pub enum StoreError {
         "SHARDS={configured}, but this deployment's Redis uses SHARDS={deployment}; change it with `pulse-ingestor reshard --shards <n>` (README: Changing SHARDS)"
     )]
     ShardsChanged { configured: u32, deployment: u32 },
+    /// A setting this replica was started with cannot be applied to the deployment now.
+    #[error("{0}")]
+    Setting(String),
     /// These keys' (fields') window totals would leave the exact range; nothing of the call
     /// was written.
     #[error("a key's total for this window would exceed the exact range")]
@@ -41,7 +44,9 @@ impl StoreError {
                 !matches!(e.kind(), redis::ErrorKind::Server(_))
                     || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
             }
-            StoreError::Overflow(_) | StoreError::ShardsChanged { .. } => false,
+            StoreError::Overflow(_) | StoreError::ShardsChanged { .. } | StoreError::Setting(_) => {
+                false
+            }
             StoreError::Shared { suspect, .. } => *suspect,
             _ => true,
         }
@@ -74,9 +79,10 @@ impl StoreError {
             }
             StoreError::Pool(_) => true,
             StoreError::Shared { transient, .. } => *transient,
-            StoreError::Reply(_) | StoreError::ShardsChanged { .. } | StoreError::Overflow(_) => {
-                false
-            }
+            StoreError::Reply(_)
+            | StoreError::ShardsChanged { .. }
+            | StoreError::Overflow(_)
+            | StoreError::Setting(_) => false,
         }
     }
 
@@ -92,6 +98,13 @@ impl StoreError {
     pub fn fan_out(&self) -> StoreError {
         match self {
             StoreError::Overflow(f) => StoreError::Overflow(f.clone()),
+            StoreError::ShardsChanged {
+                configured,
+                deployment,
+            } => StoreError::ShardsChanged {
+                configured: *configured,
+                deployment: *deployment,
+            },
             e => StoreError::Shared {
                 message: e.to_string(),
                 ambiguous: e.is_ambiguous(),

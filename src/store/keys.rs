@@ -112,15 +112,21 @@ impl Keys {
             self.base(shard)
         }
     }
+    /// The shard's recorded settings (window length, dedupe TTL, SHARDS; see `conf` in
+    /// `scripts/seal_lib.lua`).
+    pub fn conf(&self, shard: u32) -> String {
+        format!("{}:conf", self.ns(shard, true))
+    }
     /// The current generation, "A" or "B" (exact layout).
     pub fn generation(&self, shard: u32) -> String {
         format!("{}:gen", self.ns(shard, true))
     }
     /// The keys the write and seal scripts may touch that are known before they run: they are
     /// declared in `KEYS` so that a cluster routes, redirects and migrates them correctly.
-    pub(crate) fn generation_keys(&self, shard: u32) -> [String; 8] {
+    pub(crate) fn generation_keys(&self, shard: u32) -> [String; 9] {
         let ns = self.ns(shard, true);
         [
+            format!("{ns}:conf"),
             format!("{ns}:gen"),
             format!("{ns}:window"),
             format!("{ns}:window_len"),

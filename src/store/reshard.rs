@@ -18,8 +18,12 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 
 use super::{Conn, Store, StoreError};
 
-/// Replicas seen within this many seconds count as running.
-pub const LIVE_WITHIN_SECS: u64 = 60;
+/// Replicas seen within this many seconds count as running (each heartbeats every
+/// [`HEARTBEAT_SECS`]).
+pub const LIVE_WITHIN_SECS: u64 = 15;
+
+/// How often a replica records that it is alive, on its own timer (not the window's).
+pub const HEARTBEAT_SECS: u64 = 3;
 
 /// What `reshard` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -70,6 +74,18 @@ impl Store {
             return Err(ReshardError::ReplicasRunning(live));
         }
         let from = from.unwrap_or(to);
+        // Fence first: every shard records the new count, so a replica that was paused across
+        // the heartbeat check and wakes up with the old one has its writes refused
+        // (SHARDSCHANGED) — before any marker is moved, so none is written behind the move.
+        for shard in 0..from.max(to).max(max.unwrap_or(0)) {
+            redis::cmd("HSET")
+                .arg(self.keys.conf(shard))
+                .arg("shards")
+                .arg(to)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(StoreError::from)?;
+        }
         let mut mover = Mover {
             store: self,
             conn: &mut conn,

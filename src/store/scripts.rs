@@ -37,3 +37,5 @@ pub(super) static USAGE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/usage.lua")));
 pub(super) static SET_ASIDE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/set_aside.lua")));
+pub(super) static SETTINGS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/settings.lua")));

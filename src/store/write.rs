@@ -41,6 +41,8 @@ pub struct WriteReply {
 pub struct SealReply {
     pub generation: String,
     pub window_start: u64,
+    /// End of the current window (its start plus the length it was opened with).
+    pub window_end: u64,
     pub toggled: bool,
     /// Redis time, seconds.
     pub redis_now: u64,
@@ -82,7 +84,8 @@ impl Store {
             .arg(self.dedupe_ttl_secs)
             .arg(legacy_until)
             .arg(sections.len())
-            .arg(commit_token_ttl().as_secs());
+            .arg(commit_token_ttl().as_secs())
+            .arg(self.shards);
         let declare = self.is_cluster();
         let mut with_id: Vec<Vec<usize>> = Vec::with_capacity(sections.len());
         for (shard, items) in sections {
@@ -116,7 +119,15 @@ impl Store {
             }
             with_id.push(ids);
         }
-        let reply: redis::Value = inv.invoke_async(conn).await?;
+        let reply: redis::Value = inv.invoke_async(conn).await.map_err(|e| {
+            match (e.code(), e.detail().and_then(|d| d.trim().parse().ok())) {
+                (Some("SHARDSCHANGED"), Some(deployment)) => StoreError::ShardsChanged {
+                    configured: self.shards,
+                    deployment,
+                },
+                _ => StoreError::Redis(e),
+            }
+        })?;
         let reply = match reply {
             redis::Value::Array(items) => {
                 // {"OVERFLOW", field...}: nothing was written.
@@ -184,14 +195,24 @@ impl Store {
         for k in self.keys.generation_keys(shard) {
             inv.key(k);
         }
-        let (generation, window_start, toggled, redis_now, micros): (String, u64, u8, u64, u64) =
-            inv.arg(self.keys.base(shard))
-                .arg(self.window_secs)
-                .invoke_async(conn)
-                .await?;
+        let (generation, window_start, toggled, redis_now, micros, window_end): (
+            String,
+            u64,
+            u8,
+            u64,
+            u64,
+            u64,
+        ) = inv
+            .arg(self.keys.base(shard))
+            .arg(self.window_secs)
+            .arg(self.dedupe_ttl_secs)
+            .arg(self.shards)
+            .invoke_async(conn)
+            .await?;
         Ok(SealReply {
             generation,
             window_start,
+            window_end,
             toggled: toggled == 1,
             redis_now,
             redis_now_micros: redis_now * 1_000_000 + micros,

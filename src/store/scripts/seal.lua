@@ -1,11 +1,13 @@
 -- Seal the shard if its window has ended (the scheduler's toggle), in both layouts.
 -- KEYS: the shard's generation keys (see Store::seal); KEYS[1] is `<base>:x:gen`.
--- ARGV[1] shard base, ARGV[2] window length in seconds.
--- Returns {generation, window start, 1 if this call toggled else 0, Redis time (s), its µs}.
+-- ARGV[1] shard base, ARGV[2] window length in seconds, ARGV[3] dedupe TTL, ARGV[4] SHARDS
+-- (recorded in the shard's settings if none are yet; the recorded window length wins).
+-- Returns {generation, window start, 1 if this call toggled else 0, Redis time (s), its µs,
+-- the current window's end}.
 local t = redis.call('TIME')
 local now = tonumber(t[1])
 local base = ARGV[1]
-local len = tonumber(ARGV[2])
-seal(base, base, false, now, len)
-local gen, start, toggled = seal(base, base .. ':x', true, now, len)
-return {gen, start, toggled, now, tonumber(t[2])}
+local c = conf(base, ARGV[2], ARGV[3], ARGV[4])
+seal(base, base, false, now, c.window)
+local gen, start, toggled, stop = seal(base, base .. ':x', true, now, c.window)
+return {gen, start, toggled, now, tonumber(t[2]), stop}

@@ -84,29 +84,53 @@ local function index(base, start, field, len)
   end
 end
 
+-- The shard's settings, agreed through Redis (`<base>:x:conf`): `window`, the length of the
+-- next window; `ttl`, the dedupe bucket length, with `prev_ttl` consulted until `prev_until`
+-- after a change; `shards`, the deployment's count (a writer with another count must not
+-- write: its pulse ids would be looked up in other shards). Recorded from the first caller's
+-- values; changed only by `settings.lua` (at a replica's start with an explicit setting) and
+-- `reshard`. Every replica writes by these, whatever its own configuration says.
+local function conf(base, len, ttl, shards)
+  local key = base .. ':x:conf'
+  local c = redis.call('HMGET', key, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards')
+  if not c[1] then
+    redis.call('HSET', key, 'window', len, 'ttl', ttl, 'shards', shards)
+    return {window = tonumber(len), ttl = tonumber(ttl), prev_ttl = 0, prev_until = 0,
+      shards = tonumber(shards)}
+  end
+  return {window = tonumber(c[1]), ttl = tonumber(c[2]) or tonumber(ttl),
+    prev_ttl = tonumber(c[3]) or 0, prev_until = tonumber(c[4]) or 0,
+    shards = tonumber(c[5]) or tonumber(shards)}
+end
+
 -- seal(base, ns, exact, now, window_len) brings one layout's generation up to date with Redis
--- time: if the current generation belongs to a window that has ended, the generation flips,
--- the old hash is renamed to `<ns>:sealed:<start>` and the window is added to `<base>:pending`.
--- Idempotent: for a given window only the first caller toggles. Returns gen, start, toggled.
+-- time: if the current generation's window has ended — at its start plus the length it was
+-- opened with, whatever WINDOW says now — the generation flips, the old hash is renamed to
+-- `<ns>:sealed:<start>` and the window is added to `<base>:pending` as `<start>:<end>`.
+-- The next window is aligned to `window_len`; after a change of WINDOW, a shorter window fills
+-- the gap up to the first aligned boundary, so every window's label holds the time of every
+-- pulse counted in it. Idempotent: for a given window only the first caller toggles.
+-- Returns gen, start, toggled, end.
 local function seal(base, ns, exact, now, window_len)
-  local current = now - (now % window_len)
   local gen = redis.call('GET', ns .. ':gen')
   local start = tonumber(redis.call('GET', ns .. ':window'))
   if not gen or not start then
     if not exact then
-      return nil, nil, 0
+      return nil, nil, 0, nil
     end
+    local current = now - (now % window_len)
     gen = gen or 'A'
     redis.call('SET', ns .. ':gen', gen)
     redis.call('SET', ns .. ':window', current)
     redis.call('SET', ns .. ':window_len', window_len)
-    return gen, current, 0
-  end
-  if start >= current then
-    -- Same window (or Redis time went back after a failover): keep writing where we are.
-    return gen, start, 0
+    return gen, current, 0, current + window_len
   end
   local len = tonumber(redis.call('GET', ns .. ':window_len')) or window_len
+  local stop = start + len
+  if now < stop then
+    -- Same window (or Redis time went back after a failover): keep writing where we are.
+    return gen, start, 0, stop
+  end
   local old = ns .. ':agg:' .. gen
   local sealed = ns .. ':sealed:' .. start
   local has_old = redis.call('EXISTS', old) == 1
@@ -142,7 +166,7 @@ local function seal(base, ns, exact, now, window_len)
           if not sums[i] then
             -- Not a plain decimal: leave both hashes and this generation as they are (the
             -- window stays sealed and pending; nothing is rounded, nothing is lost).
-            return gen, start, 0
+            return gen, start, 0, stop
           end
         end
         for i = 1, #kv, 2 do
@@ -152,7 +176,7 @@ local function seal(base, ns, exact, now, window_len)
       redis.call('DEL', old)
     end
     -- The member carries the window's end, so a later change of WINDOW cannot mislabel it.
-    local member = start .. ':' .. (start + len)
+    local member = start .. ':' .. stop
     if exact then
       member = member .. ':x'
     end
@@ -163,10 +187,16 @@ local function seal(base, ns, exact, now, window_len)
     redis.call('DEL', old .. ':hi')
   end
   if gen == 'A' then gen = 'B' else gen = 'A' end
+  local aligned = now - (now % window_len)
+  local next_start, next_len = aligned, window_len
+  if aligned < stop then
+    -- WINDOW changed: the window up to the first boundary of the new length.
+    next_start, next_len = stop, aligned + window_len - stop
+  end
   redis.call('SET', ns .. ':gen', gen)
-  redis.call('SET', ns .. ':window', current)
-  redis.call('SET', ns .. ':window_len', window_len)
-  return gen, current, 1
+  redis.call('SET', ns .. ':window', next_start)
+  redis.call('SET', ns .. ':window_len', next_len)
+  return gen, next_start, 1, next_start + next_len
 end
 
 local function redis_now()

@@ -6,14 +6,17 @@
 -- ARGV[1] window length (s), ARGV[2] dedupe TTL (s), ARGV[3] Redis time (s) until which
 -- markers of the previous layout (one string key per id) are still consulted (0: none, and
 -- items carry no previous-layout digest), ARGV[4] number of shard sections, ARGV[5] how long
--- the commit's token is kept (s); then per section:
+-- the commit's token is kept (s), ARGV[6] the writer's SHARDS; then per section:
 -- shard base (e.g. "{pulses:7}"), count of items without id, count with id; the items without
 -- id as (field, lo, hi); the items with id as (field, lo, hi, marker[, previous-layout hex
 -- digest]). lo and hi are decimal limb strings (lo < 10^15); a marker is 12 bytes of digest
 -- and 2 of tenant placement.
 -- Returns "<window start>:<flags>" per section, joined by ";": one flag per item with id, in
 -- order: 1 counted, 0 duplicate (items without id are always counted). Or, when a key's total
--- would leave the exact range, the array {"OVERFLOW", field...} and nothing written.
+-- would leave the exact range, the array {"OVERFLOW", field...} and nothing written. A writer
+-- whose SHARDS is not the shard's recorded count gets the error SHARDSCHANGED, nothing counted.
+-- Window length and dedupe TTL are the shard's recorded settings (`conf` in seal_lib.lua);
+-- ARGV[1] and ARGV[2] only initialise them.
 --
 -- Reading the generation and incrementing into it happen here, in one script, so a toggle can
 -- never interleave with an increment; the dedupe marker is set in the same script as the
@@ -30,9 +33,8 @@ local done = redis.call('GET', KEYS[1])
 if done then
   return done
 end
-local len = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
 local now = redis_now()
+local shards = tonumber(ARGV[6])
 local legacy_until = tonumber(ARGV[3])
 local legacy = now < legacy_until
 local id_stride = 4
@@ -41,13 +43,17 @@ if legacy_until > 0 then
 end
 local sections = {}
 local full = {}
-local i = 6
+local i = 7
 for s = 1, tonumber(ARGV[4]) do
   local base = ARGV[i]
   local plain = tonumber(ARGV[i + 1])
   local ids = tonumber(ARGV[i + 2])
   i = i + 3
-  local gen, start = seal(base, base .. ':x', true, now, len)
+  local c = conf(base, ARGV[1], ARGV[2], ARGV[6])
+  if c.shards ~= shards then
+    return redis.error_reply('SHARDSCHANGED ' .. c.shards)
+  end
+  local gen, start = seal(base, base .. ':x', true, now, c.window)
   local agg = base .. ':x:agg:' .. gen
   local first_id = i + plain * 3
   local after = first_id + ids * id_stride
@@ -71,7 +77,7 @@ for s = 1, tonumber(ARGV[4]) do
       end
     end
   end
-  sections[s] = {base, i, first_id, after, agg, start}
+  sections[s] = {base, i, first_id, after, agg, start, c}
   i = after
 end
 -- Keys that would leave the exact range: nothing of the commit is written, and the caller
@@ -83,7 +89,8 @@ if #full > 0 then
 end
 local out = {}
 for s = 1, #sections do
-  local base, first, first_id, after, agg, start = unpack(sections[s])
+  local base, first, first_id, after, agg, start, c = unpack(sections[s])
+  local len = c.window
   local hi = agg .. ':hi'
   for k = first, first_id - 1, 3 do
     if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
@@ -92,9 +99,18 @@ for s = 1, #sections do
   end
   local flags = {}
   if first_id < after then
+    local ttl = c.ttl
     local bucket = math.floor(now / ttl)
     local cur = base .. ':seen:' .. string.format('%d', bucket)
     local prev = base .. ':seen:' .. string.format('%d', bucket - 1)
+    -- After a change of DEDUPE_TTL, the previous bucketing's sets are consulted until its
+    -- markers have expired.
+    local old1, old2 = nil, nil
+    if c.prev_until > now and c.prev_ttl > 0 then
+      local ob = math.floor(now / c.prev_ttl)
+      old1 = base .. ':seen:' .. string.format('%d', ob)
+      old2 = base .. ':seen:' .. string.format('%d', ob - 1)
+    end
     local added = false
     for k = first_id, after - 1, id_stride do
       local m = ARGV[k + 3]
@@ -104,6 +120,9 @@ for s = 1, #sections do
       else
         added = true
         if redis.call('SISMEMBER', prev, m) == 1 then
+          new = false
+        elseif old1 and (redis.call('SISMEMBER', old1, m) == 1
+            or redis.call('SISMEMBER', old2, m) == 1) then
           new = false
         elseif legacy and redis.call('EXISTS', base .. ':seen:' .. ARGV[k + 4]) == 1 then
           new = false
