@@ -34,6 +34,8 @@ pub struct Metrics {
     pub delivery_failures: IntCounterVec,
     pub delivery_retries: IntCounter,
     pub dead_letters: IntCounter,
+    pub late_pulses: IntCounterVec,
+    pub timestamps_refused: IntCounterVec,
     pub delivery_isolation_posts: IntCounter,
     pub dead_letters_set_aside: IntCounter,
     pub drain_duration: Histogram,
@@ -192,6 +194,20 @@ impl Metrics {
                 "ingestor_dead_letter_records_total",
                 "Records moved to dead-letter after a permanent rejection"
             )),
+            late_pulses: reg!(IntCounterVec::new(
+                Opts::new(
+                    "ingestor_late_pulses_total",
+                    "Stamped pulses counted outside the current window, by placement"
+                ),
+                &["placement"]
+            )),
+            timestamps_refused: reg!(IntCounterVec::new(
+                Opts::new(
+                    "ingestor_timestamps_refused_total",
+                    "Stamped pulses refused (422), by reason"
+                ),
+                &["reason"]
+            )),
             delivery_isolation_posts: reg!(IntCounter::new(
                 "ingestor_delivery_isolation_posts_total",
                 "Extra Processor requests spent halving refused batches to find the refused records"
@@ -276,6 +292,17 @@ impl Metrics {
         }
         for op in ["write", "seal", "drain"] {
             m.redis_errors.with_label_values(&[op]);
+        }
+        for p in ["sealed_window", "amendment", "ahead"] {
+            m.late_pulses.with_label_values(&[p]);
+        }
+        for r in [
+            "too_old",
+            "too_far_ahead",
+            "older_than_dedupe",
+            "window_closed",
+        ] {
+            m.timestamps_refused.with_label_values(&[r]);
         }
         m
     }

@@ -24,11 +24,17 @@ pub struct Record {
     /// The same total as a string, for clients whose JSON parser reads numbers as doubles.
     pub used_amount_text: String,
     pub use_unit: String,
-    /// Stable identity of `(window_start, tenant, sku, unit)`: a re-delivery carries the same id.
+    /// Stable identity of `(window_start, tenant, sku, unit[, amendment])`: a re-delivery
+    /// carries the same id.
     pub record_id: String,
     /// RFC 3339, UTC.
     pub window_start: String,
     pub window_end: String,
+    /// Set on an amendment: late pulses of this window counted after its delivery began, the
+    /// n-th such record of the key. Add it to the window's total (a Processor whose invoice for
+    /// the period is final books it as an adjustment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amends: Option<u32>,
 }
 
 /// Decimal text written into JSON as a number, verbatim — never through a float.

@@ -22,8 +22,16 @@ pub struct Ledger {
     /// Pulses counted (duplicates of an id already counted excluded).
     pub pulses: u64,
     pub totals: Vec<KeyTotal>,
+    /// Per event window and key, for pulses sent with a timestamp (`--event-time`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub window_totals: Vec<KeyTotal>,
+    /// The window length the producer placed stamped pulses with (`--window`).
+    #[serde(default)]
+    pub window_secs: u64,
     #[serde(skip)]
     map: BTreeMap<Key, Dec>,
+    #[serde(skip)]
+    windows: BTreeMap<(u64, String, String, String), Dec>,
     #[serde(skip)]
     ids: HashSet<String>,
 }
@@ -37,6 +45,18 @@ impl Ledger {
             return;
         }
         self.pulses += 1;
+        if let (Some(ts), true) = (p.timestamp_ms, self.window_secs > 0) {
+            let w = (ts.max(0) as u64 / 1000) / self.window_secs * self.window_secs;
+            *self
+                .windows
+                .entry((
+                    w,
+                    p.tenant_id.clone(),
+                    p.product_sku.clone(),
+                    p.use_unit.clone(),
+                ))
+                .or_default() += &p.used_amount;
+        }
         *self
             .map
             .entry((
@@ -59,6 +79,32 @@ impl Ledger {
                 product_sku: s.clone(),
                 use_unit: u.clone(),
                 used_amount: a.clone(),
+                window_start: None,
+            })
+            .collect()
+    }
+
+    /// A ledger that also keeps totals per event window of `window_secs` (UTC-aligned).
+    pub fn with_windows(window_secs: u64) -> Self {
+        Ledger {
+            window_secs,
+            ..Default::default()
+        }
+    }
+
+    /// The per-window totals of stamped pulses.
+    pub fn window_totals(&self) -> Vec<KeyTotal> {
+        if self.windows.is_empty() {
+            return self.window_totals.clone();
+        }
+        self.windows
+            .iter()
+            .map(|((w, t, s, u), a)| KeyTotal {
+                tenant_id: t.clone(),
+                product_sku: s.clone(),
+                use_unit: u.clone(),
+                used_amount: a.clone(),
+                window_start: Some(*w),
             })
             .collect()
     }
@@ -71,6 +117,8 @@ impl Ledger {
         let out = Ledger {
             pulses: self.pulses,
             totals: self.totals(),
+            window_totals: self.window_totals(),
+            window_secs: self.window_secs,
             ..Default::default()
         };
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)
@@ -90,6 +138,31 @@ impl Ledger {
             }
         }
         self.pulses += other.pulses;
+        if self.windows.is_empty() {
+            for k in self.window_totals.drain(..) {
+                self.windows.insert(
+                    (
+                        k.window_start.unwrap_or(0),
+                        k.tenant_id,
+                        k.product_sku,
+                        k.use_unit,
+                    ),
+                    k.used_amount,
+                );
+            }
+        }
+        self.window_secs = self.window_secs.max(other.window_secs);
+        for k in other.window_totals() {
+            *self
+                .windows
+                .entry((
+                    k.window_start.unwrap_or(0),
+                    k.tenant_id,
+                    k.product_sku,
+                    k.use_unit,
+                ))
+                .or_default() += &k.used_amount;
+        }
         for k in other.totals() {
             *self
                 .map
@@ -121,12 +194,13 @@ impl Diff {
 pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
     let key = |k: &KeyTotal| {
         (
+            k.window_start,
             k.tenant_id.clone(),
             k.product_sku.clone(),
             k.use_unit.clone(),
         )
     };
-    let mut found_map: BTreeMap<Key, Dec> = BTreeMap::new();
+    let mut found_map: BTreeMap<(Option<u64>, String, String, String), Dec> = BTreeMap::new();
     for k in found {
         *found_map.entry(key(k)).or_default() += &k.used_amount;
     }
@@ -144,12 +218,13 @@ pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
             )),
         }
     }
-    for ((tenant_id, product_sku, use_unit), used_amount) in found_map {
+    for ((window_start, tenant_id, product_sku, use_unit), used_amount) in found_map {
         d.extra.push(KeyTotal {
             tenant_id,
             product_sku,
             use_unit,
             used_amount,
+            window_start,
         });
     }
     d
@@ -157,8 +232,13 @@ pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
 
 impl fmt::Display for Diff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name =
-            |k: &KeyTotal| format!("({:?}, {:?}, {:?})", k.tenant_id, k.product_sku, k.use_unit);
+        let name = |k: &KeyTotal| match k.window_start {
+            Some(w) => format!(
+                "window {w} ({:?}, {:?}, {:?})",
+                k.tenant_id, k.product_sku, k.use_unit
+            ),
+            None => format!("({:?}, {:?}, {:?})", k.tenant_id, k.product_sku, k.use_unit),
+        };
         if self.balanced() {
             return writeln!(f, "books balance: {} keys match", self.matched);
         }
@@ -211,11 +291,13 @@ mod tests {
             used_amount: crate::money::parse(a).unwrap(),
             use_unit: "KB".into(),
             pulse_id: id.map(str::to_string),
+            timestamp_ms: None,
         }
     }
 
     fn kt(t: &str, a: &str) -> KeyTotal {
         KeyTotal {
+            window_start: None,
             tenant_id: t.into(),
             product_sku: "S".into(),
             use_unit: "KB".into(),

@@ -79,6 +79,9 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Walk distinct (tenant, sku) keys in order instead of drawing them.
     pub distinct: bool,
+    /// With stamped pulses: the service's window length, for the ledger's totals per window
+    /// (0: none).
+    pub window_secs: u64,
 }
 
 /// The outcome of a run.
@@ -287,7 +290,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<(Report, Ledger)> {
     let started = Instant::now();
     let shared = Arc::new(Shared {
         http,
-        ledger: Mutex::new(Ledger::default()),
+        ledger: Mutex::new(Ledger::with_windows(cfg.window_secs)),
         report: Mutex::new(Report::default()),
         hist: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")),
         recent: Mutex::new(Vec::new()),

@@ -117,6 +117,14 @@ struct RunArgs {
     /// Walk distinct (tenant, sku) keys in order (tenants x skus of them) instead of drawing.
     #[arg(long)]
     distinct: bool,
+    /// Stamp pulses with their time of use: `off`, `now`, `skew=<±duration>` (clock skew), or
+    /// `late=<fraction>:<max delay>` (that fraction sent up to that late). The ledger then also
+    /// keeps totals per event window (`--window`), which `verify` checks.
+    #[arg(long, default_value = "off")]
+    event_time: pulse_producer::traffic::EventTime,
+    /// The service's WINDOW, for the ledger's totals per event window.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    window: Duration,
     /// Write the acknowledged totals here, for `verify`.
     #[arg(long)]
     ledger: Option<PathBuf>,
@@ -170,7 +178,13 @@ async fn load(a: RunArgs) -> anyhow::Result<ExitCode> {
         batch: a.batch,
         min_delay: a.min_delay,
         max_delay: a.max_delay,
-        traffic: Traffic::new(a.tenants, a.skus, a.skew, ids, run_id).with_amounts(a.amounts),
+        traffic: Traffic::new(a.tenants, a.skus, a.skew, ids, run_id)
+            .with_amounts(a.amounts)
+            .with_event_time(a.event_time),
+        window_secs: match a.event_time {
+            pulse_producer::traffic::EventTime::Off => 0,
+            _ => a.window.as_secs().max(1),
+        },
         duplicate_ratio: a.duplicate_ratio,
         malformed_ratio: a.malformed_ratio,
         api_key: a.api_key,
@@ -295,6 +309,7 @@ impl Usage {
                 product_sku,
                 use_unit,
                 used_amount,
+                window_start: None,
             })
             .collect())
     }
@@ -323,6 +338,16 @@ async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode
         .error_for_status()?
         .json()
         .await?;
+    let per_window = expected.window_totals();
+    if !per_window.is_empty() {
+        // Stamped pulses: every window's records (amendments included) against the ledger's
+        // totals for that window, key by key.
+        let diff = pulse_producer::ledger::compare(&per_window, &totals.window_totals);
+        print!("per event window: {diff}");
+        if !diff.balanced() {
+            return Ok(ExitCode::from(1));
+        }
+    }
     report_diff(
         &expected.totals(),
         &totals.totals,

@@ -41,6 +41,10 @@ pub struct Record {
     pub used_amount_text: Option<String>,
     pub window_start: String,
     pub window_end: String,
+    /// Set on an amendment (late pulses after the window's delivery began): the n-th record
+    /// of the key for that window; the window's total is the sum of its records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amends: Option<u32>,
 }
 
 /// How the Processor misbehaves, all off by default.
@@ -122,6 +126,9 @@ pub struct Totals {
     pub totals: Vec<KeyTotal>,
     /// Per window start, summed over keys (canonical decimal text).
     pub windows: BTreeMap<String, String>,
+    /// Per window and key: every record of the window (amendments included) summed.
+    #[serde(default)]
+    pub window_totals: Vec<KeyTotal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +139,9 @@ pub struct KeyTotal {
     /// Exact.
     #[serde(with = "crate::money::number")]
     pub used_amount: Dec,
+    /// The window (Unix seconds) for totals per window and key; absent for totals per key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_start: Option<u64>,
 }
 
 impl Processor {
@@ -186,7 +196,20 @@ impl Processor {
         let b = self.books.lock().unwrap();
         let mut per_key: BTreeMap<(String, String, String), Dec> = BTreeMap::new();
         let mut windows: BTreeMap<String, Dec> = BTreeMap::new();
+        let mut per_window: BTreeMap<(u64, String, String, String), Dec> = BTreeMap::new();
         for r in b.records.values() {
+            let start = humantime::parse_rfc3339(&r.window_start)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            *per_window
+                .entry((
+                    start,
+                    r.tenant_id.clone(),
+                    r.product_sku.clone(),
+                    r.use_unit.clone(),
+                ))
+                .or_default() += &r.used_amount;
             *per_key
                 .entry((
                     r.tenant_id.clone(),
@@ -214,10 +237,23 @@ impl Processor {
                         product_sku,
                         use_unit,
                         used_amount,
+                        window_start: None,
                     },
                 )
                 .collect(),
             windows,
+            window_totals: per_window
+                .into_iter()
+                .map(
+                    |((w, tenant_id, product_sku, use_unit), used_amount)| KeyTotal {
+                        tenant_id,
+                        product_sku,
+                        use_unit,
+                        used_amount,
+                        window_start: Some(w),
+                    },
+                )
+                .collect(),
         }
     }
 

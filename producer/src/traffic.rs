@@ -38,6 +38,84 @@ pub struct Pulse {
     pub use_unit: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pulse_id: Option<String>,
+    /// When the usage happened (Unix ms), sent as `timestamp` in Unix seconds to the ms.
+    #[serde(
+        rename = "timestamp",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "unix_seconds"
+    )]
+    pub timestamp_ms: Option<i64>,
+}
+
+fn unix_seconds<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    let ms = ms.unwrap_or(0);
+    s.serialize_str(&format!("{}.{:03}", ms / 1000, ms % 1000))
+}
+
+/// Which time pulses carry (`--event-time`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum EventTime {
+    /// No timestamp: counted when it reaches Redis (the default).
+    #[default]
+    Off,
+    /// Stamped now, shifted by this many ms (negative: behind).
+    Skew(i64),
+    /// Stamped now, except this fraction, stamped up to `max_ms` in the past (sent late).
+    Late { fraction: f64, max_ms: i64 },
+}
+
+impl std::str::FromStr for EventTime {
+    type Err = String;
+    /// `off`, `now`, `skew=<±duration>`, `late=<fraction>:<max delay>`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let dur = |d: &str| {
+            humantime::parse_duration(d)
+                .map(|d| d.as_millis() as i64)
+                .map_err(|e| format!("{d:?}: {e}"))
+        };
+        match s.split_once('=') {
+            None if s == "off" => Ok(EventTime::Off),
+            None if s == "now" => Ok(EventTime::Skew(0)),
+            Some(("skew", v)) => match v.strip_prefix('-') {
+                Some(v) => Ok(EventTime::Skew(-dur(v)?)),
+                None => Ok(EventTime::Skew(dur(v.trim_start_matches('+'))?)),
+            },
+            Some(("late", v)) => {
+                let (f, d) = v.split_once(':').ok_or("late=<fraction>:<max delay>")?;
+                let fraction: f64 = f.parse().map_err(|_| format!("{f:?}: not a fraction"))?;
+                if !(0.0..=1.0).contains(&fraction) {
+                    return Err("the fraction is from 0 to 1".into());
+                }
+                Ok(EventTime::Late {
+                    fraction,
+                    max_ms: dur(d)?,
+                })
+            }
+            _ => Err(format!(
+                "{s:?}: expected off, now, skew=<±duration> or late=<fraction>:<max delay>"
+            )),
+        }
+    }
+}
+
+impl EventTime {
+    /// A timestamp for a pulse sent now.
+    pub fn stamp(self, rng: &mut impl Rng) -> Option<i64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        match self {
+            EventTime::Off => None,
+            EventTime::Skew(ms) => Some(now + ms),
+            EventTime::Late { fraction, max_ms } => Some(
+                if fraction > 0.0 && rng.random_bool(fraction) && max_ms > 0 {
+                    now - rng.random_range(0..=max_ms)
+                } else {
+                    now
+                },
+            ),
+        }
+    }
 }
 
 /// The earlier producer's units, one per SKU in turn.
@@ -54,6 +132,7 @@ pub struct Traffic {
     /// Prefix of ids, unique per run so separate runs never dedupe each other.
     pub run_id: String,
     pub amounts: Amounts,
+    pub event_time: EventTime,
     zipf: Option<Zipf<f64>>,
 }
 
@@ -71,6 +150,7 @@ impl Traffic {
             ids,
             run_id,
             amounts: Amounts::Cents,
+            event_time: EventTime::Off,
             zipf,
         }
     }
@@ -94,7 +174,13 @@ impl Traffic {
             used_amount: self.amount(rng),
             use_unit: UNITS[sku % UNITS.len()].to_string(),
             pulse_id: self.ids.then(|| format!("{}-{seq}", self.run_id)),
+            timestamp_ms: self.event_time.stamp(rng),
         }
+    }
+
+    pub fn with_event_time(mut self, event_time: EventTime) -> Self {
+        self.event_time = event_time;
+        self
     }
 
     pub fn with_amounts(mut self, amounts: Amounts) -> Self {
@@ -163,6 +249,36 @@ pub fn malformed(rng: &mut impl Rng) -> (&'static str, u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_time_options_parse_and_stamp() {
+        use std::str::FromStr;
+        assert_eq!(EventTime::from_str("now"), Ok(EventTime::Skew(0)));
+        assert_eq!(
+            EventTime::from_str("skew=-30s"),
+            Ok(EventTime::Skew(-30_000))
+        );
+        assert_eq!(EventTime::from_str("skew=+2s"), Ok(EventTime::Skew(2_000)));
+        assert_eq!(
+            EventTime::from_str("late=0.05:30m"),
+            Ok(EventTime::Late {
+                fraction: 0.05,
+                max_ms: 1_800_000
+            })
+        );
+        assert!(EventTime::from_str("late=2:1s").is_err());
+        assert!(EventTime::from_str("sometimes").is_err());
+        let all_late = EventTime::Late {
+            fraction: 1.0,
+            max_ms: 60_000,
+        };
+        let now = EventTime::Skew(0).stamp(&mut rand::rng()).unwrap();
+        for _ in 0..100 {
+            let t = all_late.stamp(&mut rand::rng()).unwrap();
+            assert!(t <= now + 1_000 && t >= now - 61_000);
+        }
+        assert_eq!(EventTime::Off.stamp(&mut rand::rng()), None);
+    }
 
     #[test]
     fn zipf_favours_the_first_tenants() {

@@ -40,6 +40,36 @@ impl FromStr for AckMode {
     }
 }
 
+/// What a stamped pulse for a window already delivered (or being delivered) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatePulses {
+    /// Counted in an amendment of its window: an additive record with its own id.
+    Amend,
+    /// Refused, 422 "window closed", with the whole request.
+    Refuse,
+}
+
+impl FromStr for LatePulses {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "amend" => Ok(LatePulses::Amend),
+            "refuse" => Ok(LatePulses::Refuse),
+            other => Err(format!("expected amend or refuse, got {other:?}")),
+        }
+    }
+}
+
+impl LatePulses {
+    /// As the write script reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LatePulses::Amend => "amend",
+            LatePulses::Refuse => "refuse",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -92,6 +122,12 @@ pub struct Config {
     pub window: Duration,
     /// Wait after a window ends before its drain (`STABILISATION_DELAY`).
     pub stabilisation_delay: Duration,
+    /// Oldest pulse timestamp accepted (`LATE_MAX_AGE`).
+    pub late_max_age: Duration,
+    /// Furthest ahead a pulse timestamp may be (`MAX_FUTURE_SKEW`).
+    pub max_future_skew: Duration,
+    /// What a pulse for a delivered window does (`LATE_PULSES`).
+    pub late_pulses: LatePulses,
     /// Pulses queued or being committed, at most (`QUEUE_CAPACITY`).
     pub queue_capacity: usize,
     /// Commit workers (`WORKERS`).
@@ -165,6 +201,15 @@ impl Config {
         if window.subsec_nanos() != 0 {
             r.fail(env::WINDOW.name, "must be a whole number of seconds");
         }
+        let late_max_age = r.duration(env::LATE_MAX_AGE, Duration::from_secs(1));
+        if late_max_age > Duration::from_secs(60 * 86_400) {
+            r.fail(env::LATE_MAX_AGE.name, "must be at most 60d");
+        }
+        let max_future_skew = r.duration(env::MAX_FUTURE_SKEW, Duration::ZERO);
+        if max_future_skew > Duration::from_secs(86_400) {
+            r.fail(env::MAX_FUTURE_SKEW.name, "must be at most 1d");
+        }
+        let late_pulses = r.choice(env::LATE_PULSES);
         let stabilisation_delay = r.duration(env::STABILISATION_DELAY, Duration::ZERO);
         let delivery = DeliveryConfig::read(r);
         let queue_capacity = r.count(env::QUEUE_CAPACITY, 1, 10_000_000);
@@ -205,6 +250,9 @@ impl Config {
             shards,
             window,
             stabilisation_delay,
+            late_max_age,
+            max_future_skew,
+            late_pulses,
             queue_capacity,
             workers,
             worker_batch,

@@ -61,6 +61,12 @@ settings! {
     SHARDS = "16", "Shards (hash tags); must match the deployment's (see `reshard`)";
     /// Billing is hourly.
     WINDOW = "1h", "Aggregation window";
+    /// Stripe's meter events accept 35 days back: a month's invoice can still be amended.
+    LATE_MAX_AGE = "35d", "Oldest pulse timestamp accepted (422 beyond); at most 60d";
+    /// Stripe's 5 minutes: clock skew, not scheduling.
+    MAX_FUTURE_SKEW = "5m", "Furthest ahead a pulse timestamp may be (422 beyond)";
+    /// Additive records are the safe default; a Processor that cannot take them says refuse.
+    LATE_PULSES = "amend", "A stamped pulse whose window is delivered: amend (an amendment record) or refuse (422 window closed)";
     /// The earlier sender's delay; correctness does not depend on it (writes are atomic).
     STABILISATION_DELAY = "5s", "Wait after a window ends before delivering it";
     PROCESSOR_URL = "", "Processor URL; unset keeps sealed windows in Redis";

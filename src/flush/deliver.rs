@@ -82,7 +82,7 @@ impl Drainer {
             match (decode_field(field.as_bytes()), value) {
                 (Some(key), Some(amount)) => {
                     records.push(Record {
-                        record_id: record_id(w.start, shard, field, w.exact),
+                        record_id: record_id(w.start, shard, field, w.exact, w.amendment),
                         tenant_id: key.tenant,
                         product_sku: key.sku,
                         use_unit: key.unit,
@@ -90,6 +90,7 @@ impl Drainer {
                         used_amount_text: amount.clone(),
                         window_start: window_start.clone(),
                         window_end: window_end.clone(),
+                        amends: (w.amendment > 0).then_some(w.amendment),
                     });
                     fields.push(field.as_str());
                 }

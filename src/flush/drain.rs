@@ -74,7 +74,7 @@ impl Drainer {
         };
         let mut conn: Conn = self.store.conn().await?;
         let pending = self.store.pending(&mut conn, shard).await?;
-        if !pending.iter().any(|w| w.end <= due_before) {
+        if !pending.iter().any(|w| w.due <= due_before) {
             return Ok(DrainReport {
                 windows_left: pending.len() as u64,
                 ..Default::default()
@@ -184,10 +184,13 @@ impl Drainer {
         let pending = self.store.pending(conn, shard).await?;
         let mut iter = pending.into_iter();
         for w in iter.by_ref() {
-            if w.end > due_before || stop.is_cancelled() {
+            if w.due > due_before || stop.is_cancelled() {
                 report.windows_left += 1;
                 break;
             }
+            // From here on, late pulses for this window go to its next amendment: what this
+            // drain reads is all the window (or amendment) will ever hold.
+            self.store.mark_drain(conn, shard, &w).await?;
             let (delivered, dead) = self.drain_window(processor, conn, shard, &w, stop).await?;
             report.records_delivered += delivered;
             report.records_dead_lettered += dead;

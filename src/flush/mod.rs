@@ -53,8 +53,12 @@ pub struct ShardWindow {
     pub shard: u32,
     pub window_start: u64,
     pub window_end: u64,
+    /// 0: the window; n: its n-th amendment (late pulses after its delivery began).
+    pub amendment: u32,
+    /// When it may be delivered (before the stabilisation delay), Redis seconds.
+    pub due: u64,
     pub records: u64,
-    /// Seconds since the window ended.
+    /// Seconds since it became due.
     pub age_seconds: u64,
 }
 
@@ -149,6 +153,7 @@ impl Flusher {
                 // Tell `reshard` this replica is alive (one entry per process).
                 let _ = self.store.heartbeat(&mut conn.clone(), r.redis_now).await;
             }
+            self.store.saw_redis_time(r.redis_now_micros);
             summary.redis_now = summary.redis_now.max(r.redis_now);
             summary.redis_now_micros = summary.redis_now_micros.max(r.redis_now_micros);
             if r.window_start >= summary.window_start {
@@ -277,7 +282,7 @@ impl Flusher {
         // Next boundary, or the moment the earliest pending window becomes due.
         let mut wake = seal.window_end;
         for w in &status.windows {
-            let due = w.window_end + delay;
+            let due = w.due + delay;
             if due > seal.redis_now {
                 wake = wake.min(due);
             }
@@ -332,7 +337,9 @@ fn window_row(shard: u32, w: &PendingWindow, records: u64, now: u64) -> ShardWin
         shard,
         window_start: w.start,
         window_end: w.end,
+        amendment: w.amendment,
+        due: w.due,
         records,
-        age_seconds: now.saturating_sub(w.end),
+        age_seconds: now.saturating_sub(w.due),
     }
 }

@@ -117,6 +117,73 @@ fn authorise(state: &AppState, headers: &HeaderMap, pulses: &[Pulse]) -> Result<
 }
 
 /// Takes each tenant's pulses from its bucket; the first tenant over its limit answers 429.
+/// Stamped pulses must fall in `[now - LATE_MAX_AGE, now + MAX_FUTURE_SKEW]` by the Redis clock
+/// (as last seen: seconds of error do not matter for these bounds), and one with an id within
+/// `DEDUPE_TTL` of now: a re-send of a pulse stamped earlier could arrive after its id is
+/// forgotten. Any pulse outside refuses the whole request (422), each named.
+fn check_timestamps(state: &AppState, pulses: &[Pulse], batch: bool) -> Result<(), ApiError> {
+    if pulses.iter().all(|p| p.timestamp_ms.is_none()) {
+        return Ok(());
+    }
+    let now = state.store.redis_now_ms();
+    let ms = |d: std::time::Duration| d.as_millis() as i64;
+    let oldest = now - ms(state.cfg.late_max_age);
+    let newest = now + ms(state.cfg.max_future_skew);
+    let oldest_with_id = now - ms(state.cfg.dedupe_ttl);
+    let rfc = |t: i64| crate::processor::rfc3339((t.max(0) / 1000) as u64);
+    let mut errors = Vec::new();
+    for (i, p) in pulses.iter().enumerate() {
+        let Some(t) = p.timestamp_ms else { continue };
+        let (reason, message) = if t < oldest {
+            (
+                "too_old",
+                format!(
+                    "is older than LATE_MAX_AGE ({}): accepted from {} to {}",
+                    humantime::format_duration(state.cfg.late_max_age),
+                    rfc(oldest),
+                    rfc(newest)
+                ),
+            )
+        } else if t > newest {
+            (
+                "too_far_ahead",
+                format!(
+                    "is further ahead than MAX_FUTURE_SKEW ({}): accepted from {} to {}",
+                    humantime::format_duration(state.cfg.max_future_skew),
+                    rfc(oldest),
+                    rfc(newest)
+                ),
+            )
+        } else if p.pulse_id.is_some() && t < oldest_with_id {
+            (
+                "older_than_dedupe",
+                format!(
+                    "of a pulse with an id must be within DEDUPE_TTL ({}) of now (from {}): a re-send could not be recognised",
+                    humantime::format_duration(state.cfg.dedupe_ttl),
+                    rfc(oldest_with_id)
+                ),
+            )
+        } else {
+            continue;
+        };
+        state
+            .metrics
+            .timestamps_refused
+            .with_label_values(&[reason])
+            .inc();
+        errors.push(crate::pulse::FieldError {
+            index: batch.then_some(i),
+            field: "timestamp".into(),
+            message,
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(errors))
+    }
+}
+
 /// Takes the request's pulses from its tenants' buckets: all or none.
 fn rate_limit(
     state: &AppState,
@@ -199,9 +266,40 @@ async fn submit(
             if let (Some(start), false) = (o.window_start, o.windows_mixed) {
                 body["window_start"] = json!(start);
             }
+            if !o.stamped_windows.is_empty() {
+                // Stamped pulses: the windows their timestamps placed them in.
+                body["windows"] = json!(o.stamped_windows);
+                if o.window_start.is_none() && o.stamped_windows.len() == 1 {
+                    body["window_start"] = json!(o.stamped_windows.first());
+                }
+                body["late"] = json!(o.late_joined);
+                body["amended"] = json!(o.amended);
+                body["ahead"] = json!(o.ahead);
+                let m = &state.metrics.late_pulses;
+                m.with_label_values(&["sealed_window"]).inc_by(o.late_joined as u64);
+                m.with_label_values(&["amendment"]).inc_by(o.amended as u64);
+                m.with_label_values(&["ahead"]).inc_by(o.ahead as u64);
+            }
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
         Ok(Err(CommitError::Unavailable(_))) => Err(unavailable("storage unavailable; nothing was counted, retry later".into())),
+        Ok(Err(CommitError::Closed { items })) => {
+            state
+                .metrics
+                .timestamps_refused
+                .with_label_values(&["window_closed"])
+                .inc_by(items.len() as u64);
+            Err(ApiError::Invalid(
+            items
+                .into_iter()
+                .map(|i| crate::pulse::FieldError {
+                    index: batch.then_some(i),
+                    field: "timestamp".into(),
+                    message: "window closed: the window this timestamp falls in is already delivered (LATE_PULSES=refuse); nothing of this request was counted".into(),
+                })
+                .collect(),
+        ))
+        }
         Ok(Err(CommitError::Overflow { items })) => Err(ApiError::Invalid(
             items
                 .into_iter()
@@ -297,6 +395,7 @@ async fn accept(
         state.limits.decode_one(&raw, key).map(|p| vec![p])
     }
     .map_err(|e| decode_error(state, e))?;
+    check_timestamps(state, &pulses, batch)?;
     authorise(state, headers, &pulses)?;
     let taken = rate_limit(state, &pulses)?;
     let answer = submit(state, started, pulses, batch).await;

@@ -58,7 +58,7 @@ impl utoipa::PartialSchema for Pulse {
         utoipa::openapi::schema::AllOfBuilder::new()
             .item(fields)
             .item(unit)
-            .description(Some("A usage pulse. A re-send with the same pulse_id (per tenant) within DEDUPE_TTL is recognised and not counted again."))
+            .description(Some("A usage pulse. A re-send with the same pulse_id (per tenant) within DEDUPE_TTL is recognised and not counted again. Optional `timestamp` (when the usage happened): RFC 3339 with an offset (\"2026-11-30T23:59:59.250Z\", \"...+01:00\") or Unix seconds (integer or decimal), kept to the millisecond; within [now - LATE_MAX_AGE, now + MAX_FUTURE_SKEW] by the Redis clock (with a pulse_id or Idempotency-Key also within DEDUPE_TTL), 422 otherwise; the pulse counts in the window holding it (a window already delivered: an amendment, or 422 with LATE_PULSES=refuse). Absent: the time it reaches Redis. (Described here rather than typed, since whether a value is accepted depends on the time of the request.)"))
             .into()
     }
 }
@@ -195,14 +195,19 @@ pub struct Record {
     #[schema(pattern = r"^\d+(\.\d+)?$")]
     used_amount_text: String,
     use_unit: String,
-    /// Stable id of (window, shard, tenant, sku, unit): a re-delivery carries the same id.
-    /// Upsert by it.
+    /// Stable id of (window, shard, tenant, sku, unit, amendment): a re-delivery carries the
+    /// same id. Upsert by it.
     record_id: String,
     /// RFC 3339, UTC.
     #[schema(format = DateTime)]
     window_start: String,
     #[schema(format = DateTime)]
     window_end: String,
+    /// Present on an amendment: late pulses of this window counted after its delivery began,
+    /// the n-th such record of the key. A window's total for a key is the sum of its records;
+    /// book an amendment as an adjustment if the period's invoice is final.
+    #[schema(minimum = 1)]
+    amends: Option<u32>,
 }
 
 struct Security;

@@ -50,6 +50,11 @@ pub struct UsageWindow {
     /// Unix seconds.
     window_start: u64,
     window_end: u64,
+    /// Present for an amendment of the window: late pulses counted after its delivery began
+    /// (delivered as its own records with `amends`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    amends: Option<u32>,
     #[schema(format = DateTime)]
     window_start_rfc3339: String,
     /// `live` (being written), `waiting` (sealed, within STABILISATION_DELAY), `delivering`
@@ -137,7 +142,7 @@ pub async fn usage(
     let stabilisation = state.cfg.stabilisation_delay.as_secs();
     // (start) → (end, state, (sku, unit) → (amount, dead))
     type Totals = BTreeMap<(String, String), (Amount, Amount)>;
-    let mut windows: BTreeMap<u64, (u64, String, Totals)> = BTreeMap::new();
+    let mut windows: BTreeMap<(u64, u32), (u64, String, Totals)> = BTreeMap::new();
     let mut redis_now = 0;
     for shard in 0..shards {
         let u = store.tenant_usage(&mut conn, shard, &q.tenant_id).await?;
@@ -150,7 +155,7 @@ pub async fn usage(
                 "live"
             } else if !w.pending && w.dead_lettered {
                 "dead-lettered"
-            } else if u.redis_now < w.end + stabilisation {
+            } else if u.redis_now < w.due + stabilisation {
                 "waiting"
             } else if w.busy {
                 "delivering"
@@ -158,7 +163,7 @@ pub async fn usage(
                 "retrying"
             };
             let entry = windows
-                .entry(w.start)
+                .entry((w.start, w.amendment))
                 .or_insert_with(|| (w.end, state_name.to_string(), BTreeMap::new()));
             for (field, k) in w.keys {
                 let Some(FieldKey {
@@ -189,22 +194,25 @@ pub async fn usage(
     let windows = windows
         .into_iter()
         .filter(|(_, (_, state_name, keys))| !keys.is_empty() || state_name == "live")
-        .map(|(start, (end, state_name, keys))| UsageWindow {
-            window_start: start,
-            window_end: end,
-            window_start_rfc3339: rfc3339(start),
-            state: state_name,
-            usage: keys
-                .into_iter()
-                .map(|((product_sku, use_unit), (amount, dead))| KeyUsage {
-                    product_sku,
-                    use_unit,
-                    used_amount: ExactNumber::new(&amount.to_string()),
-                    used_amount_text: amount.to_string(),
-                    dead_lettered_text: (dead > Amount::ZERO).then(|| dead.to_string()),
-                })
-                .collect(),
-        })
+        .map(
+            |((start, amendment), (end, state_name, keys))| UsageWindow {
+                window_start: start,
+                window_end: end,
+                amends: (amendment > 0).then_some(amendment),
+                window_start_rfc3339: rfc3339(start),
+                state: state_name,
+                usage: keys
+                    .into_iter()
+                    .map(|((product_sku, use_unit), (amount, dead))| KeyUsage {
+                        product_sku,
+                        use_unit,
+                        used_amount: ExactNumber::new(&amount.to_string()),
+                        used_amount_text: amount.to_string(),
+                        dead_lettered_text: (dead > Amount::ZERO).then(|| dead.to_string()),
+                    })
+                    .collect(),
+            },
+        )
         .filter(|w| !w.usage.is_empty())
         .collect();
     Ok((

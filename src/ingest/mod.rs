@@ -21,7 +21,7 @@ use crate::pulse::Pulse;
 use crate::store::Store;
 
 /// What a committed request gets back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Outcome {
     /// Pulses counted by this request.
     pub accepted: usize,
@@ -32,6 +32,14 @@ pub struct Outcome {
     pub window_start: Option<u64>,
     /// Set when a batch's pulses went to different windows (it straddled a boundary).
     pub windows_mixed: bool,
+    /// The windows stamped pulses were counted in (by their timestamps).
+    pub stamped_windows: std::collections::BTreeSet<u64>,
+    /// Stamped pulses that joined a sealed window before its delivery.
+    pub late_joined: usize,
+    /// Stamped pulses counted in an amendment of a delivered window.
+    pub amended: usize,
+    /// Stamped pulses counted ahead, in a window not yet open.
+    pub ahead: usize,
 }
 
 /// Why a commit failed.
@@ -49,6 +57,10 @@ pub enum CommitError {
     /// (other requests of the commit were). `items`: the request's pulses of such keys.
     #[error("a key's window total would leave the exact range")]
     Overflow { items: Vec<usize> },
+    /// Stamped pulses whose windows are delivered, with `LATE_PULSES=refuse`; nothing of this
+    /// request was counted. `items`: those pulses.
+    #[error("a pulse's window is already delivered")]
+    Closed { items: Vec<usize> },
 }
 
 /// Why a request could not be queued.

@@ -11,7 +11,7 @@ use tracing::{debug, error, warn};
 use super::{CommitError, Job, Outcome};
 use crate::metrics::Metrics;
 use crate::store::keys::{dedupe_digest, encode_field, placement_of, shard_of};
-use crate::store::{Conn, Store, StoreError, WriteItem};
+use crate::store::{Conn, Placement, Store, StoreError, WriteItem};
 
 pub(crate) struct Worker {
     pub id: usize,
@@ -34,8 +34,9 @@ pub(crate) struct Worker {
 #[derive(Default)]
 struct ShardBatch {
     items: Vec<WriteItem>,
-    /// For each item carrying a pulse id: the job it belongs to.
-    owner: Vec<Option<usize>>,
+    /// For each item carrying a pulse id or a timestamp (not pre-aggregated): the job it
+    /// belongs to and its index there.
+    owner: Vec<Option<(usize, usize)>>,
     /// Item index of each pre-aggregated key without id.
     merged: HashMap<String, usize>,
     /// Pulses without id per job, counted when the shard commits.
@@ -168,6 +169,8 @@ impl Commit {
             };
             let mut retry = Vec::new();
             let mut full: Vec<(u32, HashSet<String>)> = Vec::new();
+            let mut closed: HashMap<usize, Vec<usize>> = HashMap::new();
+            let mut refused_shards: HashSet<u32> = HashSet::new();
             let mut any_ok = false;
             for ((shard, b), res) in shards.into_iter().zip(results) {
                 match res {
@@ -177,6 +180,17 @@ impl Commit {
                     }
                     Err(StoreError::Overflow(fields)) => {
                         full.push((shard, fields.into_iter().collect()));
+                    }
+                    Err(StoreError::Closed(items)) => {
+                        // A call reports the items of all its shards: take this shard's.
+                        for (s, i) in items {
+                            if s == shard
+                                && let Some(Some((j, x))) = b.owner.get(i)
+                            {
+                                closed.entry(*j).or_default().push(*x);
+                            }
+                        }
+                        refused_shards.insert(shard);
                     }
                     Err(e @ StoreError::ShardsChanged { .. }) => {
                         self.fail(&b, &e);
@@ -202,9 +216,17 @@ impl Commit {
             // Nothing of an overflowing call was written: refuse the requests that carry a
             // full key (a key belongs to one tenant) and write the others' pulses again, at
             // once and under the same token.
-            if !full.is_empty() {
+            if !full.is_empty() || !refused_shards.is_empty() {
                 self.refuse_full(jobs, &full, w.store.shards);
-                let again: HashSet<u32> = full.iter().map(|(s, _)| *s).collect();
+                for (j, mut items) in closed {
+                    if self.failed[j].is_none() {
+                        items.sort_unstable();
+                        items.dedup();
+                        self.failed[j] = Some(CommitError::Closed { items });
+                    }
+                }
+                let mut again: HashSet<u32> = full.iter().map(|(s, _)| *s).collect();
+                again.extend(refused_shards);
                 let failed = &self.failed;
                 retry.extend(
                     group(w, jobs, |j| failed[j].is_none())
@@ -254,12 +276,26 @@ impl Commit {
             Some(_) => {}
         };
         for (i, counted) in reply.counted.iter().enumerate() {
-            if let Some(j) = b.owner[i] {
-                note(&mut self.outcomes[j]);
+            if let Some((j, _)) = b.owner[i] {
+                let o = &mut self.outcomes[j];
+                match reply.placed[i] {
+                    None => note(o),
+                    Some((p, window)) => {
+                        o.stamped_windows.insert(window);
+                        if *counted {
+                            match p {
+                                Placement::SealedWindow => o.late_joined += 1,
+                                Placement::Amendment => o.amended += 1,
+                                Placement::Ahead => o.ahead += 1,
+                                Placement::Current => {}
+                            }
+                        }
+                    }
+                }
                 if *counted {
-                    self.outcomes[j].accepted += 1;
+                    o.accepted += 1;
                 } else {
-                    self.outcomes[j].duplicates += 1;
+                    o.duplicates += 1;
                 }
             }
         }
@@ -272,7 +308,13 @@ impl Commit {
     /// Every job with pulses in this shard fails with `e`.
     fn fail(&mut self, b: &ShardBatch, e: &StoreError) {
         let msg = e.to_string();
-        for j in b.owner.iter().flatten().chain(b.plain.keys()) {
+        for j in b
+            .owner
+            .iter()
+            .flatten()
+            .map(|(j, _)| j)
+            .chain(b.plain.keys())
+        {
             self.failed[*j] = Some(if e.is_ambiguous() {
                 CommitError::Partial(msg.clone())
             } else {
@@ -315,21 +357,22 @@ impl Commit {
 fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32, ShardBatch)> {
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
     for (j, job) in jobs.iter().enumerate().filter(|(j, _)| include(*j)) {
-        for p in &job.pulses {
+        for (x, p) in job.pulses.iter().enumerate() {
             let shard = shard_of(&p.tenant_id, w.store.shards);
             let b = shards.entry(shard).or_default();
             let field = encode_field(&p.tenant_id, &p.product_sku, &p.use_unit);
-            match &p.pulse_id {
-                Some(id) => {
+            match (&p.pulse_id, p.timestamp_ms) {
+                (id, ts) if id.is_some() || ts.is_some() => {
                     b.items.push(WriteItem {
                         field,
                         amount: p.used_amount,
-                        digest: Some(dedupe_digest(&p.tenant_id, id)),
+                        digest: id.as_ref().map(|id| dedupe_digest(&p.tenant_id, id)),
                         placement: placement_of(&p.tenant_id),
+                        timestamp_ms: ts,
                     });
-                    b.owner.push(Some(j));
+                    b.owner.push(Some((j, x)));
                 }
-                None => {
+                _ => {
                     *b.plain.entry(j).or_default() += 1;
                     if let Some(&i) = b.merged.get(&field) {
                         // Exact; a commit is at most WORKER_BATCH pulses of at most MAX_AMOUNT,
@@ -345,6 +388,7 @@ fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32,
                             amount: p.used_amount,
                             digest: None,
                             placement: 0,
+                            timestamp_ms: None,
                         });
                         b.owner.push(None);
                     }
@@ -391,7 +435,7 @@ fn answer(
                 Err(e)
             }
             None => {
-                let o = outcomes[j];
+                let o = outcomes[j].clone();
                 w.metrics
                     .pulses
                     .with_label_values(&["accepted"])

@@ -22,6 +22,8 @@ pub struct Pulse {
     pub used_amount: Amount,
     /// Client-chosen id; a pulse sent again with the same id (per tenant) is counted once.
     pub pulse_id: Option<String>,
+    /// When the usage happened (`timestamp`), Unix milliseconds; absent: when it reaches Redis.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Limits that validation enforces, taken from the configuration.
@@ -72,6 +74,8 @@ struct Wire<'a> {
     use_unity: Option<&'a RawValue>,
     #[serde(borrow, default)]
     pulse_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timestamp: Option<&'a RawValue>,
 }
 
 impl Limits {
@@ -157,6 +161,26 @@ impl Limits {
         }
     }
 
+    /// A `timestamp`: RFC 3339 with an offset (`"2026-11-30T23:59:59.250Z"`, `"…+01:00"`) or
+    /// Unix seconds (integer or decimal, as a number or a string), kept to the millisecond
+    /// (finer digits are truncated). `null` is absent.
+    fn timestamp(&self, raw: Option<&RawValue>, errs: &mut Vec<FieldError>) -> Option<i64> {
+        let raw = raw.filter(|r| r.get() != "null")?;
+        match parse_timestamp(raw.get()) {
+            Some(ms) => Some(ms),
+            None => {
+                errs.push(FieldError {
+                    index: None,
+                    field: "timestamp".into(),
+                    message:
+                        "must be RFC 3339 with an offset (2026-11-30T23:59:59.250Z) or Unix seconds"
+                            .into(),
+                });
+                None
+            }
+        }
+    }
+
     /// Validates one decoded wire pulse; `header_id` is an `Idempotency-Key` to use as its id.
     fn validate<'a>(
         &self,
@@ -182,6 +206,7 @@ impl Limits {
         let use_unit = self.string(unit_raw, unit_name, true, &mut errs);
         let used_amount = self.amount(w.used_amount, &mut errs);
         let mut pulse_id = self.string(w.pulse_id, "pulse_id", false, &mut errs);
+        let timestamp_ms = self.timestamp(w.timestamp, &mut errs);
         if let (Some(unit), Some(allowed)) = (&use_unit, &self.allowed_units)
             && !allowed.iter().any(|a| a == unit)
         {
@@ -204,6 +229,7 @@ impl Limits {
                     use_unit,
                     used_amount,
                     pulse_id,
+                    timestamp_ms,
                 })
             }
             _ => Err(errs),
@@ -242,6 +268,40 @@ impl Limits {
         self.validate(&wire, idempotency_key)
             .map_err(DecodeError::Invalid)
     }
+}
+
+/// A timestamp's JSON text as Unix milliseconds (see [`Limits::timestamp`]); `None` when it is
+/// neither form, negative, or past the year 9999.
+pub fn parse_timestamp(text: &str) -> Option<i64> {
+    const MAX_MS: i64 = 253_402_300_799_999;
+    let s: std::borrow::Cow<'_, str> = if text.starts_with('"') {
+        std::borrow::Cow::Owned(serde_json::from_str::<String>(text).ok()?)
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
+    let s = s.trim();
+    if s.len() > 64 {
+        return None;
+    }
+    let ms = if s.contains('T') || s.contains('t') {
+        let t =
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+        i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()?
+    } else {
+        // Unix seconds: digits, an optional fraction; exact (no float), truncated to the ms.
+        let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+        if int.is_empty()
+            || int.len() > 12
+            || !int.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+            || (s.contains('.') && frac.is_empty())
+        {
+            return None;
+        }
+        let ms_frac: String = frac.chars().chain("000".chars()).take(3).collect();
+        int.parse::<i64>().ok()? * 1000 + ms_frac.parse::<i64>().ok()?
+    };
+    (0..=MAX_MS).contains(&ms).then_some(ms)
 }
 
 /// The decimal text of a JSON number that is an integer from 0 to 10^40 (`258.0` → `258`), as

@@ -217,3 +217,34 @@ proptest! {
         prop_assert!(matches!(l.decode_one(dup, None), Err(DecodeError::Malformed(_))));
     }
 }
+
+#[test]
+fn timestamps_in_every_form_read_to_the_millisecond() {
+    use super::parse_timestamp as p;
+    let base = 1_796_083_199_000; // 2026-11-30T23:59:59Z
+    assert_eq!(p("\"2026-11-30T23:59:59Z\""), Some(base));
+    assert_eq!(p("\"2026-11-30T23:59:59.250Z\""), Some(base + 250));
+    assert_eq!(
+        p("\"2026-11-30T23:59:59.2509Z\""),
+        Some(base + 250),
+        "truncated, not rounded"
+    );
+    assert_eq!(p("\"2026-12-01T00:59:59.250+01:00\""), Some(base + 250));
+    assert_eq!(p("\"2026-12-01T05:44:59+05:45\""), Some(base));
+    assert_eq!(p("1796083199"), Some(base));
+    assert_eq!(p("1796083199.2509"), Some(base + 250));
+    assert_eq!(p("\"1796083199.25\""), Some(base + 250));
+    for bad in [
+        "\"2026-11-30 23:59:59\"",
+        "\"2026-11-30T23:59:59\"",
+        "\"yesterday\"",
+        "-5",
+        "1e9",
+        "1796083199.",
+        "true",
+        "[1]",
+        "\"\"",
+    ] {
+        assert_eq!(p(bad), None, "{bad}");
+    }
+}

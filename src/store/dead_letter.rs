@@ -47,7 +47,7 @@ impl Store {
                 out.push(DeadLetter {
                     shard,
                     window: w.clone(),
-                    record_id: record_id(w.start, shard, &field, w.exact),
+                    record_id: record_id(w.start, shard, &field, w.exact, w.amendment),
                     field,
                     value,
                 });

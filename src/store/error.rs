@@ -14,6 +14,10 @@ pub enum StoreError {
         "SHARDS={configured}, but this deployment's Redis uses SHARDS={deployment}; change it with `pulse-ingestor reshard --shards <n>` (README: Changing SHARDS)"
     )]
     ShardsChanged { configured: u32, deployment: u32 },
+    /// Stamped pulses (shard, item index in its section) whose windows are closed
+    /// (`LATE_PULSES=refuse`); nothing of the call was written.
+    #[error("a pulse's window is already delivered (LATE_PULSES=refuse)")]
+    Closed(Vec<(u32, usize)>),
     /// A setting this replica was started with cannot be applied to the deployment now.
     #[error("{0}")]
     Setting(String),
@@ -44,9 +48,10 @@ impl StoreError {
                 !matches!(e.kind(), redis::ErrorKind::Server(_))
                     || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
             }
-            StoreError::Overflow(_) | StoreError::ShardsChanged { .. } | StoreError::Setting(_) => {
-                false
-            }
+            StoreError::Overflow(_)
+            | StoreError::Closed(_)
+            | StoreError::ShardsChanged { .. }
+            | StoreError::Setting(_) => false,
             StoreError::Shared { suspect, .. } => *suspect,
             _ => true,
         }
@@ -82,6 +87,7 @@ impl StoreError {
             StoreError::Reply(_)
             | StoreError::ShardsChanged { .. }
             | StoreError::Overflow(_)
+            | StoreError::Closed(_)
             | StoreError::Setting(_) => false,
         }
     }
@@ -98,6 +104,7 @@ impl StoreError {
     pub fn fan_out(&self) -> StoreError {
         match self {
             StoreError::Overflow(f) => StoreError::Overflow(f.clone()),
+            StoreError::Closed(c) => StoreError::Closed(c.clone()),
             StoreError::ShardsChanged {
                 configured,
                 deployment,

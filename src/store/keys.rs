@@ -54,13 +54,27 @@ pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> [u8; 16] {
 ///
 /// Windows in the exact (fixed-point) layout add a format byte, so that in the one window of an
 /// upgrade from the float layout a key held in both arrives as two records that add up.
-pub fn record_id(window_start: u64, shard: u32, field: &str, exact: bool) -> String {
+///
+/// Amendment n ≥ 1 of a window (late pulses counted after its delivery began) adds its number,
+/// so that each amendment of a key is a record of its own (invariant 6): a Processor that
+/// upserts by `record_id` adds them to the window's record instead of replacing it.
+pub fn record_id(
+    window_start: u64,
+    shard: u32,
+    field: &str,
+    exact: bool,
+    amendment: u32,
+) -> String {
     let mut h = Sha256::new();
     h.update(window_start.to_be_bytes());
     h.update(shard.to_be_bytes());
     h.update(field.as_bytes());
     if exact {
         h.update([1u8]);
+    }
+    if amendment > 0 {
+        h.update(b"a");
+        h.update(amendment.to_be_bytes());
     }
     hex::encode(&h.finalize()[..16])
 }
@@ -123,10 +137,12 @@ impl Keys {
     }
     /// The keys the write and seal scripts may touch that are known before they run: they are
     /// declared in `KEYS` so that a cluster routes, redirects and migrates them correctly.
-    pub(crate) fn generation_keys(&self, shard: u32) -> [String; 9] {
+    pub(crate) fn generation_keys(&self, shard: u32) -> [String; 11] {
         let ns = self.ns(shard, true);
         [
             format!("{ns}:conf"),
+            format!("{ns}:wins"),
+            format!("{ns}:futures"),
             format!("{ns}:gen"),
             format!("{ns}:window"),
             format!("{ns}:window_len"),
@@ -139,13 +155,26 @@ impl Keys {
     }
     /// The sealed hash of a window (its `:hi` twin holds the high limbs in the exact layout).
     pub fn sealed(&self, shard: u32, w: &PendingWindow) -> String {
-        format!("{}:sealed:{}", self.ns(shard, w.exact), w.start)
+        if w.amendment > 0 {
+            format!("{}:amend:{}:{}", self.ns(shard, true), w.start, w.amendment)
+        } else {
+            format!("{}:sealed:{}", self.ns(shard, w.exact), w.start)
+        }
+    }
+    /// A window's late-pulse state: `drain` (the last of the window (0) and its amendments
+    /// whose delivery began), `open` (the amendment gathering late pulses).
+    pub fn late(&self, shard: u32, start: u64) -> String {
+        format!("{}:late:{start}", self.ns(shard, true))
     }
     pub fn pending(&self, shard: u32) -> String {
         format!("{}:pending", self.base(shard))
     }
     pub fn dead(&self, shard: u32, w: &PendingWindow) -> String {
-        format!("{}:dead:{}", self.ns(shard, w.exact), w.start)
+        if w.amendment > 0 {
+            format!("{}:dead:{}:a{}", self.ns(shard, true), w.start, w.amendment)
+        } else {
+            format!("{}:dead:{}", self.ns(shard, w.exact), w.start)
+        }
     }
     /// The tenants holding a usage index in a window (see `index` in `scripts/seal_lib.lua`).
     pub fn index_tenants(&self, shard: u32, start: u64) -> String {
@@ -188,31 +217,51 @@ impl Keys {
     }
 }
 
-/// A sealed window awaiting delivery.
+/// A sealed window (or an amendment of one) awaiting delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingWindow {
-    /// The member in the pending set: `"<start>:<end>:x"`, or `"<start>:<end>"` for a window
-    /// the float release sealed.
+    /// The member in the pending set: `"<start>:<end>:x"`; `"<start>:<end>:x:a<n>:<due>"` for
+    /// amendment n of that window, deliverable from `due`; `"<start>:<end>"` for a window the
+    /// float release sealed.
     pub member: String,
     pub start: u64,
     pub end: u64,
     /// Exact (fixed-point limbs) layout; false for a legacy `HINCRBYFLOAT` window.
     pub exact: bool,
+    /// 0: the window itself; n ≥ 1: its n-th amendment (late pulses after its delivery began).
+    pub amendment: u32,
+    /// When it may be delivered (plus `STABILISATION_DELAY`): the window's end, or for an
+    /// amendment the end of the window during which it gathered.
+    pub due: u64,
 }
 
 impl PendingWindow {
     pub fn parse(member: &str) -> Option<Self> {
-        let (s, rest) = member.split_once(':')?;
-        let (e, exact) = match rest.split_once(':') {
-            Some((e, "x")) => (e, true),
-            Some(_) => return None,
-            None => (rest, false),
+        let mut parts = member.split(':');
+        let start = parts.next()?.parse().ok()?;
+        let end = parts.next()?.parse().ok()?;
+        let (exact, amendment, due) = match (parts.next(), parts.next(), parts.next()) {
+            (None, None, None) => (false, 0, end),
+            (Some("x"), None, None) => (true, 0, end),
+            (Some("x"), Some(a), Some(due)) => {
+                let n: u32 = a.strip_prefix('a')?.parse().ok()?;
+                if n == 0 {
+                    return None;
+                }
+                (true, n, due.parse().ok()?)
+            }
+            _ => return None,
         };
+        if parts.next().is_some() {
+            return None;
+        }
         Some(PendingWindow {
             member: member.to_string(),
-            start: s.parse().ok()?,
-            end: e.parse().ok()?,
+            start,
+            end,
             exact,
+            amendment,
+            due,
         })
     }
 }
@@ -236,13 +285,38 @@ mod tests {
     }
 
     #[test]
-    fn pending_members_parse_in_both_layouts() {
+    fn pending_members_parse_in_both_layouts_and_amendments() {
         let w = PendingWindow::parse("3600:7200:x").unwrap();
-        assert_eq!((w.start, w.end, w.exact), (3600, 7200, true));
+        assert_eq!(
+            (w.start, w.end, w.exact, w.amendment, w.due),
+            (3600, 7200, true, 0, 7200)
+        );
         let w = PendingWindow::parse("3600:7200").unwrap();
         assert_eq!((w.start, w.end, w.exact), (3600, 7200, false));
-        assert!(PendingWindow::parse("3600:7200:y").is_none());
-        assert!(PendingWindow::parse("x:7200:x").is_none());
+        let w = PendingWindow::parse("3600:7200:x:a2:14400").unwrap();
+        assert_eq!((w.start, w.end, w.amendment, w.due), (3600, 7200, 2, 14400));
+        for bad in [
+            "3600:7200:y",
+            "x:7200:x",
+            "3600:7200:x:a0:1",
+            "3600:7200:x:b1:1",
+            "3600:7200:x:a1",
+        ] {
+            assert!(PendingWindow::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn amendments_have_their_own_record_ids() {
+        let f = encode_field("t", "s", "u");
+        let ids: std::collections::HashSet<String> =
+            (0..4).map(|n| record_id(3600, 1, &f, true, n)).collect();
+        assert_eq!(ids.len(), 4);
+        assert_eq!(
+            record_id(3600, 1, &f, true, 0),
+            record_id(3600, 1, &f, true, 0),
+            "stable"
+        );
     }
 
     proptest! {

@@ -36,7 +36,7 @@ pub use dead_letter::{DeadLetter, dead_letter_total};
 pub use error::StoreError;
 pub use keys::{Keys, PendingWindow};
 pub use window::exact_total;
-pub use write::{SealReply, WriteItem, WriteReply, commit_token_ttl};
+pub use write::{Placement, SealReply, WriteItem, WriteReply, commit_token_ttl};
 
 /// The Redis store of one deployment.
 #[derive(Clone)]
@@ -46,6 +46,10 @@ pub struct Store {
     pub shards: u32,
     pub window_secs: u64,
     dedupe_ttl_secs: u64,
+    late_max_age_secs: u64,
+    late_pulses: crate::config::LatePulses,
+    /// Redis time minus local time (ms), as last seen: where the edge checks timestamps.
+    clock_offset_ms: Arc<std::sync::atomic::AtomicI64>,
     timeout: Duration,
     /// Bumped whenever a connection failure is seen anywhere, so that every holder of a
     /// long-lived connection (the commit workers) replaces it before its next use instead of
@@ -61,6 +65,28 @@ pub struct Store {
 }
 
 impl Store {
+    /// Redis time (Unix ms) as estimated from the local clock and the offset last seen.
+    pub fn redis_now_ms(&self) -> i64 {
+        let local = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        local
+            + self
+                .clock_offset_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records Redis' time (µs) as just read, for [`Store::redis_now_ms`].
+    pub fn saw_redis_time(&self, redis_micros: u64) {
+        let local = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.clock_offset_ms.store(
+            (redis_micros / 1000) as i64 - local,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Builds the pool; connections are made lazily, so this succeeds while Redis is down.
     pub fn new(cfg: &Config) -> Result<Self, StoreError> {
         let mut pc = PoolConfig::new(cfg.redis.pool_size);
@@ -112,6 +138,9 @@ impl Store {
             shards: cfg.shards,
             window_secs: cfg.window_secs(),
             dedupe_ttl_secs: cfg.dedupe_ttl.as_secs().max(1),
+            late_max_age_secs: cfg.late_max_age.as_secs(),
+            late_pulses: cfg.late_pulses,
+            clock_offset_ms: Default::default(),
             timeout: cfg.redis.timeout,
             epoch: Default::default(),
             instance: hex::encode(rand::random::<[u8; 8]>()).into(),

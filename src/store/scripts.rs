@@ -39,3 +39,5 @@ pub(super) static SET_ASIDE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/set_aside.lua")));
 pub(super) static SETTINGS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/settings.lua")));
+pub(super) static MARK_DRAIN: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/mark_drain.lua")));

@@ -30,6 +30,11 @@ pub struct WindowUsage {
     pub dead_lettered: bool,
     /// The shard's drain lock is held (a delivery is running).
     pub busy: bool,
+    /// 0: the window; n: its n-th amendment (late pulses after its delivery began).
+    pub amendment: u32,
+    /// When it may be delivered: the window's end, or for an amendment the end of the window
+    /// during which it gathered.
+    pub due: u64,
     /// Field → totals.
     pub keys: HashMap<String, KeyUsage>,
 }
@@ -59,6 +64,10 @@ struct RawWindow {
     dead_lettered: bool,
     #[serde(default)]
     busy: bool,
+    #[serde(default)]
+    amendment: u32,
+    #[serde(default)]
+    due: Option<String>,
     keys: HashMap<String, RawKey>,
 }
 
@@ -110,6 +119,14 @@ impl Store {
             Ok(WindowUsage {
                 start,
                 end: w.end.as_deref().map(num).transpose()?.unwrap_or(start),
+                due: w
+                    .due
+                    .as_deref()
+                    .or(w.end.as_deref())
+                    .map(num)
+                    .transpose()?
+                    .unwrap_or(start),
+                amendment: w.amendment,
                 current,
                 pending: w.pending,
                 dead_lettered: w.dead_lettered,

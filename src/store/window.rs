@@ -141,7 +141,7 @@ impl Store {
             .key(&key)
             .key(format!("{key}:hi"))
             .key(self.keys.pending(shard))
-            .key(self.keys.dead(shard, w))
+            .key(self.keys.dead_index(shard))
             .key(self.keys.index_tenants(shard, w.start))
             .arg(&w.member)
             .arg(self.keys.base(shard))
@@ -149,6 +149,26 @@ impl Store {
             .invoke_async(conn)
             .await?;
         Ok(done == 1)
+    }
+
+    /// Marks that the delivery of a window (or amendment) begins: from now on the write script
+    /// sends late pulses for it to its next amendment. Kept `LATE_MAX_AGE` plus a day.
+    pub async fn mark_drain(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+    ) -> Result<(), StoreError> {
+        if !w.exact {
+            return Ok(());
+        }
+        let _: () = super::scripts::MARK_DRAIN
+            .key(self.keys.late(shard, w.start))
+            .arg(w.amendment)
+            .arg(self.late_max_age_secs + 86_400)
+            .invoke_async(conn)
+            .await?;
+        Ok(())
     }
 
     /// Length of a hash.

@@ -14,6 +14,8 @@ pub struct WriteItem {
     pub digest: Option<[u8; 16]>,
     /// The tenant's placement hash, kept as the marker's value so `reshard` can move it.
     pub placement: i64,
+    /// When the usage happened (Unix ms); `None`: now, in the current window.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// How long Redis keeps a commit's token (and reply): a re-sent call within it is answered from
@@ -27,13 +29,28 @@ pub fn commit_token_ttl() -> std::time::Duration {
     }
 }
 
+/// Where a stamped pulse was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the current window (its timestamp falls in it).
+    Current,
+    /// In a window sealed but not yet read by a drain: it joined it.
+    SealedWindow,
+    /// In an amendment of a window delivered or being delivered.
+    Amendment,
+    /// Ahead, in a future window (within MAX_FUTURE_SKEW).
+    Ahead,
+}
+
 /// What the write script reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteReply {
-    /// Start of the window the items were counted in.
+    /// Start of the current window (where unstamped items were counted).
     pub window_start: u64,
     /// Per item: counted (true) or a duplicate (false).
     pub counted: Vec<bool>,
+    /// Per item: for a stamped one, where it went and the start of its window.
+    pub placed: Vec<Option<(Placement, u64)>>,
 }
 
 /// What the seal script reports.
@@ -86,28 +103,29 @@ impl Store {
             .arg(sections.len())
             .arg(commit_token_ttl().as_secs())
             .arg(self.shards);
+        inv.arg(self.late_max_age_secs)
+            .arg(self.late_pulses.as_str());
         let declare = self.is_cluster();
-        let mut with_id: Vec<Vec<usize>> = Vec::with_capacity(sections.len());
+        let mut layouts: Vec<SectionLayout> = Vec::with_capacity(sections.len());
         for (shard, items) in sections {
             if declare {
                 for k in self.keys.generation_keys(*shard) {
                     inv.key(k);
                 }
             }
-            let ids: Vec<usize> = (0..items.len())
-                .filter(|&i| items[i].digest.is_some())
-                .collect();
+            let layout = SectionLayout::of(items);
             inv.arg(self.keys.base(*shard))
-                .arg(items.len() - ids.len())
-                .arg(ids.len());
-            // Items without id first (three values each), then those with an id.
-            for it in items.iter().filter(|it| it.digest.is_none()) {
-                let (hi, lo) = it.amount.limbs();
-                inv.arg(&it.field).arg(lo).arg(hi.to_string());
+                .arg(layout.plain.len())
+                .arg(layout.ids.len())
+                .arg(layout.stamped.len());
+            // Items without id (three values each), then those with an id, then stamped ones.
+            for &i in &layout.plain {
+                let (hi, lo) = items[i].amount.limbs();
+                inv.arg(&items[i].field).arg(lo).arg(hi.to_string());
             }
-            for &i in &ids {
+            for &i in &layout.ids {
                 let it = &items[i];
-                let d = it.digest.as_ref().expect("filtered on digest");
+                let d = it.digest.as_ref().expect("sorted on digest");
                 let (hi, lo) = it.amount.limbs();
                 inv.arg(&it.field)
                     .arg(lo)
@@ -117,7 +135,22 @@ impl Store {
                     inv.arg(hex::encode(d));
                 }
             }
-            with_id.push(ids);
+            for &i in &layout.stamped {
+                let it = &items[i];
+                let (hi, lo) = it.amount.limbs();
+                inv.arg(&it.field)
+                    .arg(lo)
+                    .arg(hi.to_string())
+                    .arg(it.timestamp_ms.expect("sorted on timestamp"));
+                match &it.digest {
+                    Some(d) => inv.arg(&marker_member(d, it.placement)[..]),
+                    None => inv.arg(""),
+                };
+                if legacy {
+                    inv.arg(it.digest.as_ref().map(hex::encode).unwrap_or_default());
+                }
+            }
+            layouts.push(layout);
         }
         let reply: redis::Value = inv.invoke_async(conn).await.map_err(|e| {
             match (e.code(), e.detail().and_then(|d| d.trim().parse().ok())) {
@@ -140,13 +173,28 @@ impl Store {
                     Some((tag, fields)) if tag == "OVERFLOW" => {
                         Err(StoreError::Overflow(fields.to_vec()))
                     }
+                    Some((tag, refs)) if tag == "CLOSED" => {
+                        // "<section>:<stamped item>", both from 1: as (shard, item index).
+                        let closed = refs
+                            .iter()
+                            .map(|r| {
+                                let (s, n) = r.split_once(':')?;
+                                let s: usize = s.parse().ok()?;
+                                let n: usize = n.parse().ok()?;
+                                let shard = sections.get(s.checked_sub(1)?)?.0;
+                                let i = *layouts.get(s - 1)?.stamped.get(n.checked_sub(1)?)?;
+                                Some((shard, i))
+                            })
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| StoreError::Reply(texts.join(",")))?;
+                        Err(StoreError::Closed(closed))
+                    }
                     _ => Err(StoreError::Reply(texts.join(","))),
                 };
             }
             v => redis::from_redis_value::<String>(v).map_err(redis::RedisError::from)?,
         };
-        let sizes: Vec<usize> = sections.iter().map(|(_, items)| items.len()).collect();
-        parse_reply(&reply, &sizes, &with_id)
+        parse_reply(&reply, &layouts)
     }
 
     /// Until when (Redis seconds) markers of the previous layout — one string key per id —
@@ -220,38 +268,89 @@ impl Store {
     }
 }
 
-/// The write script's reply — per section `"<window start>:<flags>"`, joined by `;`, one flag
-/// per item with an id (`1` counted, `0` a re-send) — as one [`WriteReply`] per section. It is
-/// a string because the script also stores it under the commit's token and answers a re-sent
-/// call with it. `sizes[s]` is section `s`'s item count, `with_id[s]` the indexes of its items
-/// with an id, in the order the script saw them.
-fn parse_reply(
-    reply: &str,
-    sizes: &[usize],
-    with_id: &[Vec<usize>],
-) -> Result<Vec<WriteReply>, StoreError> {
+/// How a section's items go to the script: indexes of the items without id, with an id, and
+/// stamped (with or without an id), each in item order.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct SectionLayout {
+    size: usize,
+    plain: Vec<usize>,
+    ids: Vec<usize>,
+    stamped: Vec<usize>,
+}
+
+impl SectionLayout {
+    fn of(items: &[WriteItem]) -> Self {
+        let mut l = SectionLayout {
+            size: items.len(),
+            ..Default::default()
+        };
+        for (i, it) in items.iter().enumerate() {
+            match (it.timestamp_ms, &it.digest) {
+                (Some(_), _) => l.stamped.push(i),
+                (None, Some(_)) => l.ids.push(i),
+                (None, None) => l.plain.push(i),
+            }
+        }
+        l
+    }
+}
+
+/// The write script's reply — per section `"<window start>:<flags>:<stamped>"`, joined by `;`:
+/// one flag per item with an id (`1` counted, `0` a re-send), and per stamped item its flag
+/// (`1` current window, `L` joined a sealed window, `A` an amendment, `F` a future window, `0`
+/// a re-send) and its window start, joined by `,` — as one [`WriteReply`] per section. It is a
+/// string because the script also stores it under the commit's token and answers a re-sent call
+/// with it.
+fn parse_reply(reply: &str, layouts: &[SectionLayout]) -> Result<Vec<WriteReply>, StoreError> {
     let bad = || StoreError::Reply(reply.to_string());
     let parts: Vec<&str> = reply.split(';').collect();
-    if parts.len() != sizes.len() || with_id.len() != sizes.len() {
+    if parts.len() != layouts.len() {
         return Err(bad());
     }
     parts
         .iter()
-        .zip(sizes)
-        .zip(with_id)
-        .map(|((part, &size), ids)| {
-            let (start, flags) = part.split_once(':').ok_or_else(bad)?;
+        .zip(layouts)
+        .map(|(part, l)| {
+            let mut fields = part.splitn(3, ':');
+            let (Some(start), Some(flags), Some(stamped)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(bad());
+            };
             let window_start = start.parse().map_err(|_| bad())?;
-            if flags.len() != ids.len() || ids.iter().any(|&i| i >= size) {
+            if flags.len() != l.ids.len() {
                 return Err(bad());
             }
-            let mut counted = vec![true; size];
-            for (flag, &i) in flags.bytes().zip(ids) {
+            let mut counted = vec![true; l.size];
+            let mut placed = vec![None; l.size];
+            for (flag, &i) in flags.bytes().zip(&l.ids) {
                 counted[i] = flag == b'1';
+            }
+            let stamped: Vec<&str> = if stamped.is_empty() {
+                Vec::new()
+            } else {
+                stamped.split(',').collect()
+            };
+            if stamped.len() != l.stamped.len() {
+                return Err(bad());
+            }
+            for (one, &i) in stamped.iter().zip(&l.stamped) {
+                let (flag, w) = one.split_at_checked(1).ok_or_else(bad)?;
+                let w: u64 = w.parse().map_err(|_| bad())?;
+                let p = match flag {
+                    "1" | "0" => Placement::Current,
+                    "L" => Placement::SealedWindow,
+                    "A" => Placement::Amendment,
+                    "F" => Placement::Ahead,
+                    _ => return Err(bad()),
+                };
+                counted[i] = flag != "0";
+                placed[i] = Some((p, w));
             }
             Ok(WriteReply {
                 window_start,
                 counted,
+                placed,
             })
         })
         .collect()
@@ -261,20 +360,37 @@ fn parse_reply(
 mod tests {
     use super::*;
 
+    fn layout(size: usize, ids: &[usize], stamped: &[usize]) -> SectionLayout {
+        SectionLayout {
+            size,
+            plain: (0..size)
+                .filter(|i| !ids.contains(i) && !stamped.contains(i))
+                .collect(),
+            ids: ids.to_vec(),
+            stamped: stamped.to_vec(),
+        }
+    }
+
     #[test]
     fn a_reply_says_per_section_where_items_counted_and_which_ids_were_re_sent() {
-        // Two sections: 3 items (ids on items 0 and 2), then 1 item without id.
-        let r = parse_reply("3600:10;3600:", &[3, 1], &[vec![0, 2], vec![]]).unwrap();
+        // Two sections: 4 items (ids on 0 and 2, item 3 stamped), then 1 item without id.
+        let r = parse_reply(
+            "3600:10:A0;3600::",
+            &[layout(4, &[0, 2], &[3]), layout(1, &[], &[])],
+        )
+        .unwrap();
         assert_eq!(
             r,
             vec![
                 WriteReply {
                     window_start: 3600,
-                    counted: vec![true, true, false],
+                    counted: vec![true, true, false, true],
+                    placed: vec![None, None, None, Some((Placement::Amendment, 0))],
                 },
                 WriteReply {
                     window_start: 3600,
                     counted: vec![true],
+                    placed: vec![None],
                 },
             ]
         );
@@ -282,22 +398,28 @@ mod tests {
 
     #[test]
     fn a_reply_that_does_not_fit_the_commit_is_an_error_not_a_guess() {
-        let ids = [vec![0], vec![]];
+        let ls = [layout(1, &[0], &[]), layout(1, &[], &[])];
         for bad in [
-            "3600:1",
-            "3600:1;x:",
-            "3600:11;3600:",
-            "3600;3600:",
-            "3600:1;3600:;7:",
+            "3600:1:",
+            "3600:1:;x::",
+            "3600:11:;3600::",
+            "3600;3600::",
+            "3600:1:;3600::;7::",
+            "3600:1:L5;3600::",
         ] {
             assert!(
-                matches!(parse_reply(bad, &[1, 1], &ids), Err(StoreError::Reply(_))),
+                matches!(parse_reply(bad, &ls), Err(StoreError::Reply(_))),
                 "{bad}"
             );
         }
+        let one = [layout(1, &[], &[0])];
         assert!(
-            parse_reply("3600:1", &[1], &[vec![5]]).is_err(),
-            "an id index past the section"
+            parse_reply("3600::Z7", &one).is_err(),
+            "an unknown placement"
+        );
+        assert!(
+            parse_reply("3600::", &one).is_err(),
+            "a stamped item missing"
         );
     }
 }

@@ -11,6 +11,7 @@ mod changes;
 mod cluster;
 mod contract;
 mod delivery;
+mod event_time;
 mod faults;
 mod ingest;
 mod isolation;

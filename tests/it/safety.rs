@@ -191,6 +191,7 @@ async fn a_write_sent_twice_counts_once() {
             amount,
             digest: None,
             placement: 0,
+            timestamp_ms: None,
         }];
         let first = store.write(&mut conn, 3, "token-1", &items).await.unwrap();
         let again = store.write(&mut conn, 3, "token-1", &items).await.unwrap();

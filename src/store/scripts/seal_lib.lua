@@ -89,18 +89,25 @@ end
 -- after a change; `shards`, the deployment's count (a writer with another count must not
 -- write: its pulse ids would be looked up in other shards). Recorded from the first caller's
 -- values; changed only by `settings.lua` (at a replica's start with an explicit setting) and
--- `reshard`. Every replica writes by these, whatever its own configuration says.
+-- `reshard`; `since`, when the shard first recorded settings: windows that ended before it
+-- may have been delivered without a drain mark, so a late pulse for one goes to an amendment,
+-- never into a window whose record id the Processor already holds. Every replica writes by
+-- these, whatever its own configuration says.
+-- How long the window history is kept: longer than LATE_MAX_AGE may be (60 days).
+local HISTORY_KEEP = 61 * 86400
+
 local function conf(base, len, ttl, shards)
   local key = base .. ':x:conf'
-  local c = redis.call('HMGET', key, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards')
+  local c = redis.call('HMGET', key, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards', 'since')
   if not c[1] then
-    redis.call('HSET', key, 'window', len, 'ttl', ttl, 'shards', shards)
+    local now = redis.call('TIME')[1]
+    redis.call('HSET', key, 'window', len, 'ttl', ttl, 'shards', shards, 'since', now)
     return {window = tonumber(len), ttl = tonumber(ttl), prev_ttl = 0, prev_until = 0,
-      shards = tonumber(shards)}
+      shards = tonumber(shards), since = tonumber(now)}
   end
   return {window = tonumber(c[1]), ttl = tonumber(c[2]) or tonumber(ttl),
     prev_ttl = tonumber(c[3]) or 0, prev_until = tonumber(c[4]) or 0,
-    shards = tonumber(c[5]) or tonumber(shards)}
+    shards = tonumber(c[5]) or tonumber(shards), since = tonumber(c[6]) or 0}
 end
 
 -- seal(base, ns, exact, now, window_len) brings one layout's generation up to date with Redis
@@ -123,6 +130,7 @@ local function seal(base, ns, exact, now, window_len)
     redis.call('SET', ns .. ':gen', gen)
     redis.call('SET', ns .. ':window', current)
     redis.call('SET', ns .. ':window_len', window_len)
+    redis.call('ZADD', ns .. ':wins', current, current .. ':' .. window_len)
     return gen, current, 0, current + window_len
   end
   local len = tonumber(redis.call('GET', ns .. ':window_len')) or window_len
@@ -196,7 +204,74 @@ local function seal(base, ns, exact, now, window_len)
   redis.call('SET', ns .. ':gen', gen)
   redis.call('SET', ns .. ':window', next_start)
   redis.call('SET', ns .. ':window_len', next_len)
+  if exact then
+    -- The window history (for placing event-stamped pulses), kept as long as a late pulse
+    -- may need it.
+    redis.call('ZADD', ns .. ':wins', next_start, next_start .. ':' .. next_len)
+    redis.call('ZREMRANGEBYSCORE', ns .. ':wins', '-inf', '(' .. (now - HISTORY_KEEP))
+    -- Pulses stamped ahead of their window wait in `:future:<start>` hashes: the one for the
+    -- window opening now becomes its generation; one whose window was skipped (no write came
+    -- while it ran) or that no longer fits the windows (WINDOW changed) is sealed as it was
+    -- placed — its label holds its pulses' times either way.
+    local futures = redis.call('ZRANGEBYSCORE', ns .. ':futures', '-inf', '(' .. (next_start + next_len))
+    for _, m in ipairs(futures) do
+      local fs, fe = string.match(m, '^(%d+):(%d+)$')
+      local fhash = ns .. ':future:' .. fs
+      if redis.call('EXISTS', fhash) == 0 then
+        -- nothing was written there
+        redis.call('DEL', fhash .. ':hi')
+      elseif tonumber(fs) == next_start and tonumber(fe) == next_start + next_len then
+        redis.call('RENAME', fhash, ns .. ':agg:' .. gen)
+        if redis.call('EXISTS', fhash .. ':hi') == 1 then
+          redis.call('RENAME', fhash .. ':hi', ns .. ':agg:' .. gen .. ':hi')
+        end
+      else
+        local into = ns .. ':sealed:' .. fs
+        local kv = redis.call('HGETALL', fhash)
+        for i = 1, #kv, 2 do
+          add(into, into .. ':hi', kv[i], kv[i + 1], '0')
+        end
+        local kh = redis.call('HGETALL', fhash .. ':hi')
+        for i = 1, #kh, 2 do
+          redis.call('HINCRBY', into .. ':hi', kh[i], kh[i + 1])
+        end
+        redis.call('DEL', fhash, fhash .. ':hi')
+        redis.call('ZADD', base .. ':pending', fs, fs .. ':' .. fe .. ':x')
+      end
+      redis.call('ZREM', ns .. ':futures', m)
+    end
+  end
   return gen, next_start, 1, next_start + next_len
+end
+
+-- window_at(ns, t, len): the window [start, end) that holds Redis second t, from the shard's
+-- window history: the recorded window containing t, or — in a stretch with no recorded window
+-- (no write came) — the window of the length then in force aligned like the seal aligns,
+-- clipped to its recorded neighbours.
+local function window_at(ns, t, len)
+  local before = redis.call('ZREVRANGEBYSCORE', ns .. ':wins', t, '-inf', 'LIMIT', 0, 1)[1]
+  local lo, l = nil, len
+  if before then
+    local s, wl = string.match(before, '^(%d+):(%d+)$')
+    s, wl = tonumber(s), tonumber(wl)
+    if t < s + wl then
+      return s, s + wl
+    end
+    lo, l = s + wl, wl
+  end
+  local ws = t - (t % l)
+  local we = ws + l
+  if lo and ws < lo then
+    ws = lo
+  end
+  local after = redis.call('ZRANGEBYSCORE', ns .. ':wins', '(' .. t, '+inf', 'LIMIT', 0, 1)[1]
+  if after then
+    local s = tonumber(string.match(after, '^(%d+):'))
+    if s < we then
+      we = s
+    end
+  end
+  return ws, we
 end
 
 local function redis_now()

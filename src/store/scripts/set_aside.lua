@@ -15,7 +15,8 @@ local t = redis.call('TIME')
 redis.call('LPUSH', KEYS[3], '{"time":' .. t[1] .. ',"entry":' .. ARGV[3] .. ',"dead_letter":' .. v .. '}')
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[2])
-  if not redis.call('ZSCORE', KEYS[4], ARGV[2]) then
+  if redis.call('ZCOUNT', KEYS[4], ARGV[5], ARGV[5]) == 0
+      and redis.call('ZCOUNT', KEYS[2], ARGV[5], ARGV[5]) == 0 then
     for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[5])) do
       redis.call('UNLINK', ARGV[4] .. ':x:idx:' .. ARGV[5] .. ':' .. tenant)
     end

@@ -47,11 +47,23 @@ local members = redis.call('ZRANGE', KEYS[4], 0, -1)
 local seen = {}
 local function window(m, pending)
   local s, e, x = string.match(m, '^(%d+):(%d+):?(x?)$')
+  local a, due = nil, nil
+  if not s then
+    -- An amendment: late pulses of window s counted after its delivery began.
+    s, e, a, due = string.match(m, '^(%d+):(%d+):x:a(%d+):(%d+)$')
+    x = 'x'
+  end
   if not s or x ~= 'x' or seen[m] then
     return
   end
   seen[m] = true
-  local w = read(base .. ':x:sealed:' .. s, base .. ':x:dead:' .. s, s)
+  local hash, dead = base .. ':x:sealed:' .. s, base .. ':x:dead:' .. s
+  if a then
+    hash, dead = base .. ':x:amend:' .. s .. ':' .. a, dead .. ':a' .. a
+  end
+  local w = read(hash, dead, s)
+  w.amendment = tonumber(a or '0')
+  w.due = due or e
   w['end'] = e
   w.member = m
   w.pending = pending

@@ -1,62 +1,147 @@
--- Count pulses into their shards' current generations, exactly once and exactly (invariants 1,
--- 2, 11). One call carries a whole commit: every shard of it on one Redis, or one shard (one
--- slot) on a cluster node.
+-- Count pulses into their windows, exactly once and exactly (invariants 1, 2, 11). One call
+-- carries a whole commit: every shard of it on one Redis, or one shard (one slot) on a cluster
+-- node.
 -- KEYS[1] the commit's token; on a cluster, also the shard's generation keys (declared so the
 -- cluster routes and migrates them correctly; see Store::write_many).
 -- ARGV[1] window length (s), ARGV[2] dedupe TTL (s), ARGV[3] Redis time (s) until which
 -- markers of the previous layout (one string key per id) are still consulted (0: none, and
 -- items carry no previous-layout digest), ARGV[4] number of shard sections, ARGV[5] how long
--- the commit's token is kept (s), ARGV[6] the writer's SHARDS; then per section:
--- shard base (e.g. "{pulses:7}"), count of items without id, count with id; the items without
--- id as (field, lo, hi); the items with id as (field, lo, hi, marker[, previous-layout hex
--- digest]). lo and hi are decimal limb strings (lo < 10^15); a marker is 12 bytes of digest
--- and 2 of tenant placement.
--- Returns "<window start>:<flags>" per section, joined by ";": one flag per item with id, in
--- order: 1 counted, 0 duplicate (items without id are always counted). Or, when a key's total
--- would leave the exact range, the array {"OVERFLOW", field...} and nothing written. A writer
--- whose SHARDS is not the shard's recorded count gets the error SHARDSCHANGED, nothing counted.
--- Window length and dedupe TTL are the shard's recorded settings (`conf` in seal_lib.lua);
--- ARGV[1] and ARGV[2] only initialise them.
+-- the commit's token is kept (s), ARGV[6] the writer's SHARDS, ARGV[7] LATE_MAX_AGE (s),
+-- ARGV[8] LATE_PULSES ("amend" or "refuse"); then per section:
+-- shard base (e.g. "{pulses:7}"), count of items without id, count with id, count stamped;
+-- the items without id as (field, lo, hi); the items with id as (field, lo, hi, marker[,
+-- previous-layout hex digest]); the stamped items as (field, lo, hi, event time in ms, marker
+-- or ""[, previous-layout hex digest or ""]). lo and hi are decimal limb strings (lo < 10^15);
+-- a marker is 12 bytes of digest and 2 of tenant placement.
+-- Returns "<window start>:<flags>:<stamped>" per section, joined by ";": one flag per item with
+-- id, in order: 1 counted, 0 duplicate (items without id are always counted); per stamped item
+-- "<flag><window start>" joined by ",", the flag 1 counted in its window, 0 duplicate, L joined
+-- its sealed window before delivery, A counted in an amendment, F counted ahead in a future
+-- window. Or, with nothing written: {"OVERFLOW", field...} when a key's total would leave the
+-- exact range; {"CLOSED", "<section>:<stamped item>"...} when LATE_PULSES=refuse and a stamped
+-- pulse's window is delivered or being delivered. A writer whose SHARDS is not the shard's
+-- recorded count gets the error SHARDSCHANGED, nothing counted. Window length and dedupe TTL
+-- are the shard's recorded settings (`conf` in seal_lib.lua); ARGV[1] and ARGV[2] only
+-- initialise them.
 --
 -- Reading the generation and incrementing into it happen here, in one script, so a toggle can
 -- never interleave with an increment; the dedupe marker is set in the same script as the
--- increment, so a pulse is never claimed without being counted. A total that could leave the
--- exact range is refused before anything of the commit is written; the caller drops the
--- requests that carry that key and calls again. A re-sent call (a client
+-- increment, so a pulse is never claimed without being counted. Placing a stamped pulse and
+-- deciding whether its window is still open happen here too, against the mark the drain sets
+-- (`:x:late:<start>`, field `drain`) before it first reads a window: a pulse for a window
+-- whose drain has not begun joins it; after that it goes to the window's open amendment, a
+-- hash sealed and drained like a window (`:x:amend:<start>:<n>`). A re-sent call (a client
 -- library's retry after a lost reply) finds its token and answers the first reply again.
 --
 -- Dedupe markers are members of per-shard sets, one set per DEDUPE_TTL bucket of Redis time,
 -- expiring as a whole two buckets later: an id is looked up in the current and the previous
--- bucket, so it is remembered for at least DEDUPE_TTL (at most twice that), at ~60 bytes per
--- id instead of a key of its own.
+-- bucket, so it is remembered for at least DEDUPE_TTL (at most twice that).
 local done = redis.call('GET', KEYS[1])
 if done then
   return done
 end
 local now = redis_now()
 local shards = tonumber(ARGV[6])
+local late_keep = tonumber(ARGV[7]) + 86400
+local refuse_late = ARGV[8] == 'refuse'
 local legacy_until = tonumber(ARGV[3])
 local legacy = now < legacy_until
 local id_stride = 4
+local ts_stride = 5
 if legacy_until > 0 then
   id_stride = 5
+  ts_stride = 6
 end
+
+-- Where a stamped pulse goes: {hash, window start (for the usage index), flag, then what
+-- writing there records: a pending-set member and its score, the future window's member,
+-- the amendment number opened}, or nil when its window is closed (LATE_PULSES=refuse).
+-- Nothing is written here: a commit refused as a whole leaves no trace.
+local function place(base, ns, gen, start, stop, c, t)
+  if t >= start and t < stop then
+    return {ns .. ':agg:' .. gen, start, '1'}
+  end
+  if t >= stop then
+    -- Ahead (within MAX_FUTURE_SKEW): the window it will be in, as the seal will open it.
+    local len = c.window
+    local fs = t - (t % len)
+    local fe = fs + len
+    if fs < stop then
+      fs = stop
+    end
+    return {ns .. ':future:' .. fs, fs, 'F', nil, nil, fs .. ':' .. fe}
+  end
+  local ws, we = window_at(ns, t, c.window)
+  local st = redis.call('HMGET', ns .. ':late:' .. ws, 'drain', 'open')
+  local drain, open = tonumber(st[1]), tonumber(st[2])
+  if not drain and (we <= c.since or we < now - late_keep) then
+    -- Possibly delivered with no mark (before marks existed, or the mark expired): amend.
+    drain = 0
+  end
+  if not drain then
+    -- Sealed (or never opened here) and not yet read by a drain: it joins the window.
+    return {ns .. ':sealed:' .. ws, ws, 'L', ws .. ':' .. we .. ':x', ws}
+  end
+  if refuse_late then
+    return nil
+  end
+  local opened = nil
+  if not open or open <= drain then
+    open = drain + 1
+    opened = open
+  end
+  -- Due with the current window: late pulses of one hour gather in one amendment.
+  return {ns .. ':amend:' .. ws .. ':' .. open, ws, 'A',
+    ws .. ':' .. we .. ':x:a' .. open .. ':' .. stop, ws, nil, opened}
+end
+
+-- Records where a stamped pulse was written (see place).
+local function placed(base, ns, tg)
+  if tg[4] then
+    redis.call('ZADD', base .. ':pending', tg[5], tg[4])
+  end
+  if tg[6] then
+    redis.call('ZADD', ns .. ':futures', tg[2], tg[6])
+  end
+  if tg[7] then
+    local late = ns .. ':late:' .. tg[2]
+    redis.call('HSET', late, 'open', tg[7])
+    redis.call('EXPIRE', late, late_keep)
+  end
+end
+
 local sections = {}
 local full = {}
-local i = 7
+local closed = {}
+local i = 9
 for s = 1, tonumber(ARGV[4]) do
   local base = ARGV[i]
   local plain = tonumber(ARGV[i + 1])
   local ids = tonumber(ARGV[i + 2])
-  i = i + 3
+  local timed = tonumber(ARGV[i + 3])
+  i = i + 4
   local c = conf(base, ARGV[1], ARGV[2], ARGV[6])
   if c.shards ~= shards then
     return redis.error_reply('SHARDSCHANGED ' .. c.shards)
   end
-  local gen, start = seal(base, base .. ':x', true, now, c.window)
-  local agg = base .. ':x:agg:' .. gen
+  local ns = base .. ':x'
+  local gen, start, _, stop = seal(base, ns, true, now, c.window)
+  local agg = ns .. ':agg:' .. gen
   local first_id = i + plain * 3
-  local after = first_id + ids * id_stride
+  local first_ts = first_id + ids * id_stride
+  local after = first_ts + timed * ts_stride
+  -- Stamped pulses first find their hashes.
+  local targets = {}
+  local n = 0
+  for k = first_ts, after - 1, ts_stride do
+    n = n + 1
+    local tg = place(base, ns, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
+    if tg then
+      targets[k] = tg
+    else
+      closed[#closed + 1] = s .. ':' .. n
+    end
+  end
   -- Overflow guard: only pulses of 10^15 units (1,000 whole units) or more carry a hi part;
   -- smaller ones add at most one carry (+4,000) each, and 2^62 / 4,000 carries cannot happen
   -- within a window.
@@ -64,32 +149,43 @@ for s = 1, tonumber(ARGV[4]) do
   local k = i
   while k < after do
     if ARGV[k + 2] ~= '0' then
+      local into = agg
+      if k >= first_ts then
+        into = targets[k] and targets[k][1] or agg
+      end
       his = his or {}
-      his[ARGV[k]] = (his[ARGV[k]] or 0) + tonumber(ARGV[k + 2]) + 4000
+      local key = into .. '\0' .. ARGV[k]
+      his[key] = (his[key] or 0) + tonumber(ARGV[k + 2]) + 4000
     end
-    if k < first_id then k = k + 3 else k = k + id_stride end
+    if k < first_id then k = k + 3 elseif k < first_ts then k = k + id_stride else k = k + ts_stride end
   end
   if his then
-    for f, inc in pairs(his) do
-      local cur = tonumber(redis.call('HGET', agg .. ':hi', f) or '0')
+    for key, inc in pairs(his) do
+      local into, f = string.match(key, '^(.-)%z(.*)$')
+      local cur = tonumber(redis.call('HGET', into .. ':hi', f) or '0')
       if cur + inc >= 4611686018427387904 then
         full[#full + 1] = f
       end
     end
   end
-  sections[s] = {base, i, first_id, after, agg, start, c}
+  sections[s] = {base, i, first_id, first_ts, after, agg, start, c, targets}
   i = after
 end
--- Keys that would leave the exact range: nothing of the commit is written, and the caller
--- learns which keys they are, so that it refuses only the requests carrying them and commits
--- the rest again (one tenant's full key never costs another tenant's pulses).
+-- Nothing of the commit is written when a key would leave the exact range or a stamped pulse's
+-- window is closed: the caller refuses only the requests carrying them and calls again with
+-- the rest (one tenant's trouble never costs another tenant's pulses).
 if #full > 0 then
   table.insert(full, 1, 'OVERFLOW')
   return full
 end
+if #closed > 0 then
+  table.insert(closed, 1, 'CLOSED')
+  return closed
+end
+
 local out = {}
 for s = 1, #sections do
-  local base, first, first_id, after, agg, start, c = unpack(sections[s])
+  local base, first, first_id, first_ts, after, agg, start, c, targets = unpack(sections[s])
   local len = c.window
   local hi = agg .. ':hi'
   for k = first, first_id - 1, 3 do
@@ -97,51 +193,65 @@ for s = 1, #sections do
       index(base, start, ARGV[k], len)
     end
   end
+  local ttl = c.ttl
+  local bucket = math.floor(now / ttl)
+  local cur = base .. ':seen:' .. string.format('%d', bucket)
+  local prev = base .. ':seen:' .. string.format('%d', bucket - 1)
+  -- After a change of DEDUPE_TTL, the previous bucketing's sets are consulted until its
+  -- markers have expired.
+  local old1, old2 = nil, nil
+  if c.prev_until > now and c.prev_ttl > 0 then
+    local ob = math.floor(now / c.prev_ttl)
+    old1 = base .. ':seen:' .. string.format('%d', ob)
+    old2 = base .. ':seen:' .. string.format('%d', ob - 1)
+  end
+  local added = false
+  -- Whether the pulse id with this marker is new (and remembered from now on).
+  local function first_time(m, legacy_hex)
+    if redis.call('SADD', cur, m) == 0 then
+      return false
+    end
+    added = true
+    if redis.call('SISMEMBER', prev, m) == 1 then
+      return false
+    elseif old1 and (redis.call('SISMEMBER', old1, m) == 1
+        or redis.call('SISMEMBER', old2, m) == 1) then
+      return false
+    elseif legacy and legacy_hex and legacy_hex ~= ''
+        and redis.call('EXISTS', base .. ':seen:' .. legacy_hex) == 1 then
+      return false
+    end
+    return true
+  end
   local flags = {}
-  if first_id < after then
-    local ttl = c.ttl
-    local bucket = math.floor(now / ttl)
-    local cur = base .. ':seen:' .. string.format('%d', bucket)
-    local prev = base .. ':seen:' .. string.format('%d', bucket - 1)
-    -- After a change of DEDUPE_TTL, the previous bucketing's sets are consulted until its
-    -- markers have expired.
-    local old1, old2 = nil, nil
-    if c.prev_until > now and c.prev_ttl > 0 then
-      local ob = math.floor(now / c.prev_ttl)
-      old1 = base .. ':seen:' .. string.format('%d', ob)
-      old2 = base .. ':seen:' .. string.format('%d', ob - 1)
-    end
-    local added = false
-    for k = first_id, after - 1, id_stride do
-      local m = ARGV[k + 3]
-      local new = true
-      if redis.call('SADD', cur, m) == 0 then
-        new = false
-      else
-        added = true
-        if redis.call('SISMEMBER', prev, m) == 1 then
-          new = false
-        elseif old1 and (redis.call('SISMEMBER', old1, m) == 1
-            or redis.call('SISMEMBER', old2, m) == 1) then
-          new = false
-        elseif legacy and redis.call('EXISTS', base .. ':seen:' .. ARGV[k + 4]) == 1 then
-          new = false
-        end
+  for k = first_id, first_ts - 1, id_stride do
+    if first_time(ARGV[k + 3], ARGV[k + 4]) then
+      if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+        index(base, start, ARGV[k], len)
       end
-      if new then
-        if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
-          index(base, start, ARGV[k], len)
-        end
-        flags[#flags + 1] = '1'
-      else
-        flags[#flags + 1] = '0'
-      end
-    end
-    if added then
-      redis.call('EXPIREAT', cur, string.format('%d', (bucket + 2) * ttl), 'NX')
+      flags[#flags + 1] = '1'
+    else
+      flags[#flags + 1] = '0'
     end
   end
-  out[s] = string.format('%d', start) .. ':' .. table.concat(flags)
+  local stamped = {}
+  for k = first_ts, after - 1, ts_stride do
+    local tg = targets[k]
+    local m = ARGV[k + 4]
+    if m == '' or first_time(m, ARGV[k + 5]) then
+      placed(base, base .. ':x', tg)
+      if add(tg[1], tg[1] .. ':hi', ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+        index(base, tg[2], ARGV[k], len)
+      end
+      stamped[#stamped + 1] = tg[3] .. string.format('%d', tg[2])
+    else
+      stamped[#stamped + 1] = '0' .. string.format('%d', tg[2])
+    end
+  end
+  if added then
+    redis.call('EXPIREAT', cur, string.format('%d', (bucket + 2) * ttl), 'NX')
+  end
+  out[s] = string.format('%d', start) .. ':' .. table.concat(flags) .. ':' .. table.concat(stamped, ',')
 end
 local reply = table.concat(out, ';')
 redis.call('SET', KEYS[1], reply, 'EX', ARGV[5])
