@@ -168,8 +168,22 @@ request = function()
   return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
 end
 """
+    # The same bodies with event timestamps: "TS" is replaced at each request by now, or for
+    # 5 % of the pulses by up to 30 minutes ago (late pulses: sealed windows and amendments).
+    stamped_lua = lua.replace(
+        "return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])",
+        "local now = os.time()\n  local b = bodies[(i %% #bodies) + 1]:gsub('\"TS\"', function()\n"
+        "    if math.random() < 0.05 then return tostring(now - math.random(0, 1800)) end\n"
+        "    return tostring(now)\n  end)\n  return wrk.format(nil, nil, nil, b)")
+
+    def stamp(body):
+        return body.replace('"use_unit"', '"timestamp": "TS", "use_unit"')
     paths = {}
     for name, bodies in (("single", singles), ("batch", batches), ("typical", typical)):
+        p = os.path.join(tmp, f"{name}-ts.lua")
+        with open(p, "w") as f:
+            f.write(stamped_lua % ("{" + ",".join("[==[" + stamp(b) + "]==]" for b in bodies) + "}"))
+        paths[f"{name}-ts"] = p
         p = os.path.join(tmp, f"{name}.lua")
         with open(p, "w") as f:
             f.write(lua % ("{" + ",".join("[==[" + b + "]==]" for b in bodies) + "}"))
@@ -536,7 +550,7 @@ def main():
     return 0 if bench.ok else 1
 
 
-def ab(pairs=5, base_bin=None, wait=False):
+def ab(pairs=5, base_bin=None, wait=False, event_time=False):
     """Alternating before/after pairs in one sitting: REDIS_COMMIT=per-shard (one script call
     per shard, the previous behaviour) against one-call (a commit's shards in one call), for
     single pulses (scenario 2) and worst-case batches (4a). Prints medians and per-pair ratios."""
@@ -560,14 +574,16 @@ def ab(pairs=5, base_bin=None, wait=False):
             time.sleep(1)
         # Either REDIS_COMMIT per-shard against one-call in this build, (compare) another build's
         # binary against this one, or (wait) REDIS_WAIT_REPLICAS 0 against 1.
-        if wait:
+        if event_time:
+            variants = [("unstamped", BIN, {}), ("stamped-5%-late", BIN, {"SCRIPT": "-ts"})]
+        elif wait:
             variants = [("no-wait", BIN, {}), ("wait-1", BIN, {"REDIS_WAIT_REPLICAS": "1"})]
         elif base_bin is None:
             variants = [("per-shard", BIN, {"REDIS_COMMIT": "per-shard"}), ("one-call", BIN, {})]
         else:
             variants = [("base", base_bin, {}), ("this", BIN, {})]
         scenarios = [("2", "single", "/ingest", 64, 1), ("4a", "batch", "/ingest/batch", 8, 1000)]
-        if base_bin is not None:
+        if base_bin is not None or event_time:
             scenarios.append(("4b", "typical", "/ingest/batch", 8, 1000))
         for i in range(pairs):
             for mode, bindir, extra in variants:
@@ -575,12 +591,14 @@ def ab(pairs=5, base_bin=None, wait=False):
                     subprocess.run(["redis-cli", "-p", str(rport), "FLUSHALL"], check=True,
                                    capture_output=True)
                     port = free_port()
+                    extra = dict(extra)
+                    suffix = extra.pop("SCRIPT", "")
                     env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
                                LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn", **extra)
                     ing = procs.start([os.path.join(bindir, "pulse-ingestor")], env=env)
                     wait_port(port)
                     cost = Cost(rport, [ing.pid], [port])
-                    w = wrk(f"http://127.0.0.1:{port}{path}", scripts[script], conns=conns)
+                    w = wrk(f"http://127.0.0.1:{port}{path}", scripts[script + suffix], conns=conns)
                     c = cost.done(w["ok"], w["ok"] * per)
                     c["rate"] = w["ok"] * per / DUR
                     c["p99"] = w["p99"]
@@ -660,6 +678,10 @@ if __name__ == "__main__":
         sys.exit(usage_latency())
     if len(sys.argv) > 1 and sys.argv[1] == "ab":
         sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 5))
+    if len(sys.argv) > 1 and sys.argv[1] == "eventtime":
+        # scripts/bench.sh eventtime [pairs]: pulses with timestamps (5 % up to 30 min late)
+        # against the same pulses without, single pulses and both kinds of batches
+        sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 3, event_time=True))
     if len(sys.argv) > 1 and sys.argv[1] == "wait":
         # scripts/bench.sh wait [pairs]: the cost of REDIS_WAIT_REPLICAS=1 (with a real replica)
         sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 3, wait=True))

@@ -6,7 +6,8 @@
 # and 4a) with the cost model, printed as a table. `scripts/bench.sh compare <dir> [pairs]`: the
 # same against another build's pulse-ingestor in <dir> (scenarios 2, 4a, 4b). `scripts/bench.sh
 # wait [pairs]`: REDIS_WAIT_REPLICAS 0 against 1, with a real replica. `scripts/bench.sh usage`:
-# live usage query latency alone and beside 1,000,000 other keys. BENCH_BIN=<dir> runs another
+# live usage query latency alone and beside 1,000,000 other keys. `scripts/bench.sh eventtime
+# [pairs]`: stamped pulses (5 % up to 30 minutes late) against unstamped, alternating. BENCH_BIN=<dir> runs another
 # build (with `compare`: two builds against each other).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -34,13 +34,11 @@ pub(crate) struct Worker {
 #[derive(Default)]
 struct ShardBatch {
     items: Vec<WriteItem>,
-    /// For each item carrying a pulse id or a timestamp (not pre-aggregated): the job it
-    /// belongs to and its index there.
-    owner: Vec<Option<(usize, usize)>>,
-    /// Item index of each pre-aggregated key without id.
-    merged: HashMap<String, usize>,
-    /// Pulses without id per job, counted when the shard commits.
-    plain: HashMap<usize, usize>,
+    /// Per item, the pulses it carries as (job, index in the job): one for a pulse with an id;
+    /// every pulse of a pre-aggregated key (and timestamp) otherwise.
+    pulses: Vec<Vec<(usize, usize)>>,
+    /// Item index of each pre-aggregated (key, timestamp) without id.
+    merged: HashMap<(String, Option<i64>), usize>,
 }
 
 impl Worker {
@@ -184,10 +182,10 @@ impl Commit {
                     Err(StoreError::Closed(items)) => {
                         // A call reports the items of all its shards: take this shard's.
                         for (s, i) in items {
-                            if s == shard
-                                && let Some(Some((j, x))) = b.owner.get(i)
-                            {
-                                closed.entry(*j).or_default().push(*x);
+                            if s == shard {
+                                for &(j, x) in b.pulses.get(i).into_iter().flatten() {
+                                    closed.entry(j).or_default().push(x);
+                                }
                             }
                         }
                         refused_shards.insert(shard);
@@ -276,7 +274,7 @@ impl Commit {
             Some(_) => {}
         };
         for (i, counted) in reply.counted.iter().enumerate() {
-            if let Some((j, _)) = b.owner[i] {
+            for &(j, _) in &b.pulses[i] {
                 let o = &mut self.outcomes[j];
                 match reply.placed[i] {
                     None => note(o),
@@ -299,23 +297,13 @@ impl Commit {
                 }
             }
         }
-        for (j, c) in &b.plain {
-            note(&mut self.outcomes[*j]);
-            self.outcomes[*j].accepted += c;
-        }
     }
 
     /// Every job with pulses in this shard fails with `e`.
     fn fail(&mut self, b: &ShardBatch, e: &StoreError) {
         let msg = e.to_string();
-        for j in b
-            .owner
-            .iter()
-            .flatten()
-            .map(|(j, _)| j)
-            .chain(b.plain.keys())
-        {
-            self.failed[*j] = Some(if e.is_ambiguous() {
+        for &(j, _) in b.pulses.iter().flatten() {
+            self.failed[j] = Some(if e.is_ambiguous() {
                 CommitError::Partial(msg.clone())
             } else {
                 CommitError::Unavailable(msg.clone())
@@ -361,38 +349,38 @@ fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32,
             let shard = shard_of(&p.tenant_id, w.store.shards);
             let b = shards.entry(shard).or_default();
             let field = encode_field(&p.tenant_id, &p.product_sku, &p.use_unit);
-            match (&p.pulse_id, p.timestamp_ms) {
-                (id, ts) if id.is_some() || ts.is_some() => {
-                    b.items.push(WriteItem {
-                        field,
-                        amount: p.used_amount,
-                        digest: id.as_ref().map(|id| dedupe_digest(&p.tenant_id, id)),
-                        placement: placement_of(&p.tenant_id),
-                        timestamp_ms: ts,
-                    });
-                    b.owner.push(Some((j, x)));
-                }
-                _ => {
-                    *b.plain.entry(j).or_default() += 1;
-                    if let Some(&i) = b.merged.get(&field) {
-                        // Exact; a commit is at most WORKER_BATCH pulses of at most MAX_AMOUNT,
-                        // far below u128's range.
-                        b.items[i].amount = b.items[i]
-                            .amount
-                            .checked_add(p.used_amount)
-                            .expect("a commit's sum fits in u128");
-                    } else {
-                        b.merged.insert(field.clone(), b.items.len());
-                        b.items.push(WriteItem {
-                            field,
-                            amount: p.used_amount,
-                            digest: None,
-                            placement: 0,
-                            timestamp_ms: None,
-                        });
-                        b.owner.push(None);
-                    }
-                }
+            if let Some(id) = &p.pulse_id {
+                b.items.push(WriteItem {
+                    field,
+                    amount: p.used_amount,
+                    digest: Some(dedupe_digest(&p.tenant_id, id)),
+                    placement: placement_of(&p.tenant_id),
+                    timestamp_ms: p.timestamp_ms,
+                });
+                b.pulses.push(vec![(j, x)]);
+                continue;
+            }
+            // Without an id, pulses of one key (and one timestamp: one placement) are summed
+            // before they reach Redis.
+            let key = (field, p.timestamp_ms);
+            if let Some(&i) = b.merged.get(&key) {
+                // Exact; a commit is at most WORKER_BATCH pulses of at most MAX_AMOUNT, far
+                // below u128's range.
+                b.items[i].amount = b.items[i]
+                    .amount
+                    .checked_add(p.used_amount)
+                    .expect("a commit's sum fits in u128");
+                b.pulses[i].push((j, x));
+            } else {
+                b.merged.insert(key.clone(), b.items.len());
+                b.items.push(WriteItem {
+                    field: key.0,
+                    amount: p.used_amount,
+                    digest: None,
+                    placement: 0,
+                    timestamp_ms: key.1,
+                });
+                b.pulses.push(vec![(j, x)]);
             }
         }
     }
