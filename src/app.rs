@@ -54,9 +54,18 @@ pub enum AppError {
 /// shard's recorded settings, and a wrong `SHARDS` is refused at the first seal.)
 async fn adopt_recorded(cfg: &mut Config) -> Result<(), AppError> {
     let store = Store::new(cfg)?;
-    let Ok((window, ttl, shards)) = store.recorded_settings().await else {
+    let Ok((window, ttl, shards, offset)) = store.recorded_settings().await else {
         return Ok(());
     };
+    if let (false, Some(o)) = (cfg.explicit.window_offset, offset)
+        && o != cfg.window_offset.as_secs()
+    {
+        info!(
+            window_offset_secs = o,
+            "WINDOW_OFFSET unset: the deployment's recorded value applies"
+        );
+        cfg.window_offset = std::time::Duration::from_secs(o);
+    }
     if let (false, Some(w)) = (cfg.explicit.window, window)
         && w != cfg.window_secs()
         && w > 0
@@ -112,11 +121,15 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
         )),
         Ok(_) => {
             let window = cfg.explicit.window.then(|| cfg.window_secs());
+            let offset = cfg
+                .explicit
+                .window_offset
+                .then(|| cfg.window_offset.as_secs());
             let ttl = cfg
                 .explicit
                 .dedupe_ttl
                 .then(|| cfg.dedupe_ttl.as_secs().max(1));
-            match store.apply_settings(window, ttl).await {
+            match store.apply_settings(window, offset, ttl).await {
                 Err(StoreError::Setting(m)) => return Err(AppError::Config(m)),
                 Err(e) => {
                     warn!(error = %e, "could not record the settings; will write by the recorded ones")

@@ -122,6 +122,8 @@ pub struct Config {
     pub window: Duration,
     /// Wait after a window ends before its drain (`STABILISATION_DELAY`).
     pub stabilisation_delay: Duration,
+    /// Windows start this far after the UTC boundaries (`WINDOW_OFFSET`), whole seconds.
+    pub window_offset: Duration,
     /// Oldest pulse timestamp accepted (`LATE_MAX_AGE`).
     pub late_max_age: Duration,
     /// Furthest ahead a pulse timestamp may be (`MAX_FUTURE_SKEW`).
@@ -164,6 +166,7 @@ pub struct Config {
 pub struct Explicit {
     pub shards: bool,
     pub window: bool,
+    pub window_offset: bool,
     pub dedupe_ttl: bool,
 }
 
@@ -201,6 +204,13 @@ impl Config {
         if window.subsec_nanos() != 0 {
             r.fail(env::WINDOW.name, "must be a whole number of seconds");
         }
+        let window_offset = r.duration(env::WINDOW_OFFSET, Duration::ZERO);
+        if window_offset.subsec_nanos() != 0 || window_offset >= window {
+            r.fail(
+                env::WINDOW_OFFSET.name,
+                "must be a whole number of seconds less than WINDOW",
+            );
+        }
         let late_max_age = r.duration(env::LATE_MAX_AGE, Duration::from_secs(1));
         if late_max_age > Duration::from_secs(60 * 86_400) {
             r.fail(env::LATE_MAX_AGE.name, "must be at most 60d");
@@ -236,6 +246,7 @@ impl Config {
         let explicit = Explicit {
             shards: r.raw(env::SHARDS.name).is_some(),
             window: r.raw(env::WINDOW.name).is_some(),
+            window_offset: r.raw(env::WINDOW_OFFSET.name).is_some(),
             dedupe_ttl: r.raw(env::DEDUPE_TTL.name).is_some(),
         };
         if !r.problems.is_empty() {
@@ -250,6 +261,7 @@ impl Config {
             shards,
             window,
             stabilisation_delay,
+            window_offset,
             late_max_age,
             max_future_skew,
             late_pulses,
@@ -345,6 +357,7 @@ mod tests {
             Explicit {
                 shards: true,
                 window: true,
+                window_offset: true,
                 dedupe_ttl: true
             }
         );

@@ -61,6 +61,8 @@ settings! {
     SHARDS = "16", "Shards (hash tags); must match the deployment's (see `reshard`)";
     /// Billing is hourly.
     WINDOW = "1h", "Aggregation window";
+    /// UTC-aligned windows, as billing periods usually are.
+    WINDOW_OFFSET = "0s", "Windows start at this offset from UTC boundaries (30m: hours begin at :30, for a +5:30 zone); less than WINDOW";
     /// Stripe's meter events accept 35 days back: a month's invoice can still be amended.
     LATE_MAX_AGE = "35d", "Oldest pulse timestamp accepted (422 beyond); at most 60d";
     /// Stripe's 5 minutes: clock skew, not scheduling.

@@ -3,6 +3,9 @@
 
 use super::{Conn, Store, StoreError, scripts::REGISTER_SHARDS};
 
+/// Settings a deployment recorded: window, dedupe TTL, shards, window offset.
+pub type Recorded = (Option<u64>, Option<u64>, Option<u32>, Option<u64>);
+
 impl Store {
     /// Records this deployment's shard count and returns the largest one ever used, so that
     /// windows left in shards of an earlier, larger `SHARDS` are still drained.
@@ -100,6 +103,7 @@ impl Store {
     pub async fn apply_settings(
         &self,
         window: Option<u64>,
+        window_offset: Option<u64>,
         dedupe_ttl: Option<u64>,
     ) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
@@ -111,6 +115,8 @@ impl Store {
                 .arg(self.window_secs)
                 .arg(self.dedupe_ttl_secs)
                 .arg(self.shards)
+                .arg(window_offset.map(|o| o.to_string()).unwrap_or_default())
+                .arg(self.window_offset_secs)
                 .invoke_async(&mut c)
                 .await;
             if let Err(e) = r {
@@ -137,22 +143,23 @@ impl Store {
             .arg(window.unwrap_or(self.window_secs))
             .arg("dedupe_ttl")
             .arg(dedupe_ttl.unwrap_or(self.dedupe_ttl_secs))
+            .arg("window_offset")
+            .arg(window_offset.unwrap_or(self.window_offset_secs))
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
     }
 
-    /// The settings the deployment recorded: (`window`, `dedupe_ttl`, `shards`), for a replica
-    /// that leaves them unset.
-    pub async fn recorded_settings(
-        &self,
-    ) -> Result<(Option<u64>, Option<u64>, Option<u32>), StoreError> {
+    /// The settings the deployment recorded: (`window`, `dedupe_ttl`, `shards`,
+    /// `window_offset`), for a replica that leaves them unset.
+    pub async fn recorded_settings(&self) -> Result<Recorded, StoreError> {
         let mut c = self.conn().await?;
         Ok(redis::cmd("HMGET")
             .arg(self.keys.meta())
             .arg("window")
             .arg("dedupe_ttl")
             .arg("shards")
+            .arg("window_offset")
             .query_async(&mut c)
             .await?)
     }

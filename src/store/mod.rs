@@ -45,6 +45,8 @@ pub struct Store {
     pub keys: Keys,
     pub shards: u32,
     pub window_secs: u64,
+    /// `WINDOW_OFFSET`, seconds.
+    pub window_offset_secs: u64,
     dedupe_ttl_secs: u64,
     late_max_age_secs: u64,
     late_pulses: crate::config::LatePulses,
@@ -65,6 +67,11 @@ pub struct Store {
 }
 
 impl Store {
+    /// The window length and offset as the scripts take them: `"<len>:<offset>"`.
+    pub(crate) fn window_arg(&self) -> String {
+        format!("{}:{}", self.window_secs, self.window_offset_secs)
+    }
+
     /// Redis time (Unix ms) as estimated from the local clock and the offset last seen.
     pub fn redis_now_ms(&self) -> i64 {
         let local = std::time::SystemTime::now()
@@ -138,6 +145,7 @@ impl Store {
             shards: cfg.shards,
             window_secs: cfg.window_secs(),
             dedupe_ttl_secs: cfg.dedupe_ttl.as_secs().max(1),
+            window_offset_secs: cfg.window_offset.as_secs(),
             late_max_age_secs: cfg.late_max_age.as_secs(),
             late_pulses: cfg.late_pulses,
             clock_offset_ms: Default::default(),

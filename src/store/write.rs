@@ -97,7 +97,7 @@ impl Store {
         inv.key(self.keys.commit(first, token));
         let legacy_until = self.legacy_markers_until();
         let legacy = legacy_until > 0;
-        inv.arg(self.window_secs)
+        inv.arg(self.window_arg())
             .arg(self.dedupe_ttl_secs)
             .arg(legacy_until)
             .arg(sections.len())
@@ -252,7 +252,7 @@ impl Store {
             u64,
         ) = inv
             .arg(self.keys.base(shard))
-            .arg(self.window_secs)
+            .arg(self.window_arg())
             .arg(self.dedupe_ttl_secs)
             .arg(self.shards)
             .invoke_async(conn)

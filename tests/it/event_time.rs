@@ -492,3 +492,32 @@ async fn the_producer_sends_late_pulses_and_verify_checks_each_window() {
     let (code, out) = verify(&moved, &purl).await;
     assert_eq!(code, 1, "{out}");
 }
+
+/// `WINDOW_OFFSET`: windows begin that far after the UTC boundaries (a day starting at :30, as
+/// in India), for pulses on time and stamped ones alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_start_at_the_configured_offset() {
+    let app = TestApp::start(&[("WINDOW", "4s"), ("WINDOW_OFFSET", "1s")]).await;
+    let c = http();
+    let (s, r) = send(
+        &c,
+        &format!("{}/ingest", app.base),
+        r#"{"tenant_id":"t","product_sku":"S","use_unit":"u","used_amount":1}"#.into(),
+    )
+    .await;
+    assert_eq!(s, 202);
+    assert_eq!(r["window_start"].as_u64().unwrap() % 4, 1, "{r}");
+    let now = redis_ms(app.redis());
+    let (s, r) = send(
+        &c,
+        &format!("{}/ingest", app.base),
+        stamped("t", "1", now - 9_000),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    let w = r["windows"][0].as_u64().unwrap();
+    assert_eq!(w % 4, 1, "{r}");
+    let t = (now - 9_000) as u64;
+    assert!(w * 1000 <= t && t < (w + 4) * 1000, "{r}");
+    app.stop().await.unwrap();
+}

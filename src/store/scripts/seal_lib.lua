@@ -96,18 +96,29 @@ end
 -- How long the window history is kept: longer than LATE_MAX_AGE may be (60 days).
 local HISTORY_KEEP = 61 * 86400
 
-local function conf(base, len, ttl, shards)
+-- `window` is "<length>:<offset>" (seconds): windows start at offset + k × length.
+local function conf(base, window, ttl, shards)
   local key = base .. ':x:conf'
-  local c = redis.call('HMGET', key, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards', 'since')
+  local c = redis.call('HMGET', key, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards', 'since',
+    'offset')
   if not c[1] then
+    local len, off = string.match(window, '^(%d+):?(%d*)$')
+    off = tonumber(off) or 0
     local now = redis.call('TIME')[1]
-    redis.call('HSET', key, 'window', len, 'ttl', ttl, 'shards', shards, 'since', now)
-    return {window = tonumber(len), ttl = tonumber(ttl), prev_ttl = 0, prev_until = 0,
-      shards = tonumber(shards), since = tonumber(now)}
+    redis.call('HSET', key, 'window', len, 'offset', off, 'ttl', ttl, 'shards', shards,
+      'since', now)
+    return {window = tonumber(len), offset = off, ttl = tonumber(ttl), prev_ttl = 0,
+      prev_until = 0, shards = tonumber(shards), since = tonumber(now)}
   end
-  return {window = tonumber(c[1]), ttl = tonumber(c[2]) or tonumber(ttl),
-    prev_ttl = tonumber(c[3]) or 0, prev_until = tonumber(c[4]) or 0,
-    shards = tonumber(c[5]) or tonumber(shards), since = tonumber(c[6]) or 0}
+  return {window = tonumber(c[1]), offset = tonumber(c[7]) or 0,
+    ttl = tonumber(c[2]) or tonumber(ttl), prev_ttl = tonumber(c[3]) or 0,
+    prev_until = tonumber(c[4]) or 0, shards = tonumber(c[5]) or tonumber(shards),
+    since = tonumber(c[6]) or 0}
+end
+
+-- The start of the window of length `len` (starting at `off` + k × len) that holds `t`.
+local function align(t, len, off)
+  return t - ((t - off) % len)
 end
 
 -- seal(base, ns, exact, now, window_len) brings one layout's generation up to date with Redis
@@ -118,14 +129,14 @@ end
 -- the gap up to the first aligned boundary, so every window's label holds the time of every
 -- pulse counted in it. Idempotent: for a given window only the first caller toggles.
 -- Returns gen, start, toggled, end.
-local function seal(base, ns, exact, now, window_len)
+local function seal(base, ns, exact, now, window_len, offset)
   local gen = redis.call('GET', ns .. ':gen')
   local start = tonumber(redis.call('GET', ns .. ':window'))
   if not gen or not start then
     if not exact then
       return nil, nil, 0, nil
     end
-    local current = now - (now % window_len)
+    local current = align(now, window_len, offset)
     gen = gen or 'A'
     redis.call('SET', ns .. ':gen', gen)
     redis.call('SET', ns .. ':window', current)
@@ -195,7 +206,7 @@ local function seal(base, ns, exact, now, window_len)
     redis.call('DEL', old .. ':hi')
   end
   if gen == 'A' then gen = 'B' else gen = 'A' end
-  local aligned = now - (now % window_len)
+  local aligned = align(now, window_len, offset)
   local next_start, next_len = aligned, window_len
   if aligned < stop then
     -- WINDOW changed: the window up to the first boundary of the new length.
@@ -244,11 +255,11 @@ local function seal(base, ns, exact, now, window_len)
   return gen, next_start, 1, next_start + next_len
 end
 
--- window_at(ns, t, len): the window [start, end) that holds Redis second t, from the shard's
+-- window_at(ns, t, len, off): the window [start, end) that holds Redis second t, from the shard's
 -- window history: the recorded window containing t, or — in a stretch with no recorded window
 -- (no write came) — the window of the length then in force aligned like the seal aligns,
 -- clipped to its recorded neighbours.
-local function window_at(ns, t, len)
+local function window_at(ns, t, len, off)
   local before = redis.call('ZREVRANGEBYSCORE', ns .. ':wins', t, '-inf', 'LIMIT', 0, 1)[1]
   local lo, l = nil, len
   if before then
@@ -259,7 +270,7 @@ local function window_at(ns, t, len)
     end
     lo, l = s + wl, wl
   end
-  local ws = t - (t % l)
+  local ws = align(t, l, off)
   local we = ws + l
   if lo and ws < lo then
     ws = lo

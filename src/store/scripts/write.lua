@@ -3,7 +3,7 @@
 -- node.
 -- KEYS[1] the commit's token; on a cluster, also the shard's generation keys (declared so the
 -- cluster routes and migrates them correctly; see Store::write_many).
--- ARGV[1] window length (s), ARGV[2] dedupe TTL (s), ARGV[3] Redis time (s) until which
+-- ARGV[1] window length and offset ("<s>:<s>"), ARGV[2] dedupe TTL (s), ARGV[3] Redis time (s) until which
 -- markers of the previous layout (one string key per id) are still consulted (0: none, and
 -- items carry no previous-layout digest), ARGV[4] number of shard sections, ARGV[5] how long
 -- the commit's token is kept (s), ARGV[6] the writer's SHARDS, ARGV[7] LATE_MAX_AGE (s),
@@ -64,14 +64,14 @@ local function place(base, ns, gen, start, stop, c, t)
   if t >= stop then
     -- Ahead (within MAX_FUTURE_SKEW): the window it will be in, as the seal will open it.
     local len = c.window
-    local fs = t - (t % len)
+    local fs = align(t, len, c.offset)
     local fe = fs + len
     if fs < stop then
       fs = stop
     end
     return {ns .. ':future:' .. fs, fs, 'F', nil, nil, fs .. ':' .. fe}
   end
-  local ws, we = window_at(ns, t, c.window)
+  local ws, we = window_at(ns, t, c.window, c.offset)
   local st = redis.call('HMGET', ns .. ':late:' .. ws, 'drain', 'open')
   local drain, open = tonumber(st[1]), tonumber(st[2])
   if not drain and (we <= c.since or we < now - late_keep) then
@@ -125,7 +125,7 @@ for s = 1, tonumber(ARGV[4]) do
     return redis.error_reply('SHARDSCHANGED ' .. c.shards)
   end
   local ns = base .. ':x'
-  local gen, start, _, stop = seal(base, ns, true, now, c.window)
+  local gen, start, _, stop = seal(base, ns, true, now, c.window, c.offset)
   local agg = ns .. ':agg:' .. gen
   local first_id = i + plain * 3
   local first_ts = first_id + ids * id_stride

@@ -155,7 +155,12 @@ impl RedisServer {
             .query(&mut conn)
             .unwrap();
         keys.into_iter()
-            .filter(|k| (k.contains(":agg:") || k.contains(":sealed:")) && !k.ends_with(":hi"))
+            .filter(|k| {
+                [":agg:", ":sealed:", ":amend:", ":future:"]
+                    .iter()
+                    .any(|kind| k.contains(kind))
+                    && !k.ends_with(":hi")
+            })
             .map(|k| {
                 let kv: Vec<(String, String)> =
                     redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
@@ -203,6 +208,9 @@ impl RedisServer {
         for (k, kv) in self.aggregates(prefix) {
             let label = if k.contains(":agg:") {
                 "current".to_string()
+            } else if let Some((_, rest)) = k.split_once(":amend:") {
+                // An amendment counts in its window.
+                rest.split(':').next().unwrap().to_string()
             } else {
                 k.rsplit(':').next().unwrap().to_string()
             };
