@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -121,9 +121,9 @@ fn authorise(state: &AppState, headers: &HeaderMap, pulses: &[Pulse]) -> Result<
 /// (as last seen: seconds of error do not matter for these bounds), and one with an id within
 /// `DEDUPE_TTL` of now: a re-send of a pulse stamped earlier could arrive after its id is
 /// forgotten. Any pulse outside refuses the whole request (422), each named.
-fn check_timestamps(state: &AppState, pulses: &[Pulse], batch: bool) -> Result<(), ApiError> {
+fn timestamp_errors(state: &AppState, pulses: &[Pulse]) -> Vec<crate::pulse::FieldError> {
     if pulses.iter().all(|p| p.timestamp_ms.is_none()) {
-        return Ok(());
+        return Vec::new();
     }
     let now = state.store.redis_now_ms();
     let ms = |d: std::time::Duration| d.as_millis() as i64;
@@ -172,16 +172,12 @@ fn check_timestamps(state: &AppState, pulses: &[Pulse], batch: bool) -> Result<(
             .with_label_values(&[reason])
             .inc();
         errors.push(crate::pulse::FieldError {
-            index: batch.then_some(i),
+            index: Some(i),
             field: "timestamp".into(),
             message,
         });
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::Invalid(errors))
-    }
+    errors
 }
 
 /// Takes the request's pulses from its tenants' buckets: all or none.
@@ -225,8 +221,9 @@ async fn submit(
     state: &AppState,
     started: Option<RequestStart>,
     pulses: Vec<Pulse>,
-    batch: bool,
+    shape: &Shape,
 ) -> Result<Response, ApiError> {
+    let batch = !matches!(shape, Shape::One);
     let n = pulses.len();
     state.metrics.pulses_received.inc_by(n as u64);
     if let Some(why) = state.health.failure() {
@@ -236,10 +233,13 @@ async fn submit(
         )));
     }
     let unavailable = ApiError::Unavailable;
-    let rx = state.ingest.submit(pulses).map_err(|e| match e {
-        SubmitError::Full => unavailable("ingest queue is full; retry later".into()),
-        SubmitError::Closed => unavailable("shutting down; retry on another replica".into()),
-    })?;
+    let rx = state
+        .ingest
+        .submit(pulses, shape.detail())
+        .map_err(|e| match e {
+            SubmitError::Full => unavailable("ingest queue is full; retry later".into()),
+            SubmitError::Closed => unavailable("shutting down; retry on another replica".into()),
+        })?;
     let Some(rx) = rx else {
         return Ok((
             StatusCode::ACCEPTED,
@@ -265,6 +265,9 @@ async fn submit(
             let mut body = json!({"status": "committed", "accepted": o.accepted, "duplicates": o.duplicates});
             if let (Some(start), false) = (o.window_start, o.windows_mixed) {
                 body["window_start"] = json!(start);
+            }
+            if let Some(items) = shape.items(&o) {
+                body["items"] = items;
             }
             if !o.stamped_windows.is_empty() {
                 // Stamped pulses: the windows their timestamps placed them in.
@@ -293,7 +296,7 @@ async fn submit(
             items
                 .into_iter()
                 .map(|i| crate::pulse::FieldError {
-                    index: batch.then_some(i),
+                    index: batch.then(|| shape.original(i)),
                     field: "timestamp".into(),
                     message: "window closed: the window this timestamp falls in is already delivered (LATE_PULSES=refuse); nothing of this request was counted".into(),
                 })
@@ -304,7 +307,7 @@ async fn submit(
             items
                 .into_iter()
                 .map(|i| crate::pulse::FieldError {
-                    index: batch.then_some(i),
+                    index: batch.then(|| shape.original(i)),
                     field: "used_amount".into(),
                     message: format!(
                         "would take this key's total for the window past {}, the largest exact total; nothing of this request was counted",
@@ -341,14 +344,23 @@ pub async fn one(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    accept(&state, started.map(|e| e.0), &headers, raw, false).await
+    accept(&state, started.map(|e| e.0), &headers, raw, Shape::One).await
+}
+
+/// What `POST /ingest/batch` answers.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BatchQuery {
+    /// `items`: the answer lists every item: counted or a re-send, and its window.
+    #[param(pattern = "^items$")]
+    detail: Option<String>,
 }
 
 /// Many pulses, all or nothing.
 ///
 /// A JSON array or NDJSON (one object per line). One bad item rejects the batch, with every bad
 /// index listed. With `Idempotency-Key`, item i without its own pulse_id gets an id derived
-/// from the key and i, so a retried batch counts once.
+/// from the key and i, so a retried batch counts once. `?detail=items` answers per item.
 #[utoipa::path(
     post, path = "/ingest/batch", tag = "ingest",
     request_body(content(
@@ -356,6 +368,7 @@ pub async fn one(
         (String = "application/x-ndjson"),
     )),
     params(
+        BatchQuery,
         ("Idempotency-Key" = Option<String>, Header, description = "The batch's id: item ids derive from it", min_length = 1, max_length = 256, pattern = "^[\\x20-\\x7E]+$"),
     ),
     security((), ("api_key" = [])),
@@ -367,38 +380,218 @@ pub async fn one(
 pub async fn batch(
     State(state): State<AppState>,
     started: Option<Extension<RequestStart>>,
+    Query(q): Query<BatchQuery>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    accept(&state, started.map(|e| e.0), &headers, raw, true).await
+    let detail = match q.detail.as_deref() {
+        None => false,
+        Some("items") => true,
+        Some(other) => {
+            return Err(ApiError::Invalid(vec![crate::pulse::FieldError {
+                index: None,
+                field: "detail".into(),
+                message: format!("must be items, got {other:?}"),
+            }]));
+        }
+    };
+    let shape = Shape::Batch {
+        detail,
+        index: Vec::new(),
+    };
+    accept(&state, started.map(|e| e.0), &headers, raw, shape).await
 }
 
-/// Both routes: decode and validate (one pulse, or a batch), check the key and the tenant's
-/// limit, then queue and (durable) wait for the commit.
+/// Many pulses, item by item: the valid ones counted in one atomic step, the others refused.
+///
+/// The body of `/ingest/batch`, but an item that is not a valid pulse (or whose timestamp is
+/// out of range) is refused on its own, named in `items` with its errors, and the valid ones are
+/// counted together — all of them or none, as one request. The answer lists every item:
+/// `counted`, `duplicate` or `refused`. 422 only when no item is valid. With `Idempotency-Key`,
+/// item ids derive from the key and the item's index in the body, so a retry counts once.
+#[utoipa::path(
+    post, path = "/ingest/batch/partial", tag = "ingest",
+    request_body(content(
+        (openapi::AnyBatch = "application/json"),
+        (String = "application/x-ndjson"),
+    )),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The batch's id: item ids derive from it", min_length = 1, max_length = 256, pattern = "^[\\x20-\\x7E]+$"),
+    ),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 202, description = "The valid items counted (re-sends recognised), every item's fate listed", body = openapi::Accepted),
+        openapi::IngestErrors,
+    )
+)]
+pub async fn partial(
+    State(state): State<AppState>,
+    started: Option<Extension<RequestStart>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let shape = Shape::Partial {
+        index: Vec::new(),
+        refused: Vec::new(),
+    };
+    accept(&state, started.map(|e| e.0), &headers, raw, shape).await
+}
+
+/// What kind of ingest request, and what its answer must say.
+#[derive(Debug)]
+enum Shape {
+    One,
+    /// All or nothing; `detail`: answer per item. `index`: each pulse's index in the body.
+    Batch {
+        detail: bool,
+        index: Vec<usize>,
+    },
+    /// Item by item: `refused` lists the problems of the items not counted.
+    Partial {
+        index: Vec<usize>,
+        refused: Vec<crate::pulse::FieldError>,
+    },
+}
+
+impl Shape {
+    fn detail(&self) -> bool {
+        matches!(
+            self,
+            Shape::Batch { detail: true, .. } | Shape::Partial { .. }
+        )
+    }
+
+    /// The body index of the request's `i`-th pulse.
+    fn original(&self, i: usize) -> usize {
+        match self {
+            Shape::Batch { index, .. } | Shape::Partial { index, .. } => {
+                index.get(i).copied().unwrap_or(i)
+            }
+            Shape::One => i,
+        }
+    }
+
+    /// The `items` of the answer, in body order, when asked for.
+    fn items(&self, o: &crate::ingest::Outcome) -> Option<serde_json::Value> {
+        if !self.detail() {
+            return None;
+        }
+        let mut items: Vec<(usize, serde_json::Value)> = o
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                let status = if it.counted { "counted" } else { "duplicate" };
+                (
+                    self.original(i),
+                    json!({"index": self.original(i), "status": status, "window_start": it.window_start}),
+                )
+            })
+            .collect();
+        if let Shape::Partial { refused, .. } = self {
+            let mut by_index: std::collections::BTreeMap<usize, Vec<serde_json::Value>> =
+                Default::default();
+            for e in refused {
+                by_index
+                    .entry(e.index.unwrap_or(0))
+                    .or_default()
+                    .push(json!({"field": e.field, "message": e.message}));
+            }
+            for (i, errors) in by_index {
+                items.push((
+                    i,
+                    json!({"index": i, "status": "refused", "errors": errors}),
+                ));
+            }
+        }
+        items.sort_by_key(|(i, _)| *i);
+        Some(serde_json::Value::Array(
+            items.into_iter().map(|(_, v)| v).collect(),
+        ))
+    }
+}
+
+/// Every ingest route: decode and validate, check the key and the tenants' limits, then
+/// queue and (durable) wait for the commit.
 async fn accept(
     state: &AppState,
     started: Option<RequestStart>,
     headers: &HeaderMap,
     raw: Result<Bytes, BytesRejection>,
-    batch: bool,
+    mut shape: Shape,
 ) -> Result<Response, ApiError> {
-    let fmt = format(headers, batch)?;
+    let fmt = format(headers, !matches!(shape, Shape::One))?;
     let raw = body(raw)?;
     let key = idempotency_key(state, headers)?;
-    let pulses = if batch {
-        // A batch can never be larger than the queue it must fit into.
-        let max = state.cfg.limits.max_batch_items;
-        let max = max.min(state.ingest.capacity());
-        let ndjson = fmt == Format::Ndjson;
-        state.limits.decode_batch(&raw, ndjson, key, max)
-    } else {
-        state.limits.decode_one(&raw, key).map(|p| vec![p])
+    // A batch can never be larger than the queue it must fit into.
+    let max = state
+        .cfg
+        .limits
+        .max_batch_items
+        .min(state.ingest.capacity());
+    let ndjson = fmt == Format::Ndjson;
+    let pulses = match &mut shape {
+        Shape::One => vec![
+            state
+                .limits
+                .decode_one(&raw, key)
+                .map_err(|e| decode_error(state, e))?,
+        ],
+        Shape::Batch { index, .. } => {
+            let pulses = state
+                .limits
+                .decode_batch(&raw, ndjson, key, max)
+                .map_err(|e| decode_error(state, e))?;
+            *index = (0..pulses.len()).collect();
+            pulses
+        }
+        Shape::Partial { index, refused } => {
+            let (valid, mut errors) = state
+                .limits
+                .decode_items(&raw, ndjson, key, max)
+                .map_err(|e| decode_error(state, e))?;
+            let (idx, pulses): (Vec<usize>, Vec<Pulse>) = valid.into_iter().unzip();
+            // Timestamps out of range are refused item by item too.
+            let stamps = timestamp_errors(state, &pulses);
+            let bad: std::collections::HashSet<usize> =
+                stamps.iter().filter_map(|e| e.index).collect();
+            errors.extend(stamps.into_iter().map(|e| crate::pulse::FieldError {
+                index: e.index.map(|i| idx[i]),
+                ..e
+            }));
+            let (kept_idx, kept): (Vec<usize>, Vec<Pulse>) = idx
+                .into_iter()
+                .zip(pulses)
+                .enumerate()
+                .filter(|(i, _)| !bad.contains(i))
+                .map(|(_, p)| p)
+                .unzip();
+            if kept.is_empty() {
+                return Err(decode_error(state, DecodeError::Invalid(errors)));
+            }
+            *index = kept_idx;
+            *refused = errors;
+            kept
+        }
+    };
+    if !matches!(shape, Shape::Partial { .. }) {
+        let errors = timestamp_errors(state, &pulses);
+        if !errors.is_empty() {
+            let batch = !matches!(shape, Shape::One);
+            return Err(ApiError::Invalid(
+                errors
+                    .into_iter()
+                    .map(|e| crate::pulse::FieldError {
+                        index: e.index.filter(|_| batch),
+                        ..e
+                    })
+                    .collect(),
+            ));
+        }
     }
-    .map_err(|e| decode_error(state, e))?;
-    check_timestamps(state, &pulses, batch)?;
     authorise(state, headers, &pulses)?;
     let taken = rate_limit(state, &pulses)?;
-    let answer = submit(state, started, pulses, batch).await;
+    let answer = submit(state, started, pulses, &shape).await;
     // A request refused with nothing counted spends none of its tenants' tokens.
     if let (Err(e), Some(taken), Some(limits)) = (&answer, taken, &state.rate_limits)
         && e.nothing_counted()

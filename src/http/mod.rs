@@ -3,7 +3,8 @@
 //! | route | what |
 //! |---|---|
 //! | `POST /ingest` | one pulse |
-//! | `POST /ingest/batch` | a JSON array or NDJSON of pulses, all or nothing |
+//! | `POST /ingest/batch` | a JSON array or NDJSON of pulses, all or nothing (`?detail=items`: per item) |
+//! | `POST /ingest/batch/partial` | the same, item by item: valid pulses counted together, others refused |
 //! | `GET /v1/usage`, `GET /v1/status`, `GET /ui` | live usage of a tenant; the page and what it polls |
 //! | `GET /healthz`, `GET /readyz` | liveness (every task alive); readiness (Redis answers, no eviction, queue has room) |
 //! | `GET /metrics`, `GET /openapi.json` | Prometheus text format; the contract |
@@ -89,6 +90,7 @@ pub(crate) fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/ingest", post(ingest::one))
         .route("/ingest/batch", post(ingest::batch))
+        .route("/ingest/batch/partial", post(ingest::partial))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .merge(admin)

@@ -88,6 +88,27 @@ impl ToSchema for Batch {
     }
 }
 
+/// A partial batch: 1 to `MAX_BATCH_ITEMS` items of any JSON; the valid pulses are counted,
+/// the others refused one by one.
+pub struct AnyBatch;
+
+impl utoipa::PartialSchema for AnyBatch {
+    fn schema() -> RefOr<Schema> {
+        utoipa::openapi::schema::ArrayBuilder::new()
+            .items(ObjectBuilder::new())
+            .min_items(Some(1))
+            .max_items(Some(10_000))
+            .description(Some("Items that are valid pulses (see Pulse) are counted; any other item is refused on its own"))
+            .into()
+    }
+}
+
+impl ToSchema for AnyBatch {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "AnyBatch".into()
+    }
+}
+
 fn amount_schema() -> impl Into<RefOr<Schema>> {
     OneOfBuilder::new()
         .item(
@@ -306,6 +327,7 @@ pub enum IngestErrors {
     paths(
         super::ingest::one,
         super::ingest::batch,
+        super::ingest::partial,
         super::health::healthz,
         super::health::readyz,
         super::health::metrics,
@@ -409,6 +431,7 @@ mod tests {
         for p in [
             "/ingest",
             "/ingest/batch",
+            "/ingest/batch/partial",
             "/healthz",
             "/readyz",
             "/metrics",

@@ -40,6 +40,18 @@ pub struct Outcome {
     pub amended: usize,
     /// Stamped pulses counted ahead, in a window not yet open.
     pub ahead: usize,
+    /// Per pulse of the request, when asked for (`submit(.., detail)`): counted (or a re-send)
+    /// and the window it went to.
+    pub items: Vec<ItemOutcome>,
+}
+
+/// What became of one pulse of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ItemOutcome {
+    /// Counted; false: a re-send of a pulse id already counted.
+    pub counted: bool,
+    /// The window it was counted in (or, for a re-send, would have been).
+    pub window_start: u64,
 }
 
 /// Why a commit failed.
@@ -74,6 +86,8 @@ pub enum SubmitError {
 
 pub(crate) struct Job {
     pulses: Vec<Pulse>,
+    /// Answer per pulse ([`Outcome::items`]).
+    detail: bool,
     reply: Option<oneshot::Sender<Result<Outcome, CommitError>>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -147,6 +161,7 @@ impl Ingest {
     pub fn submit(
         &self,
         pulses: Vec<Pulse>,
+        detail: bool,
     ) -> Result<Option<oneshot::Receiver<Result<Outcome, CommitError>>>, SubmitError> {
         let n = pulses.len() as u32;
         let permit = match self.permits.clone().try_acquire_many_owned(n) {
@@ -170,6 +185,7 @@ impl Ingest {
         self.tx
             .try_send(Job {
                 pulses,
+                detail,
                 reply,
                 _permit: permit,
             })

@@ -8,7 +8,7 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::{CommitError, Job, Outcome};
+use super::{CommitError, ItemOutcome, Job, Outcome};
 use crate::metrics::Metrics;
 use crate::store::keys::{dedupe_digest, encode_field, placement_of, shard_of};
 use crate::store::{Conn, Placement, Store, StoreError, WriteItem};
@@ -127,7 +127,17 @@ pub(crate) async fn commit_once(
         panic!("fault injected: commit worker");
     }
     let mut commit = Commit {
-        outcomes: vec![Outcome::default(); jobs.len()],
+        outcomes: jobs
+            .iter()
+            .map(|j| Outcome {
+                items: if j.detail {
+                    vec![ItemOutcome::default(); j.pulses.len()]
+                } else {
+                    Vec::new()
+                },
+                ..Outcome::default()
+            })
+            .collect(),
         failed: vec![None; jobs.len()],
         shards: group(w, &jobs, |_| true),
         fatal: None,
@@ -274,8 +284,14 @@ impl Commit {
             Some(_) => {}
         };
         for (i, counted) in reply.counted.iter().enumerate() {
-            for &(j, _) in &b.pulses[i] {
+            for &(j, x) in &b.pulses[i] {
                 let o = &mut self.outcomes[j];
+                if let Some(item) = o.items.get_mut(x) {
+                    *item = ItemOutcome {
+                        counted: *counted,
+                        window_start: reply.placed[i].map_or(reply.window_start, |(_, w)| w),
+                    };
+                }
                 match reply.placed[i] {
                     None => note(o),
                     Some((p, window)) => {

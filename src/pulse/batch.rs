@@ -17,6 +17,24 @@ impl Limits {
         idempotency_key: Option<&str>,
         max_items: usize,
     ) -> Result<Vec<Pulse>, DecodeError> {
+        let (pulses, errors) = self.decode_items(body, ndjson, idempotency_key, max_items)?;
+        if errors.is_empty() {
+            Ok(pulses.into_iter().map(|(_, p)| p).collect())
+        } else {
+            Err(DecodeError::Invalid(errors))
+        }
+    }
+
+    /// Decodes a batch item by item: the valid pulses with their indexes, and every problem of
+    /// the others (for `POST /ingest/batch/partial`, which counts the valid ones). Only a body
+    /// that is no batch at all (malformed, too many items, empty) is an error.
+    pub fn decode_items(
+        &self,
+        body: &[u8],
+        ndjson: bool,
+        idempotency_key: Option<&str>,
+        max_items: usize,
+    ) -> Result<(Vec<(usize, Pulse)>, Vec<FieldError>), DecodeError> {
         let items: Vec<&RawValue> = if ndjson {
             let mut v = Vec::new();
             for (i, line) in body.split(|&b| b == b'\n').enumerate() {
@@ -75,18 +93,14 @@ impl Limits {
             };
             let item_key = idempotency_key.map(|k| derived_id(k, i));
             match self.validate(&w, item_key.as_deref()) {
-                Ok(p) => pulses.push(p),
+                Ok(p) => pulses.push((i, p)),
                 Err(errs) => errors.extend(errs.into_iter().map(|e| FieldError {
                     index: Some(i),
                     ..e
                 })),
             }
         }
-        if errors.is_empty() {
-            Ok(pulses)
-        } else {
-            Err(DecodeError::Invalid(errors))
-        }
+        Ok((pulses, errors))
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod batches;
 mod changes;
 mod cluster;
 mod contract;

@@ -8,6 +8,6 @@ local t = redis.call('TIME')
 local now = tonumber(t[1])
 local base = ARGV[1]
 local c = conf(base, ARGV[2], ARGV[3], ARGV[4])
-seal(base, base, false, now, c.window, c.offset)
-local gen, start, toggled, stop = seal(base, base .. ':x', true, now, c.window, c.offset)
+seal(base, base, false, now, c)
+local gen, start, toggled, stop = seal(base, base .. ':x', true, now, c)
 return {gen, start, toggled, now, tonumber(t[2]), stop}

@@ -96,24 +96,29 @@ end
 -- How long the window history is kept: longer than LATE_MAX_AGE may be (60 days).
 local HISTORY_KEEP = 61 * 86400
 
--- `window` is "<length>:<offset>" (seconds): windows start at offset + k × length.
+-- `window` is "<length>:<offset>" (seconds): windows start at offset + k × length. The same
+-- hash holds the exact layout's generation state — `gen`, `start`, `len` of the current window
+-- — so that one HMGET per shard is all a commit reads before it writes (the plain keys
+-- `:x:gen`, `:x:window`, `:x:window_len` are kept in step for readers, and are read only by a
+-- shard whose hash predates this).
 local function conf(base, window, ttl, shards)
   local key = base .. ':x:conf'
   local c = redis.call('HMGET', key, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards', 'since',
-    'offset')
+    'offset', 'gen', 'start', 'len')
   if not c[1] then
     local len, off = string.match(window, '^(%d+):?(%d*)$')
     off = tonumber(off) or 0
     local now = redis.call('TIME')[1]
     redis.call('HSET', key, 'window', len, 'offset', off, 'ttl', ttl, 'shards', shards,
       'since', now)
-    return {window = tonumber(len), offset = off, ttl = tonumber(ttl), prev_ttl = 0,
+    return {key = key, window = tonumber(len), offset = off, ttl = tonumber(ttl), prev_ttl = 0,
       prev_until = 0, shards = tonumber(shards), since = tonumber(now)}
   end
-  return {window = tonumber(c[1]), offset = tonumber(c[7]) or 0,
+  return {key = key, window = tonumber(c[1]), offset = tonumber(c[7]) or 0,
     ttl = tonumber(c[2]) or tonumber(ttl), prev_ttl = tonumber(c[3]) or 0,
     prev_until = tonumber(c[4]) or 0, shards = tonumber(c[5]) or tonumber(shards),
-    since = tonumber(c[6]) or 0}
+    since = tonumber(c[6]) or 0, gen = c[8] or nil, start = tonumber(c[9]),
+    len = tonumber(c[10])}
 end
 
 -- The start of the window of length `len` (starting at `off` + k × len) that holds `t`.
@@ -129,22 +134,36 @@ end
 -- the gap up to the first aligned boundary, so every window's label holds the time of every
 -- pulse counted in it. Idempotent: for a given window only the first caller toggles.
 -- Returns gen, start, toggled, end.
-local function seal(base, ns, exact, now, window_len, offset)
-  local gen = redis.call('GET', ns .. ':gen')
-  local start = tonumber(redis.call('GET', ns .. ':window'))
+-- `c` is the shard's `conf`; its generation state is used for the exact layout.
+local function seal(base, ns, exact, now, c)
+  local window_len, offset = c.window, c.offset
+  local gen, start, len
+  if exact and c.gen and c.start and c.len then
+    gen, start, len = c.gen, c.start, c.len
+  else
+    gen = redis.call('GET', ns .. ':gen')
+    start = tonumber(redis.call('GET', ns .. ':window'))
+  end
+  -- Records the current window, in the conf hash and the plain keys.
+  local function keep(g, s, l)
+    redis.call('SET', ns .. ':gen', g)
+    redis.call('SET', ns .. ':window', s)
+    redis.call('SET', ns .. ':window_len', l)
+    if exact then
+      redis.call('HSET', c.key, 'gen', g, 'start', s, 'len', l)
+    end
+  end
   if not gen or not start then
     if not exact then
       return nil, nil, 0, nil
     end
     local current = align(now, window_len, offset)
     gen = gen or 'A'
-    redis.call('SET', ns .. ':gen', gen)
-    redis.call('SET', ns .. ':window', current)
-    redis.call('SET', ns .. ':window_len', window_len)
+    keep(gen, current, window_len)
     redis.call('ZADD', ns .. ':wins', current, current .. ':' .. window_len)
     return gen, current, 0, current + window_len
   end
-  local len = tonumber(redis.call('GET', ns .. ':window_len')) or window_len
+  len = len or tonumber(redis.call('GET', ns .. ':window_len')) or window_len
   local stop = start + len
   if now < stop then
     -- Same window (or Redis time went back after a failover): keep writing where we are.
@@ -212,9 +231,7 @@ local function seal(base, ns, exact, now, window_len, offset)
     -- WINDOW changed: the window up to the first boundary of the new length.
     next_start, next_len = stop, aligned + window_len - stop
   end
-  redis.call('SET', ns .. ':gen', gen)
-  redis.call('SET', ns .. ':window', next_start)
-  redis.call('SET', ns .. ':window_len', next_len)
+  keep(gen, next_start, next_len)
   if exact then
     -- The window history (for placing event-stamped pulses), kept as long as a late pulse
     -- may need it.

@@ -125,7 +125,7 @@ for s = 1, tonumber(ARGV[4]) do
     return redis.error_reply('SHARDSCHANGED ' .. c.shards)
   end
   local ns = base .. ':x'
-  local gen, start, _, stop = seal(base, ns, true, now, c.window, c.offset)
+  local gen, start, _, stop = seal(base, ns, true, now, c)
   local agg = ns .. ':agg:' .. gen
   local first_id = i + plain * 3
   local first_ts = first_id + ids * id_stride
