@@ -160,6 +160,31 @@ pub struct Accepted {
     window_start: Option<u64>,
     /// Pulses queued (enqueued).
     pulses: Option<u64>,
+    /// Stamped pulses: the windows their timestamps placed them in.
+    windows: Option<Vec<u64>>,
+    /// Stamped pulses that joined their sealed window before its delivery.
+    late: Option<u64>,
+    /// Stamped pulses counted in an amendment of a delivered window.
+    amended: Option<u64>,
+    /// Stamped pulses counted ahead, in a window not yet open.
+    ahead: Option<u64>,
+    /// `?detail=items` and the partial route: every item, in body order.
+    items: Option<Vec<ItemAnswer>>,
+}
+
+/// What became of one item of a batch.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ItemAnswer {
+    /// Index in the body.
+    index: u64,
+    /// `counted`, `duplicate` (a re-send of an id already counted) or `refused` (partial
+    /// route: not a valid pulse; nothing of it counted).
+    status: String,
+    /// The window it went to (counted or duplicate).
+    window_start: Option<u64>,
+    /// Why it was refused.
+    errors: Option<Vec<FieldError>>,
 }
 
 /// Every error body.

@@ -129,6 +129,7 @@ impl Ingest {
                 wait_timeout: cfg.redis.wait_timeout,
                 retry_forever: cfg.ack_mode == AckMode::Enqueued,
                 hard_stop: hard_stop.clone(),
+                known: std::sync::Mutex::new(vec![(0, 0); cfg.shards as usize]),
             };
             crate::supervise::spawn(
                 tracker,

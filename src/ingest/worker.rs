@@ -28,6 +28,9 @@ pub(crate) struct Worker {
     /// succeeds or the shutdown deadline passes.
     pub retry_forever: bool,
     pub hard_stop: CancellationToken,
+    /// Per shard, the current window `[start, end)` as this worker's last commit saw it:
+    /// stamped pulses without id that fall in it are summed like unstamped ones.
+    pub known: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 /// The pulses of one shard in one commit.
@@ -184,7 +187,7 @@ impl Commit {
                 match res {
                     Ok(reply) => {
                         any_ok = true;
-                        self.tally(w, &b, &reply);
+                        self.tally(w, shard, &b, &reply);
                     }
                     Err(StoreError::Overflow(fields)) => {
                         full.push((shard, fields.into_iter().collect()));
@@ -276,8 +279,16 @@ impl Commit {
         }
     }
 
-    fn tally(&mut self, w: &Worker, b: &ShardBatch, reply: &crate::store::WriteReply) {
+    fn tally(&mut self, w: &Worker, shard: u32, b: &ShardBatch, reply: &crate::store::WriteReply) {
         w.metrics.observe_window(reply.window_start, None);
+        if let Some(k) = w
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(shard as usize)
+        {
+            *k = (reply.window_start, reply.window_end);
+        }
         let note = |o: &mut Outcome| match o.window_start {
             None => o.window_start = Some(reply.window_start),
             Some(s) if s != reply.window_start => o.windows_mixed = true,
@@ -360,6 +371,7 @@ impl Commit {
 /// The pulses of the jobs `include` admits, by shard, pulses without ids pre-aggregated per key.
 fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32, ShardBatch)> {
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
+    let known = w.known.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (j, job) in jobs.iter().enumerate().filter(|(j, _)| include(*j)) {
         for (x, p) in job.pulses.iter().enumerate() {
             let shard = shard_of(&p.tenant_id, w.store.shards);
@@ -376,9 +388,17 @@ fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32,
                 b.pulses.push(vec![(j, x)]);
                 continue;
             }
-            // Without an id, pulses of one key (and one timestamp: one placement) are summed
-            // before they reach Redis.
-            let key = (field, p.timestamp_ms);
+            // Without an id, pulses of one key (and one placement) are summed before they
+            // reach Redis: unstamped ones, stamped ones with one timestamp, and stamped ones in
+            // the shard's current window as the last commit saw it — sent with the window's
+            // start as their time, which places them in that same window even if it has been
+            // sealed since (a window's bounds never change once it is open).
+            let ts = p.timestamp_ms.map(|t| {
+                let (s, e) = known.get(shard as usize).copied().unwrap_or((0, 0));
+                let (s_ms, e_ms) = (s as i64 * 1000, e as i64 * 1000);
+                if t >= s_ms && t < e_ms { s_ms } else { t }
+            });
+            let key = (field, ts);
             if let Some(&i) = b.merged.get(&key) {
                 // Exact; a commit is at most WORKER_BATCH pulses of at most MAX_AMOUNT, far
                 // below u128's range.

@@ -47,6 +47,8 @@ pub enum Placement {
 pub struct WriteReply {
     /// Start of the current window (where unstamped items were counted).
     pub window_start: u64,
+    /// Its end (start plus the length it was opened with).
+    pub window_end: u64,
     /// Per item: counted (true) or a duplicate (false).
     pub counted: Vec<bool>,
     /// Per item: for a stamped one, where it went and the start of its window.
@@ -317,7 +319,9 @@ fn parse_reply(reply: &str, layouts: &[SectionLayout]) -> Result<Vec<WriteReply>
             else {
                 return Err(bad());
             };
-            let window_start = start.parse().map_err(|_| bad())?;
+            let (start, len) = start.split_once('+').ok_or_else(bad)?;
+            let window_start: u64 = start.parse().map_err(|_| bad())?;
+            let window_end = window_start + len.parse::<u64>().map_err(|_| bad())?;
             if flags.len() != l.ids.len() {
                 return Err(bad());
             }
@@ -349,6 +353,7 @@ fn parse_reply(reply: &str, layouts: &[SectionLayout]) -> Result<Vec<WriteReply>
             }
             Ok(WriteReply {
                 window_start,
+                window_end,
                 counted,
                 placed,
             })
@@ -375,7 +380,7 @@ mod tests {
     fn a_reply_says_per_section_where_items_counted_and_which_ids_were_re_sent() {
         // Two sections: 4 items (ids on 0 and 2, item 3 stamped), then 1 item without id.
         let r = parse_reply(
-            "3600:10:A0;3600::",
+            "3600+3600:10:A0;3600+3600::",
             &[layout(4, &[0, 2], &[3]), layout(1, &[], &[])],
         )
         .unwrap();
@@ -384,11 +389,13 @@ mod tests {
             vec![
                 WriteReply {
                     window_start: 3600,
+                    window_end: 7200,
                     counted: vec![true, true, false, true],
                     placed: vec![None, None, None, Some((Placement::Amendment, 0))],
                 },
                 WriteReply {
                     window_start: 3600,
+                    window_end: 7200,
                     counted: vec![true],
                     placed: vec![None],
                 },
@@ -400,12 +407,13 @@ mod tests {
     fn a_reply_that_does_not_fit_the_commit_is_an_error_not_a_guess() {
         let ls = [layout(1, &[0], &[]), layout(1, &[], &[])];
         for bad in [
-            "3600:1:",
-            "3600:1:;x::",
-            "3600:11:;3600::",
-            "3600;3600::",
-            "3600:1:;3600::;7::",
-            "3600:1:L5;3600::",
+            "3600+1:1:",
+            "3600+1:1:;x+1::",
+            "3600+1:11:;3600+1::",
+            "3600+1;3600+1::",
+            "3600+1:1:;3600+1::;7+1::",
+            "3600+1:1:L5;3600+1::",
+            "3600:1:;3600::",
         ] {
             assert!(
                 matches!(parse_reply(bad, &ls), Err(StoreError::Reply(_))),

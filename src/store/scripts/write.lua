@@ -13,7 +13,7 @@
 -- previous-layout hex digest]); the stamped items as (field, lo, hi, event time in ms, marker
 -- or ""[, previous-layout hex digest or ""]). lo and hi are decimal limb strings (lo < 10^15);
 -- a marker is 12 bytes of digest and 2 of tenant placement.
--- Returns "<window start>:<flags>:<stamped>" per section, joined by ";": one flag per item with
+-- Returns "<window start>+<its length>:<flags>:<stamped>" per section, joined by ";": one flag per item with
 -- id, in order: 1 counted, 0 duplicate (items without id are always counted); per stamped item
 -- "<flag><window start>" joined by ",", the flag 1 counted in its window, 0 duplicate, L joined
 -- its sealed window before delivery, A counted in an amendment, F counted ahead in a future
@@ -168,7 +168,7 @@ for s = 1, tonumber(ARGV[4]) do
       end
     end
   end
-  sections[s] = {base, i, first_id, first_ts, after, agg, start, c, targets}
+  sections[s] = {base, i, first_id, first_ts, after, agg, start, c, targets, stop}
   i = after
 end
 -- Nothing of the commit is written when a key would leave the exact range or a stamped pulse's
@@ -185,7 +185,7 @@ end
 
 local out = {}
 for s = 1, #sections do
-  local base, first, first_id, first_ts, after, agg, start, c, targets = unpack(sections[s])
+  local base, first, first_id, first_ts, after, agg, start, c, targets, stop = unpack(sections[s])
   local len = c.window
   local hi = agg .. ':hi'
   for k = first, first_id - 1, 3 do
@@ -251,7 +251,8 @@ for s = 1, #sections do
   if added then
     redis.call('EXPIREAT', cur, string.format('%d', (bucket + 2) * ttl), 'NX')
   end
-  out[s] = string.format('%d', start) .. ':' .. table.concat(flags) .. ':' .. table.concat(stamped, ',')
+  out[s] = string.format('%d', start) .. '+' .. string.format('%d', stop - start) .. ':'
+    .. table.concat(flags) .. ':' .. table.concat(stamped, ',')
 end
 local reply = table.concat(out, ';')
 redis.call('SET', KEYS[1], reply, 'EX', ARGV[5])
