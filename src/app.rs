@@ -124,7 +124,7 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
             let offset = cfg
                 .explicit
                 .window_offset
-                .then(|| cfg.window_offset.as_secs());
+                .then_some(cfg.window_offset.as_secs());
             let ttl = cfg
                 .explicit
                 .dedupe_ttl

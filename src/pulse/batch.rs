@@ -5,6 +5,10 @@ use serde_json::value::RawValue;
 
 use super::{DecodeError, FieldError, Limits, Pulse, Wire, clean, malformed};
 
+/// A batch decoded item by item: the valid pulses with their indexes, and the problems of the
+/// others.
+pub type Items = (Vec<(usize, Pulse)>, Vec<FieldError>);
+
 impl Limits {
     /// Decodes and validates a batch: a JSON array, or NDJSON (one object per line). The batch
     /// is all or nothing: every bad item is listed with its index. With an `Idempotency-Key`,
@@ -34,7 +38,7 @@ impl Limits {
         ndjson: bool,
         idempotency_key: Option<&str>,
         max_items: usize,
-    ) -> Result<(Vec<(usize, Pulse)>, Vec<FieldError>), DecodeError> {
+    ) -> Result<Items, DecodeError> {
         let items: Vec<&RawValue> = if ndjson {
             let mut v = Vec::new();
             for (i, line) in body.split(|&b| b == b'\n').enumerate() {
