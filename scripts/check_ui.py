@@ -2,7 +2,8 @@
 """The /ui page in a real browser (headless Chromium driven by Selenium): against a running
 instance with real Redis, real pulses and the reference Processor, the page shows the window,
 the pending windows, a tenant's exact usage and the dead letters, and its Replay button replays
-them. No JavaScript console errors. A screenshot is kept in target/ui-test/."""
+them; its charts (ingest rate, backlog, a tenant's usage per window) are drawn, checked in the
+element screenshots. No JavaScript console errors. Screenshots are kept in target/ui-test/."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import tempfile
 import time
 import urllib.request
 
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -122,6 +124,24 @@ try:
     wait.until(lambda d: "1234.867890123" in text("usage"))
     print("ok   usage:", text("usage").replace("\n", " | "))
     driver.save_screenshot(os.path.join(OUT, "ui.png"))
+    # The charts are drawn, and visibly so: the rate line, the backlog bars, the usage bars
+    # (one per key and window), each element's screenshot holding its colour.
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rate-chart polyline"))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#backlog-chart rect"))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#usage-chart rect"))
+    usage_bars = driver.find_elements(By.CSS_SELECTOR, "#usage-chart rect")
+    values = [float(b.get_attribute("data-value")) for b in usage_bars]
+    assert any(abs(v - 1234.867890123) < 1e-6 for v in values), values
+    for chart, colour in (("rate-chart", (0x3b, 0x7d, 0xd8)), ("backlog-chart", (0x3b, 0x7d, 0xd8)),
+                          ("usage-chart", (0x3b, 0x7d, 0xd8))):
+        path = os.path.join(OUT, chart + ".png")
+        driver.find_element(By.ID, chart).screenshot(path)
+        with Image.open(path) as img:
+            raw = img.convert("RGB").tobytes()
+        px = (raw[i:i + 3] for i in range(0, len(raw), 3))
+        drawn = sum(1 for p in px if all(abs(a - b) < 40 for a, b in zip(p, colour)))
+        assert drawn > 30, f"{chart}: only {drawn} pixels of the chart colour in {path}"
+        print(f"ok   {chart} drawn ({drawn} coloured pixels, {path})")
     # Replay: the dead letters go back for delivery.
     driver.find_element(By.ID, "replay").click()
     wait.until(lambda d: "replayed 1 records" in text("replay-result"))

@@ -15,6 +15,7 @@ python3 -c 'import jsonschema, yaml' 2>/dev/null || python3 -m pip install -q js
 ensure_cmd chromium chromium
 ensure_cmd chromedriver chromium-driver
 python3 -c 'import selenium' 2>/dev/null || python3 -m pip install -q selenium
+python3 -c 'import PIL' 2>/dev/null || python3 -m pip install -q pillow
 # Contract and manifest checkers nobody here wrote (PyPI).
 command -v st >/dev/null 2>&1 && command -v openapi-spec-validator >/dev/null 2>&1 \
   && command -v kubernetes-validate >/dev/null 2>&1 \

@@ -255,6 +255,16 @@ impl App {
                 ),
             );
         }
+        if state.cfg.meters_file.is_some() {
+            supervise::spawn(
+                &tracker,
+                "meters_watcher",
+                health,
+                metrics,
+                &shutdown,
+                state.meters.clone().watch(shutdown.clone()),
+            );
+        }
         if let Some(keys) = &state.api_keys {
             supervise::spawn(
                 &tracker,
@@ -377,10 +387,17 @@ pub(crate) fn assemble(
     metrics.window_seconds.set(cfg.window_secs() as i64);
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::default());
+    let meters = match &cfg.meters_file {
+        Some(p) => crate::meters::Meters::load(p).map_err(AppError::Config)?,
+        None => crate::meters::Meters::none(),
+    };
     let ingest = Ingest::start(
         &cfg,
-        store.clone(),
-        metrics.clone(),
+        crate::ingest::Parts {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            meters: meters.clone(),
+        },
         tracker,
         &health,
         &shutdown,
@@ -420,6 +437,7 @@ pub(crate) fn assemble(
         health,
         api_keys,
         rate_limits,
+        meters,
         rejection_slots: Arc::new(tokio::sync::Semaphore::new(64)),
     }))
 }

@@ -30,6 +30,7 @@ pub mod config;
 pub(crate) mod flush;
 pub mod http;
 pub(crate) mod ingest;
+pub mod meters;
 pub(crate) mod metrics;
 pub(crate) mod processor;
 pub(crate) mod pulse;

@@ -30,6 +30,9 @@ pub struct Record {
     /// RFC 3339, UTC.
     pub window_start: String,
     pub window_end: String,
+    /// How the key's pulses were aggregated over the window: `sum` (the default), or a
+    /// meter's `count`, `max`, `min`, `latest` (see README "Meters").
+    pub aggregation: String,
     /// Set on an amendment: late pulses of this window counted after its delivery began, the
     /// n-th such record of the key. Add it to the window's total (a Processor whose invoice for
     /// the period is final books it as an adjustment).

@@ -45,6 +45,9 @@ pub struct Record {
     /// of the key for that window; the window's total is the sum of its records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amends: Option<u32>,
+    /// How the key was aggregated (`sum`, `count`, `max`, `min`, `latest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<String>,
 }
 
 /// How the Processor misbehaves, all off by default.

@@ -142,6 +142,8 @@ pub struct Config {
     pub ack_mode: AckMode,
     /// How long a pulse id is remembered (`DEDUPE_TTL`).
     pub dedupe_ttl: Duration,
+    /// The meters file (`METERS_FILE`).
+    pub meters_file: Option<std::path::PathBuf>,
     /// `Retry-After` sent with 503 (`RETRY_AFTER`).
     pub retry_after: Duration,
     /// Shutdown finishes within this (`SHUTDOWN_TIMEOUT`).
@@ -233,6 +235,7 @@ impl Config {
         let ack_mode = r.choice(env::ACK_MODE);
         let limits = LimitsConfig::read(r);
         let dedupe_ttl = r.duration(env::DEDUPE_TTL, Duration::from_secs(1));
+        let meters_file = r.string(env::METERS_FILE).map(std::path::PathBuf::from);
         let retry_after = r.duration(env::RETRY_AFTER, Duration::from_secs(1));
         let shutdown_timeout = r.duration(env::SHUTDOWN_TIMEOUT, Duration::from_millis(100));
         if limits.request_timeout <= redis.timeout {
@@ -271,6 +274,7 @@ impl Config {
             commit_linger,
             ack_mode,
             dedupe_ttl,
+            meters_file,
             retry_after,
             shutdown_timeout,
             log_format,

@@ -91,6 +91,7 @@ impl Drainer {
                         window_start: window_start.clone(),
                         window_end: window_end.clone(),
                         amends: (w.amendment > 0).then_some(w.amendment),
+                        aggregation: key.aggregation,
                     });
                     fields.push(field.as_str());
                 }

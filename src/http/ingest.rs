@@ -380,10 +380,11 @@ pub struct BatchQuery {
 pub async fn batch(
     State(state): State<AppState>,
     started: Option<Extension<RequestStart>>,
-    Query(q): Query<BatchQuery>,
+    q: Result<Query<BatchQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::Malformed(e.body_text()))?;
     let detail = match q.detail.as_deref() {
         None => false,
         Some("items") => true,
@@ -407,7 +408,8 @@ pub async fn batch(
 /// The body of `/ingest/batch`, but an item that is not a valid pulse (or whose timestamp is
 /// out of range) is refused on its own, named in `items` with its errors, and the valid ones are
 /// counted together — all of them or none, as one request. The answer lists every item:
-/// `counted`, `duplicate` or `refused`. 422 only when no item is valid. With `Idempotency-Key`,
+/// `counted`, `duplicate` or `refused` (with no valid item: 202, nothing counted, every item
+/// refused). With `Idempotency-Key`,
 /// item ids derive from the key and the item's index in the body, so a retry counts once.
 #[utoipa::path(
     post, path = "/ingest/batch/partial", tag = "ingest",
@@ -566,11 +568,14 @@ async fn accept(
                 .filter(|(i, _)| !bad.contains(i))
                 .map(|(_, p)| p)
                 .unzip();
-            if kept.is_empty() {
-                return Err(decode_error(state, DecodeError::Invalid(errors)));
-            }
             *index = kept_idx;
             *refused = errors;
+            if kept.is_empty() {
+                // Nothing to count: every item is answered refused.
+                let o = crate::ingest::Outcome::default();
+                let body = json!({"status": "committed", "accepted": 0, "duplicates": 0, "items": shape.items(&o)});
+                return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+            }
             kept
         }
     };

@@ -64,6 +64,8 @@ pub(crate) struct AppContext {
     pub(crate) api_keys: Option<Arc<crate::tenancy::ApiKeys>>,
     /// Per-tenant rate limits, when `RATE_LIMIT` or overrides are set.
     pub(crate) rate_limits: Option<Arc<crate::tenancy::RateLimits>>,
+    /// The meters in force (`METERS_FILE`), reloaded by their watcher.
+    pub(crate) meters: Arc<crate::meters::Meters>,
     /// Bounds the rejection records being written at once.
     pub(crate) rejection_slots: Arc<tokio::sync::Semaphore>,
 }

@@ -95,7 +95,7 @@ pub struct AnyBatch;
 impl utoipa::PartialSchema for AnyBatch {
     fn schema() -> RefOr<Schema> {
         utoipa::openapi::schema::ArrayBuilder::new()
-            .items(ObjectBuilder::new())
+            .items(ObjectBuilder::new().schema_type(utoipa::openapi::schema::SchemaType::AnyValue))
             .min_items(Some(1))
             .max_items(Some(10_000))
             .description(Some("Items that are valid pulses (see Pulse) are counted; any other item is refused on its own"))
@@ -249,6 +249,9 @@ pub struct Record {
     window_start: String,
     #[schema(format = DateTime)]
     window_end: String,
+    /// `sum`, or a meter's `count`, `max`, `min`, `latest`: each aggregation of a key is a
+    /// record of its own.
+    aggregation: String,
     /// Present on an amendment: late pulses of this window counted after its delivery began,
     /// the n-th such record of the key. A window's total for a key is the sum of its records;
     /// book an amendment as an adjustment if the period's invoice is final.

@@ -68,6 +68,8 @@ pub struct UsageWindow {
 pub struct KeyUsage {
     product_sku: String,
     use_unit: String,
+    /// `sum`, or a meter's `count`, `max`, `min`, `latest`.
+    aggregation: String,
     /// Exact total, a JSON number in canonical decimal form.
     #[schema(value_type = f64)]
     used_amount: ExactNumber,
@@ -140,8 +142,8 @@ pub async fn usage(
     let mut conn = store.conn().await?;
     let shards = store.shards_to_drain().await?;
     let stabilisation = state.cfg.stabilisation_delay.as_secs();
-    // (start) → (end, state, (sku, unit) → (amount, dead))
-    type Totals = BTreeMap<(String, String), (Amount, Amount)>;
+    // (start, amendment) → (end, state, (sku, unit, aggregation) → (amount, dead))
+    type Totals = BTreeMap<(String, String, String), (Amount, Amount)>;
     let mut windows: BTreeMap<(u64, u32), (u64, String, Totals)> = BTreeMap::new();
     let mut redis_now = 0;
     for shard in 0..shards {
@@ -170,6 +172,7 @@ pub async fn usage(
                     tenant: t,
                     sku,
                     unit,
+                    aggregation,
                 }) = decode_field(field.as_bytes())
                 else {
                     continue;
@@ -185,7 +188,7 @@ pub async fn usage(
                         .and_then(|t| Amount::parse_decimal(t, 12, crate::amount::MAX_TOTAL).ok())
                         .unwrap_or(Amount::ZERO)
                 };
-                let slot = entry.2.entry((sku, unit)).or_default();
+                let slot = entry.2.entry((sku, unit, aggregation)).or_default();
                 slot.0 = slot.0.checked_add(parse(&k.amount)).unwrap_or(slot.0);
                 slot.1 = slot.1.checked_add(parse(&k.dead)).unwrap_or(slot.1);
             }
@@ -203,13 +206,16 @@ pub async fn usage(
                 state: state_name,
                 usage: keys
                     .into_iter()
-                    .map(|((product_sku, use_unit), (amount, dead))| KeyUsage {
-                        product_sku,
-                        use_unit,
-                        used_amount: ExactNumber::new(&amount.to_string()),
-                        used_amount_text: amount.to_string(),
-                        dead_lettered_text: (dead > Amount::ZERO).then(|| dead.to_string()),
-                    })
+                    .map(
+                        |((product_sku, use_unit, aggregation), (amount, dead))| KeyUsage {
+                            product_sku,
+                            use_unit,
+                            aggregation,
+                            used_amount: ExactNumber::new(&amount.to_string()),
+                            used_amount_text: amount.to_string(),
+                            dead_lettered_text: (dead > Amount::ZERO).then(|| dead.to_string()),
+                        },
+                    )
                     .collect(),
             },
         )

@@ -102,18 +102,29 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
 }
 
+/// What the commit workers write with.
+pub struct Parts {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub meters: Arc<crate::meters::Meters>,
+}
+
 impl Ingest {
     /// Starts `cfg.workers` workers on `tracker`. `hard_stop` ends retries of enqueued pulses
     /// when the shutdown deadline is reached.
     pub fn start(
         cfg: &Config,
-        store: Store,
-        metrics: Arc<Metrics>,
+        parts: Parts,
         tracker: &TaskTracker,
         health: &Arc<crate::supervise::Health>,
         shutdown: &CancellationToken,
         hard_stop: CancellationToken,
     ) -> Self {
+        let Parts {
+            store,
+            metrics,
+            meters,
+        } = parts;
         let (tx, rx) = async_channel::unbounded::<Job>();
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
         let permits = Arc::new(Semaphore::new(cfg.queue_capacity));
@@ -130,6 +141,7 @@ impl Ingest {
                 retry_forever: cfg.ack_mode == AckMode::Enqueued,
                 hard_stop: hard_stop.clone(),
                 known: std::sync::Mutex::new(vec![(0, 0); cfg.shards as usize]),
+                meters: meters.clone(),
             };
             crate::supervise::spawn(
                 tracker,

@@ -31,6 +31,8 @@ pub(crate) struct Worker {
     /// Per shard, the current window `[start, end)` as this worker's last commit saw it:
     /// stamped pulses without id that fall in it are summed like unstamped ones.
     pub known: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Which aggregations each key is billed by.
+    pub meters: Arc<crate::meters::Meters>,
 }
 
 /// The pulses of one shard in one commit.
@@ -372,11 +374,30 @@ impl Commit {
 fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32, ShardBatch)> {
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
     let known = w.known.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let meters = w.meters.get();
     for (j, job) in jobs.iter().enumerate().filter(|(j, _)| include(*j)) {
         for (x, p) in job.pulses.iter().enumerate() {
             let shard = shard_of(&p.tenant_id, w.store.shards);
             let b = shards.entry(shard).or_default();
             let field = encode_field(&p.tenant_id, &p.product_sku, &p.use_unit);
+            let aggs = meters.of(&p.product_sku, &p.use_unit);
+            if aggs != [crate::meters::Aggregation::Sum] {
+                // A meter: every aggregation of the pulse in one item, applied by the script
+                // in the same step as its dedupe and placement (not summed beforehand).
+                b.items.push(WriteItem {
+                    field,
+                    amount: p.used_amount,
+                    digest: p
+                        .pulse_id
+                        .as_ref()
+                        .map(|id| dedupe_digest(&p.tenant_id, id)),
+                    placement: placement_of(&p.tenant_id),
+                    timestamp_ms: p.timestamp_ms,
+                    ops: aggs.iter().map(|a| a.code()).collect(),
+                });
+                b.pulses.push(vec![(j, x)]);
+                continue;
+            }
             if let Some(id) = &p.pulse_id {
                 b.items.push(WriteItem {
                     field,
@@ -384,6 +405,7 @@ fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32,
                     digest: Some(dedupe_digest(&p.tenant_id, id)),
                     placement: placement_of(&p.tenant_id),
                     timestamp_ms: p.timestamp_ms,
+                    ops: String::new(),
                 });
                 b.pulses.push(vec![(j, x)]);
                 continue;
@@ -415,6 +437,7 @@ fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32,
                     digest: None,
                     placement: 0,
                     timestamp_ms: key.1,
+                    ops: String::new(),
                 });
                 b.pulses.push(vec![(j, x)]);
             }

@@ -17,12 +17,32 @@ pub struct FieldKey {
     pub tenant: String,
     pub sku: String,
     pub unit: String,
+    /// `sum` for a three-element field; a meter's other aggregations add a fourth element.
+    pub aggregation: String,
 }
 
-/// The inverse of [`encode_field`]; `None` for a field this service did not write.
+/// The inverse of [`encode_field`] (and of a meter's field, which adds the aggregation's name
+/// as a fourth element); `None` for a field this service did not write.
 pub fn decode_field(field: &[u8]) -> Option<FieldKey> {
-    let (tenant, sku, unit) = serde_json::from_slice(field).ok()?;
-    Some(FieldKey { tenant, sku, unit })
+    let v: Vec<String> = serde_json::from_slice(field).ok()?;
+    let mut it = v.into_iter();
+    let (Some(tenant), Some(sku), Some(unit)) = (it.next(), it.next(), it.next()) else {
+        return None;
+    };
+    let aggregation = match it.next() {
+        None => "sum".to_string(),
+        Some(a) if matches!(a.as_str(), "count" | "max" | "min" | "latest") => a,
+        Some(_) => return None,
+    };
+    if it.next().is_some() {
+        return None;
+    }
+    Some(FieldKey {
+        tenant,
+        sku,
+        unit,
+        aggregation,
+    })
 }
 
 /// The shard of a tenant: a stable hash, identical on every replica and release.
@@ -325,7 +345,7 @@ mod tests {
             let f = encode_field(&t, &s, &u);
             prop_assert_eq!(
                 decode_field(f.as_bytes()),
-                Some(FieldKey { tenant: t, sku: s, unit: u })
+                Some(FieldKey { tenant: t, sku: s, unit: u, aggregation: "sum".into() })
             );
         }
 

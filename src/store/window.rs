@@ -121,6 +121,7 @@ impl Store {
         DELIVERED
             .key(&key)
             .key(format!("{key}:hi"))
+            .key(format!("{key}:ts"))
             .arg(fields)
             .invoke_async::<i64>(conn)
             .await?;

@@ -16,6 +16,9 @@ pub struct WriteItem {
     pub placement: i64,
     /// When the usage happened (Unix ms); `None`: now, in the current window.
     pub timestamp_ms: Option<i64>,
+    /// The aggregations to apply, as the script's letters (`meters::Aggregation::code`);
+    /// empty: a sum.
+    pub ops: String,
 }
 
 /// How long Redis keeps a commit's token (and reply): a re-sent call within it is answered from
@@ -140,14 +143,16 @@ impl Store {
             for &i in &layout.stamped {
                 let it = &items[i];
                 let (hi, lo) = it.amount.limbs();
-                inv.arg(&it.field)
-                    .arg(lo)
-                    .arg(hi.to_string())
-                    .arg(it.timestamp_ms.expect("sorted on timestamp"));
+                inv.arg(&it.field).arg(lo).arg(hi.to_string());
+                match it.timestamp_ms {
+                    Some(t) => inv.arg(t),
+                    None => inv.arg(""),
+                };
                 match &it.digest {
                     Some(d) => inv.arg(&marker_member(d, it.placement)[..]),
                     None => inv.arg(""),
                 };
+                inv.arg(&it.ops);
                 if legacy {
                     inv.arg(it.digest.as_ref().map(hex::encode).unwrap_or_default());
                 }
@@ -271,7 +276,7 @@ impl Store {
 }
 
 /// How a section's items go to the script: indexes of the items without id, with an id, and
-/// stamped (with or without an id), each in item order.
+/// rich ones — stamped or metered, with or without an id — each in item order.
 #[derive(Debug, Default, Clone, PartialEq)]
 struct SectionLayout {
     size: usize,
@@ -287,10 +292,10 @@ impl SectionLayout {
             ..Default::default()
         };
         for (i, it) in items.iter().enumerate() {
-            match (it.timestamp_ms, &it.digest) {
-                (Some(_), _) => l.stamped.push(i),
-                (None, Some(_)) => l.ids.push(i),
-                (None, None) => l.plain.push(i),
+            match (it.timestamp_ms.is_some() || !it.ops.is_empty(), &it.digest) {
+                (true, _) => l.stamped.push(i),
+                (false, Some(_)) => l.ids.push(i),
+                (false, None) => l.plain.push(i),
             }
         }
         l

@@ -123,9 +123,16 @@ async fn every_item_of_a_batch_is_accounted_for() {
         (&json!(0), &json!(3)),
         "{r}"
     );
-    // Nothing valid: 422 with every problem.
+    // Nothing valid: nothing counted, every item refused with its problems.
     let (s, r) = send(&c, &url(&a), None, r#"[{"tenant_id":""}, 7]"#).await;
-    assert_eq!(s, 422, "{r}");
+    assert_eq!((s, &r["accepted"]), (202, &json!(0)), "{r}");
+    assert_eq!(
+        statuses(&r),
+        vec![(0, "refused".into()), (1, "refused".into())]
+    );
+    // Not a batch at all is still a 400.
+    let (s, _) = send(&c, &url(&a), None, "{").await;
+    assert_eq!(s, 400);
     assert_eq!(
         redis.totals("pulses")[&("t".into(), "S".into(), "u".into())],
         dec(1.0 + 2.0 + 2.0 + 16.0 + 64.0)

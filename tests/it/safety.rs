@@ -192,6 +192,7 @@ async fn a_write_sent_twice_counts_once() {
             digest: None,
             placement: 0,
             timestamp_ms: None,
+            ops: String::new(),
         }];
         let first = store.write(&mut conn, 3, "token-1", &items).await.unwrap();
         let again = store.write(&mut conn, 3, "token-1", &items).await.unwrap();

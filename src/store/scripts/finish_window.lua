@@ -9,6 +9,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('UNLINK', KEYS[1] .. ':ts')
 if redis.call('ZCOUNT', KEYS[3], ARGV[3], ARGV[3]) == 0
     and redis.call('ZCOUNT', KEYS[4], ARGV[3], ARGV[3]) == 0 then
   for _, t in ipairs(redis.call('SMEMBERS', KEYS[5])) do

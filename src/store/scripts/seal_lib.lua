@@ -178,6 +178,9 @@ local function seal(base, ns, exact, now, c)
       if exact and redis.call('EXISTS', old .. ':hi') == 1 then
         redis.call('RENAME', old .. ':hi', sealed .. ':hi')
       end
+      if exact and redis.call('EXISTS', old .. ':ts') == 1 then
+        redis.call('RENAME', old .. ':ts', sealed .. ':ts')
+      end
     else
       -- Cannot happen while windows only move forward; merged rather than overwritten, so
       -- nothing is lost if it ever does — and merged exactly: both are one record id at the
@@ -220,9 +223,9 @@ local function seal(base, ns, exact, now, c)
     end
     redis.call('ZADD', base .. ':pending', start, member)
   elseif exact then
-    -- A hi hash never exists without its lo hash; drop a stray one rather than let it leak
-    -- into a later window.
-    redis.call('DEL', old .. ':hi')
+    -- A hi (or ts) hash never exists without its lo hash; drop a stray one rather than let
+    -- it leak into a later window.
+    redis.call('DEL', old .. ':hi', old .. ':ts')
   end
   if gen == 'A' then gen = 'B' else gen = 'A' end
   local aligned = align(now, window_len, offset)
@@ -250,8 +253,10 @@ local function seal(base, ns, exact, now, c)
         redis.call('DEL', fhash .. ':hi')
       elseif tonumber(fs) == next_start and tonumber(fe) == next_start + next_len then
         redis.call('RENAME', fhash, ns .. ':agg:' .. gen)
-        if redis.call('EXISTS', fhash .. ':hi') == 1 then
-          redis.call('RENAME', fhash .. ':hi', ns .. ':agg:' .. gen .. ':hi')
+        for _, suffix in ipairs({':hi', ':ts'}) do
+          if redis.call('EXISTS', fhash .. suffix) == 1 then
+            redis.call('RENAME', fhash .. suffix, ns .. ':agg:' .. gen .. suffix)
+          end
         end
       else
         local into = ns .. ':sealed:' .. fs

@@ -10,8 +10,9 @@
 -- ARGV[8] LATE_PULSES ("amend" or "refuse"); then per section:
 -- shard base (e.g. "{pulses:7}"), count of items without id, count with id, count stamped;
 -- the items without id as (field, lo, hi); the items with id as (field, lo, hi, marker[,
--- previous-layout hex digest]); the stamped items as (field, lo, hi, event time in ms, marker
--- or ""[, previous-layout hex digest or ""]). lo and hi are decimal limb strings (lo < 10^15);
+-- previous-layout hex digest]); the rich items — stamped or metered — as (field, lo, hi,
+-- event time in ms or "", marker or "", aggregations or "" (sum)[, previous-layout hex digest
+-- or ""]); aggregations are letters: s sum, c count, x max, n min, l latest (meters.rs). lo and hi are decimal limb strings (lo < 10^15);
 -- a marker is 12 bytes of digest and 2 of tenant placement.
 -- Returns "<window start>+<its length>:<flags>:<stamped>" per section, joined by ";": one flag per item with
 -- id, in order: 1 counted, 0 duplicate (items without id are always counted); per stamped item
@@ -47,10 +48,61 @@ local refuse_late = ARGV[8] == 'refuse'
 local legacy_until = tonumber(ARGV[3])
 local legacy = now < legacy_until
 local id_stride = 4
-local ts_stride = 5
+local ts_stride = 6
 if legacy_until > 0 then
   id_stride = 5
-  ts_stride = 6
+  ts_stride = 7
+end
+local now_ms = nil
+
+-- Meters (see meters.rs): the field of aggregation `name` of a key.
+local function suffixed(f, name)
+  return string.sub(f, 1, -2) .. ',"' .. name .. '"]'
+end
+-- (hi1, lo1) > (hi2, lo2) for canonical decimal limb strings (lo < 10^15): exact, no doubles.
+local function greater(hi1, lo1, hi2, lo2)
+  if #hi1 ~= #hi2 then return #hi1 > #hi2 end
+  if hi1 ~= hi2 then return hi1 > hi2 end
+  if #lo1 ~= #lo2 then return #lo1 > #lo2 end
+  return lo1 > lo2
+end
+local function put(h, f, lo, hi)
+  redis.call('HSET', h, f, lo)
+  if hi ~= '0' then
+    redis.call('HSET', h .. ':hi', f, hi)
+  else
+    redis.call('HDEL', h .. ':hi', f)
+  end
+end
+-- Applies one aggregation of a pulse to hash h; returns the field it wrote.
+local function apply(h, f, op, lo, hi, ts)
+  if op == 's' then
+    add(h, h .. ':hi', f, lo, hi)
+    return f
+  elseif op == 'c' then
+    local g = suffixed(f, 'count')
+    add(h, h .. ':hi', g, '1000000000000', '0')
+    return g
+  elseif op == 'x' or op == 'n' then
+    local g = suffixed(f, op == 'x' and 'max' or 'min')
+    local cl = redis.call('HGET', h, g)
+    local better = true
+    if cl then
+      local ch = redis.call('HGET', h .. ':hi', g) or '0'
+      if op == 'x' then better = greater(hi, lo, ch, cl) else better = greater(ch, cl, hi, lo) end
+    end
+    if better then put(h, g, lo, hi) end
+    return g
+  else
+    -- latest: by event time (ms), ties to the later arrival
+    local g = suffixed(f, 'latest')
+    local ct = tonumber(redis.call('HGET', h .. ':ts', g))
+    if not ct or ts >= ct then
+      put(h, g, lo, hi)
+      redis.call('HSET', h .. ':ts', g, string.format('%d', ts))
+    end
+    return g
+  end
 end
 
 -- Where a stamped pulse goes: {hash, window start (for the usage index), flag, then what
@@ -135,7 +187,12 @@ for s = 1, tonumber(ARGV[4]) do
   local n = 0
   for k = first_ts, after - 1, ts_stride do
     n = n + 1
-    local tg = place(base, ns, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
+    local tg
+    if ARGV[k + 3] == '' then
+      tg = {agg, start, '1'}
+    else
+      tg = place(base, ns, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
+    end
     if tg then
       targets[k] = tg
     else
@@ -148,7 +205,8 @@ for s = 1, tonumber(ARGV[4]) do
   local his = nil
   local k = i
   while k < after do
-    if ARGV[k + 2] ~= '0' then
+    local sums = k < first_ts or ARGV[k + 5] == '' or string.find(ARGV[k + 5], 's', 1, true)
+    if ARGV[k + 2] ~= '0' and sums then
       local into = agg
       if k >= first_ts then
         into = targets[k] and targets[k][1] or agg
@@ -238,10 +296,25 @@ for s = 1, #sections do
   for k = first_ts, after - 1, ts_stride do
     local tg = targets[k]
     local m = ARGV[k + 4]
-    if m == '' or first_time(m, ARGV[k + 5]) then
+    if m == '' or first_time(m, ARGV[k + 6]) then
       placed(base, base .. ':x', tg)
-      if add(tg[1], tg[1] .. ':hi', ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
-        index(base, tg[2], ARGV[k], len)
+      local ops = ARGV[k + 5]
+      if ops == '' then
+        if add(tg[1], tg[1] .. ':hi', ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+          index(base, tg[2], ARGV[k], len)
+        end
+      else
+        local ts = tonumber(ARGV[k + 3])
+        if not ts then
+          if not now_ms then
+            local t = redis.call('TIME')
+            now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+          end
+          ts = now_ms
+        end
+        for o = 1, #ops do
+          index(base, tg[2], apply(tg[1], ARGV[k], string.sub(ops, o, o), ARGV[k + 1], ARGV[k + 2], ts), len)
+        end
       end
       stamped[#stamped + 1] = tg[3] .. string.format('%d', tg[2])
     else
