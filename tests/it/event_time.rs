@@ -21,18 +21,6 @@ fn with_id(body: &str, id: &str) -> String {
     format!(r#"{},"pulse_id":"{id}"}}"#, &body[..body.len() - 1])
 }
 
-async fn send(c: &reqwest::Client, url: &str, body: String) -> (u16, serde_json::Value) {
-    let r = c
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or_default())
-}
-
 fn redis_ms(r: &RedisServer) -> i64 {
     let (s, us): (i64, i64) = r.cmd(&["TIME"]);
     s * 1000 + us / 1000
@@ -100,14 +88,14 @@ async fn each_pulse_is_billed_to_the_window_it_happened_in() {
     let b = redis_ms(&redis) / 4000 * 4000; // the window [b, b + 4 s)
     let w0 = (b / 1000) as u64;
     // On time, stamped at the window's last millisecond.
-    let (s, r) = send(&c, &one, stamped("t", "1", b + 3999)).await;
+    let (s, r) = post_raw(&c, &one, stamped("t", "1", b + 3999)).await;
     assert_eq!((s, &r["windows"]), (202, &serde_json::json!([w0])), "{r}");
     // The window ends; it waits STABILISATION_DELAY before delivery: a pulse stamped in it
     // joins it.
     while redis_ms(&redis) < b + 4300 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (s, r) = send(&c, &one, stamped("t", "2", b + 3999)).await;
+    let (s, r) = post_raw(&c, &one, stamped("t", "2", b + 3999)).await;
     assert_eq!(s, 202, "{r}");
     assert_eq!(
         (&r["windows"], &r["late"]),
@@ -121,17 +109,17 @@ async fn each_pulse_is_billed_to_the_window_it_happened_in() {
     .await;
     assert!(ok, "{:?}", p.records());
     // Late after delivery: amendment 1.
-    let (s, r) = send(&c, &one, stamped("t", "4", b + 2000)).await;
+    let (s, r) = post_raw(&c, &one, stamped("t", "4", b + 2000)).await;
     assert_eq!((s, &r["amended"]), (202, &serde_json::json!(1)), "{r}");
     // Slightly ahead: counted in the window its timestamp falls in.
     let ahead = redis_ms(&redis) + 2500;
-    let (s, r) = send(&c, &one, stamped("f", "8", ahead)).await;
+    let (s, r) = post_raw(&c, &one, stamped("f", "8", ahead)).await;
     assert_eq!(s, 202, "{r}");
     let wf = (ahead / 4000 * 4) as u64;
     assert_eq!(r["windows"], serde_json::json!([wf]), "{r}");
     assert!(flush_until(&app, &p, |rs| rs.iter().any(|r| r.amends == Some(1))).await);
     // After amendment 1 was delivered, another late pulse is amendment 2.
-    let (s, r) = send(&c, &one, stamped("t", "16", b + 1)).await;
+    let (s, r) = post_raw(&c, &one, stamped("t", "16", b + 1)).await;
     assert_eq!((s, &r["amended"]), (202, &serde_json::json!(1)), "{r}");
     assert!(
         flush_until(&app, &p, |rs| {
@@ -183,10 +171,10 @@ async fn stamps_outside_the_accepted_range_are_refused_and_retries_count_once() 
     let now = redis_ms(app.redis());
     let late = with_id(&stamped("t", "5", now - 5 * 60_000), "late-1");
     for _ in 0..3 {
-        let (s, _) = send(&c, &one, late.clone()).await;
+        let (s, _) = post_raw(&c, &one, late.clone()).await;
         assert_eq!(s, 202);
     }
-    let (s, r) = send(&c, &one, late.clone()).await;
+    let (s, r) = post_raw(&c, &one, late.clone()).await;
     assert_eq!((s, &r["duplicates"]), (202, &serde_json::json!(1)));
     for (body, says) in [
         (stamped("t", "1", now - 2 * 3_600_000), "LATE_MAX_AGE"),
@@ -194,13 +182,13 @@ async fn stamps_outside_the_accepted_range_are_refused_and_retries_count_once() 
         (with_id(&stamped("t", "1", now - 20 * 60_000), "old-id"), "DEDUPE_TTL"),
         (r#"{"tenant_id":"t","product_sku":"S","use_unit":"u","used_amount":1,"timestamp":"last tuesday"}"#.into(), "RFC 3339"),
     ] {
-        let (s, r) = send(&c, &one, body).await;
+        let (s, r) = post_raw(&c, &one, body).await;
         assert_eq!(s, 422, "{r}");
         assert_eq!(r["fields"][0]["field"], "timestamp", "{r}");
         assert!(r["error"].as_str().unwrap().contains(says), "{r}");
     }
     // A batch with one bad stamp counts nothing; one mixing windows says which.
-    let (s, r) = send(
+    let (s, r) = post_raw(
         &c,
         &batch,
         format!(
@@ -215,7 +203,7 @@ async fn stamps_outside_the_accepted_range_are_refused_and_retries_count_once() 
         (422, &serde_json::json!(1)),
         "{r}"
     );
-    let (s, r) = send(
+    let (s, r) = post_raw(
         &c,
         &batch,
         format!(
@@ -252,10 +240,10 @@ async fn with_late_pulses_refused_a_closed_window_refuses_only_its_request() {
     let one = format!("{}/ingest", app.base);
     let batch = format!("{}/ingest/batch", app.base);
     let t0 = redis_ms(&redis);
-    let (s, _) = send(&c, &one, stamped("a", "1", t0)).await;
+    let (s, _) = post_raw(&c, &one, stamped("a", "1", t0)).await;
     assert_eq!(s, 202);
     assert!(flush_until(&app, &p, |rs| rs.iter().any(|r| r.tenant_id == "a")).await);
-    let (s, r) = send(
+    let (s, r) = post_raw(
         &c,
         &batch,
         format!(
@@ -271,7 +259,7 @@ async fn with_late_pulses_refused_a_closed_window_refuses_only_its_request() {
         r["error"].as_str().unwrap().contains("window closed"),
         "{r}"
     );
-    let (s, _) = send(&c, &one, stamped("b", "2", redis_ms(&redis))).await;
+    let (s, _) = post_raw(&c, &one, stamped("b", "2", redis_ms(&redis))).await;
     assert_eq!(s, 202);
     assert!(flush_until(&app, &p, |rs| rs.iter().any(|r| r.tenant_id == "b")).await);
     let pw: Dec = p
@@ -346,7 +334,7 @@ async fn buffered_client_scenario(redis_url: &str) {
             apps[0].flush_now().await;
         }
         let app = &apps[k % 2];
-        let (s, r) = send(
+        let (s, r) = post_raw(
             &c,
             &format!("{}/ingest/batch", app.base),
             format!("[{}]", chunk.join(",")),
@@ -355,7 +343,7 @@ async fn buffered_client_scenario(redis_url: &str) {
         assert_eq!(s, 202, "{r}");
         // A retry of the same batch counts nothing again.
         if k % 3 == 0 {
-            let (s, r) = send(
+            let (s, r) = post_raw(
                 &c,
                 &format!("{}/ingest/batch", apps[(k + 1) % 2].base),
                 format!("[{}]", chunk.join(",")),
@@ -499,7 +487,7 @@ async fn the_producer_sends_late_pulses_and_verify_checks_each_window() {
 async fn windows_start_at_the_configured_offset() {
     let app = TestApp::start(&[("WINDOW", "4s"), ("WINDOW_OFFSET", "1s")]).await;
     let c = http();
-    let (s, r) = send(
+    let (s, r) = post_raw(
         &c,
         &format!("{}/ingest", app.base),
         r#"{"tenant_id":"t","product_sku":"S","use_unit":"u","used_amount":1}"#.into(),
@@ -508,7 +496,7 @@ async fn windows_start_at_the_configured_offset() {
     assert_eq!(s, 202);
     assert_eq!(r["window_start"].as_u64().unwrap() % 4, 1, "{r}");
     let now = redis_ms(app.redis());
-    let (s, r) = send(
+    let (s, r) = post_raw(
         &c,
         &format!("{}/ingest", app.base),
         stamped("t", "1", now - 9_000),

@@ -17,18 +17,6 @@ fn pulse_with_id(t: &str, s: &str, u: &str, a: f64, id: &str) -> serde_json::Val
     p
 }
 
-async fn post_text(c: &reqwest::Client, url: &str, body: String) -> (u16, serde_json::Value) {
-    let r = c
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(serde_json::Value::Null))
-}
-
 /// Waits until Redis time is not within `margin` seconds of the end of a `len`-second window,
 /// so that a scenario of under `margin` seconds stays in one window.
 async fn early_in_window(redis: &RedisServer, len: u64, margin: u64) {
@@ -46,7 +34,7 @@ async fn fill_key(c: &reqwest::Client, base: &str, tenant: &str) {
         let items: Vec<String> = (0..k)
             .map(|_| pulse_text(tenant, "SKU", "KB", "1000000000000000000"))
             .collect();
-        let (s, b) = post_text(
+        let (s, b) = post_raw(
             c,
             &format!("{base}/ingest/batch"),
             format!("[{}]", items.join(",")),
@@ -83,7 +71,7 @@ async fn a_full_key_refuses_only_the_requests_that_carry_it() {
                     pulse_text("hog", "OTHER", "KB", "1"),
                     pulse_text("hog", "SKU", "KB", "1000000000000000000")
                 );
-                let (s, b) = post_text(&c, &format!("{base}/ingest/batch"), body).await;
+                let (s, b) = post_raw(&c, &format!("{base}/ingest/batch"), body).await;
                 if s == 422 {
                     assert_eq!(b["fields"][0]["index"], 1, "{b}");
                     assert!(b["error"].as_str().unwrap().contains("largest exact total"));
@@ -99,7 +87,7 @@ async fn a_full_key_refuses_only_the_requests_that_carry_it() {
         victims.push(tokio::spawn(async move {
             let mut statuses = BTreeMap::<u16, u32>::new();
             for _ in 0..100 {
-                let (s, _) = post_text(
+                let (s, _) = post_raw(
                     &c,
                     &format!("{base}/ingest"),
                     pulse_text(&format!("victim-{v}"), "SKU", "KB", "0.5"),
@@ -154,7 +142,7 @@ async fn enqueued_mode_never_retries_what_cannot_succeed() {
     let c = http();
     fill_key(&c, &app.base, "hog").await;
     // Enqueued: fill_key's batches were all 202, some of them overflowed in the worker.
-    let (s, _) = post_text(
+    let (s, _) = post_raw(
         &c,
         &format!("{}/ingest", app.base),
         pulse_text("hog", "SKU", "KB", "1000000000000000000"),
@@ -162,7 +150,7 @@ async fn enqueued_mode_never_retries_what_cannot_succeed() {
     .await;
     assert_eq!(s, 202);
     for i in 0..50 {
-        let (s, _) = post_text(
+        let (s, _) = post_raw(
             &c,
             &format!("{}/ingest", app.base),
             pulse_text("after", "SKU", "KB", &format!("{}", i + 1)),

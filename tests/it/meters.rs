@@ -13,18 +13,6 @@ fn body(t: &str, sku: &str, unit: &str, amount: &str, extra: &str) -> String {
     )
 }
 
-async fn send(c: &reqwest::Client, url: &str, b: String) -> (u16, serde_json::Value) {
-    let r = c
-        .post(url)
-        .header("content-type", "application/json")
-        .body(b)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or_default())
-}
-
 /// (sku, aggregation) → value, over every record of the tenant.
 fn values(records: &[Record], tenant: &str) -> BTreeMap<(String, String), String> {
     records
@@ -83,7 +71,7 @@ async fn gauges_counts_and_sums_are_each_billed_right() {
         let v = if i == 59 { 30 } else { i + 1 };
         let at = base_ms + i * 10;
         let ts = format!(r#","timestamp":"{}.{:03}""#, at / 1000, at % 1000);
-        let (s, r) = send(
+        let (s, r) = post_raw(
             &c,
             &one,
             body("t", "storage-hot", "GB", &v.to_string(), &ts),
@@ -97,16 +85,16 @@ async fn gauges_counts_and_sums_are_each_billed_right() {
         "999999999999999999.999999998",
         "0.000000001",
     ] {
-        let (s, _) = send(&c, &one, body("x", "storage-big", "GB", a, "")).await;
+        let (s, _) = post_raw(&c, &one, body("x", "storage-big", "GB", a, "")).await;
         assert_eq!(s, 202);
     }
     // A count and a sum of requests, with an id re-sent: counted once in both.
     for (i, a) in ["1.5", "2.5", "4"].iter().enumerate() {
         let id = format!(r#","pulse_id":"r{i}""#);
-        let (s, _) = send(&c, &one, body("t", "api", "requests", a, &id)).await;
+        let (s, _) = post_raw(&c, &one, body("t", "api", "requests", a, &id)).await;
         assert_eq!(s, 202);
     }
-    let (s, r) = send(
+    let (s, r) = post_raw(
         &c,
         &one,
         body("t", "api", "requests", "1.5", r#","pulse_id":"r0""#),
@@ -114,7 +102,7 @@ async fn gauges_counts_and_sums_are_each_billed_right() {
     .await;
     assert_eq!((s, &r["duplicates"]), (202, &serde_json::json!(1)));
     // An unmatched key is a plain sum, as before.
-    let (s, _) = send(&c, &one, body("t", "egress", "GB", "7", "")).await;
+    let (s, _) = post_raw(&c, &one, body("t", "egress", "GB", "7", "")).await;
     assert_eq!(s, 202);
     // Live usage shows each aggregation.
     let u: serde_json::Value = c

@@ -20,18 +20,6 @@ fn total_of(records: &[Record], tenant: &str) -> String {
     money::canonical(&sum)
 }
 
-async fn post_raw(c: &reqwest::Client, url: &str, body: String) -> (u16, serde_json::Value) {
-    let r = c
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(serde_json::Value::Null))
-}
-
 /// Posts `n` pulses of `amount` (decimal text) for `tenant`, in batches of `per_batch`.
 async fn send_many(
     c: &reqwest::Client,

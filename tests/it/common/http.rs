@@ -38,6 +38,20 @@ pub fn pulse_text(t: &str, s: &str, u: &str, amount: &str) -> String {
     )
 }
 
+/// POSTs JSON text as it is (amounts written digit for digit, bodies no `Value` can hold) and
+/// returns status and body (`Null` when it is not JSON).
+pub async fn post_raw(c: &reqwest::Client, url: &str, body: String) -> (u16, serde_json::Value) {
+    let r = c
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// POSTs a JSON body to the service and returns status, headers and body.
 pub async fn post(
     c: &reqwest::Client,
