@@ -308,9 +308,12 @@ mod tests {
     fn defaults_apply_when_nothing_is_set() {
         let c = Config::from_map(&HashMap::new()).unwrap();
         assert_eq!(c.window, Duration::from_secs(3600));
-        assert_eq!(c.shards, 4, "one Redis: few shards, each a section of every commit");
-        let cluster = Config::from_map(&map(&[("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000")]))
-            .unwrap();
+        assert_eq!(
+            c.shards, 4,
+            "one Redis: few shards, each a section of every commit"
+        );
+        let cluster =
+            Config::from_map(&map(&[("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000")])).unwrap();
         assert_eq!(cluster.shards, 16, "a cluster: spread over its masters");
         assert_eq!(c.delivery.batch_size, 500);
         assert_eq!(c.ack_mode, AckMode::Durable);

@@ -273,3 +273,76 @@ async fn a_usage_query_costs_the_same_whatever_other_tenants_hold() {
     );
     app.stop().await.unwrap();
 }
+
+/// Nothing of the usage index stays once a window is delivered (it lived a week before), and
+/// a dead-lettered window keeps it until its last dead letter is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_window_leaves_no_usage_index_behind() {
+    let redis = RedisServer::start();
+    let (p, purl) = processor(Faults {
+        reject_tenant: Some("bad".into()),
+        ..Faults::default()
+    })
+    .await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+            ("MAX_BATCH_ITEMS", "1000"),
+            ("ADMIN_TOKEN", "t0k"),
+        ],
+    ))
+    .await;
+    let items: Vec<serde_json::Value> = (0..999)
+        .map(|i| pulse(&format!("t{}", i % 100), &format!("s{i}"), "u", 1.0))
+        .chain([pulse("bad", "s", "u", 1.0)])
+        .collect();
+    let (s, _, _) = app.post_batch(&serde_json::json!(items)).await;
+    assert_eq!(s, 202);
+    let idx = |r: &RedisServer| r.cmd::<Vec<String>>(&["KEYS", "*:x:idx*"]);
+    assert!(!idx(&redis).is_empty(), "indexed while live");
+    let c = http();
+    let ok = eventually(Duration::from_secs(20), || async {
+        c.post(format!("{}/admin/flush", app.base))
+            .bearer_auth("t0k")
+            .send()
+            .await
+            .unwrap();
+        p.records().len() == 999
+    })
+    .await;
+    assert!(ok);
+    // Only the index of the shard-window holding a dead letter is left (kept whole until its
+    // dead letters are gone); every other shard's went with its delivery.
+    let left = idx(&redis);
+    let shard = pulse_ingestor::store::keys::shard_of("bad", 8);
+    assert!(
+        left.iter().any(|k| k.ends_with(":bad"))
+            && left
+                .iter()
+                .all(|k| k.starts_with(&format!("{{pulses:{shard}}}"))),
+        "{left:?}"
+    );
+    // Its dead letter set aside: the window is gone entirely, index and all.
+    let d: serde_json::Value = c
+        .get(format!("{}/admin/dead-letters", app.base))
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = d["records"][0]["record_id"].as_str().unwrap();
+    let r = c
+        .post(format!("{}/admin/dead-letters/set-aside", app.base))
+        .bearer_auth("t0k")
+        .json(&serde_json::json!({"record_id": id, "operator": "ops", "reason": "test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(idx(&redis).is_empty(), "{:?}", idx(&redis));
+    app.stop().await.unwrap();
+}
