@@ -201,8 +201,7 @@ impl Config {
                 "must not contain '{', '}' or control characters",
             );
         }
-        let shards_default = if redis.cluster_urls.is_some() { 16 } else { 4 };
-        let shards = r.count_or(env::SHARDS, shards_default, 1, 16_384) as u32;
+        let shards = r.count(env::SHARDS, 1, 16_384) as u32;
         let window = r.duration(env::WINDOW, Duration::from_secs(1));
         if window.subsec_nanos() != 0 {
             r.fail(env::WINDOW.name, "must be a whole number of seconds");
@@ -308,13 +307,7 @@ mod tests {
     fn defaults_apply_when_nothing_is_set() {
         let c = Config::from_map(&HashMap::new()).unwrap();
         assert_eq!(c.window, Duration::from_secs(3600));
-        assert_eq!(
-            c.shards, 4,
-            "one Redis: few shards, each a section of every commit"
-        );
-        let cluster =
-            Config::from_map(&map(&[("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000")])).unwrap();
-        assert_eq!(cluster.shards, 16, "a cluster: spread over its masters");
+        assert_eq!(c.shards, 16);
         assert_eq!(c.delivery.batch_size, 500);
         assert_eq!(c.ack_mode, AckMode::Durable);
         assert_eq!(c.listen_addr.port(), 8070);
@@ -366,8 +359,7 @@ mod tests {
         assert_eq!(
             explicit.explicit,
             Explicit {
-                // Its shown default depends on the Redis mode: not a value to set.
-                shards: false,
+                shards: true,
                 window: true,
                 window_offset: true,
                 dedupe_ttl: true

@@ -57,10 +57,8 @@ settings! {
     REDIS_ALLOW_EVICTION = "false", "Become ready although Redis' maxmemory-policy may evict keys (breaks exactly-once)";
     REDIS_COMMIT = "one-call", "one-call: a commit's shards in one script call (one Redis); per-shard: one call per shard (always so on a cluster)";
     KEY_PREFIX = "pulses", "Key namespace";
-    /// On one Redis, each shard of a commit is a section of its script call (a read of the
-    /// shard's state): 4 keep drains parallel at a fraction of 16's cost per pulse. On a
-    /// cluster, 16 spread the masters evenly. A deployment keeps its recorded count.
-    SHARDS = "4 (16 with REDIS_CLUSTER_URLS)", "Shards (hash tags) of a new deployment; unset, a deployment keeps its recorded count (see `reshard`)";
+    /// 16 shards spread one Redis Cluster's masters evenly and keep each drain small.
+    SHARDS = "16", "Shards (hash tags); must match the deployment's (see `reshard`)";
     /// Billing is hourly.
     WINDOW = "1h", "Aggregation window";
     /// UTC-aligned windows, as billing periods usually are.
