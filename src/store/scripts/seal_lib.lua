@@ -79,7 +79,7 @@ local function index(base, start, field, len)
   local tenant = cjson.decode(field)[1]
   local s = string.format('%d', start)
   local key = base .. ':x:idx:' .. s .. ':' .. tenant
-  if redis.call('SADD', key, field) == 1 and redis.call('SCARD', key) == 1 then
+  if redis.call('SADD', key, field) == 1 then
     redis.call('SADD', base .. ':x:idxt:' .. s, tenant)
   end
 end
@@ -134,6 +134,16 @@ end
 -- the gap up to the first aligned boundary, so every window's label holds the time of every
 -- pulse counted in it. Idempotent: for a given window only the first caller toggles.
 -- Returns gen, start, toggled, end.
+-- Records the current window, in the conf hash and the plain keys.
+local function keep(ns, exact, c, g, s, l)
+  redis.call('SET', ns .. ':gen', g)
+  redis.call('SET', ns .. ':window', s)
+  redis.call('SET', ns .. ':window_len', l)
+  if exact then
+    redis.call('HSET', c.key, 'gen', g, 'start', s, 'len', l)
+  end
+end
+
 -- `c` is the shard's `conf`; its generation state is used for the exact layout.
 local function seal(base, ns, exact, now, c)
   local window_len, offset = c.window, c.offset
@@ -144,22 +154,13 @@ local function seal(base, ns, exact, now, c)
     gen = redis.call('GET', ns .. ':gen')
     start = tonumber(redis.call('GET', ns .. ':window'))
   end
-  -- Records the current window, in the conf hash and the plain keys.
-  local function keep(g, s, l)
-    redis.call('SET', ns .. ':gen', g)
-    redis.call('SET', ns .. ':window', s)
-    redis.call('SET', ns .. ':window_len', l)
-    if exact then
-      redis.call('HSET', c.key, 'gen', g, 'start', s, 'len', l)
-    end
-  end
   if not gen or not start then
     if not exact then
       return nil, nil, 0, nil
     end
     local current = align(now, window_len, offset)
     gen = gen or 'A'
-    keep(gen, current, window_len)
+    keep(ns, exact, c, gen, current, window_len)
     redis.call('ZADD', ns .. ':wins', current, current .. ':' .. window_len)
     return gen, current, 0, current + window_len
   end
@@ -234,7 +235,7 @@ local function seal(base, ns, exact, now, c)
     -- WINDOW changed: the window up to the first boundary of the new length.
     next_start, next_len = stop, aligned + window_len - stop
   end
-  keep(gen, next_start, next_len)
+  keep(ns, exact, c, gen, next_start, next_len)
   if exact then
     -- The window history (for placing event-stamped pulses), kept as long as a late pulse
     -- may need it.

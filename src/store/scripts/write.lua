@@ -183,7 +183,7 @@ for s = 1, tonumber(ARGV[4]) do
   local first_ts = first_id + ids * id_stride
   local after = first_ts + timed * ts_stride
   -- Stamped pulses first find their hashes.
-  local targets = {}
+  local targets = timed > 0 and {} or nil
   local n = 0
   for k = first_ts, after - 1, ts_stride do
     n = n + 1
@@ -251,81 +251,86 @@ for s = 1, #sections do
       index(base, start, ARGV[k], len)
     end
   end
-  local ttl = c.ttl
-  local bucket = math.floor(now / ttl)
-  local cur = base .. ':seen:' .. string.format('%d', bucket)
-  local prev = base .. ':seen:' .. string.format('%d', bucket - 1)
-  -- After a change of DEDUPE_TTL, the previous bucketing's sets are consulted until its
-  -- markers have expired.
-  local old1, old2 = nil, nil
-  if c.prev_until > now and c.prev_ttl > 0 then
-    local ob = math.floor(now / c.prev_ttl)
-    old1 = base .. ':seen:' .. string.format('%d', ob)
-    old2 = base .. ':seen:' .. string.format('%d', ob - 1)
-  end
-  local added = false
-  -- Whether the pulse id with this marker is new (and remembered from now on).
-  local function first_time(m, legacy_hex)
-    if redis.call('SADD', cur, m) == 0 then
-      return false
+  local flags, stamped = '', ''
+  -- Pulse ids and rich items only: sections of plain pulses need none of this.
+  if first_id < after then
+    local ttl = c.ttl
+    local bucket = math.floor(now / ttl)
+    local cur = base .. ':seen:' .. string.format('%d', bucket)
+    local prev = base .. ':seen:' .. string.format('%d', bucket - 1)
+    -- After a change of DEDUPE_TTL, the previous bucketing's sets are consulted until its
+    -- markers have expired.
+    local old1, old2 = nil, nil
+    if c.prev_until > now and c.prev_ttl > 0 then
+      local ob = math.floor(now / c.prev_ttl)
+      old1 = base .. ':seen:' .. string.format('%d', ob)
+      old2 = base .. ':seen:' .. string.format('%d', ob - 1)
     end
-    added = true
-    if redis.call('SISMEMBER', prev, m) == 1 then
-      return false
-    elseif old1 and (redis.call('SISMEMBER', old1, m) == 1
-        or redis.call('SISMEMBER', old2, m) == 1) then
-      return false
-    elseif legacy and legacy_hex and legacy_hex ~= ''
-        and redis.call('EXISTS', base .. ':seen:' .. legacy_hex) == 1 then
-      return false
-    end
-    return true
-  end
-  local flags = {}
-  for k = first_id, first_ts - 1, id_stride do
-    if first_time(ARGV[k + 3], ARGV[k + 4]) then
-      if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
-        index(base, start, ARGV[k], len)
+    local added = false
+    -- Whether the pulse id with this marker is new (and remembered from now on).
+    local function first_time(m, legacy_hex)
+      if redis.call('SADD', cur, m) == 0 then
+        return false
       end
-      flags[#flags + 1] = '1'
-    else
-      flags[#flags + 1] = '0'
+      added = true
+      if redis.call('SISMEMBER', prev, m) == 1 then
+        return false
+      elseif old1 and (redis.call('SISMEMBER', old1, m) == 1
+          or redis.call('SISMEMBER', old2, m) == 1) then
+        return false
+      elseif legacy and legacy_hex and legacy_hex ~= ''
+          and redis.call('EXISTS', base .. ':seen:' .. legacy_hex) == 1 then
+        return false
+      end
+      return true
     end
-  end
-  local stamped = {}
-  for k = first_ts, after - 1, ts_stride do
-    local tg = targets[k]
-    local m = ARGV[k + 4]
-    if m == '' or first_time(m, ARGV[k + 6]) then
-      placed(base, base .. ':x', tg)
-      local ops = ARGV[k + 5]
-      if ops == '' then
-        if add(tg[1], tg[1] .. ':hi', ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
-          index(base, tg[2], ARGV[k], len)
+    local flag = {}
+    for k = first_id, first_ts - 1, id_stride do
+      if first_time(ARGV[k + 3], ARGV[k + 4]) then
+        if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+          index(base, start, ARGV[k], len)
         end
+        flag[#flag + 1] = '1'
       else
-        local ts = tonumber(ARGV[k + 3])
-        if not ts then
-          if not now_ms then
-            local t = redis.call('TIME')
-            now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-          end
-          ts = now_ms
-        end
-        for o = 1, #ops do
-          index(base, tg[2], apply(tg[1], ARGV[k], string.sub(ops, o, o), ARGV[k + 1], ARGV[k + 2], ts), len)
-        end
+        flag[#flag + 1] = '0'
       end
-      stamped[#stamped + 1] = tg[3] .. string.format('%d', tg[2])
-    else
-      stamped[#stamped + 1] = '0' .. string.format('%d', tg[2])
     end
-  end
-  if added then
-    redis.call('EXPIREAT', cur, string.format('%d', (bucket + 2) * ttl), 'NX')
+    local stamp = {}
+    for k = first_ts, after - 1, ts_stride do
+      local tg = targets[k]
+      local m = ARGV[k + 4]
+      if m == '' or first_time(m, ARGV[k + 6]) then
+        placed(base, base .. ':x', tg)
+        local ops = ARGV[k + 5]
+        if ops == '' then
+          if add(tg[1], tg[1] .. ':hi', ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+            index(base, tg[2], ARGV[k], len)
+          end
+        else
+          local ts = tonumber(ARGV[k + 3])
+          if not ts then
+            if not now_ms then
+              local t = redis.call('TIME')
+              now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            end
+            ts = now_ms
+          end
+          for o = 1, #ops do
+            index(base, tg[2], apply(tg[1], ARGV[k], string.sub(ops, o, o), ARGV[k + 1], ARGV[k + 2], ts), len)
+          end
+        end
+        stamp[#stamp + 1] = tg[3] .. string.format('%d', tg[2])
+      else
+        stamp[#stamp + 1] = '0' .. string.format('%d', tg[2])
+      end
+    end
+    if added then
+      redis.call('EXPIREAT', cur, string.format('%d', (bucket + 2) * ttl), 'NX')
+    end
+    flags, stamped = table.concat(flag), table.concat(stamp, ',')
   end
   out[s] = string.format('%d', start) .. '+' .. string.format('%d', stop - start) .. ':'
-    .. table.concat(flags) .. ':' .. table.concat(stamped, ',')
+    .. flags .. ':' .. stamped
 end
 local reply = table.concat(out, ';')
 redis.call('SET', KEYS[1], reply, 'EX', ARGV[5])
