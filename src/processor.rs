@@ -33,6 +33,10 @@ pub struct Record {
     /// How the key's pulses were aggregated over the window: `sum` (the default), or a
     /// meter's `count`, `max`, `min`, `latest` (see README "Meters").
     pub aggregation: String,
+    /// For `latest`: the event time of the value (RFC 3339, ms), to combine it with the
+    /// window's other records of the key (the latest wins).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_at: Option<String>,
     /// Set on an amendment: late pulses of this window counted after its delivery began, the
     /// n-th such record of the key. Add it to the window's total (a Processor whose invoice for
     /// the period is final books it as an adjustment).
@@ -74,6 +78,14 @@ impl Serialize for ExactNumber {
 pub fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
         .to_string()
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC with milliseconds (`2026-11-22T10:00:00.250Z`).
+pub fn rfc3339_ms(ms: i64) -> String {
+    humantime::format_rfc3339_millis(
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+    )
+    .to_string()
 }
 
 /// Why a batch was not delivered.

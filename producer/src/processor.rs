@@ -48,6 +48,9 @@ pub struct Record {
     /// How the key was aggregated (`sum`, `count`, `max`, `min`, `latest`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregation: Option<String>,
+    /// For `latest`: the event time of its value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_at: Option<String>,
 }
 
 /// How the Processor misbehaves, all off by default.

@@ -92,10 +92,30 @@ impl Drainer {
                         window_end: window_end.clone(),
                         amends: (w.amendment > 0).then_some(w.amendment),
                         aggregation: key.aggregation,
+                        latest_at: None,
                     });
                     fields.push(field.as_str());
                 }
                 _ => undecodable.push(field.as_str()),
+            }
+        }
+        // A `latest` meter's record says when its value was measured, so that a Processor can
+        // combine it with the window's other records (an amendment's is later).
+        let latest: Vec<usize> = (0..records.len())
+            .filter(|&i| records[i].aggregation == "latest")
+            .collect();
+        if !latest.is_empty() {
+            let at = self
+                .store
+                .latest_times(
+                    &mut conn,
+                    shard,
+                    w,
+                    &latest.iter().map(|&i| fields[i]).collect::<Vec<_>>(),
+                )
+                .await?;
+            for (&i, ms) in latest.iter().zip(at) {
+                records[i].latest_at = ms.map(crate::processor::rfc3339_ms);
             }
         }
         let mut result = BatchResult::default();

@@ -252,6 +252,10 @@ pub struct Record {
     /// `sum`, or a meter's `count`, `max`, `min`, `latest`: each aggregation of a key is a
     /// record of its own.
     aggregation: String,
+    /// For `latest`: when its value was measured (RFC 3339, ms); of a key's records for one
+    /// window, the one with the latest `latest_at` holds the value.
+    #[schema(format = DateTime)]
+    latest_at: Option<String>,
     /// Present on an amendment: late pulses of this window counted after its delivery began,
     /// the n-th such record of the key. A window's total for a key is the sum of its records;
     /// book an amendment as an adjustment if the period's invoice is final.

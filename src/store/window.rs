@@ -172,6 +172,22 @@ impl Store {
         Ok(())
     }
 
+    /// The event times (Unix ms) of `latest` meter fields of a window, as the write script kept
+    /// them (`<sealed>:ts`).
+    pub async fn latest_times(
+        &self,
+        conn: &mut Conn,
+        shard: u32,
+        w: &PendingWindow,
+        fields: &[&str],
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        Ok(redis::cmd("HMGET")
+            .arg(format!("{}:ts", self.keys.sealed(shard, w)))
+            .arg(fields)
+            .query_async(conn)
+            .await?)
+    }
+
     /// Length of a hash.
     pub async fn hlen(&self, conn: &mut Conn, key: &str) -> Result<u64, StoreError> {
         Ok(redis::cmd("HLEN").arg(key).query_async(conn).await?)
