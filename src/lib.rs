@@ -34,6 +34,7 @@ pub mod meters;
 pub(crate) mod metrics;
 pub(crate) mod processor;
 pub(crate) mod pulse;
+mod settle;
 pub mod store;
 pub(crate) mod supervise;
 pub mod telemetry;

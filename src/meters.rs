@@ -164,7 +164,7 @@ impl MeterSet {
 pub struct Meters {
     path: Option<PathBuf>,
     current: ArcSwap<MeterSet>,
-    seen: std::sync::Mutex<Option<String>>,
+    seen: crate::settle::Settle,
 }
 
 impl Meters {
@@ -173,7 +173,7 @@ impl Meters {
         Arc::new(Meters {
             path: None,
             current: ArcSwap::from_pointee(MeterSet::default()),
-            seen: std::sync::Mutex::new(None),
+            seen: Default::default(),
         })
     }
 
@@ -185,7 +185,7 @@ impl Meters {
         Ok(Arc::new(Meters {
             path: Some(path.to_path_buf()),
             current: ArcSwap::from_pointee(set),
-            seen: std::sync::Mutex::new(None),
+            seen: Default::default(),
         }))
     }
 
@@ -199,13 +199,8 @@ impl Meters {
             warn!("meters file not readable; keeping the meters in force");
             return;
         };
-        let digest = hex::encode(Sha256::digest(text.as_bytes()));
-        if digest == self.current.load().digest {
-            return;
-        }
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.as_deref() != Some(digest.as_str()) {
-            *seen = Some(digest);
+        let digest = crate::settle::Settle::digest(&text);
+        if hex::encode(digest) == self.current.load().digest || !self.seen.agreed(digest) {
             return;
         }
         match MeterSet::parse(&text) {

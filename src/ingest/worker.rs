@@ -181,7 +181,9 @@ impl Commit {
                     .collect(),
             };
             let mut retry = Vec::new();
-            let mut full: Vec<(u32, HashSet<String>)> = Vec::new();
+            // Per job, the pulses refused with nothing of the call written: a key that would
+            // leave the exact range, or (stamped) a closed window.
+            let mut full: HashMap<usize, Vec<usize>> = HashMap::new();
             let mut closed: HashMap<usize, Vec<usize>> = HashMap::new();
             let mut refused_shards: HashSet<u32> = HashSet::new();
             let mut any_ok = false;
@@ -192,7 +194,17 @@ impl Commit {
                         self.tally(w, shard, &b, &reply);
                     }
                     Err(StoreError::Overflow(fields)) => {
-                        full.push((shard, fields.into_iter().collect()));
+                        // A call reports the full keys of all its shards: this shard's items
+                        // carrying one name the pulses refused.
+                        let fields: HashSet<String> = fields.into_iter().collect();
+                        for (it, pulses) in b.items.iter().zip(&b.pulses) {
+                            if fields.contains(&it.field) {
+                                for &(j, x) in pulses {
+                                    full.entry(j).or_default().push(x);
+                                }
+                            }
+                        }
+                        refused_shards.insert(shard);
                     }
                     Err(StoreError::Closed(items)) => {
                         // A call reports the items of all its shards: take this shard's.
@@ -229,17 +241,10 @@ impl Commit {
             // Nothing of an overflowing call was written: refuse the requests that carry a
             // full key (a key belongs to one tenant) and write the others' pulses again, at
             // once and under the same token.
-            if !full.is_empty() || !refused_shards.is_empty() {
-                self.refuse_full(jobs, &full, w.store.shards);
-                for (j, mut items) in closed {
-                    if self.failed[j].is_none() {
-                        items.sort_unstable();
-                        items.dedup();
-                        self.failed[j] = Some(CommitError::Closed { items });
-                    }
-                }
-                let mut again: HashSet<u32> = full.iter().map(|(s, _)| *s).collect();
-                again.extend(refused_shards);
+            if !refused_shards.is_empty() {
+                self.refuse(full, |items| CommitError::Overflow { items });
+                self.refuse(closed, |items| CommitError::Closed { items });
+                let again = refused_shards;
                 let failed = &self.failed;
                 retry.extend(
                     group(w, jobs, |j| failed[j].is_none())
@@ -340,31 +345,17 @@ impl Commit {
         }
     }
 
-    /// Refuses every job that carries a pulse of a full key, naming those pulses.
-    fn refuse_full(&mut self, jobs: &[Job], full: &[(u32, HashSet<String>)], shards: u32) {
-        for (j, job) in jobs.iter().enumerate() {
-            if self.failed[j].is_some() {
-                continue;
-            }
-            let items: Vec<usize> = job
-                .pulses
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| {
-                    let shard = shard_of(&p.tenant_id, shards);
-                    full.iter().any(|(s, fields)| {
-                        *s == shard
-                            && fields.contains(&encode_field(
-                                &p.tenant_id,
-                                &p.product_sku,
-                                &p.use_unit,
-                            ))
-                    })
-                })
-                .map(|(i, _)| i)
-                .collect();
-            if !items.is_empty() {
-                self.failed[j] = Some(CommitError::Overflow { items });
+    /// Refuses each job with its pulses named (unless it already failed).
+    fn refuse(
+        &mut self,
+        pulses: HashMap<usize, Vec<usize>>,
+        why: impl Fn(Vec<usize>) -> CommitError,
+    ) {
+        for (j, mut items) in pulses {
+            if self.failed[j].is_none() {
+                items.sort_unstable();
+                items.dedup();
+                self.failed[j] = Some(why(items));
             }
         }
     }

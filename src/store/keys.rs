@@ -200,10 +200,6 @@ impl Keys {
     pub fn index_tenants(&self, shard: u32, start: u64) -> String {
         format!("{}:x:idxt:{start}", self.base(shard))
     }
-    /// A tenant's usage index in a window: the fields it was counted under.
-    pub fn usage_index(&self, shard: u32, start: u64, tenant: &str) -> String {
-        format!("{}:x:idx:{start}:{tenant}", self.base(shard))
-    }
     /// The audit list of dead letters an operator set aside (newest first), kept for good.
     pub fn set_aside(&self, shard: u32) -> String {
         format!("{}:x:set_aside", self.base(shard))

@@ -103,7 +103,7 @@ pub struct ApiKeys {
     /// The digest of a changed file seen by the last poll and not yet applied: a poll applies a
     /// change only once it reads the same content twice in a row, so a file being rewritten in
     /// place (truncated, then written) is never applied half-written or empty.
-    seen: std::sync::Mutex<Option<[u8; 32]>>,
+    seen: crate::settle::Settle,
 }
 
 impl ApiKeys {
@@ -118,7 +118,7 @@ impl ApiKeys {
                 set: Arc::new(set),
                 digest: Sha256::digest(&text).into(),
             }),
-            seen: std::sync::Mutex::new(None),
+            seen: Default::default(),
         }))
     }
 
@@ -138,17 +138,13 @@ impl ApiKeys {
                 return;
             }
         };
-        let digest: [u8; 32] = Sha256::digest(&text).into();
+        let digest = crate::settle::Settle::digest(&text);
         if !force && digest == self.current.load().digest {
             return;
         }
-        if !force {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if *seen != Some(digest) {
-                // Changed since the last poll: maybe still being written. Next poll decides.
-                *seen = Some(digest);
-                return;
-            }
+        // Changed since the last poll: maybe still being written. Next poll decides.
+        if !force && !self.seen.agreed(digest) {
+            return;
         }
         match KeySet::parse(&text) {
             Ok(set) => {

@@ -134,6 +134,19 @@ end
 -- the gap up to the first aligned boundary, so every window's label holds the time of every
 -- pulse counted in it. Idempotent: for a given window only the first caller toggles.
 -- Returns gen, start, toggled, end.
+-- Adds every total of exact hash `from` (both limbs) into `into`, exactly, and deletes `from`.
+local function merge_exact(from, into)
+  local kv = redis.call('HGETALL', from)
+  for i = 1, #kv, 2 do
+    add(into, into .. ':hi', kv[i], kv[i + 1], '0')
+  end
+  local kh = redis.call('HGETALL', from .. ':hi')
+  for i = 1, #kh, 2 do
+    redis.call('HINCRBY', into .. ':hi', kh[i], kh[i + 1])
+  end
+  redis.call('DEL', from, from .. ':hi')
+end
+
 -- Records the current window, in the conf hash and the plain keys.
 local function keep(ns, exact, c, g, s, l)
   redis.call('SET', ns .. ':gen', g)
@@ -186,17 +199,10 @@ local function seal(base, ns, exact, now, c)
       -- Cannot happen while windows only move forward; merged rather than overwritten, so
       -- nothing is lost if it ever does — and merged exactly: both are one record id at the
       -- Processor, which would keep only one of two deliveries.
-      local kv = redis.call('HGETALL', old)
       if exact then
-        for i = 1, #kv, 2 do
-          add(sealed, sealed .. ':hi', kv[i], kv[i + 1], '0')
-        end
-        local kh = redis.call('HGETALL', old .. ':hi')
-        for i = 1, #kh, 2 do
-          redis.call('HINCRBY', sealed .. ':hi', kh[i], kh[i + 1])
-        end
-        redis.call('DEL', old .. ':hi')
+        merge_exact(old, sealed)
       else
+        local kv = redis.call('HGETALL', old)
         -- Every sum first: a script that stops half-way keeps what it wrote.
         local sums = {}
         for i = 1, #kv, 2 do
@@ -260,16 +266,7 @@ local function seal(base, ns, exact, now, c)
           end
         end
       else
-        local into = ns .. ':sealed:' .. fs
-        local kv = redis.call('HGETALL', fhash)
-        for i = 1, #kv, 2 do
-          add(into, into .. ':hi', kv[i], kv[i + 1], '0')
-        end
-        local kh = redis.call('HGETALL', fhash .. ':hi')
-        for i = 1, #kh, 2 do
-          redis.call('HINCRBY', into .. ':hi', kh[i], kh[i + 1])
-        end
-        redis.call('DEL', fhash, fhash .. ':hi')
+        merge_exact(fhash, ns .. ':sealed:' .. fs)
         redis.call('ZADD', base .. ':pending', fs, fs .. ':' .. fe .. ':x')
       end
       redis.call('ZREM', ns .. ':futures', m)
