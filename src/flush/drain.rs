@@ -36,6 +36,10 @@ pub struct Drainer {
     pub concurrency: usize,
     /// Bounds the Processor requests in flight across every shard this replica drains.
     pub in_flight: Arc<Semaphore>,
+    /// `REDIS_WAIT_REPLICAS` and `REDIS_WAIT_TIMEOUT`: a window is delivered only once that
+    /// many replicas hold its drain mark (and so everything it holds).
+    pub wait_replicas: u32,
+    pub wait_timeout: Duration,
 }
 
 /// The outcome of draining one shard.
@@ -79,6 +83,11 @@ impl Drainer {
                 windows_left: pending.len() as u64,
                 ..Default::default()
             });
+        }
+        if self.wait_replicas > 0 {
+            // Its WAITs block the connection: one of the drain's own, and on Sentinel a fresh
+            // look at who the master is.
+            conn = self.store.dedicated_conn(self.wait_timeout).await?;
         }
         let lock = DrainLock::new(shard, self.lock_ttl);
         if !self.store.try_lock(&mut conn, &lock).await? {
@@ -164,6 +173,35 @@ impl Drainer {
         result.map(|()| Some(moved))
     }
 
+    /// With `REDIS_WAIT_REPLICAS`: the replicas hold the window as this drain will read it
+    /// (the drain mark and everything written before it). Short of them this master may have
+    /// been cut off and replaced — what it holds beyond its replicas includes commits answered
+    /// 503 and retried on the new master — so nothing is delivered from it: the pass ends and
+    /// the next one asks for the master again.
+    async fn replicas_hold(&self, conn: &mut Conn, shard: u32) -> Result<(), StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let n = self
+            .store
+            .wait_replicas(conn, shard, self.wait_replicas, self.wait_timeout)
+            .await?;
+        if n >= self.wait_replicas {
+            return Ok(());
+        }
+        self.metrics.redis_wait_short.inc();
+        self.store.invalidate();
+        Err(StoreError::Shared {
+            message: format!(
+                "{n} of {} replicas confirmed the drain mark within {:?}: not delivering from this master",
+                self.wait_replicas, self.wait_timeout
+            ),
+            ambiguous: false,
+            suspect: true,
+            transient: true,
+        })
+    }
+
     /// Releases the lock; if Redis does not answer, it expires by itself.
     async fn release(&self, conn: &mut Conn, lock: &DrainLock) {
         if let Err(e) = self.store.release_lock(conn, lock).await {
@@ -191,6 +229,7 @@ impl Drainer {
             // From here on, late pulses for this window go to its next amendment: what this
             // drain reads is all the window (or amendment) will ever hold.
             self.store.mark_drain(conn, shard, &w).await?;
+            self.replicas_hold(conn, shard).await?;
             let (delivered, dead) = self.drain_window(processor, conn, shard, &w, stop).await?;
             report.records_delivered += delivered;
             report.records_dead_lettered += dead;

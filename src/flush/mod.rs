@@ -96,6 +96,8 @@ impl Flusher {
                 lock_ttl: cfg.delivery.lock_ttl,
                 concurrency: cfg.delivery.concurrency,
                 in_flight: Arc::new(Semaphore::new(cfg.delivery.concurrency)),
+                wait_replicas: cfg.redis.wait_replicas,
+                wait_timeout: cfg.redis.wait_timeout,
             },
             store,
             metrics,

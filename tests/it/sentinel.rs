@@ -181,11 +181,21 @@ async fn failover(wait: bool) {
             .text()
             .await
             .unwrap();
-        assert!(
-            ok,
-            "books after a master kill with WAIT 1:\n{}\npending: {pending}",
-            verify().await.1
-        );
+        if !ok {
+            // Keep what a diagnosis needs: both replicas' logs and every record delivered.
+            let records = http().get(format!("{purl}/records")).send().await.unwrap();
+            std::fs::write(
+                dir.path().join("records.json"),
+                records.text().await.unwrap(),
+            )
+            .unwrap();
+            let kept = dir.keep();
+            panic!(
+                "books after a master kill with WAIT 1:\n{}\npending: {pending}\nlogs and records kept in {}",
+                verify().await.1,
+                kept.display()
+            );
+        }
     } else {
         // Let the last windows be delivered, then compare key by key: a key may have lost
         // what the dead master had not replicated, but never holds more than acknowledged.
@@ -236,4 +246,170 @@ async fn failover(wait: bool) {
             200
         );
     }
+}
+
+/// A master cut off from its replicas, not dead: Sentinel promotes the replica while the old
+/// master goes on answering (here it refuses `REPLICAOF`, as an isolated node never hears it).
+/// With `REDIS_WAIT_REPLICAS`, its commits fall short and answer 503; the service must ask
+/// Sentinel again and write to the new master, and nothing the old master still holds — the
+/// 503'd writes among it — may reach the Processor: every acknowledged pulse once, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_master_cut_off_from_its_replicas_is_left_and_delivers_nothing() {
+    let old = RedisServer::start_with(&[
+        "--rename-command",
+        "REPLICAOF",
+        "replicaof-cut-off",
+        "--rename-command",
+        "SLAVEOF",
+        "slaveof-cut-off",
+    ]);
+    // Two replicas: after the failover the new master has one, so WAIT 1 can be met.
+    let replicas: Vec<RedisServer> = (0..2)
+        .map(|_| RedisServer::start_with(&["--replicaof", "127.0.0.1", &old.port.to_string()]))
+        .collect();
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(old.port)).collect();
+    let ok = eventually(Duration::from_secs(10), || async {
+        replicas.iter().all(|r| {
+            let info: String = r.cmd(&["INFO", "replication"]);
+            info.contains("master_link_status:up")
+        })
+    })
+    .await;
+    assert!(ok, "the replica syncs");
+    let (p, purl) = processor(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = settings(&old, &[("WINDOW", "2s"), ("LOCK_TTL", "2s")]);
+    v.remove("REDIS_URL");
+    v.insert("REDIS_SENTINEL_URLS".into(), sentinel_urls(&sentinels));
+    v.insert("REDIS_SENTINEL_MASTER".into(), "mymaster".into());
+    v.insert("REDIS_WAIT_REPLICAS".into(), "1".into());
+    v.insert("REDIS_WAIT_TIMEOUT".into(), "300ms".into());
+    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let a = Ingestor::spawn(&v, dir.path(), "a").await;
+    let b = Ingestor::spawn(&v, dir.path(), "b").await;
+    let ledger = dir.path().join("ledger.json");
+    let (urls, ledger_arg) = (
+        format!("{},{}", a.base, b.base),
+        ledger.display().to_string(),
+    );
+    let load = tokio::spawn(async move {
+        producer(&[
+            "--url",
+            &urls,
+            "--ids",
+            "--retries",
+            "60",
+            "--mode",
+            "rate",
+            "--rate",
+            "200",
+            "--duration",
+            "12s",
+            "--tenants",
+            "200",
+            "--ledger",
+            &ledger_arg,
+        ])
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{}", sentinels[0].port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: String = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg("mymaster")
+        .query(&mut c)
+        .unwrap();
+    let promoted = |s: &Sentinel| replicas.iter().any(|r| master_of(s) == Some(r.port));
+    let ok = eventually(Duration::from_secs(20), || async {
+        sentinels.iter().all(promoted)
+    })
+    .await;
+    assert!(ok, "the sentinels promote the replica");
+    assert_eq!(
+        old.role().as_deref(),
+        Some("master"),
+        "the old master stays a master, cut off"
+    );
+    let (code, out) = load.await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    // The service left the old master: a pulse sent now is acknowledged (the old master,
+    // with no replica left, can confirm nothing) and delivered.
+    let after = pulse_text("after-failover", "sku", "unit", "1.5");
+    for i in [&a, &b] {
+        let ok = eventually(Duration::from_secs(20), || async {
+            post_raw(&http(), &format!("{}/ingest", i.base), after.clone())
+                .await
+                .0
+                == 202
+        })
+        .await;
+        assert!(ok, "{} writes to the new master", i.base);
+    }
+    wait_delivered(&a.base, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let totals = p.totals();
+    let found: std::collections::BTreeMap<_, _> = totals
+        .totals
+        .into_iter()
+        .map(|k| ((k.tenant_id, k.product_sku, k.use_unit), k.used_amount))
+        .collect();
+    assert_eq!(
+        found.get(&("after-failover".into(), "sku".into(), "unit".into())),
+        Some(&dec(3.0)),
+        "both pulses sent after the failover are delivered, once"
+    );
+    // Redis replication is asynchronous even with WAIT: while Sentinel moves the other replica
+    // to the new master, the old one may still confirm a commit that the move then discards —
+    // that is measured, not hidden. What no node may do is deliver what was never acknowledged
+    // (the commits answered 503 on the cut-off master) or deliver anything twice.
+    let acked = pulse_producer::ledger::Ledger::load(&ledger)
+        .unwrap()
+        .totals();
+    let mut lost = Dec::default();
+    for k in &acked {
+        let key = (
+            k.tenant_id.clone(),
+            k.product_sku.clone(),
+            k.use_unit.clone(),
+        );
+        let got = found.get(&key).cloned().unwrap_or_default();
+        if got > k.used_amount {
+            let kept = dir.keep();
+            panic!(
+                "{key:?} delivered more than acknowledged: {got} > {} (logs kept in {})",
+                k.used_amount,
+                kept.display()
+            );
+        }
+        lost += &k.used_amount - got;
+    }
+    let total: Dec = acked.iter().map(|k| &k.used_amount).sum();
+    println!(
+        "isolated old master: {} of {} acknowledged units lost while Sentinel moved the replicas, nothing delivered that was not acknowledged",
+        money::canonical(&lost),
+        money::canonical(&total)
+    );
+    let never: Vec<_> = found
+        .keys()
+        .filter(|(t, s, u)| {
+            t != "after-failover"
+                && !acked
+                    .iter()
+                    .any(|k| (&k.tenant_id, &k.product_sku, &k.use_unit) == (t, s, u))
+        })
+        .collect();
+    assert!(never.is_empty(), "delivered, never acknowledged: {never:?}");
+    // (A window both sides held may reach the Processor from each, under one record id: it
+    // keeps one, which is why the loss above is bounded by what the move discarded.)
+}
+
+fn sentinel_urls(sentinels: &[Sentinel]) -> String {
+    sentinels
+        .iter()
+        .map(|s| format!("redis://127.0.0.1:{}", s.port))
+        .collect::<Vec<_>>()
+        .join(",")
 }
