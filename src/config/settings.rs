@@ -108,7 +108,7 @@ settings! {
     ALLOWED_UNITS = "", "Comma-separated unit allow-list; unset accepts any";
     /// Client retries within an hour are recognised.
     METERS_FILE = "", "Meters: per SKU (or glob) or unit, which aggregations (sum, count, max, min, latest); unset: every key a sum (README: Meters)";
-    DEDUPE_TTL = "1h", "How long a pulse_id or Idempotency-Key is remembered";
+    DEDUPE_TTL = "24h", "How long a pulse_id or Idempotency-Key is remembered";
     RETRY_AFTER = "1s", "Retry-After sent with 503";
     SHUTDOWN_TIMEOUT = "30s", "Graceful shutdown finishes within this";
     /// A client gets this long to send its request headers (slow-loris protection).

@@ -130,8 +130,8 @@ impl Flusher {
             });
         }
         let shards = max_shards.max(self.store.shards);
-        if self.store.legacy_markers_until() != 0 {
-            // Until the previous layout's markers have expired (or it is known there are none).
+        if self.store.legacy_markers_until() != 0 || self.store.marker_sets_until() == u64::MAX {
+            // Until the earlier layouts' markers have expired (or it is known there are none).
             self.store.init_markers().await?;
         }
         self.shards

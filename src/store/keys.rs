@@ -109,6 +109,13 @@ pub fn marker_member(digest: &[u8; 16], placement: i64) -> [u8; 14] {
     m
 }
 
+/// The slot of a marker among a bucket's `slots` hashes: its first two bytes modulo `slots`
+/// (as `slot` in `scripts/write.lua`).
+pub fn marker_slot(marker: &[u8], slots: u32) -> u32 {
+    let head = u32::from(marker[0]) * 256 + u32::from(marker[1]);
+    head % slots.max(1)
+}
+
 /// `text` as a Redis glob (`SCAN MATCH`) that matches it literally: `*`, `?`, `[`, `]` and `\`
 /// escaped.
 pub fn glob_escape(text: &str) -> String {
@@ -207,10 +214,15 @@ impl Keys {
     pub fn dead_index(&self, shard: u32) -> String {
         format!("{}:dead_windows", self.base(shard))
     }
-    /// A shard's dedupe markers: a set per `DEDUPE_TTL` bucket (see `scripts/write.lua`), or,
-    /// from the previous release, a string key per id (`suffix` = its hex digest).
+    /// A shard's dedupe markers: `<ttl>:<bucket>:<slot>`, a slot hash of a `DEDUPE_TTL`
+    /// bucket (see `scripts/write.lua`); from the release before, `<bucket>`, a set per bucket;
+    /// from the one before that, a string key per id (`suffix` = its hex digest).
     pub fn seen(&self, shard: u32, suffix: &str) -> String {
         format!("{}:seen:{suffix}", self.base(shard))
+    }
+    /// Each marker bucket's slot count (`<ttl>:<bucket>`) and id count (`c<ttl>:<bucket>`).
+    pub fn marks(&self, shard: u32) -> String {
+        format!("{}:x:marks", self.base(shard))
     }
     /// A commit's token: makes a write script call that a client library re-sends count once.
     pub fn commit(&self, shard: u32, token: &str) -> String {

@@ -61,6 +61,8 @@ pub struct Store {
     instance: Arc<str>,
     /// See [`Store::legacy_markers_until`].
     legacy_markers_until: Arc<std::sync::atomic::AtomicU64>,
+    /// See [`Store::marker_sets_until`].
+    marker_sets_until: Arc<std::sync::atomic::AtomicU64>,
     commit_per_shard: bool,
     /// One Redis: its client, for connections of their own ([`Store::dedicated_conn`]).
     direct: Option<redis::Client>,
@@ -154,6 +156,7 @@ impl Store {
             instance: hex::encode(rand::random::<[u8; 8]>()).into(),
             // Until `init_markers` says otherwise, consult the previous layout's markers too.
             legacy_markers_until: Arc::new(u64::MAX.into()),
+            marker_sets_until: Arc::new(u64::MAX.into()),
             commit_per_shard: cfg.redis.commit == crate::config::CommitMode::PerShard,
         })
     }

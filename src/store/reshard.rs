@@ -119,6 +119,9 @@ impl Store {
     }
 }
 
+/// A hash field and its value, as `HSCAN` returns them.
+type Field = (Vec<u8>, Vec<u8>);
+
 /// One reshard's work: markers copied to their shards under `to` shards, counted in `report`.
 struct Mover<'a> {
     store: &'a Store,
@@ -151,20 +154,8 @@ impl Mover<'_> {
                     continue;
                 };
                 let placement = u16::from_be_bytes(placement.try_into().expect("2 bytes"));
-                if 65_536 % to == 0 {
-                    // The placement modulo 65,536 determines the shard for such counts.
-                    report.markers_moved += 1;
-                    let target = u32::from(placement) % to;
-                    if target != shard {
-                        by_target.entry(target).or_default().push(m);
-                    }
-                } else {
-                    // Any other count: the marker goes to every shard (tenant-scoped digests
-                    // cannot match another tenant's id); memory grows until the bucket expires.
-                    report.markers_copied_everywhere += 1;
-                    for target in (0..to).filter(|&t| t != shard) {
-                        by_target.entry(target).or_default().push(m.clone());
-                    }
+                for target in targets(report, shard, to, placement) {
+                    by_target.entry(target).or_default().push(m.clone());
                 }
             }
             for (target, members) in by_target {
@@ -177,6 +168,96 @@ impl Mover<'_> {
                         .arg(expire_at)
                         .arg("NX")
                         .ignore();
+                }
+                p.query_async::<()>(conn).await?;
+            }
+            if cursor == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Copies one slot hash's markers (`<base>:seen:<ttl>:<bucket>:<slot>`) into the same
+    /// bucket of each marker's new shard — its slot there by that shard's slot count for the
+    /// bucket, recorded from this one's if it has none — with the same expiry.
+    async fn marker_hash(&mut self, shard: u32, key: &str) -> Result<(), StoreError> {
+        let (to, conn) = (self.to, &mut *self.conn);
+        let mut parts = key.rsplitn(4, ':');
+        let (Some(_slot), Some(bucket), Some(ttl)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(());
+        };
+        let bucket_field = format!("{ttl}:{bucket}");
+        let (slots, expire_at): (Option<u32>, i64) = redis::pipe()
+            .cmd("HGET")
+            .arg(self.store.keys.marks(shard))
+            .arg(&bucket_field)
+            .cmd("PEXPIRETIME")
+            .arg(key)
+            .query_async(conn)
+            .await?;
+        let Some(slots) = slots else {
+            return Ok(()); // the bucket's record is gone: its markers have expired
+        };
+        let mut dest_slots: std::collections::HashMap<u32, u32> = Default::default();
+        let mut cursor = 0u64;
+        loop {
+            let (next, pairs): (u64, Vec<Field>) = redis::cmd("HSCAN")
+                .arg(key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            cursor = next;
+            let mut by_target: std::collections::HashMap<u32, Vec<Vec<u8>>> = Default::default();
+            for (m, _) in pairs {
+                let Some(placement) = m.get(12..14) else {
+                    continue;
+                };
+                let placement = u16::from_be_bytes(placement.try_into().expect("2 bytes"));
+                for target in targets(&mut self.report, shard, to, placement) {
+                    by_target.entry(target).or_default().push(m.clone());
+                }
+            }
+            for (target, members) in by_target {
+                let n = match dest_slots.get(&target) {
+                    Some(n) => *n,
+                    None => {
+                        let marks = self.store.keys.marks(target);
+                        let (n,): (u32,) = redis::pipe()
+                            .cmd("HSETNX")
+                            .arg(&marks)
+                            .arg(&bucket_field)
+                            .arg(slots)
+                            .ignore()
+                            .cmd("HGET")
+                            .arg(&marks)
+                            .arg(&bucket_field)
+                            .query_async(conn)
+                            .await?;
+                        dest_slots.insert(target, n);
+                        n
+                    }
+                };
+                let mut p = redis::pipe();
+                let mut dests = std::collections::BTreeSet::new();
+                for m in members {
+                    let dest = self.store.keys.seen(
+                        target,
+                        &format!("{bucket_field}:{}", super::keys::marker_slot(&m, n)),
+                    );
+                    p.cmd("HSET").arg(&dest).arg(m).arg(1).ignore();
+                    dests.insert(dest);
+                }
+                if expire_at > 0 {
+                    for dest in dests {
+                        p.cmd("PEXPIREAT")
+                            .arg(dest)
+                            .arg(expire_at)
+                            .arg("NX")
+                            .ignore();
+                    }
                 }
                 p.query_async::<()>(conn).await?;
             }
@@ -252,6 +333,7 @@ impl Mover<'_> {
                     .query_async(&mut *self.conn)
                     .await?;
                 match kind.as_str() {
+                    "hash" => self.marker_hash(shard, &key).await?,
                     "set" => self.marker_set(shard, &key).await?,
                     "string" => self.marker_key(shard, &key).await?,
                     _ => {} // expired meanwhile
@@ -261,5 +343,24 @@ impl Mover<'_> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// The shards, other than `shard`, that a marker of this placement goes to under `to` shards.
+fn targets(report: &mut ReshardReport, shard: u32, to: u32, placement: u16) -> Vec<u32> {
+    if 65_536 % to == 0 {
+        // The placement modulo 65,536 determines the shard for such counts.
+        report.markers_moved += 1;
+        let target = u32::from(placement) % to;
+        if target == shard {
+            vec![]
+        } else {
+            vec![target]
+        }
+    } else {
+        // Any other count: the marker goes to every shard (tenant-scoped digests cannot match
+        // another tenant's id); memory grows until the bucket expires.
+        report.markers_copied_everywhere += 1;
+        (0..to).filter(|&t| t != shard).collect()
     }
 }

@@ -109,7 +109,8 @@ impl Store {
             .arg(commit_token_ttl().as_secs())
             .arg(self.shards);
         inv.arg(self.late_max_age_secs)
-            .arg(self.late_pulses.as_str());
+            .arg(self.late_pulses.as_str())
+            .arg(self.marker_sets_until());
         let declare = self.is_cluster();
         let mut layouts: Vec<SectionLayout> = Vec::with_capacity(sections.len());
         for (shard, items) in sections {
@@ -211,27 +212,50 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Learns (and on the first start of this layout records) since when dedupe markers are
-    /// sets, so that markers the previous release left are consulted until they expire.
+    /// Until when (Redis seconds) the marker sets of the release before — one set per bucket —
+    /// are consulted; 0 when none can exist.
+    pub fn marker_sets_until(&self) -> u64 {
+        self.marker_sets_until
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Learns (and on the first start of each layout records) which earlier marker layouts
+    /// may still hold live markers, so that they are consulted until they expire: one string
+    /// key per id (two releases ago: `marker_sets_since`), one set per bucket (the release
+    /// before: `marker_sets_until`). A fresh deployment records that neither exists.
     pub async fn init_markers(&self) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         let (now, _): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await?;
-        // A deployment the previous release used has `shards_max`; a new one has nothing to
+        // A deployment an earlier release used has `shards_max`; a new one has nothing to
         // consult.
         let old: bool = redis::cmd("HEXISTS")
             .arg(self.keys.meta())
             .arg("shards_max")
             .query_async(&mut c)
             .await?;
-        let _: bool = redis::cmd("HSETNX")
+        // Set markers live at most two DEDUPE_TTLs; one more covers replicas of the release
+        // before still writing them while the upgrade rolls out.
+        let (since, sets_until): (u64, u64) = redis::pipe()
+            .cmd("HSETNX")
             .arg(self.keys.meta())
             .arg("marker_sets_since")
             .arg(if old { now } else { 0 })
-            .query_async(&mut c)
-            .await?;
-        let since: u64 = redis::cmd("HGET")
+            .ignore()
+            .cmd("HSETNX")
+            .arg(self.keys.meta())
+            .arg("marker_sets_until")
+            .arg(if old {
+                now + 3 * self.dedupe_ttl_secs
+            } else {
+                0
+            })
+            .ignore()
+            .cmd("HGET")
             .arg(self.keys.meta())
             .arg("marker_sets_since")
+            .cmd("HGET")
+            .arg(self.keys.meta())
+            .arg("marker_sets_until")
             .query_async(&mut c)
             .await?;
         let until = if since == 0 || since + self.dedupe_ttl_secs <= now {
@@ -241,6 +265,10 @@ impl Store {
         };
         self.legacy_markers_until
             .store(until, std::sync::atomic::Ordering::Relaxed);
+        self.marker_sets_until.store(
+            if sets_until <= now { 0 } else { sets_until },
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 

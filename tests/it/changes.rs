@@ -38,6 +38,10 @@ async fn a_fresh_deployment_does_not_look_for_the_previous_marker_layout() {
     );
     let stats: String = app.redis().cmd(&["INFO", "commandstats"]);
     assert!(!stats.contains("cmdstat_exists"), "{stats}");
+    assert!(
+        !stats.contains("cmdstat_sismember"),
+        "no lookup in the marker sets of the release before either: {stats}"
+    );
     app.stop().await.unwrap();
 }
 

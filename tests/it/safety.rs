@@ -479,52 +479,114 @@ async fn markers_of_the_previous_layout_are_honoured_until_they_expire() {
     app.stop().await.unwrap();
 }
 
-/// What a remembered pulse id costs in Redis memory (the README states it): measured, and
-/// held to the layout's budget of 64 bytes.
+/// What a remembered pulse id costs in Redis memory (the README states it), once a bucket is
+/// sized from the one before it (the steady state: a deployment's first bucket, whose
+/// predecessor is unknown, gets a default slot count): measured, and held to the layout's
+/// budget of 24 bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_remembered_pulse_id_costs_at_most_64_bytes() {
+async fn a_remembered_pulse_id_costs_at_most_24_bytes() {
     let redis = RedisServer::start();
-    let app = TestApp::spawn(settings(&redis, &[("MAX_BATCH_ITEMS", "10000")])).await;
-    let used = || -> i64 {
-        let info: String = redis.cmd(&["INFO", "memory"]);
-        info.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[("MAX_BATCH_ITEMS", "10000"), ("DEDUPE_TTL", "8s")],
+    ))
+    .await;
+    let now = || -> u64 {
+        let t: Vec<String> = redis.cmd(&["TIME"]);
+        t[0].parse().unwrap()
     };
-    // Warm: the aggregates of the keys exist before the measurement.
-    let batch = |from: usize, ids: bool| {
+    let batch = |from: usize| {
         let items: Vec<serde_json::Value> = (from..from + 10_000)
             .map(|i| {
                 let mut p = pulse(&format!("t-{}", i % 100), "s", "KB", 1.0);
-                if ids {
-                    p["pulse_id"] = serde_json::json!(format!("id-{i}"));
-                }
+                p["pulse_id"] = serde_json::json!(format!("id-{i}"));
                 p
             })
             .collect();
         serde_json::json!(items)
     };
-    assert_eq!(app.post_batch(&batch(0, false)).await.0, 202);
-    let before = used();
-    for k in 0..10 {
-        let (s, _, b) = app.post_batch(&batch(k * 10_000, true)).await;
-        assert_eq!(s, 202, "{b}");
+    // Three batches within one 8 s bucket, then three in the next.
+    let at_boundary = || async {
+        let t = now();
+        tokio::time::sleep(Duration::from_millis((8 - t % 8) * 1000 + 100)).await;
+        now() / 8
+    };
+    let first = at_boundary().await;
+    for k in 0..3 {
+        assert_eq!(app.post_batch(&batch(k * 10_000)).await.0, 202);
     }
-    let per_id_total = (used() - before) as f64 / 100_000.0;
-    // The markers themselves, exactly: every bucket set's memory.
-    let sets: Vec<String> = redis.cmd(&["KEYS", "{pulses:*}:seen:*"]);
-    let bytes: i64 = sets
+    let bucket = at_boundary().await;
+    assert_eq!(bucket, first + 1, "the first three batches took under 8 s");
+    for k in 3..6 {
+        assert_eq!(app.post_batch(&batch(k * 10_000)).await.0, 202);
+    }
+    assert_eq!(now() / 8, bucket, "the next three took under 8 s");
+    let keys: Vec<String> = redis.cmd(&["KEYS", &format!("{{pulses:*}}:seen:8:{bucket}:*")]);
+    let bytes: i64 = keys
         .iter()
         .map(|k| redis.cmd::<i64>(&["MEMORY", "USAGE", k, "SAMPLES", "0"]))
         .sum();
-    let per_id = bytes as f64 / 100_000.0;
+    let listpacks = keys
+        .iter()
+        .filter(|k| redis.cmd::<String>(&["OBJECT", "ENCODING", k]) == "listpack")
+        .count();
+    let per_id = bytes as f64 / 30_000.0;
     println!(
-        "Redis memory per remembered pulse id: {per_id:.1} bytes in the marker sets ({per_id_total:.1} bytes of used_memory growth, which includes Lua and buffers)"
+        "Redis memory per remembered pulse id: {per_id:.1} bytes ({} slot hashes, {listpacks} of them listpacks)",
+        keys.len()
     );
-    assert!(per_id <= 64.0, "{per_id:.1} bytes per id");
+    assert_eq!(listpacks, keys.len(), "every slot hash stays a listpack");
+    assert!(per_id <= 24.0, "{per_id:.1} bytes per id");
+    app.stop().await.unwrap();
+}
+
+/// An upgrade from the release that kept one set per bucket: its sets are still consulted
+/// until they have expired, so a retry across the upgrade counts once; new markers go to the
+/// slot hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marker_sets_of_the_release_before_are_honoured_until_they_expire() {
+    let redis = RedisServer::start();
+    // What that release left: its meta, and a marker in the current bucket's set.
+    let _: i64 = redis.cmd(&["HSET", "{pulses}:meta", "shards_max", "8", "shards", "8"]);
+    let _: i64 = redis.cmd(&["HSET", "{pulses}:meta", "marker_sets_since", "0"]);
+    let t: Vec<String> = redis.cmd(&["TIME"]);
+    let bucket = t[0].parse::<u64>().unwrap() / 3600;
+    let digest = pulse_ingestor::store::keys::dedupe_digest("t", "old-id");
+    let placement = pulse_ingestor::store::keys::placement_of("t");
+    let member = pulse_ingestor::store::keys::marker_member(&digest, placement);
+    let shard = pulse_ingestor::store::keys::shard_of("t", 8);
+    let set = format!("{{pulses:{shard}}}:seen:{bucket}");
+    let _: i64 = redis::cmd("SADD")
+        .arg(&set)
+        .arg(&member[..])
+        .query(&mut redis.conn())
+        .unwrap();
+    let _: i64 = redis.cmd(&["EXPIRE", &set, "7200"]);
+    let app = TestApp::spawn(settings(&redis, &[("DEDUPE_TTL", "1h")])).await;
+    let c = http();
+    let mut p = pulse("t", "s", "KB", 1.0);
+    p["pulse_id"] = serde_json::json!("old-id");
+    let (s, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
+    assert_eq!(s, 202);
+    assert_eq!(body["duplicates"], 1, "{body}");
+    p["pulse_id"] = serde_json::json!("new-id");
+    let (_, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
+    assert_eq!(body["accepted"], 1, "{body}");
+    let (_, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
+    assert_eq!(body["duplicates"], 1, "{body}");
+    let hashes: Vec<String> =
+        redis.cmd(&["KEYS", &format!("{{pulses:{shard}}}:seen:3600:{bucket}:*")]);
+    let held: i64 = hashes.iter().map(|h| redis.cmd::<i64>(&["HLEN", h])).sum();
+    assert_eq!(
+        held, 2,
+        "old-id and new-id are in the slot hashes: {hashes:?}"
+    );
+    let meta: Vec<String> = redis.cmd(&["HMGET", "{pulses}:meta", "marker_sets_until"]);
+    let until: u64 = meta[0].parse().unwrap();
+    assert!(
+        until >= t[0].parse::<u64>().unwrap() + 2 * 3600,
+        "sets consulted for two TTLs and more"
+    );
     app.stop().await.unwrap();
 }
 

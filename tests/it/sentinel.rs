@@ -16,15 +16,24 @@ struct Sentinel {
 
 impl Sentinel {
     fn start(master_port: u16) -> Self {
+        Self::start_logging(master_port, None)
+    }
+
+    /// A sentinel whose log goes to `log` (kept with the test's logs when it fails).
+    /// `down-after-milliseconds` 2000: fast, yet not so fast that a busy test machine makes
+    /// the sentinels give up on a healthy master (a second failover, to a replica still
+    /// loading its first sync, would discard data Redis had confirmed).
+    fn start_logging(master_port: u16, log: Option<&std::path::Path>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
+        let logfile = log.map_or(String::new(), |l| format!("logfile {}\n", l.display()));
         std::fs::write(
             &conf,
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
-                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n\
-                 sentinel parallel-syncs mymaster 1\n",
+                 sentinel down-after-milliseconds mymaster 2000\nsentinel failover-timeout mymaster 5000\n\
+                 sentinel parallel-syncs mymaster 1\n{logfile}",
                 dir.path().display()
             ),
         )
@@ -83,9 +92,15 @@ async fn without_wait_a_failover_may_lose_but_never_doubles() {
 }
 
 async fn failover(wait: bool) {
+    let dir = tempfile::tempdir().unwrap();
     let mut master = RedisServer::start();
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
-    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|i| {
+            let log = dir.path().join(format!("sentinel-{i}.log"));
+            Sentinel::start_logging(master.port, Some(&log))
+        })
+        .collect();
     let ok = eventually(Duration::from_secs(10), || async {
         let info: String = replica.cmd(&["INFO", "replication"]);
         info.contains("master_link_status:up")
@@ -93,7 +108,6 @@ async fn failover(wait: bool) {
     .await;
     assert!(ok, "the replica syncs");
     let (p, purl) = processor(Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
     // A drain lock the dead master held survives on the promoted replica until it expires.
     let mut v = settings(&master, &[("WINDOW", "2s"), ("LOCK_TTL", "2s")]);
     v.remove("REDIS_URL");

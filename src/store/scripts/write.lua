@@ -7,7 +7,8 @@
 -- markers of the previous layout (one string key per id) are still consulted (0: none, and
 -- items carry no previous-layout digest), ARGV[4] number of shard sections, ARGV[5] how long
 -- the commit's token is kept (s), ARGV[6] the writer's SHARDS, ARGV[7] LATE_MAX_AGE (s),
--- ARGV[8] LATE_PULSES ("amend" or "refuse"); then per section:
+-- ARGV[8] LATE_PULSES ("amend" or "refuse"), ARGV[9] Redis time (s) until which the marker
+-- sets of the release before are consulted (0: none); then per section:
 -- shard base (e.g. "{pulses:7}"), count of items without id, count with id, count stamped;
 -- the items without id as (field, lo, hi); the items with id as (field, lo, hi, marker[,
 -- previous-layout hex digest]); the rich items — stamped or metered — as (field, lo, hi,
@@ -34,9 +35,10 @@
 -- hash sealed and drained like a window (`:x:amend:<start>:<n>`). A re-sent call (a client
 -- library's retry after a lost reply) finds its token and answers the first reply again.
 --
--- Dedupe markers are members of per-shard sets, one set per DEDUPE_TTL bucket of Redis time,
--- expiring as a whole two buckets later: an id is looked up in the current and the previous
--- bucket, so it is remembered for at least DEDUPE_TTL (at most twice that).
+-- Dedupe markers are fields of small per-shard hashes (see marker_places below): per
+-- DEDUPE_TTL bucket of Redis time a fixed number of slots, expiring as a whole two buckets
+-- later; an id is looked up in the current and the previous bucket, so it is remembered for
+-- at least DEDUPE_TTL (at most twice that).
 local done = redis.call('GET', KEYS[1])
 if done then
   return done
@@ -47,6 +49,8 @@ local late_keep = tonumber(ARGV[7]) + 86400
 local refuse_late = ARGV[8] == 'refuse'
 local legacy_until = tonumber(ARGV[3])
 local legacy = now < legacy_until
+-- Until when the marker sets of the release before (one set per bucket) are consulted.
+local sets_until = tonumber(ARGV[9])
 local id_stride = 4
 local ts_stride = 6
 if legacy_until > 0 then
@@ -162,10 +166,85 @@ local function placed(base, ns, tg)
   end
 end
 
+-- Dedupe markers. A marker (12 bytes of the id's digest, 2 of the tenant's placement) is a
+-- field of one of `slots` small hashes per shard and DEDUPE_TTL bucket, `<base>:seen:<ttl>:
+-- <bucket>:<slot>`, its slot taken from its first two bytes. A bucket's slot count is fixed in
+-- `<base>:x:marks` (field `<ttl>:<bucket>`) by the first commit with ids in it, from how many ids
+-- the bucket before received (field `c<ttl>:<bucket>`), so that a slot holds about
+-- MARKS_PER_SLOT markers: few enough for Redis to keep each hash a listpack (128 entries under
+-- its defaults, so twice the traffic of the bucket before still fits) — about 20 bytes an id
+-- instead of about 60 in a set. Every replica reads the same count, so every replica looks in
+-- the same place; a bucket whose predecessor is unknown gets DEFAULT_SLOTS.
+local MARKS_PER_SLOT = 64
+local DEFAULT_SLOTS = 64
+
+local function slot(mk, slots)
+  return (string.byte(mk, 1) * 256 + string.byte(mk, 2)) % slots
+end
+
+-- Where a section's markers go and where earlier ones may be: {cur = key prefix, slots,
+-- hashes = {{key prefix, slots}...} of the previous bucket (and, after a change of DEDUPE_TTL,
+-- of the old bucketing's two), sets = the release before's sets still consulted, expire_at,
+-- marks, count_field, touched/keys = the slot hashes written}.
+local function marker_places(base, c)
+  local ttl = c.ttl
+  local bucket = math.floor(now / ttl)
+  local marks = base .. ':x:marks'
+  local f_cur = ttl .. ':' .. bucket
+  local f_prev = ttl .. ':' .. (bucket - 1)
+  local fields = {f_cur, f_prev, 'c' .. f_prev}
+  local ob = nil
+  if c.prev_until > now and c.prev_ttl > 0 then
+    ob = math.floor(now / c.prev_ttl)
+    fields[4] = c.prev_ttl .. ':' .. ob
+    fields[5] = c.prev_ttl .. ':' .. (ob - 1)
+  end
+  local v = redis.call('HMGET', marks, unpack(fields))
+  local slots = tonumber(v[1])
+  if not slots then
+    local before = tonumber(v[3])
+    slots = DEFAULT_SLOTS
+    if before then
+      slots = math.min(65536, math.max(1, math.ceil(before / MARKS_PER_SLOT)))
+    end
+    redis.call('HSET', marks, f_cur, slots)
+    -- The counts of buckets that can hold no live marker any more go.
+    for _, f in ipairs(redis.call('HKEYS', marks)) do
+      local t, b = string.match(f, '^c?(%d+):(%d+)$')
+      t, b = tonumber(t), tonumber(b)
+      local live = (t == ttl and b >= bucket - 1) or (ob and t == c.prev_ttl and b >= ob - 1)
+      if not live then
+        redis.call('HDEL', marks, f)
+      end
+    end
+  end
+  local m = {cur = base .. ':seen:' .. f_cur .. ':', slots = slots, hashes = {}, sets = {},
+    expire_at = string.format('%d', (bucket + 2) * ttl), marks = marks, count_field = 'c' .. f_cur,
+    touched = {}, keys = {}}
+  local function older(f, n)
+    if n then
+      m.hashes[#m.hashes + 1] = {base .. ':seen:' .. f .. ':', tonumber(n)}
+    end
+  end
+  older(f_prev, v[2])
+  if ob then
+    older(fields[4], v[4])
+    older(fields[5], v[5])
+  end
+  if now < sets_until then
+    m.sets = {base .. ':seen:' .. bucket, base .. ':seen:' .. (bucket - 1)}
+    if ob then
+      m.sets[3] = base .. ':seen:' .. ob
+      m.sets[4] = base .. ':seen:' .. (ob - 1)
+    end
+  end
+  return m
+end
+
 local sections = {}
 local full = {}
 local closed = {}
-local i = 9
+local i = 10
 for s = 1, tonumber(ARGV[4]) do
   local base = ARGV[i]
   local plain = tonumber(ARGV[i + 1])
@@ -254,31 +333,30 @@ for s = 1, #sections do
   local flags, stamped = '', ''
   -- Pulse ids and rich items only: sections of plain pulses need none of this.
   if first_id < after then
-    local ttl = c.ttl
-    local bucket = math.floor(now / ttl)
-    local cur = base .. ':seen:' .. string.format('%d', bucket)
-    local prev = base .. ':seen:' .. string.format('%d', bucket - 1)
-    -- After a change of DEDUPE_TTL, the previous bucketing's sets are consulted until its
-    -- markers have expired.
-    local old1, old2 = nil, nil
-    if c.prev_until > now and c.prev_ttl > 0 then
-      local ob = math.floor(now / c.prev_ttl)
-      old1 = base .. ':seen:' .. string.format('%d', ob)
-      old2 = base .. ':seen:' .. string.format('%d', ob - 1)
-    end
-    local added = false
+    local m = marker_places(base, c)
+    local added = 0
     -- Whether the pulse id with this marker is new (and remembered from now on).
-    local function first_time(m, legacy_hex)
-      if redis.call('SADD', cur, m) == 0 then
+    local function first_time(mk, legacy_hex)
+      local key = m.cur .. slot(mk, m.slots)
+      if redis.call('HSETNX', key, mk, 1) == 0 then
         return false
       end
-      added = true
-      if redis.call('SISMEMBER', prev, m) == 1 then
-        return false
-      elseif old1 and (redis.call('SISMEMBER', old1, m) == 1
-          or redis.call('SISMEMBER', old2, m) == 1) then
-        return false
-      elseif legacy and legacy_hex and legacy_hex ~= ''
+      if not m.touched[key] then
+        m.touched[key] = true
+        m.keys[#m.keys + 1] = key
+      end
+      added = added + 1
+      for _, h in ipairs(m.hashes) do
+        if redis.call('HEXISTS', h[1] .. slot(mk, h[2]), mk) == 1 then
+          return false
+        end
+      end
+      for _, set in ipairs(m.sets) do
+        if redis.call('SISMEMBER', set, mk) == 1 then
+          return false
+        end
+      end
+      if legacy and legacy_hex and legacy_hex ~= ''
           and redis.call('EXISTS', base .. ':seen:' .. legacy_hex) == 1 then
         return false
       end
@@ -324,8 +402,11 @@ for s = 1, #sections do
         stamp[#stamp + 1] = '0' .. string.format('%d', tg[2])
       end
     end
-    if added then
-      redis.call('EXPIREAT', cur, string.format('%d', (bucket + 2) * ttl), 'NX')
+    if added > 0 then
+      for _, key in ipairs(m.keys) do
+        redis.call('EXPIREAT', key, m.expire_at, 'NX')
+      end
+      redis.call('HINCRBY', m.marks, m.count_field, added)
     end
     flags, stamped = table.concat(flag), table.concat(stamp, ',')
   end
