@@ -746,6 +746,8 @@ def callgrind(count=1000):
                         for line in fh:
                             if line.startswith("summary:") or line.startswith("totals:"):
                                 total = max(total, int(line.split()[1]))
+                    # Kept per scenario for callgrind_annotate.
+                    os.rename(f, f"{tmp}/{stem}-{len(rows) + 1}.out")
                 ir.append(total)
             requests = count // per if per > 1 else count
             rows.append((name, ir[0] / requests, ir[1] / count))

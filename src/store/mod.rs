@@ -63,6 +63,8 @@ pub struct Store {
     legacy_markers_until: Arc<std::sync::atomic::AtomicU64>,
     /// See [`Store::marker_sets_until`].
     marker_sets_until: Arc<std::sync::atomic::AtomicU64>,
+    /// Dedupe markers per slot hash (`scripts/write.lua`, MARKS_PER_SLOT).
+    marks_per_slot: Arc<std::sync::atomic::AtomicU32>,
     commit_per_shard: bool,
     /// One Redis: its client, for connections of their own ([`Store::dedicated_conn`]).
     direct: Option<redis::Client>,
@@ -157,6 +159,7 @@ impl Store {
             // Until `init_markers` says otherwise, consult the previous layout's markers too.
             legacy_markers_until: Arc::new(u64::MAX.into()),
             marker_sets_until: Arc::new(u64::MAX.into()),
+            marks_per_slot: Arc::new(64.into()),
             commit_per_shard: cfg.redis.commit == crate::config::CommitMode::PerShard,
         })
     }

@@ -110,7 +110,11 @@ impl Store {
             .arg(self.shards);
         inv.arg(self.late_max_age_secs)
             .arg(self.late_pulses.as_str())
-            .arg(self.marker_sets_until());
+            .arg(self.marker_sets_until())
+            .arg(
+                self.marks_per_slot
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
         let declare = self.is_cluster();
         let mut layouts: Vec<SectionLayout> = Vec::with_capacity(sections.len());
         for (shard, items) in sections {
@@ -269,6 +273,23 @@ impl Store {
             if sets_until <= now { 0 } else { sets_until },
             std::sync::atomic::Ordering::Relaxed,
         );
+        // Markers per slot hash: 64, or a quarter of the entries Redis keeps a hash compact for
+        // if that is less, so that a bucket sized from one half as busy still fits, with room
+        // for the spread of markers over slots. Not more than 64: a
+        // listpack is searched linearly, and 64 fields of 14 bytes are already ~20 bytes an id.
+        // A Redis that refuses CONFIG (a managed one) keeps 64.
+        let limit: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("hash-max-listpack-entries")
+            .query_async(&mut c)
+            .await;
+        if let Some(n) = limit
+            .ok()
+            .and_then(|v| v.get(1).and_then(|n| n.parse::<u32>().ok()))
+        {
+            self.marks_per_slot
+                .store((n / 4).clamp(1, 64), std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -8,7 +8,8 @@
 -- items carry no previous-layout digest), ARGV[4] number of shard sections, ARGV[5] how long
 -- the commit's token is kept (s), ARGV[6] the writer's SHARDS, ARGV[7] LATE_MAX_AGE (s),
 -- ARGV[8] LATE_PULSES ("amend" or "refuse"), ARGV[9] Redis time (s) until which the marker
--- sets of the release before are consulted (0: none); then per section:
+-- sets of the release before are consulted (0: none), ARGV[10] markers per slot hash (see
+-- MARKS_PER_SLOT); then per section:
 -- shard base (e.g. "{pulses:7}"), count of items without id, count with id, count stamped;
 -- the items without id as (field, lo, hi); the items with id as (field, lo, hi, marker[,
 -- previous-layout hex digest]); the rich items — stamped or metered — as (field, lo, hi,
@@ -171,11 +172,12 @@ end
 -- <bucket>:<slot>`, its slot taken from its first two bytes. A bucket's slot count is fixed in
 -- `<base>:x:marks` (field `<ttl>:<bucket>`) by the first commit with ids in it, from how many ids
 -- the bucket before received (field `c<ttl>:<bucket>`), so that a slot holds about
--- MARKS_PER_SLOT markers: few enough for Redis to keep each hash a listpack (128 entries under
--- its defaults, so twice the traffic of the bucket before still fits) — about 20 bytes an id
--- instead of about 60 in a set. Every replica reads the same count, so every replica looks in
--- the same place; a bucket whose predecessor is unknown gets DEFAULT_SLOTS.
-local MARKS_PER_SLOT = 64
+-- MARKS_PER_SLOT markers (ARGV[10]: 64, or a quarter of Redis' hash-max-listpack-entries if
+-- less — 512 by default), few enough for Redis to keep each hash a listpack even at twice the traffic
+-- of the bucket before, and short to search — about 21 bytes an id instead of about 55 in a set. Every replica reads the
+-- same count, so every replica looks in the same place; a bucket whose predecessor is unknown
+-- gets DEFAULT_SLOTS.
+local MARKS_PER_SLOT = tonumber(ARGV[10])
 local DEFAULT_SLOTS = 64
 
 local function slot(mk, slots)
@@ -244,7 +246,7 @@ end
 local sections = {}
 local full = {}
 local closed = {}
-local i = 10
+local i = 11
 for s = 1, tonumber(ARGV[4]) do
   local base = ARGV[i]
   local plain = tonumber(ARGV[i + 1])
