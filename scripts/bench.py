@@ -386,6 +386,7 @@ class Bench:
             time.sleep(0.2)
         start = now - now % window
         ledger = os.path.join(self.tmp, "ledger.json")
+        mem0 = used_memory(self.rport)
         t0 = time.time()
         producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max", "--concurrency", "4",
                   "--batch", "1000", "--distinct", "--tenants", str(keys // 10), "--skus", "10",
@@ -404,6 +405,11 @@ class Bench:
                 raise RuntimeError(f"drain did not finish: {p}")
             time.sleep(0.1)
         drain_s = time.time() - t1
+        # What the delivered window left behind (usage index, records, their hashes): Redis
+        # memory now against before the load, per delivered key.
+        left = (used_memory(self.rport) - mem0) / keys
+        self.left_per_key = left
+        print(f"left in Redis after delivery: {left:.1f} B per delivered key", file=sys.stderr)
         rss = peak_rss_mb(ing.pid)
         totals = http("GET", f"http://127.0.0.1:{pport}/totals")
         v = subprocess.run([os.path.join(BIN, "pulse-producer"), "verify", "--ledger", ledger,
@@ -547,6 +553,9 @@ class Bench:
                          f"{1e6 / max(c['redis_us'], 0.01):,.0f} pulses/s per Redis core) | {c['redis_us']:.2f} | "
                          f"{c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} |")
         m = self.memory_row
+        table += ["", f"Redis memory left after a window of 1,000,000 keys was delivered: "
+                  f"{getattr(self, 'left_per_key', float('nan')):.1f} bytes per delivered key "
+                  f"(`used_memory` after the drain against before the load)."]
         table += ["", f"Redis memory per remembered pulse id (100,000 ids in a bucket sized from the "
                   f"one before): {m[0]:.1f} bytes in the marker hashes (`MEMORY USAGE`), "
                   f"{m[1]:.1f} bytes of `used_memory` growth; a day of ids at 1,000 ids/s: "
@@ -776,6 +785,15 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "wait":
         # scripts/bench.sh wait [pairs]: the cost of REDIS_WAIT_REPLICAS=1 (with a real replica)
         sys.exit(ab(int(sys.argv[2]) if len(sys.argv) > 2 else 3, wait=True))
+    if len(sys.argv) > 2 and sys.argv[1] == "only":
+        # scripts/bench.sh only s6_drain [s8_memory_per_id ...]: some scenarios, table not written
+        b = Bench()
+        try:
+            for name in sys.argv[2:]:
+                getattr(b, name)()
+        finally:
+            b.procs.stop_all()
+        sys.exit(0 if b.ok else 1)
     if len(sys.argv) > 1 and sys.argv[1] == "callgrind":
         # scripts/bench.sh callgrind [count]: instructions per request and per pulse
         sys.exit(callgrind(int(sys.argv[2]) if len(sys.argv) > 2 else 1000))
