@@ -346,3 +346,30 @@ async fn a_delivered_window_leaves_no_usage_index_behind() {
     assert!(idx(&redis).is_empty(), "{:?}", idx(&redis));
     app.stop().await.unwrap();
 }
+
+/// Tenants whose JSON text is not their name (a quote, a backslash, both) and
+/// non-ASCII ones: each reads exactly its own usage, never another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reads_tenants_with_escaped_names_exactly() {
+    let app = TestApp::start(&[]).await;
+    let c = http();
+    let tenants = ["a\"b", "a\\b", "a\\\"", "åäö-租户", "ab"];
+    for (i, t) in tenants.iter().enumerate() {
+        let body = pulse_text(t, "sku", "unit", &format!("{}.25", i + 1));
+        let (s, b) = post_raw(&c, &format!("{}/ingest", app.base), body).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    for (i, t) in tenants.iter().enumerate() {
+        let q = format!("tenant_id={}", urlencode(t));
+        let (s, u) = usage(&c, &app.base, &q, None).await;
+        assert_eq!(s, 200, "{u}");
+        let r = rows(&u);
+        assert_eq!(r.len(), 1, "{t:?}: {u}");
+        assert_eq!(
+            r.values().next().unwrap(),
+            &format!("{}.25", i + 1),
+            "{t:?} reads its own usage"
+        );
+    }
+    app.stop().await.unwrap();
+}

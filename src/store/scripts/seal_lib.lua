@@ -75,9 +75,19 @@ end
 -- tenants are listed in `:x:idxt:<start>`, so that the index goes as a whole when the window is
 -- delivered and holds no dead letters (finish_window.lua, set_aside.lua) — nothing of it stays
 -- behind for data already delivered.
+local start_text = {}
 local function index(base, start, field, len)
-  local tenant = cjson.decode(field)[1]
-  local s = string.format('%d', start)
+  -- A tenant without quote or backslash is its JSON text (serde_json writes other characters
+  -- as they are): no decoding needed.
+  local tenant = string.match(field, '^%["([^"\\]*)",')
+  if not tenant then
+    tenant = cjson.decode(field)[1]
+  end
+  local s = start_text[start]
+  if not s then
+    s = string.format('%d', start)
+    start_text[start] = s
+  end
   local key = base .. ':x:idx:' .. s .. ':' .. tenant
   if redis.call('SADD', key, field) == 1 then
     redis.call('SADD', base .. ':x:idxt:' .. s, tenant)
