@@ -62,8 +62,8 @@ pub(super) enum Pools {
 /// next commit asks the sentinels again.
 pub(super) struct SentinelPool {
     pub(super) client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
-    /// The connection and the store epoch it was made in.
-    pub(super) conn: tokio::sync::Mutex<Option<(MultiplexedConnection, u64)>>,
+    /// The connection, the store epoch it was made in and the master's address.
+    pub(super) conn: tokio::sync::Mutex<Option<(MultiplexedConnection, u64, String)>>,
 }
 
 /// One multiplexed cluster connection, made on first use. Built with redis-rs' own client so
@@ -147,7 +147,7 @@ impl Store {
             Pools::Sentinel(p) => {
                 let epoch = self.epoch();
                 let mut slot = p.conn.lock().await;
-                if let Some((c, e)) = slot.as_ref()
+                if let Some((c, e, _)) = slot.as_ref()
                     && *e == epoch
                 {
                     return Ok(Conn::Single(c.clone()));
@@ -155,18 +155,19 @@ impl Store {
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout));
-                let c = tokio::time::timeout(self.timeout * 2, async {
-                    p.client
-                        .lock()
-                        .await
-                        .get_async_connection_with_config(&config)
-                        .await
+                let (c, addr) = tokio::time::timeout(self.timeout * 2, async {
+                    let client = p.client.lock().await.async_get_client().await?;
+                    let addr = client.get_connection_info().addr().to_string();
+                    let c = client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    Ok::<_, redis::RedisError>((c, addr))
                 })
                 .await
                 .map_err(|_| {
                     StoreError::Pool("timed out asking the sentinels for the master".into())
                 })??;
-                *slot = Some((c.clone(), epoch));
+                *slot = Some((c.clone(), epoch, addr));
                 Ok(Conn::Single(c))
             }
             Pools::Cluster(p) => {
@@ -181,6 +182,32 @@ impl Store {
                     })??;
                 *slot = Some(c.clone());
                 Ok(Conn::Cluster(c))
+            }
+        }
+    }
+
+    /// On Sentinel: asks the sentinels which node is the master now, and if it is not the one
+    /// the shared connection talks to, retires every connection. A master cut off from its
+    /// replicas answers everything it is asked, so nothing else would notice that another was
+    /// promoted: reads (usage, pending), seals and the drain's first look would stay with it.
+    /// Run every few seconds (the heartbeat task).
+    pub async fn check_master(&self) {
+        let Pools::Sentinel(p) = &self.pool else {
+            return;
+        };
+        let current = match p.conn.lock().await.as_ref() {
+            Some((_, e, addr)) if *e == self.epoch() => addr.clone(),
+            _ => return, // the next use asks the sentinels anyway
+        };
+        let found = tokio::time::timeout(self.timeout * 2, async {
+            p.client.lock().await.async_get_client().await
+        })
+        .await;
+        if let Ok(Ok(client)) = found {
+            let master = client.get_connection_info().addr().to_string();
+            if master != current {
+                tracing::warn!(%master, previous = %current, "Sentinel names another master: reconnecting");
+                self.invalidate();
             }
         }
     }

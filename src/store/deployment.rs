@@ -80,10 +80,12 @@ impl Store {
     }
 
     /// Records that this process is alive every few seconds until `shutdown`, so that `reshard`
-    /// sees every running replica whatever the window length.
+    /// sees every running replica whatever the window length; on Sentinel, checks each time
+    /// that the master has not changed under a connection that still answers.
     pub async fn heartbeats(self, shutdown: tokio_util::sync::CancellationToken) {
         let every = std::time::Duration::from_secs(super::reshard::HEARTBEAT_SECS);
         loop {
+            self.check_master().await;
             if let Ok(mut c) = self.conn().await
                 && let Ok(now) = self.time(&mut c).await
             {

@@ -362,7 +362,9 @@ async fn an_old_master_cut_off_from_its_replicas_is_left_and_delivers_nothing() 
         .await;
         assert!(ok, "{} writes to the new master", i.base);
     }
+    // Both replicas' reads moved too: what they report pending is the new master's, delivered.
     wait_delivered(&a.base, Duration::from_secs(60)).await;
+    wait_delivered(&b.base, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let totals = p.totals();
     let found: std::collections::BTreeMap<_, _> = totals
