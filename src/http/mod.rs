@@ -21,6 +21,7 @@ pub(crate) use serve::serve;
 
 mod health;
 mod ingest;
+mod layers;
 pub mod openapi;
 mod usage;
 
@@ -28,8 +29,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware;
 use axum::response::Response;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
@@ -110,13 +111,13 @@ pub(crate) fn router(state: AppState) -> Router {
         // gzip and zstd bodies are decompressed while streaming; the body limit applies to the
         // decompressed bytes, so a small bomb is refused (413) without being allocated.
         .layer(RequestDecompressionLayer::new())
-        .layer(middleware::from_fn(supported_encoding))
+        .layer(layers::EncodingCheckLayer)
         // A request that is not done in time (a body trickling in) is answered 408.
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             state.cfg.limits.request_timeout,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .layer(layers::RecordLayer(state.clone()))
         // A panic in one handler answers that request 500 and leaves the rest running.
         .layer(CatchPanicLayer::custom(panic_response(
             state.metrics.clone(),
@@ -162,7 +163,8 @@ pub(crate) fn metrics_router(state: AppState) -> Router {
 /// hands the decompression layer the spelling it knows: `x-gzip` is gzip (RFC 9110 §8.4.1.3),
 /// codings are case-insensitive, and `identity` is no coding at all — so what this check
 /// accepts is exactly what gets decoded, never tower-http's bodiless 415.
-async fn supported_encoding(mut req: Request, next: Next) -> Response {
+/// `Err`: the refusal's message.
+fn supported_encoding(req: &mut Request) -> Result<(), String> {
     use axum::http::{HeaderValue, header::CONTENT_ENCODING};
     if let Some(v) = req.headers().get(CONTENT_ENCODING) {
         let enc = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
@@ -179,15 +181,13 @@ async fn supported_encoding(mut req: Request, next: Next) -> Response {
                 req.headers_mut().remove(CONTENT_ENCODING);
             }
             _ => {
-                return axum::response::IntoResponse::into_response(
-                    error::ApiError::UnsupportedMediaType(format!(
-                        "content encoding {enc:?} is not supported; send gzip, zstd or no encoding"
-                    )),
-                );
+                return Err(format!(
+                    "content encoding {enc:?} is not supported; send gzip, zstd or no encoding"
+                ));
             }
         }
     }
-    next.run(req).await
+    Ok(())
 }
 
 /// When a request started; handlers that wait for a commit answer before the request timeout
@@ -197,18 +197,17 @@ pub(crate) struct RequestStart(pub Instant);
 
 /// Counts every request by route and status, and times it; records a refused ingest request in
 /// the rejections stream and gives every 503 the configured `Retry-After`.
-async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    // The matched path is an `Arc<str>`: cloned, not copied into a new string.
-    let route = req.extensions().get::<MatchedPath>().cloned();
+fn recorded(
+    state: &AppState,
+    route: Option<MatchedPath>,
+    started: Instant,
+    mut resp: Response,
+) -> Response {
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let started = Instant::now();
-    let mut req = req;
-    req.extensions_mut().insert(RequestStart(started));
-    let mut resp = next.run(req).await;
     if let Some(r) = resp.extensions_mut().remove::<error::Rejection>()
         && route.starts_with("/ingest")
     {
-        note_rejection(&state, r);
+        note_rejection(state, r);
     }
     // Overload and unavailability answer 503 with Retry-After, always: here, once, for every
     // route (a 503 that carries its own is left alone).
