@@ -552,6 +552,11 @@ class Bench:
                          f"Redis busy {c['redis_busy'] / DUR * 100:.0f} % of a core; projected "
                          f"{1e6 / max(c['redis_us'], 0.01):,.0f} pulses/s per Redis core) | {c['redis_us']:.2f} | "
                          f"{c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} |")
+        # Fleet projection: pulses per Redis core, from each scenario's Redis CPU per pulse.
+        per_core = [f"{name.split('.')[0]}: {1e6 / max(c['redis_us'], 0.01):,.0f}"
+                    for name, c in self.costs]
+        table += ["", "Fleet projection, pulses/s per Redis core (1 / Redis CPU per pulse, this run): "
+                  + "; ".join(per_core) + " (2, 2b, 3: single pulses; 4a, 4b: batches)."]
         m = self.memory_row
         table += ["", f"Redis memory left after a window of 1,000,000 keys was delivered: "
                   f"{getattr(self, 'left_per_key', float('nan')):.1f} bytes per delivered key "
