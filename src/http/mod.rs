@@ -196,7 +196,8 @@ fn supported_encoding(req: &mut Request) -> Result<(), String> {
 pub(crate) struct RequestStart(pub Instant);
 
 /// Counts every request by route and status, and times it; records a refused ingest request in
-/// the rejections stream and gives every 503 the configured `Retry-After`.
+/// the rejections stream, gives every 503 the configured `Retry-After` and closes the
+/// connection after a 413.
 fn recorded(
     state: &AppState,
     route: Option<MatchedPath>,
@@ -215,6 +216,14 @@ fn recorded(
         && !resp.headers().contains_key(axum::http::header::RETRY_AFTER)
     {
         error::set_retry_after(&mut resp, state.cfg.retry_after);
+    }
+    // A body refused for its size was not read to its end, so the connection cannot carry
+    // another request: say so, or a client reuses it and loses its next request.
+    if resp.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
     }
     state
         .metrics
