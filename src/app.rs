@@ -139,6 +139,7 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
             if let Err(e) = store.init_markers().await {
                 warn!(error = %e, "could not read the dedupe marker layout; will retry");
             }
+            store.learn_listpack_limit().await;
             match store.eviction_policy().await {
                 Ok(p) if p != "noeviction" && !cfg.redis.allow_eviction => error!(
                     policy = %p,

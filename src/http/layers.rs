@@ -25,6 +25,17 @@ fn answer<R: IntoResponse, E: Into<Infallible>>(r: Result<R, E>) -> Answer {
     r.map(IntoResponse::into_response).map_err(Into::into)
 }
 
+/// The inner service's readiness, its error (none: routes are infallible) as ours.
+fn ready_inner<S: Service<Request>>(
+    inner: &mut S,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Infallible>>
+where
+    S::Error: Into<Infallible>,
+{
+    inner.poll_ready(cx).map_err(Into::into)
+}
+
 /// [`super::supported_encoding`] in front of every route.
 #[derive(Clone, Copy)]
 pub(crate) struct EncodingCheckLayer;
@@ -57,10 +68,7 @@ where
     type Future = Either<Ready<Answer>, Mapped<S>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
-            Poll::Pending => Poll::Pending,
-        }
+        ready_inner(&mut self.inner, cx)
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {
@@ -106,10 +114,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
-            Poll::Pending => Poll::Pending,
-        }
+        ready_inner(&mut self.inner, cx)
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {

@@ -148,17 +148,7 @@ impl Mover<'_> {
                 .query_async(conn)
                 .await?;
             cursor = next;
-            let mut by_target: std::collections::HashMap<u32, Vec<Vec<u8>>> = Default::default();
-            for m in members {
-                let Some(placement) = m.get(12..14) else {
-                    continue;
-                };
-                let placement = u16::from_be_bytes(placement.try_into().expect("2 bytes"));
-                for target in targets(report, shard, to, placement) {
-                    by_target.entry(target).or_default().push(m.clone());
-                }
-            }
-            for (target, members) in by_target {
+            for (target, members) in by_target(report, shard, to, members) {
                 let dest = self.store.keys.seen(target, bucket);
                 let mut p = redis::pipe();
                 p.cmd("SADD").arg(&dest).arg(members).ignore();
@@ -181,7 +171,7 @@ impl Mover<'_> {
     /// bucket of each marker's new shard — its slot there by that shard's slot count for the
     /// bucket, recorded from this one's if it has none — with the same expiry.
     async fn marker_hash(&mut self, shard: u32, key: &str) -> Result<(), StoreError> {
-        let (to, conn) = (self.to, &mut *self.conn);
+        let to = self.to;
         let mut parts = key.rsplitn(4, ':');
         let (Some(_slot), Some(bucket), Some(ttl)) = (parts.next(), parts.next(), parts.next())
         else {
@@ -194,7 +184,7 @@ impl Mover<'_> {
             .arg(&bucket_field)
             .cmd("PEXPIRETIME")
             .arg(key)
-            .query_async(conn)
+            .query_async(&mut *self.conn)
             .await?;
         let Some(slots) = slots else {
             return Ok(()); // the bucket's record is gone: its markers have expired
@@ -207,35 +197,15 @@ impl Mover<'_> {
                 .arg(cursor)
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(conn)
+                .query_async(&mut *self.conn)
                 .await?;
             cursor = next;
-            let mut by_target: std::collections::HashMap<u32, Vec<Vec<u8>>> = Default::default();
-            for (m, _) in pairs {
-                let Some(placement) = m.get(12..14) else {
-                    continue;
-                };
-                let placement = u16::from_be_bytes(placement.try_into().expect("2 bytes"));
-                for target in targets(&mut self.report, shard, to, placement) {
-                    by_target.entry(target).or_default().push(m.clone());
-                }
-            }
-            for (target, members) in by_target {
+            let members = pairs.into_iter().map(|(m, _)| m).collect();
+            for (target, members) in by_target(&mut self.report, shard, to, members) {
                 let n = match dest_slots.get(&target) {
                     Some(n) => *n,
                     None => {
-                        let marks = self.store.keys.marks(target);
-                        let (n,): (u32,) = redis::pipe()
-                            .cmd("HSETNX")
-                            .arg(&marks)
-                            .arg(&bucket_field)
-                            .arg(slots)
-                            .ignore()
-                            .cmd("HGET")
-                            .arg(&marks)
-                            .arg(&bucket_field)
-                            .query_async(conn)
-                            .await?;
+                        let n = self.slot_count(target, &bucket_field, slots).await?;
                         dest_slots.insert(target, n);
                         n
                     }
@@ -259,12 +229,35 @@ impl Mover<'_> {
                             .ignore();
                     }
                 }
-                p.query_async::<()>(conn).await?;
+                p.query_async::<()>(&mut *self.conn).await?;
             }
             if cursor == 0 {
                 return Ok(());
             }
         }
+    }
+
+    /// The destination shard's slot count for a marker bucket, recorded as `slots` (the
+    /// source's) if it has none yet.
+    async fn slot_count(
+        &mut self,
+        target: u32,
+        bucket_field: &str,
+        slots: u32,
+    ) -> Result<u32, StoreError> {
+        let marks = self.store.keys.marks(target);
+        let (n,): (u32,) = redis::pipe()
+            .cmd("HSETNX")
+            .arg(&marks)
+            .arg(bucket_field)
+            .arg(slots)
+            .ignore()
+            .cmd("HGET")
+            .arg(&marks)
+            .arg(bucket_field)
+            .query_async(&mut *self.conn)
+            .await?;
+        Ok(n)
     }
 
     /// Copies one marker of the previous layout (a string key per id, whose value was a window
@@ -344,6 +337,27 @@ impl Mover<'_> {
             }
         }
     }
+}
+
+/// Markers (14 bytes: digest, then placement) grouped by the shards, other than `shard`, they
+/// go to under `to` shards.
+fn by_target(
+    report: &mut ReshardReport,
+    shard: u32,
+    to: u32,
+    markers: Vec<Vec<u8>>,
+) -> std::collections::HashMap<u32, Vec<Vec<u8>>> {
+    let mut out: std::collections::HashMap<u32, Vec<Vec<u8>>> = Default::default();
+    for m in markers {
+        let Some(placement) = m.get(12..14) else {
+            continue;
+        };
+        let placement = u16::from_be_bytes(placement.try_into().expect("2 bytes"));
+        for target in targets(report, shard, to, placement) {
+            out.entry(target).or_default().push(m.clone());
+        }
+    }
+    out
 }
 
 /// The shards, other than `shard`, that a marker of this placement goes to under `to` shards.

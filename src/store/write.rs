@@ -273,11 +273,18 @@ impl Store {
             if sets_until <= now { 0 } else { sets_until },
             std::sync::atomic::Ordering::Relaxed,
         );
-        // Markers per slot hash: 64, or a quarter of the entries Redis keeps a hash compact for
-        // if that is less, so that a bucket sized from one half as busy still fits, with room
-        // for the spread of markers over slots. Not more than 64: a
-        // listpack is searched linearly, and 64 fields of 14 bytes are already ~20 bytes an id.
-        // A Redis that refuses CONFIG (a managed one) keeps 64.
+        Ok(())
+    }
+
+    /// Learns, once at start, how many dedupe markers a slot hash may take: 64, or a quarter
+    /// of the entries Redis keeps a hash compact for if that is less, so that a bucket sized
+    /// from one half as busy still fits, with room for the spread of markers over slots. Not
+    /// more than 64: a listpack is searched linearly, and 64 fields of 14 bytes are already
+    /// ~20 bytes an id. A Redis that refuses CONFIG (a managed one) keeps 64.
+    pub async fn learn_listpack_limit(&self) {
+        let Ok(mut c) = self.conn().await else {
+            return;
+        };
         let limit: Result<Vec<String>, _> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("hash-max-listpack-entries")
@@ -290,7 +297,6 @@ impl Store {
             self.marks_per_slot
                 .store((n / 4).clamp(1, 64), std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(())
     }
 
     /// Seals the shard if its window has ended (idempotent).

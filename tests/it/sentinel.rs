@@ -109,49 +109,11 @@ async fn failover(wait: bool) {
     assert!(ok, "the replica syncs");
     let (p, purl) = processor(Faults::default()).await;
     // A drain lock the dead master held survives on the promoted replica until it expires.
-    let mut v = settings(&master, &[("WINDOW", "2s"), ("LOCK_TTL", "2s")]);
-    v.remove("REDIS_URL");
-    v.insert(
-        "REDIS_SENTINEL_URLS".into(),
-        sentinels
-            .iter()
-            .map(|s| format!("redis://127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(","),
-    );
-    v.insert("REDIS_SENTINEL_MASTER".into(), "mymaster".into());
-    if wait {
-        v.insert("REDIS_WAIT_REPLICAS".into(), "1".into());
-        v.insert("REDIS_WAIT_TIMEOUT".into(), "500ms".into());
-    }
-    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let v = sentinel_settings(&master, &sentinels, &purl, wait.then_some("500ms"));
     let a = Ingestor::spawn(&v, dir.path(), "a").await;
     let b = Ingestor::spawn(&v, dir.path(), "b").await;
     let ledger = dir.path().join("ledger.json");
-    let (urls, ledger_arg) = (
-        format!("{},{}", a.base, b.base),
-        ledger.display().to_string(),
-    );
-    let load = tokio::spawn(async move {
-        producer(&[
-            "--url",
-            &urls,
-            "--ids",
-            "--retries",
-            "60",
-            "--mode",
-            "rate",
-            "--rate",
-            "200",
-            "--duration",
-            "14s",
-            "--tenants",
-            "200",
-            "--ledger",
-            &ledger_arg,
-        ])
-        .await
-    });
+    let load = start_load(&a, &b, &ledger, "14s");
     tokio::time::sleep(Duration::from_secs(3)).await;
     master.crash();
     let killed_at = std::time::Instant::now();
@@ -218,34 +180,13 @@ async fn failover(wait: bool) {
             .totals();
         wait_delivered(&a.base, Duration::from_secs(60)).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let found: std::collections::BTreeMap<_, _> = p
-            .totals()
-            .totals
-            .into_iter()
-            .map(|k| ((k.tenant_id, k.product_sku, k.use_unit), k.used_amount))
-            .collect();
-        let mut lost = Dec::default();
-        for k in &acked {
-            let key = (
-                k.tenant_id.clone(),
-                k.product_sku.clone(),
-                k.use_unit.clone(),
-            );
-            let got = found.get(&key).cloned().unwrap_or_default();
-            assert!(
-                got <= k.used_amount,
-                "{key:?} counted more than acknowledged: {got} > {}",
-                k.used_amount
-            );
-            lost += &k.used_amount - got;
-        }
-        let total: Dec = acked.iter().map(|k| &k.used_amount).sum();
+        let (lost, total) = never_more_than_acknowledged(&acked, &delivered(&p), &[])
+            .unwrap_or_else(|e| panic!("{e}"));
         println!(
             "failover without WAIT: {} of {} acknowledged units lost, nothing doubled",
             money::canonical(&lost),
             money::canonical(&total)
         );
-        assert!(found.len() <= acked.len(), "no key the producer never sent");
     }
     assert_eq!(p.totals().redelivered, 0);
     // Both replicas rode through it without a restart.
@@ -292,40 +233,11 @@ async fn an_old_master_cut_off_from_its_replicas_is_left_and_delivers_nothing() 
     assert!(ok, "the replica syncs");
     let (p, purl) = processor(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut v = settings(&old, &[("WINDOW", "2s"), ("LOCK_TTL", "2s")]);
-    v.remove("REDIS_URL");
-    v.insert("REDIS_SENTINEL_URLS".into(), sentinel_urls(&sentinels));
-    v.insert("REDIS_SENTINEL_MASTER".into(), "mymaster".into());
-    v.insert("REDIS_WAIT_REPLICAS".into(), "1".into());
-    v.insert("REDIS_WAIT_TIMEOUT".into(), "300ms".into());
-    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    let v = sentinel_settings(&old, &sentinels, &purl, Some("300ms"));
     let a = Ingestor::spawn(&v, dir.path(), "a").await;
     let b = Ingestor::spawn(&v, dir.path(), "b").await;
     let ledger = dir.path().join("ledger.json");
-    let (urls, ledger_arg) = (
-        format!("{},{}", a.base, b.base),
-        ledger.display().to_string(),
-    );
-    let load = tokio::spawn(async move {
-        producer(&[
-            "--url",
-            &urls,
-            "--ids",
-            "--retries",
-            "60",
-            "--mode",
-            "rate",
-            "--rate",
-            "200",
-            "--duration",
-            "12s",
-            "--tenants",
-            "200",
-            "--ledger",
-            &ledger_arg,
-        ])
-        .await
-    });
+    let load = start_load(&a, &b, &ledger, "12s");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut c = redis::Client::open(format!("redis://127.0.0.1:{}", sentinels[0].port))
         .unwrap()
@@ -366,14 +278,14 @@ async fn an_old_master_cut_off_from_its_replicas_is_left_and_delivers_nothing() 
     wait_delivered(&a.base, Duration::from_secs(60)).await;
     wait_delivered(&b.base, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let totals = p.totals();
-    let found: std::collections::BTreeMap<_, _> = totals
-        .totals
-        .into_iter()
-        .map(|k| ((k.tenant_id, k.product_sku, k.use_unit), k.used_amount))
-        .collect();
+    let found = delivered(&p);
+    let after_key = (
+        "after-failover".to_string(),
+        "sku".to_string(),
+        "unit".to_string(),
+    );
     assert_eq!(
-        found.get(&("after-failover".into(), "sku".into(), "unit".into())),
+        found.get(&after_key),
         Some(&dec(3.0)),
         "both pulses sent after the failover are delivered, once"
     );
@@ -384,8 +296,94 @@ async fn an_old_master_cut_off_from_its_replicas_is_left_and_delivers_nothing() 
     let acked = pulse_producer::ledger::Ledger::load(&ledger)
         .unwrap()
         .totals();
+    let (lost, total) = match never_more_than_acknowledged(&acked, &found, &[after_key]) {
+        Ok(r) => r,
+        Err(e) => panic!("{e} (logs kept in {})", dir.keep().display()),
+    };
+    println!(
+        "isolated old master: {} of {} acknowledged units lost while Sentinel moved the replicas, nothing delivered that was not acknowledged",
+        money::canonical(&lost),
+        money::canonical(&total)
+    );
+    // (A window both sides held may reach the Processor from each, under one record id: it
+    // keeps one, which is why the loss above is bounded by what the move discarded.)
+}
+
+/// The service's settings for reaching Redis through `sentinels` only, with 2 s windows and
+/// `REDIS_WAIT_REPLICAS=1` waiting up to `wait` when given.
+fn sentinel_settings(
+    redis: &RedisServer,
+    sentinels: &[Sentinel],
+    purl: &str,
+    wait: Option<&str>,
+) -> std::collections::HashMap<String, String> {
+    // A drain lock a dead master held survives on the promoted replica until it expires.
+    let mut v = settings(redis, &[("WINDOW", "2s"), ("LOCK_TTL", "2s")]);
+    v.remove("REDIS_URL");
+    let urls: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("redis://127.0.0.1:{}", s.port))
+        .collect();
+    v.insert("REDIS_SENTINEL_URLS".into(), urls.join(","));
+    v.insert("REDIS_SENTINEL_MASTER".into(), "mymaster".into());
+    if let Some(t) = wait {
+        v.insert("REDIS_WAIT_REPLICAS".into(), "1".into());
+        v.insert("REDIS_WAIT_TIMEOUT".into(), t.into());
+    }
+    v.insert("PROCESSOR_URL".into(), format!("{purl}/batches"));
+    v
+}
+
+/// Pulses with ids at 200 requests/s over 200 tenants for `duration`, to both replicas,
+/// retried (same ids) through 503s and failovers; the 2xx'd ones in `ledger`.
+fn start_load(
+    a: &Ingestor,
+    b: &Ingestor,
+    ledger: &std::path::Path,
+    duration: &str,
+) -> tokio::task::JoinHandle<(i32, String)> {
+    let urls = format!("{},{}", a.base, b.base);
+    let (ledger, duration) = (ledger.display().to_string(), duration.to_string());
+    tokio::spawn(async move {
+        producer(&[
+            "--url",
+            &urls,
+            "--ids",
+            "--retries",
+            "60",
+            "--mode",
+            "rate",
+            "--rate",
+            "200",
+            "--duration",
+            &duration,
+            "--tenants",
+            "200",
+            "--ledger",
+            &ledger,
+        ])
+        .await
+    })
+}
+
+/// What the Processor holds, key by key.
+fn delivered(p: &pulse_producer::processor::Processor) -> std::collections::BTreeMap<Key, Dec> {
+    p.totals()
+        .totals
+        .into_iter()
+        .map(|k| ((k.tenant_id, k.product_sku, k.use_unit), k.used_amount))
+        .collect()
+}
+
+/// Key by key: nothing delivered above what was acknowledged, and no key delivered that was
+/// never acknowledged (but `extra`). Returns (acknowledged units lost, acknowledged in all).
+fn never_more_than_acknowledged(
+    acked: &[pulse_producer::processor::KeyTotal],
+    found: &std::collections::BTreeMap<Key, Dec>,
+    extra: &[Key],
+) -> Result<(Dec, Dec), String> {
     let mut lost = Dec::default();
-    for k in &acked {
+    for k in acked {
         let key = (
             k.tenant_id.clone(),
             k.product_sku.clone(),
@@ -393,39 +391,24 @@ async fn an_old_master_cut_off_from_its_replicas_is_left_and_delivers_nothing() 
         );
         let got = found.get(&key).cloned().unwrap_or_default();
         if got > k.used_amount {
-            let kept = dir.keep();
-            panic!(
-                "{key:?} delivered more than acknowledged: {got} > {} (logs kept in {})",
-                k.used_amount,
-                kept.display()
-            );
+            return Err(format!(
+                "{key:?} delivered more than acknowledged: {got} > {}",
+                k.used_amount
+            ));
         }
         lost += &k.used_amount - got;
     }
-    let total: Dec = acked.iter().map(|k| &k.used_amount).sum();
-    println!(
-        "isolated old master: {} of {} acknowledged units lost while Sentinel moved the replicas, nothing delivered that was not acknowledged",
-        money::canonical(&lost),
-        money::canonical(&total)
-    );
-    let never: Vec<_> = found
+    let never: Vec<&Key> = found
         .keys()
-        .filter(|(t, s, u)| {
-            t != "after-failover"
-                && !acked
-                    .iter()
-                    .any(|k| (&k.tenant_id, &k.product_sku, &k.use_unit) == (t, s, u))
+        .filter(|key| {
+            !extra.contains(key)
+                && !acked.iter().any(|k| {
+                    (&k.tenant_id, &k.product_sku, &k.use_unit) == (&key.0, &key.1, &key.2)
+                })
         })
         .collect();
-    assert!(never.is_empty(), "delivered, never acknowledged: {never:?}");
-    // (A window both sides held may reach the Processor from each, under one record id: it
-    // keeps one, which is why the loss above is bounded by what the move discarded.)
-}
-
-fn sentinel_urls(sentinels: &[Sentinel]) -> String {
-    sentinels
-        .iter()
-        .map(|s| format!("redis://127.0.0.1:{}", s.port))
-        .collect::<Vec<_>>()
-        .join(",")
+    if !never.is_empty() {
+        return Err(format!("delivered, never acknowledged: {never:?}"));
+    }
+    Ok((lost, acked.iter().map(|k| &k.used_amount).sum()))
 }

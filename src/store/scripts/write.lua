@@ -187,7 +187,7 @@ end
 -- Where a section's markers go and where earlier ones may be: {cur = key prefix, slots,
 -- hashes = {{key prefix, slots}...} of the previous bucket (and, after a change of DEDUPE_TTL,
 -- of the old bucketing's two), sets = the release before's sets still consulted, expire_at,
--- marks, count_field, touched/keys = the slot hashes written}.
+-- marks, count_field, touched = the slot hashes written}.
 local function marker_places(base, c)
   local ttl = c.ttl
   local bucket = math.floor(now / ttl)
@@ -222,7 +222,7 @@ local function marker_places(base, c)
   end
   local m = {cur = base .. ':seen:' .. f_cur .. ':', slots = slots, hashes = {}, sets = {},
     expire_at = string.format('%d', (bucket + 2) * ttl), marks = marks, count_field = 'c' .. f_cur,
-    touched = {}, keys = {}}
+    touched = {}}
   local function older(f, n)
     if n then
       m.hashes[#m.hashes + 1] = {base .. ':seen:' .. f .. ':', tonumber(n)}
@@ -343,10 +343,7 @@ for s = 1, #sections do
       if redis.call('HSETNX', key, mk, 1) == 0 then
         return false
       end
-      if not m.touched[key] then
-        m.touched[key] = true
-        m.keys[#m.keys + 1] = key
-      end
+      m.touched[key] = true
       added = added + 1
       for _, h in ipairs(m.hashes) do
         if redis.call('HEXISTS', h[1] .. slot(mk, h[2]), mk) == 1 then
@@ -405,7 +402,7 @@ for s = 1, #sections do
       end
     end
     if added > 0 then
-      for _, key in ipairs(m.keys) do
+      for key in pairs(m.touched) do
         redis.call('EXPIREAT', key, m.expire_at, 'NX')
       end
       redis.call('HINCRBY', m.marks, m.count_field, added)
