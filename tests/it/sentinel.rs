@@ -187,8 +187,18 @@ async fn failover(wait: bool) {
             money::canonical(&lost),
             money::canonical(&total)
         );
+        // A kill between a batch's 2xx and the HDEL that follows it leaves those records on
+        // the replica, which delivers them again under the same ids (at least once, stable ids:
+        // the Processor keeps one). Counted, not asserted away: the key-by-key check above is
+        // what the books promise.
+        println!(
+            "failover without WAIT: {} record ids delivered again",
+            p.totals().redelivered
+        );
     }
-    assert_eq!(p.totals().redelivered, 0);
+    if wait {
+        assert_eq!(p.totals().redelivered, 0);
+    }
     // Both replicas rode through it without a restart.
     for i in [&a, &b] {
         assert_eq!(
