@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The published API contracts, checked by tools nobody here wrote.
 
-- docs/openapi.json and docs/processor-openapi.json are exactly what the binary generates
-  (`pulse-ingestor openapi [--processor]`) and what a running instance serves at /openapi.json;
+- docs/openapi.json is what a running instance serves at /openapi.json (that both documents are
+  what the binary generates is the Rust test `http::openapi::the_published_contracts_are_current`);
 - both are valid OpenAPI (openapi-spec-validator);
 - Schemathesis fuzzes a live instance backed by a real redis-server, bounded in examples and
   time, with every check on: no 5xx, every status documented, every response matching its
@@ -32,12 +32,9 @@ def check(ok, what):
 
 
 ing = os.path.join(BIN, "pulse-ingestor")
-docs = {"docs/openapi.json": [], "docs/processor-openapi.json": ["--processor"]}
-for path, args in docs.items():
-    generated = json.loads(subprocess.run([ing, "openapi"] + args, capture_output=True, text=True,
-                                          check=True).stdout)
-    committed = json.load(open(os.path.join(ROOT, path)))
-    check(generated == committed, f"{path} is current (regenerate: pulse-ingestor openapi {' '.join(args)} > {path})")
+# That docs/*.json are what the code generates is a Rust test (http::openapi); here they are
+# validated and served.
+docs = ["docs/openapi.json", "docs/processor-openapi.json"]
 out = subprocess.run(["openapi-spec-validator"] + [os.path.join(ROOT, p) for p in docs], capture_output=True, text=True)
 check(out.returncode == 0, f"openapi-spec-validator: {out.stdout.strip()} {out.stderr.strip()}")
 

@@ -10,37 +10,43 @@
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-/// One aggregated record, as the Processor receives it. The first four fields are those the
-/// earlier Go ingestor posted.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A record as the Processor receives it (the first four fields are those the earlier Go
+/// ingestor posted). Its schema in the Processor contract is derived from this type.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Record {
     pub tenant_id: String,
     pub product_sku: String,
-    /// The exact total as a JSON number in canonical decimal form (no exponent, no trailing
-    /// zeros): a Processor that parses numbers as decimals reads it without loss.
+    /// The window's exact total for the key, a JSON number in canonical decimal form (no
+    /// exponent, no trailing zeros): parse it as a decimal to read it without loss.
     pub used_amount: ExactNumber,
     /// The same total as a string, for clients whose JSON parser reads numbers as doubles.
+    #[schema(pattern = r"^\d+(\.\d+)?$")]
     pub used_amount_text: String,
     pub use_unit: String,
-    /// Stable identity of `(window_start, tenant, sku, unit[, amendment])`: a re-delivery
-    /// carries the same id.
+    /// Stable id of (window, shard, tenant, sku, unit, amendment): a re-delivery carries the
+    /// same id. Upsert by it.
     pub record_id: String,
     /// RFC 3339, UTC.
+    #[schema(format = DateTime)]
     pub window_start: String,
+    #[schema(format = DateTime)]
     pub window_end: String,
-    /// How the key's pulses were aggregated over the window: `sum` (the default), or a
-    /// meter's `count`, `max`, `min`, `latest` (see README "Meters").
+    /// `sum`, or a meter's `count`, `max`, `min`, `latest`: each aggregation of a key is a
+    /// record of its own.
     pub aggregation: String,
-    /// For `latest`: the event time of the value (RFC 3339, ms), to combine it with the
-    /// window's other records of the key (the latest wins).
+    /// For `latest`: when its value was measured (RFC 3339, ms); of a key's records for one
+    /// window, the one with the latest `latest_at` holds the value.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub latest_at: Option<String>,
-    /// Set on an amendment: late pulses of this window counted after its delivery began, the
-    /// n-th such record of the key. Add it to the window's total (a Processor whose invoice for
-    /// the period is final books it as an adjustment).
+    /// Present on an amendment: late pulses of this window counted after its delivery began,
+    /// the n-th such record of the key. A window's total for a key is the sum of its records;
+    /// book an amendment as an adjustment if the period's invoice is final.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub amends: Option<u32>,
 }
 
@@ -67,6 +73,18 @@ impl ExactNumber {
         self.0.get()
     }
 }
+
+/// In the contract: a non-negative JSON number.
+impl utoipa::PartialSchema for ExactNumber {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Number)
+            .minimum(Some(0.0))
+            .into()
+    }
+}
+
+impl ToSchema for ExactNumber {}
 
 impl Serialize for ExactNumber {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -165,71 +183,98 @@ impl ProcessorClient {
                 });
             }
         };
-        let status = resp.status();
-        if status.is_success() {
-            // Read the body so the connection is reused; a failure here is a dropped
-            // connection after a 2xx, which still means "accepted".
-            let _ = resp.bytes().await;
-            return Ok(());
-        }
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let location = resp
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let code = status.as_u16();
-        // A permanent refusal may name the records it refuses: read enough of it for that
-        // (bounded); other answers are only logged.
-        let limit = if is_permanent(code) {
-            MAX_REJECTION_BODY
-        } else {
-            512
-        };
-        let body = read_bounded(resp, limit).await;
-        let body = if is_permanent(code) {
-            body
-        } else {
-            body.chars().take(512).collect()
-        };
-        match code {
-            300..=399 => Err(ProcessorError::Retryable {
-                reason: "status_3xx",
-                detail: format!(
-                    "redirect to {:?} not followed; point PROCESSOR_URL at the final address",
-                    location.unwrap_or_default()
-                ),
-                retry_after,
-            }),
-            // Credentials rejected (a token being rotated): the records wait, and
-            // `ingestor_processor_auth_failures_total` alerts someone.
-            401 | 403 => Err(ProcessorError::Retryable {
-                reason: "status_auth",
-                detail: body,
-                retry_after,
-            }),
-            408 => Err(ProcessorError::Retryable {
-                reason: "status_408",
-                detail: body,
-                retry_after,
-            }),
-            429 => Err(ProcessorError::Retryable {
-                reason: "status_429",
-                detail: body,
-                retry_after,
-            }),
-            500..=599 => Err(ProcessorError::Retryable {
-                reason: "status_5xx",
-                detail: body,
-                retry_after,
-            }),
-            _ => Err(ProcessorError::Rejected { status: code, body }),
-        }
+        answer(resp).await
+    }
+}
+
+/// What the Processor's answer to a batch means: the Processor contract is generated from this
+/// function's annotation, beside the code that reads the answer.
+#[utoipa::path(
+    post, path = "/", tag = "processor",
+    operation_id = "processor_batches", summary = "A batch of aggregated records.",
+    description = "Headers: `Content-Type: application/json`, `Idempotency-Key` (derived from the batch's record ids: a re-sent batch carries the same key), `Authorization: Bearer PROCESSOR_TOKEN` when set. Answer 2xx only when the whole batch is stored — also for record ids already held.",
+    params(
+        ("Idempotency-Key" = String, Header, description = "The batch's id, stable across re-sends"),
+        ("Authorization" = Option<String>, Header, description = "Bearer PROCESSOR_TOKEN, when configured"),
+    ),
+    request_body(content = Vec<Record>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stored (any 2xx): the records are deleted from Redis"),
+        (status = 401, description = "Credentials refused (a token being rotated): retried later, counted in ingestor_processor_auth_failures_total"),
+        (status = 403, description = "As 401"),
+        (status = 408, description = "Retried with backoff"),
+        (status = 409, description = "Permanent refusal, treated as 422. Answer 2xx for a duplicate instead"),
+        (status = 422, description = "Permanent refusal of some records. Name them with a Rejected body: those are dead-lettered with your reasons and the rest of the batch is POSTed again as a batch of its own. An unstructured 400/409/422 (or one naming ids not in the batch) is narrowed down by halving the batch, within 64 extra POSTs; both halves refused alike means the whole batch is refused. Any other permanent status (404, 410, 413...) dead-letters the whole batch. Dead letters are kept and replayable record by record", body = Rejected),
+        (status = 429, description = "Retried after Retry-After (capped by DELIVERY_MAX_BACKOFF)",
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "Any 5xx (or no answer, or a 3xx, which is never followed): retried with capped exponential backoff; the records stay in Redis"),
+    )
+)]
+pub(crate) async fn answer(resp: reqwest::Response) -> Result<(), ProcessorError> {
+    let status = resp.status();
+    if status.is_success() {
+        // Read the body so the connection is reused; a failure here is a dropped
+        // connection after a 2xx, which still means "accepted".
+        let _ = resp.bytes().await;
+        return Ok(());
+    }
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let code = status.as_u16();
+    // A permanent refusal may name the records it refuses: read enough of it for that
+    // (bounded); other answers are only logged.
+    let limit = if is_permanent(code) {
+        MAX_REJECTION_BODY
+    } else {
+        512
+    };
+    let body = read_bounded(resp, limit).await;
+    let body = if is_permanent(code) {
+        body
+    } else {
+        body.chars().take(512).collect()
+    };
+    match code {
+        300..=399 => Err(ProcessorError::Retryable {
+            reason: "status_3xx",
+            detail: format!(
+                "redirect to {:?} not followed; point PROCESSOR_URL at the final address",
+                location.unwrap_or_default()
+            ),
+            retry_after,
+        }),
+        // Credentials rejected (a token being rotated): the records wait, and
+        // `ingestor_processor_auth_failures_total` alerts someone.
+        401 | 403 => Err(ProcessorError::Retryable {
+            reason: "status_auth",
+            detail: body,
+            retry_after,
+        }),
+        408 => Err(ProcessorError::Retryable {
+            reason: "status_408",
+            detail: body,
+            retry_after,
+        }),
+        429 => Err(ProcessorError::Retryable {
+            reason: "status_429",
+            detail: body,
+            retry_after,
+        }),
+        500..=599 => Err(ProcessorError::Retryable {
+            reason: "status_5xx",
+            detail: body,
+            retry_after,
+        }),
+        _ => Err(ProcessorError::Rejected { status: code, body }),
     }
 }
 
@@ -254,20 +299,26 @@ async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// A refusal naming the records it is about (at most 1 MiB of it is read).
+#[derive(Deserialize, ToSchema)]
+pub struct Rejected {
+    rejected: Vec<RejectedRecord>,
+}
+
+/// One refused record.
+#[derive(Deserialize, ToSchema)]
+pub struct RejectedRecord {
+    /// A record_id of the refused batch.
+    record_id: String,
+    /// Why (any JSON value): kept with the dead letter.
+    #[serde(default)]
+    reason: serde_json::Value,
+}
+
 /// The records a refusal names: `{"rejected": [{"record_id": "...", "reason": ...}, ...]}`
 /// (the Processor contract). `None` for any other body.
 pub fn named_rejections(body: &str) -> Option<Vec<(String, serde_json::Value)>> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        rejected: Vec<One>,
-    }
-    #[derive(serde::Deserialize)]
-    struct One {
-        record_id: String,
-        #[serde(default)]
-        reason: serde_json::Value,
-    }
-    let named: Named = serde_json::from_str(body).ok()?;
+    let named: Rejected = serde_json::from_str(body).ok()?;
     if named.rejected.is_empty() {
         return None;
     }

@@ -42,7 +42,10 @@ impl Write for Forgiving {
 }
 
 /// Keeps the log writer's thread; dropping it flushes what is queued.
-pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+pub struct LogGuard {
+    /// Held, never read: dropping it flushes the log writer.
+    _flush_on_drop: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
 
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing).
 pub fn init(format: LogFormat) -> LogGuard {
@@ -59,5 +62,7 @@ pub fn init(format: LogFormat) -> LogGuard {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.with_ansi(ansi).try_init(),
     };
-    LogGuard(installed.ok().map(|()| guard))
+    LogGuard {
+        _flush_on_drop: installed.ok().map(|()| guard),
+    }
 }

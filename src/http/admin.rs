@@ -61,8 +61,8 @@ pub(super) async fn require_token(
     post, path = "/admin/flush", tag = "admin",
     security((), ("admin_token" = [])),
     responses(
-        (status = 200, description = "What was sealed and delivered", body = super::openapi::Report),
-        super::openapi::AdminErrors,
+        (status = 200, description = "What was sealed and delivered", body = super::Report),
+        super::error::AdminErrors,
     )
 )]
 pub async fn flush(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -75,8 +75,8 @@ pub async fn flush(State(state): State<AppState>) -> Result<Response, ApiError> 
     get, path = "/admin/pending", tag = "admin",
     security((), ("admin_token" = [])),
     responses(
-        (status = 200, description = "Pending windows and dead letters", body = super::openapi::Report),
-        super::openapi::AdminErrors,
+        (status = 200, description = "Pending windows and dead letters", body = super::Report),
+        super::error::AdminErrors,
     )
 )]
 pub async fn pending(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -115,8 +115,8 @@ pub struct ReplayQuery {
     params(ReplayQuery),
     security((), ("admin_token" = [])),
     responses(
-        (status = 200, description = "Records moved back for delivery", body = super::openapi::Report),
-        super::openapi::DeadLetterErrors,
+        (status = 200, description = "Records moved back for delivery", body = super::Report),
+        super::error::DeadLetterErrors,
     )
 )]
 pub async fn replay(
@@ -180,8 +180,8 @@ pub struct SetAside {
     request_body(content = SetAside, content_type = "application/json"),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The record set aside, with its audit entry", body = super::openapi::Report),
-        super::openapi::DeadLetterErrors,
+        (status = 200, description = "The record set aside, with its audit entry", body = super::Report),
+        super::error::DeadLetterErrors,
     )
 )]
 pub async fn set_aside(
@@ -253,8 +253,8 @@ pub async fn set_aside(
     get, path = "/admin/dead-letters/set-aside", tag = "admin",
     security((), ("admin_token" = [])),
     responses(
-        (status = 200, description = "Audit entries: who, when, why, the record and its exact amount", body = super::openapi::Report),
-        super::openapi::AdminErrors,
+        (status = 200, description = "Audit entries: who, when, why, the record and its exact amount", body = super::Report),
+        super::error::AdminErrors,
     )
 )]
 pub async fn set_aside_log(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -272,8 +272,8 @@ pub async fn set_aside_log(State(state): State<AppState>) -> Result<Response, Ap
     get, path = "/admin/rejections", tag = "admin",
     security((), ("admin_token" = [])),
     responses(
-        (status = 200, description = "Recent refused requests, newest first", body = super::openapi::Report),
-        super::openapi::AdminErrors,
+        (status = 200, description = "Recent refused requests, newest first", body = super::Report),
+        super::error::AdminErrors,
     )
 )]
 pub async fn rejections(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -302,8 +302,8 @@ pub async fn rejections(State(state): State<AppState>) -> Result<Response, ApiEr
     get, path = "/admin/dead-letters", tag = "admin",
     security((), ("admin_token" = [])),
     responses(
-        (status = 200, description = "Dead-lettered records with their exact amounts and reasons", body = super::openapi::Report),
-        super::openapi::AdminErrors,
+        (status = 200, description = "Dead-lettered records with their exact amounts and reasons", body = super::Report),
+        super::error::AdminErrors,
     )
 )]
 pub async fn dead_letters(State(state): State<AppState>) -> Result<Response, ApiError> {

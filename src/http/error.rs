@@ -7,11 +7,16 @@
 //! rejections stream (`/admin/rejections`). Every 503 gets `Retry-After: RETRY_AFTER` from that
 //! middleware, whichever part of the service answered it; a 429 carries the limiter's own wait.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{IntoResponses, PartialSchema, ToSchema};
 
 use crate::pulse::FieldError;
 use crate::store::StoreError;
@@ -122,18 +127,27 @@ impl ApiError {
         })
     }
 
-    /// The JSON body clients see.
-    fn body(&self) -> serde_json::Value {
-        match self {
-            ApiError::Malformed(m) => json!({"error": "malformed JSON", "detail": m}),
-            ApiError::Unauthorized => json!({"error": "missing or invalid admin token"}),
-            ApiError::NoApiKey(m) => json!({"error": m}),
+    /// The body clients see.
+    fn body(&self) -> ErrorBody<'_> {
+        let error: Cow<'_, str> = match self {
+            ApiError::Malformed(m) => {
+                return ErrorBody {
+                    error: "malformed JSON".into(),
+                    detail: Some(m),
+                    fields: None,
+                };
+            }
+            ApiError::Unauthorized => "missing or invalid admin token".into(),
+            ApiError::NoApiKey(m) => (*m).into(),
             ApiError::TooManyRequests { tenant, .. } => {
-                json!({"error": format!("rate limit of tenant {tenant:?} exceeded; retry later")})
+                format!("rate limit of tenant {tenant:?} exceeded; retry later").into()
             }
-            ApiError::Forbidden(m) | ApiError::TooLarge(m) | ApiError::UnsupportedMediaType(m) => {
-                json!({"error": m})
-            }
+            ApiError::Forbidden(m)
+            | ApiError::TooLarge(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::Unavailable(m)
+            | ApiError::Ambiguous(m)
+            | ApiError::NotFound(m) => m.as_str().into(),
             ApiError::Invalid(errors) => {
                 let summary = errors
                     .iter()
@@ -143,15 +157,118 @@ impl ApiError {
                     })
                     .collect::<Vec<_>>()
                     .join("; ");
-                json!({"error": summary, "fields": errors})
+                return ErrorBody {
+                    error: summary.into(),
+                    detail: None,
+                    fields: Some(errors),
+                };
             }
-            ApiError::Unavailable(message)
-            | ApiError::Ambiguous(message)
-            | ApiError::NotFound(message) => {
-                json!({"error": message})
-            }
-            ApiError::Storage(_) => json!({"error": "storage unavailable"}),
+            ApiError::Storage(_) => "storage unavailable".into(),
+        };
+        ErrorBody::message(error)
+    }
+}
+
+/// Every error body.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody<'a> {
+    /// What went wrong, about the client's input.
+    #[schema(value_type = String)]
+    pub error: Cow<'a, str>,
+    /// More detail (malformed JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+    /// Each invalid field (422).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fields: Option<&'a [FieldError]>,
+}
+
+impl<'a> ErrorBody<'a> {
+    /// A body with only its message.
+    pub fn message(error: impl Into<Cow<'a, str>>) -> Self {
+        ErrorBody {
+            error: error.into(),
+            detail: None,
+            fields: None,
         }
+    }
+}
+
+/// A documented refusal: status, meaning, whether it carries `Retry-After`.
+type Refusal = (u16, &'static str, bool);
+
+/// The error answers of a route family, as `utoipa::IntoResponses`: each an [`ErrorBody`].
+fn refusals(list: &[Refusal]) -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+    list.iter()
+        .map(|&(status, description, retry_after)| {
+            let mut r = ResponseBuilder::new().description(description);
+            if status != 408 {
+                r = r.content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::Ref(Ref::from_schema_name("Error"))))
+                        .build(),
+                );
+            }
+            if retry_after {
+                r = r.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(u64::schema())
+                        .description(Some("Seconds"))
+                        .build(),
+                );
+            }
+            (status.to_string(), r.build().into())
+        })
+        .collect()
+}
+
+/// The refusals both ingest routes share (their 202 differs).
+pub struct IngestErrors;
+
+impl IntoResponses for IngestErrors {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        refusals(&[
+            (400, "Not JSON, not the expected shape, duplicate keys", false),
+            (401, "API keys on: X-API-Key missing or unknown", false),
+            (403, "API keys on: the key may not send for this tenant", false),
+            (408, "The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued", false),
+            (413, "Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request", false),
+            (415, "Content type not accepted", false),
+            (422, "A field is missing or invalid (each is named; batch items with their index)", false),
+            (429, "The tenant is over its rate limit", true),
+            (500, "A bug: the handler panicked (counted; the service keeps running)", false),
+            (503, "Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key", true),
+        ])
+    }
+}
+
+/// The error answers every `/admin` route shares.
+pub struct AdminErrors;
+
+impl IntoResponses for AdminErrors {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        refusals(&[
+            (401, "ADMIN_TOKEN is set and the bearer token is missing or wrong", false),
+            (503, "Redis unavailable (or, for replay, a shard is being drained)", true),
+        ])
+    }
+}
+
+/// The refusals of the routes that act on one dead letter.
+pub struct DeadLetterErrors;
+
+impl IntoResponses for DeadLetterErrors {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        refusals(&[
+            (400, "Not the expected JSON body", false),
+            (401, "The bearer token is missing or wrong (setting aside: also when ADMIN_TOKEN is not set)", false),
+            (404, "No dead letter with that record_id", false),
+            (422, "Operator or reason missing or too long", false),
+            (503, "Redis unavailable, or the shard is being drained", true),
+        ])
     }
 }
 

@@ -12,8 +12,8 @@ use super::AppState;
 #[utoipa::path(
     get, path = "/healthz", tag = "operations",
     responses(
-        (status = 200, description = "Alive", body = super::openapi::Report),
-        (status = 503, description = "A long-lived task failed; the process is stopping", body = super::openapi::Report),
+        (status = 200, description = "Alive", body = super::Report),
+        (status = 503, description = "A long-lived task failed; the process is stopping", body = super::Report),
     )
 )]
 pub async fn healthz(State(state): State<AppState>) -> Response {
@@ -31,8 +31,8 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "Ready", body = super::openapi::Report),
-        (status = 503, description = "Not ready; the body says why (Redis, eviction policy, queue, failure, shutdown)", body = super::openapi::Report),
+        (status = 200, description = "Ready", body = super::Report),
+        (status = 503, description = "Not ready; the body says why (Redis, eviction policy, queue, failure, shutdown)", body = super::Report),
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {

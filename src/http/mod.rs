@@ -32,7 +32,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::decompression::RequestDecompressionLayer;
@@ -71,36 +71,56 @@ pub(crate) struct AppContext {
     pub(crate) rejection_slots: Arc<tokio::sync::Semaphore>,
 }
 
+/// The operator routes (`/admin/*`), behind the admin token. With [`api_routes`] and
+/// `/metrics`, the routes the router serves: the contract test compares them with the
+/// documented paths.
+pub(crate) fn admin_routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/admin/flush", post(admin::flush)),
+        ("/admin/pending", get(admin::pending)),
+        ("/admin/dead-letters", get(admin::dead_letters)),
+        ("/admin/dead-letters/replay", post(admin::replay)),
+        (
+            "/admin/dead-letters/set-aside",
+            post(admin::set_aside).get(admin::set_aside_log),
+        ),
+        ("/admin/rejections", get(admin::rejections)),
+    ]
+}
+
+/// The routes open to clients (ingest, usage, health, the contract).
+pub(crate) fn api_routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/ingest", post(ingest::one)),
+        ("/ingest/batch", post(ingest::batch)),
+        ("/ingest/batch/partial", post(ingest::partial)),
+        ("/healthz", get(health::healthz)),
+        ("/readyz", get(health::readyz)),
+        ("/openapi.json", get(openapi::openapi_json)),
+        ("/v1/usage", get(usage::usage)),
+        ("/v1/status", get(usage::status)),
+        ("/ui", get(usage::ui)),
+    ]
+}
+
+fn with_routes(
+    router: Router<AppState>,
+    routes: Vec<(&'static str, MethodRouter<AppState>)>,
+) -> Router<AppState> {
+    routes
+        .into_iter()
+        .fold(router, |r, (path, handlers)| r.route(path, handlers))
+}
+
 /// Builds the router.
 pub(crate) fn router(state: AppState) -> Router {
     let body_limit = state.cfg.limits.max_body_bytes;
     let metrics_here = state.cfg.metrics_addr.is_none();
     // Operator routes: the admin token is checked once, for all of them.
-    let admin = Router::new()
-        .route("/admin/flush", post(admin::flush))
-        .route("/admin/pending", get(admin::pending))
-        .route("/admin/dead-letters", get(admin::dead_letters))
-        .route("/admin/dead-letters/replay", post(admin::replay))
-        .route(
-            "/admin/dead-letters/set-aside",
-            post(admin::set_aside).get(admin::set_aside_log),
-        )
-        .route("/admin/rejections", get(admin::rejections))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            admin::require_token,
-        ));
-    let api = Router::new()
-        .route("/ingest", post(ingest::one))
-        .route("/ingest/batch", post(ingest::batch))
-        .route("/ingest/batch/partial", post(ingest::partial))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .merge(admin)
-        .route("/openapi.json", get(openapi::openapi_json))
-        .route("/v1/usage", get(usage::usage))
-        .route("/v1/status", get(usage::status))
-        .route("/ui", get(usage::ui));
+    let admin = with_routes(Router::new(), admin_routes()).route_layer(
+        middleware::from_fn_with_state(state.clone(), admin::require_token),
+    );
+    let api = with_routes(Router::new(), api_routes()).merge(admin);
     // With METRICS_ADDR set, /metrics lives on its own listener only.
     let api = if metrics_here {
         api.route("/metrics", get(health::metrics))
@@ -142,9 +162,9 @@ fn panic_response(
     move |panic| {
         metrics.handler_panics.inc();
         tracing::error!(panic = %crate::supervise::panic_message(&*panic), "request handler panicked");
-        let body = axum::Json(
-            serde_json::json!({"error": "internal error; nothing was counted for this request unless a retry with the same pulse_id says so"}),
-        );
+        let body = axum::Json(error::ErrorBody::message(
+            "internal error; nothing was counted for this request unless a retry with the same pulse_id says so",
+        ));
         axum::response::IntoResponse::into_response((
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             body,
@@ -189,6 +209,20 @@ fn supported_encoding(req: &mut Request) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A JSON object (operator answers, health).
+pub struct Report;
+
+impl utoipa::PartialSchema for Report {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Object)
+            .description(Some("A JSON object"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Report {}
 
 /// When a request started; handlers that wait for a commit answer before the request timeout
 /// (see `ingest::submit`).

@@ -110,11 +110,11 @@ fn authorise(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<(), 
     security((), ("api_key" = []), ("admin_token" = [])),
     responses(
         (status = 200, description = "The tenant's usage (empty windows list when none)", body = Usage),
-        (status = 400, description = "A parameter is malformed", body = super::openapi::Error),
-        (status = 401, description = "API keys on: X-API-Key missing or unknown", body = super::openapi::Error),
-        (status = 403, description = "The key may not read this tenant", body = super::openapi::Error),
-        (status = 422, description = "tenant_id is empty or too long", body = super::openapi::Error),
-        (status = 503, description = "Redis unavailable", body = super::openapi::Error,
+        (status = 400, description = "A parameter is malformed", body = super::error::ErrorBody),
+        (status = 401, description = "API keys on: X-API-Key missing or unknown", body = super::error::ErrorBody),
+        (status = 403, description = "The key may not read this tenant", body = super::error::ErrorBody),
+        (status = 422, description = "tenant_id is empty or too long", body = super::error::ErrorBody),
+        (status = 503, description = "Redis unavailable", body = super::error::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -254,7 +254,7 @@ pub struct Status {
     get, path = "/v1/status", tag = "usage",
     responses(
         (status = 200, description = "Status", body = Status),
-        (status = 503, description = "Redis unavailable", body = super::openapi::Error,
+        (status = 503, description = "Redis unavailable", body = super::error::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]

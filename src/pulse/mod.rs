@@ -9,8 +9,10 @@ use serde_json::value::RawValue;
 use crate::amount::Amount;
 
 mod batch;
+mod schema;
 #[cfg(test)]
 use batch::derived_id;
+pub use schema::{AnyBatch, Batch};
 
 /// A validated usage pulse.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,8 +38,8 @@ pub struct Limits {
     pub allowed_units: Option<Vec<String>>,
 }
 
-/// One problem with one field of one pulse.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One invalid field (of one pulse, or of the request).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// Index in a batch; absent for a single pulse.
     #[serde(skip_serializing_if = "Option::is_none")]

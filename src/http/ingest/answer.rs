@@ -1,0 +1,193 @@
+//! What an ingest request answers: the 202 body ([`Accepted`], with [`ItemAnswer`]s when asked
+//! for) and the request's [`Shape`], which decides what the answer says. The contract's schemas
+//! are derived from these types.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::ingest::Outcome;
+use crate::pulse::FieldError;
+
+/// The answer to an accepted request.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Accepted {
+    pub status: AcceptedStatus,
+    /// Pulses counted by this request (durable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<usize>,
+    /// Pulses recognised as re-sends of an id already counted (durable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<usize>,
+    /// Start (unix seconds) of the window the pulses were counted in, when it is one window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_start: Option<u64>,
+    /// Pulses queued (enqueued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulses: Option<usize>,
+    /// Stamped pulses: the windows their timestamps placed them in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<u64>>,
+    /// Stamped pulses that joined their sealed window before its delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub late: Option<usize>,
+    /// Stamped pulses counted in an amendment of a delivered window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amended: Option<usize>,
+    /// Stamped pulses counted ahead, in a window not yet open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<usize>,
+    /// `?detail=items` and the partial route: every item, in body order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<ItemAnswer>>,
+}
+
+/// `committed` (durable: in Redis) or `queued` (`ACK_MODE=enqueued`).
+#[derive(Debug, Default, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptedStatus {
+    #[default]
+    Committed,
+    Queued,
+}
+
+/// What became of one item of a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemAnswer {
+    /// Index in the body.
+    pub index: usize,
+    pub status: ItemStatus,
+    /// The window it went to (counted or duplicate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_start: Option<u64>,
+    /// Why it was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<ItemError>>,
+}
+
+/// `counted`, `duplicate` (a re-send of an id already counted) or `refused` (partial route:
+/// not a valid pulse; nothing of it counted).
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemStatus {
+    Counted,
+    Duplicate,
+    Refused,
+}
+
+/// One problem of a refused item (its index is the item's).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemError {
+    pub field: String,
+    pub message: String,
+}
+
+impl Accepted {
+    /// Pulses queued, not yet committed (`ACK_MODE=enqueued`).
+    pub fn queued(pulses: usize) -> Self {
+        Accepted {
+            status: AcceptedStatus::Queued,
+            pulses: Some(pulses),
+            ..Default::default()
+        }
+    }
+
+    /// A durable commit's answer.
+    pub fn committed(o: &Outcome, shape: &Shape) -> Self {
+        let mut a = Accepted {
+            accepted: Some(o.accepted),
+            duplicates: Some(o.duplicates),
+            window_start: o.window_start.filter(|_| !o.windows_mixed),
+            items: shape.items(o),
+            ..Default::default()
+        };
+        if !o.stamped_windows.is_empty() {
+            a.windows = Some(o.stamped_windows.iter().copied().collect());
+            if o.window_start.is_none() && o.stamped_windows.len() == 1 {
+                a.window_start = o.stamped_windows.first().copied();
+            }
+            a.late = Some(o.late_joined);
+            a.amended = Some(o.amended);
+            a.ahead = Some(o.ahead);
+        }
+        a
+    }
+}
+
+/// What kind of ingest request, and what its answer must say.
+#[derive(Debug)]
+pub enum Shape {
+    One,
+    /// All or nothing; `detail`: answer per item. `index`: each pulse's index in the body.
+    Batch { detail: bool, index: Vec<usize> },
+    /// Item by item: `refused` lists the problems of the items not counted.
+    Partial {
+        index: Vec<usize>,
+        refused: Vec<FieldError>,
+    },
+}
+
+impl Shape {
+    pub fn is_batch(&self) -> bool {
+        !matches!(self, Shape::One)
+    }
+
+    pub fn detail(&self) -> bool {
+        matches!(
+            self,
+            Shape::Batch { detail: true, .. } | Shape::Partial { .. }
+        )
+    }
+
+    /// The body index of the request's `i`-th pulse.
+    pub fn original(&self, i: usize) -> usize {
+        match self {
+            Shape::Batch { index, .. } | Shape::Partial { index, .. } => {
+                index.get(i).copied().unwrap_or(i)
+            }
+            Shape::One => i,
+        }
+    }
+
+    /// The `items` of the answer, in body order, when asked for.
+    fn items(&self, o: &Outcome) -> Option<Vec<ItemAnswer>> {
+        if !self.detail() {
+            return None;
+        }
+        let mut items: Vec<ItemAnswer> = o
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| ItemAnswer {
+                index: self.original(i),
+                status: if it.counted {
+                    ItemStatus::Counted
+                } else {
+                    ItemStatus::Duplicate
+                },
+                window_start: Some(it.window_start),
+                errors: None,
+            })
+            .collect();
+        if let Shape::Partial { refused, .. } = self {
+            let mut by_index: std::collections::BTreeMap<usize, Vec<ItemError>> =
+                Default::default();
+            for e in refused {
+                by_index
+                    .entry(e.index.unwrap_or(0))
+                    .or_default()
+                    .push(ItemError {
+                        field: e.field.clone(),
+                        message: e.message.clone(),
+                    });
+            }
+            items.extend(by_index.into_iter().map(|(index, errors)| ItemAnswer {
+                index,
+                status: ItemStatus::Refused,
+                window_start: None,
+                errors: Some(errors),
+            }));
+        }
+        items.sort_by_key(|it| it.index);
+        Some(items)
+    }
+}
