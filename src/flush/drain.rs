@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::deliver::BatchResult;
+use super::deliver::{BatchResult, Courier};
 use crate::metrics::Metrics;
 use crate::processor::ProcessorClient;
 use crate::store::lock::DrainLock;
@@ -262,6 +262,15 @@ impl Drainer {
         w: &PendingWindow,
         stop: &CancellationToken,
     ) -> Result<(u64, u64), StoreError> {
+        let courier = Courier {
+            store: &self.store,
+            processor,
+            metrics: &self.metrics,
+            max_attempts: self.max_attempts,
+            max_backoff: self.max_backoff,
+            stop,
+        };
+        let courier = &courier;
         let mut cursor = 0u64;
         let mut buffer: Vec<(String, Option<String>)> = Vec::with_capacity(self.batch_size);
         let mut inflight = FuturesUnordered::new();
@@ -305,9 +314,7 @@ impl Drainer {
                 let c = conn.clone();
                 inflight.push(async move {
                     let _permit = self.in_flight.acquire().await.expect("never closed");
-                    let r = self
-                        .deliver_batch(processor, c, shard, w, &batch, stop)
-                        .await;
+                    let r = courier.deliver_batch(c, shard, w, &batch).await;
                     r.map(|r| (r, batch))
                 });
             }

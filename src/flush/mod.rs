@@ -7,6 +7,7 @@
 //! pending are delivered; failed windows are retried every `DRAIN_INTERVAL`.
 
 mod deliver;
+pub(crate) mod policy;
 pub mod drain;
 
 use std::sync::Arc;

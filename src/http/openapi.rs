@@ -9,7 +9,8 @@ use utoipa::{Modify, OpenApi};
 use super::Report;
 use super::error::ErrorBody;
 use super::ingest::Accepted;
-use crate::processor::{Record, Rejected, RejectedRecord};
+use crate::flush::policy::{Rejected, RejectedRecord};
+use crate::processor::Record;
 use crate::pulse::{Batch, FieldError, Pulse};
 
 struct Security;
@@ -74,7 +75,7 @@ pub struct ApiDoc;
         description = "What pulse-ingestor POSTs to PROCESSOR_URL, and what each answer means. Delivery is at-least-once; upsert by record_id and it is exactly-once. Redirects are never followed.",
         license(name = "MIT")
     ),
-    paths(crate::processor::answer),
+    paths(crate::flush::policy::classify),
     components(schemas(Record, Rejected, RejectedRecord))
 )]
 pub struct ProcessorDoc;
