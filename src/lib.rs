@@ -24,6 +24,8 @@
 //! - `supervise`: every long-lived task supervised; a dead one stops the process (13).
 //! - [`app`]: wires the parts together and orders a graceful shutdown (9).
 
+#![warn(clippy::too_many_lines)]
+
 pub mod amount;
 pub mod app;
 pub mod config;

@@ -185,42 +185,21 @@ impl Config {
 
     fn read(r: &mut Reader<'_>) -> Result<Self, ConfigError> {
         let listen_addr = r.parse(env::LISTEN_ADDR, "an address such as 0.0.0.0:8070");
-        let metrics_addr = match r.string(env::METRICS_ADDR) {
-            None => None,
-            Some(v) => v.parse().map(Some).unwrap_or_else(|_| {
-                let msg = format!("expected an address such as 127.0.0.1:9100, got {v:?}");
-                r.fail(env::METRICS_ADDR.name, msg);
-                None
-            }),
-        };
+        let metrics_addr = read_metrics_addr(r);
         let redis = RedisConfig::read(r);
-        let key_prefix = r.string_or_default(env::KEY_PREFIX);
-        if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
-            r.fail(
-                env::KEY_PREFIX.name,
-                "must not contain '{', '}' or control characters",
-            );
-        }
+        let key_prefix = read_key_prefix(r);
         let shards = r.count(env::SHARDS, 1, 16_384) as u32;
-        let window = r.duration(env::WINDOW, Duration::from_secs(1));
-        if window.subsec_nanos() != 0 {
-            r.fail(env::WINDOW.name, "must be a whole number of seconds");
-        }
-        let window_offset = r.duration(env::WINDOW_OFFSET, Duration::ZERO);
-        if window_offset.subsec_nanos() != 0 || window_offset >= window {
-            r.fail(
-                env::WINDOW_OFFSET.name,
-                "must be a whole number of seconds less than WINDOW",
-            );
-        }
-        let late_max_age = r.duration(env::LATE_MAX_AGE, Duration::from_secs(1));
-        if late_max_age > Duration::from_secs(60 * 86_400) {
-            r.fail(env::LATE_MAX_AGE.name, "must be at most 60d");
-        }
-        let max_future_skew = r.duration(env::MAX_FUTURE_SKEW, Duration::ZERO);
-        if max_future_skew > Duration::from_secs(86_400) {
-            r.fail(env::MAX_FUTURE_SKEW.name, "must be at most 1d");
-        }
+        let (window, window_offset) = read_window(r);
+        let late_max_age = r.duration_within(
+            env::LATE_MAX_AGE,
+            Duration::from_secs(1),
+            (Duration::from_secs(60 * 86_400), "60d"),
+        );
+        let max_future_skew = r.duration_within(
+            env::MAX_FUTURE_SKEW,
+            Duration::ZERO,
+            (Duration::from_secs(86_400), "1d"),
+        );
         let late_pulses = r.choice(env::LATE_PULSES);
         let stabilisation_delay = r.duration(env::STABILISATION_DELAY, Duration::ZERO);
         let delivery = DeliveryConfig::read(r);
@@ -228,10 +207,11 @@ impl Config {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let workers = r.count_or(env::WORKERS, cpus, 1, 1024);
         let worker_batch = r.count(env::WORKER_BATCH, 1, 100_000);
-        let commit_linger = r.duration(env::COMMIT_LINGER, Duration::ZERO);
-        if commit_linger > Duration::from_millis(10) {
-            r.fail(env::COMMIT_LINGER.name, "must be at most 10ms");
-        }
+        let commit_linger = r.duration_within(
+            env::COMMIT_LINGER,
+            Duration::ZERO,
+            (Duration::from_millis(10), "10ms"),
+        );
         let ack_mode = r.choice(env::ACK_MODE);
         let limits = LimitsConfig::read(r);
         let dedupe_ttl = r.duration(env::DEDUPE_TTL, Duration::from_secs(1));
@@ -290,6 +270,44 @@ impl Config {
     pub fn window_secs(&self) -> u64 {
         self.window.as_secs()
     }
+}
+
+/// `METRICS_ADDR`: unset, or an address.
+fn read_metrics_addr(r: &mut Reader<'_>) -> Option<std::net::SocketAddr> {
+    let v = r.string(env::METRICS_ADDR)?;
+    v.parse().map(Some).unwrap_or_else(|_| {
+        let msg = format!("expected an address such as 127.0.0.1:9100, got {v:?}");
+        r.fail(env::METRICS_ADDR.name, msg);
+        None
+    })
+}
+
+/// `KEY_PREFIX`: no braces (it goes inside every key's hash tag), no control characters.
+fn read_key_prefix(r: &mut Reader<'_>) -> String {
+    let key_prefix = r.string_or_default(env::KEY_PREFIX);
+    if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
+        r.fail(
+            env::KEY_PREFIX.name,
+            "must not contain '{', '}' or control characters",
+        );
+    }
+    key_prefix
+}
+
+/// `WINDOW` and `WINDOW_OFFSET`: whole seconds, the offset less than the window.
+fn read_window(r: &mut Reader<'_>) -> (Duration, Duration) {
+    let window = r.duration(env::WINDOW, Duration::from_secs(1));
+    if window.subsec_nanos() != 0 {
+        r.fail(env::WINDOW.name, "must be a whole number of seconds");
+    }
+    let window_offset = r.duration(env::WINDOW_OFFSET, Duration::ZERO);
+    if window_offset.subsec_nanos() != 0 || window_offset >= window {
+        r.fail(
+            env::WINDOW_OFFSET.name,
+            "must be a whole number of seconds less than WINDOW",
+        );
+    }
+    (window, window_offset)
 }
 
 #[cfg(test)]

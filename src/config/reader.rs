@@ -43,6 +43,20 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A duration of at least `min` and at most `max` (`(value, as users write it)`).
+    pub(super) fn duration_within(
+        &mut self,
+        s: Setting,
+        min: Duration,
+        max: (Duration, &str),
+    ) -> Duration {
+        let d = self.duration(s, min);
+        if d > max.0 {
+            self.fail(s.name, format!("must be at most {}", max.1));
+        }
+        d
+    }
+
     /// A choice among named values (an enum's `FromStr`, case-insensitive); the default when
     /// unset or bad (reported).
     pub(super) fn choice<T: std::str::FromStr<Err = String>>(&mut self, s: Setting) -> T {

@@ -277,9 +277,7 @@ impl Courier<'_> {
         let mut left = part;
         let right = left.split_off(left.len() / 2);
         let (l, r) = (self.post(b, &left).await, self.post(b, &right).await);
-        let alike = |p: &Posted| {
-            matches!(p, Posted::Refused { status, body } if (*status, body.as_str()) == refusal)
-        };
+        let alike = |p: &Posted| matches!(p, Posted::Refused { status, body } if (*status, body.as_str()) == refusal);
         if scope == Part::Whole && alike(&l) && alike(&r) {
             warn!(
                 shard = b.shard,

@@ -7,8 +7,8 @@
 //! pending are delivered; failed windows are retried every `DRAIN_INTERVAL`.
 
 mod deliver;
-pub(crate) mod policy;
 pub mod drain;
+pub(crate) mod policy;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -136,7 +136,6 @@ fn is_permanent(code: u16) -> bool {
     !matches!(code, 200..=399 | 401 | 403 | 408 | 429 | 500..=599)
 }
 
-
 /// A refusal naming the records it is about (at most 1 MiB of it is read).
 #[derive(Deserialize, ToSchema)]
 pub struct Rejected {

@@ -231,16 +231,44 @@ pub struct IngestErrors;
 impl IntoResponses for IngestErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
         refusals(&[
-            (400, "Not JSON, not the expected shape, duplicate keys", false),
+            (
+                400,
+                "Not JSON, not the expected shape, duplicate keys",
+                false,
+            ),
             (401, "API keys on: X-API-Key missing or unknown", false),
-            (403, "API keys on: the key may not send for this tenant", false),
-            (408, "The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued", false),
-            (413, "Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request", false),
+            (
+                403,
+                "API keys on: the key may not send for this tenant",
+                false,
+            ),
+            (
+                408,
+                "The request (a body trickling in) took longer than REQUEST_TIMEOUT; nothing was queued",
+                false,
+            ),
+            (
+                413,
+                "Body over MAX_BODY_BYTES, batch over MAX_BATCH_ITEMS, or more of a tenant's pulses than its rate limit can ever admit per request",
+                false,
+            ),
             (415, "Content type not accepted", false),
-            (422, "A field is missing or invalid (each is named; batch items with their index)", false),
+            (
+                422,
+                "A field is missing or invalid (each is named; batch items with their index)",
+                false,
+            ),
             (429, "The tenant is over its rate limit", true),
-            (500, "A bug: the handler panicked (counted; the service keeps running)", false),
-            (503, "Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key", true),
+            (
+                500,
+                "A bug: the handler panicked (counted; the service keeps running)",
+                false,
+            ),
+            (
+                503,
+                "Queue full, Redis unavailable or refusing writes, shutting down, or the commit outlasted REQUEST_TIMEOUT (may have been counted): retry with the same pulse_id or Idempotency-Key",
+                true,
+            ),
         ])
     }
 }
@@ -251,8 +279,16 @@ pub struct AdminErrors;
 impl IntoResponses for AdminErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
         refusals(&[
-            (401, "ADMIN_TOKEN is set and the bearer token is missing or wrong", false),
-            (503, "Redis unavailable (or, for replay, a shard is being drained)", true),
+            (
+                401,
+                "ADMIN_TOKEN is set and the bearer token is missing or wrong",
+                false,
+            ),
+            (
+                503,
+                "Redis unavailable (or, for replay, a shard is being drained)",
+                true,
+            ),
         ])
     }
 }
@@ -264,10 +300,18 @@ impl IntoResponses for DeadLetterErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
         refusals(&[
             (400, "Not the expected JSON body", false),
-            (401, "The bearer token is missing or wrong (setting aside: also when ADMIN_TOKEN is not set)", false),
+            (
+                401,
+                "The bearer token is missing or wrong (setting aside: also when ADMIN_TOKEN is not set)",
+                false,
+            ),
             (404, "No dead letter with that record_id", false),
             (422, "Operator or reason missing or too long", false),
-            (503, "Redis unavailable, or the shard is being drained", true),
+            (
+                503,
+                "Redis unavailable, or the shard is being drained",
+                true,
+            ),
         ])
     }
 }

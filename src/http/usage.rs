@@ -1,8 +1,6 @@
 //! `GET /v1/usage` (what a tenant has used so far, exact, live), `GET /v1/status` (this
 //! replica's window, queue and counters) and `GET /ui`, the page that shows them.
 
-use std::collections::BTreeMap;
-
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -13,7 +11,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::amount::Amount;
 use crate::processor::{ExactNumber, rfc3339};
-use crate::store::keys::{FieldKey, decode_field};
+use crate::store::usage::{UsageFilter, WindowState};
 
 /// Query parameters of `GET /v1/usage`.
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -57,10 +55,7 @@ pub struct UsageWindow {
     amends: Option<u32>,
     #[schema(format = DateTime)]
     window_start_rfc3339: String,
-    /// `live` (being written), `waiting` (sealed, within STABILISATION_DELAY), `delivering`
-    /// (a drain is running), `retrying` (due, not yet accepted by the Processor) or
-    /// `dead-lettered` (refused by the Processor; see /admin/dead-letters).
-    state: String,
+    state: WindowState,
     usage: Vec<KeyUsage>,
 }
 
@@ -138,94 +133,47 @@ pub async fn usage(
         }]));
     }
     authorise(&state, &headers, &q.tenant_id)?;
-    let store = &state.store;
-    let mut conn = store.conn().await?;
-    let shards = store.shards_to_drain().await?;
+    let filter = UsageFilter {
+        sku: q.product_sku,
+        unit: q.use_unit,
+        window: q.window,
+    };
     let stabilisation = state.cfg.stabilisation_delay.as_secs();
-    // (start, amendment) → (end, state, (sku, unit, aggregation) → (amount, dead))
-    type Totals = BTreeMap<(String, String, String), (Amount, Amount)>;
-    let mut windows: BTreeMap<(u64, u32), (u64, String, Totals)> = BTreeMap::new();
-    let mut redis_now = 0;
-    for shard in 0..shards {
-        let u = store.tenant_usage(&mut conn, shard, &q.tenant_id).await?;
-        redis_now = redis_now.max(u.redis_now);
-        for w in u.windows {
-            if q.window.is_some_and(|s| s != w.start) {
-                continue;
-            }
-            let state_name = if w.current {
-                "live"
-            } else if !w.pending && w.dead_lettered {
-                "dead-lettered"
-            } else if u.redis_now < w.due + stabilisation {
-                "waiting"
-            } else if w.busy {
-                "delivering"
-            } else {
-                "retrying"
-            };
-            let entry = windows
-                .entry((w.start, w.amendment))
-                .or_insert_with(|| (w.end, state_name.to_string(), BTreeMap::new()));
-            for (field, k) in w.keys {
-                let Some(FieldKey {
-                    tenant: t,
-                    sku,
-                    unit,
-                    aggregation,
-                }) = decode_field(field.as_bytes())
-                else {
-                    continue;
-                };
-                if t != q.tenant_id
-                    || q.product_sku.as_ref().is_some_and(|s| *s != sku)
-                    || q.use_unit.as_ref().is_some_and(|u| *u != unit)
-                {
-                    continue;
-                }
-                let parse = |s: &Option<String>| {
-                    s.as_deref()
-                        .and_then(|t| Amount::parse_decimal(t, 12, crate::amount::MAX_TOTAL).ok())
-                        .unwrap_or(Amount::ZERO)
-                };
-                let slot = entry.2.entry((sku, unit, aggregation)).or_default();
-                slot.0 = slot.0.checked_add(parse(&k.amount)).unwrap_or(slot.0);
-                slot.1 = slot.1.checked_add(parse(&k.dead)).unwrap_or(slot.1);
-            }
-        }
-    }
-    let windows = windows
+    let u = state
+        .store
+        .usage_of(&q.tenant_id, &filter, stabilisation)
+        .await?;
+    let windows = u
+        .windows
         .into_iter()
-        .filter(|(_, (_, state_name, keys))| !keys.is_empty() || state_name == "live")
-        .map(
-            |((start, amendment), (end, state_name, keys))| UsageWindow {
-                window_start: start,
-                window_end: end,
-                amends: (amendment > 0).then_some(amendment),
-                window_start_rfc3339: rfc3339(start),
-                state: state_name,
-                usage: keys
-                    .into_iter()
-                    .map(
-                        |((product_sku, use_unit, aggregation), (amount, dead))| KeyUsage {
-                            product_sku,
-                            use_unit,
-                            aggregation,
-                            used_amount: ExactNumber::new(&amount.to_string()),
-                            used_amount_text: amount.to_string(),
-                            dead_lettered_text: (dead > Amount::ZERO).then(|| dead.to_string()),
-                        },
-                    )
-                    .collect(),
-            },
-        )
+        .map(|w| UsageWindow {
+            window_start: w.start,
+            window_end: w.end,
+            amends: (w.amendment > 0).then_some(w.amendment),
+            window_start_rfc3339: rfc3339(w.start),
+            state: w.state,
+            usage: w
+                .keys
+                .into_iter()
+                .map(
+                    |((product_sku, use_unit, aggregation), (amount, dead))| KeyUsage {
+                        product_sku,
+                        use_unit,
+                        aggregation,
+                        used_amount: ExactNumber::new(&amount.to_string()),
+                        used_amount_text: amount.to_string(),
+                        dead_lettered_text: (dead > Amount::ZERO).then(|| dead.to_string()),
+                    },
+                )
+                .collect(),
+        })
         .filter(|w| !w.usage.is_empty())
         .collect();
     Ok((
         StatusCode::OK,
         Json(Usage {
             tenant_id: q.tenant_id,
-            redis_time: redis_now,
+            redis_time: u.redis_now,
             windows,
         }),
     )

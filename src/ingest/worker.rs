@@ -161,6 +161,20 @@ struct Commit {
     fatal: Option<StoreError>,
 }
 
+/// What one round of a commit's writes left to do.
+#[derive(Default)]
+struct Round {
+    /// Shards to write again after a pause (transient failures, enqueued mode).
+    retry: Vec<(u32, ShardBatch)>,
+    /// Per job, the pulses refused with nothing of the call written: a key that would leave
+    /// the exact range, or (stamped) a closed window.
+    full: HashMap<usize, Vec<usize>>,
+    closed: HashMap<usize, Vec<usize>>,
+    /// Shards whose call refused something: their other pulses are written again at once.
+    refused_shards: HashSet<u32>,
+    any_ok: bool,
+}
+
 impl Commit {
     /// Writes every shard; refuses the requests carrying a key that would leave the exact
     /// range and writes the rest again; in enqueued mode retries what a later attempt can
@@ -180,78 +194,30 @@ impl Commit {
                     .map(|_| Err(StoreError::Pool(e.to_string())))
                     .collect(),
             };
-            let mut retry = Vec::new();
-            // Per job, the pulses refused with nothing of the call written: a key that would
-            // leave the exact range, or (stamped) a closed window.
-            let mut full: HashMap<usize, Vec<usize>> = HashMap::new();
-            let mut closed: HashMap<usize, Vec<usize>> = HashMap::new();
-            let mut refused_shards: HashSet<u32> = HashSet::new();
-            let mut any_ok = false;
+            let mut round = Round::default();
             for ((shard, b), res) in shards.into_iter().zip(results) {
-                match res {
-                    Ok(reply) => {
-                        any_ok = true;
-                        self.tally(w, shard, &b, &reply);
-                    }
-                    Err(StoreError::Overflow(fields)) => {
-                        // A call reports the full keys of all its shards: this shard's items
-                        // carrying one name the pulses refused.
-                        let fields: HashSet<String> = fields.into_iter().collect();
-                        for (it, pulses) in b.items.iter().zip(&b.pulses) {
-                            if fields.contains(&it.field) {
-                                for &(j, x) in pulses {
-                                    full.entry(j).or_default().push(x);
-                                }
-                            }
-                        }
-                        refused_shards.insert(shard);
-                    }
-                    Err(StoreError::Closed(items)) => {
-                        // A call reports the items of all its shards: take this shard's.
-                        for (s, i) in items {
-                            if s == shard {
-                                for &(j, x) in b.pulses.get(i).into_iter().flatten() {
-                                    closed.entry(j).or_default().push(x);
-                                }
-                            }
-                        }
-                        refused_shards.insert(shard);
-                    }
-                    Err(e @ StoreError::ShardsChanged { .. }) => {
-                        self.fail(&b, &e);
-                        self.fatal = Some(e);
-                    }
-                    Err(e) => {
-                        w.metrics.redis_errors.with_label_values(&["write"]).inc();
-                        let may_retry = w.retry_forever
-                            && e.is_transient()
-                            && !w.hard_stop.is_cancelled()
-                            && first_sent.elapsed() < token_safe();
-                        if e.is_ambiguous() || w.retry_forever {
-                            warn!(worker = w.id, shard, error = %e, retry = may_retry, "commit failed");
-                        }
-                        if may_retry {
-                            retry.push((shard, b));
-                        } else {
-                            self.fail(&b, &e);
-                        }
-                    }
-                }
+                self.sort(w, first_sent, shard, b, res, &mut round);
             }
+            let Round {
+                mut retry,
+                full,
+                closed,
+                refused_shards,
+                any_ok,
+            } = round;
             // Nothing of an overflowing call was written: refuse the requests that carry a
             // full key (a key belongs to one tenant) and write the others' pulses again, at
             // once and under the same token.
             if !refused_shards.is_empty() {
                 self.refuse(full, |items| CommitError::Overflow { items });
                 self.refuse(closed, |items| CommitError::Closed { items });
-                let again = refused_shards;
                 let failed = &self.failed;
                 retry.extend(
                     group(w, jobs, |j| failed[j].is_none())
                         .into_iter()
-                        .filter(|(s, _)| again.contains(s)),
+                        .filter(|(s, _)| refused_shards.contains(s)),
                 );
-                if retry.iter().all(|(s, _)| again.contains(s)) {
+                if retry.iter().all(|(s, _)| refused_shards.contains(s)) {
                     self.shards = retry;
                     continue;
                 }
@@ -263,27 +229,104 @@ impl Commit {
                 backoff = Duration::from_millis(50);
             }
             *conn = None;
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = w.hard_stop.cancelled() => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            // Checked again after the wait: a commit is never re-sent once its token may have
-            // expired, when the re-send would count it again.
-            if first_sent.elapsed() >= token_safe() {
-                let e = StoreError::Shared {
-                    message: "not re-sent: its commit token may have expired".into(),
-                    ambiguous: true,
-                    suspect: false,
-                    transient: false,
-                };
-                for (_, b) in &retry {
-                    self.fail(b, &e);
-                }
+            if !self.pause(w, &mut backoff, first_sent, &retry).await {
                 break;
             }
             self.shards = retry;
         }
+    }
+
+    /// Takes one shard's write result into the round: counted, refused (a full key, a closed
+    /// window: nothing of the call was written), retried, or failed.
+    fn sort(
+        &mut self,
+        w: &Worker,
+        first_sent: Instant,
+        shard: u32,
+        b: ShardBatch,
+        res: Result<crate::store::WriteReply, StoreError>,
+        round: &mut Round,
+    ) {
+        match res {
+            Ok(reply) => {
+                round.any_ok = true;
+                self.tally(w, shard, &b, &reply);
+            }
+            Err(StoreError::Overflow(fields)) => {
+                // A call reports the full keys of all its shards: this shard's items carrying
+                // one name the pulses refused.
+                let fields: HashSet<String> = fields.into_iter().collect();
+                for (it, pulses) in b.items.iter().zip(&b.pulses) {
+                    if fields.contains(&it.field) {
+                        for &(j, x) in pulses {
+                            round.full.entry(j).or_default().push(x);
+                        }
+                    }
+                }
+                round.refused_shards.insert(shard);
+            }
+            Err(StoreError::Closed(items)) => {
+                // A call reports the items of all its shards: take this shard's.
+                for (s, i) in items {
+                    if s == shard {
+                        for &(j, x) in b.pulses.get(i).into_iter().flatten() {
+                            round.closed.entry(j).or_default().push(x);
+                        }
+                    }
+                }
+                round.refused_shards.insert(shard);
+            }
+            Err(e @ StoreError::ShardsChanged { .. }) => {
+                self.fail(&b, &e);
+                self.fatal = Some(e);
+            }
+            Err(e) => {
+                w.metrics.redis_errors.with_label_values(&["write"]).inc();
+                let may_retry = w.retry_forever
+                    && e.is_transient()
+                    && !w.hard_stop.is_cancelled()
+                    && first_sent.elapsed() < token_safe();
+                if e.is_ambiguous() || w.retry_forever {
+                    warn!(worker = w.id, shard, error = %e, retry = may_retry, "commit failed");
+                }
+                if may_retry {
+                    round.retry.push((shard, b));
+                } else {
+                    self.fail(&b, &e);
+                }
+            }
+        }
+    }
+
+    /// Waits before writing `retry` again (doubling `backoff`); false, with its requests
+    /// failed, when its commit token may have expired meanwhile.
+    async fn pause(
+        &mut self,
+        w: &Worker,
+        backoff: &mut Duration,
+        first_sent: Instant,
+        retry: &[(u32, ShardBatch)],
+    ) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {}
+            _ = w.hard_stop.cancelled() => {}
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(2));
+        // Checked again after the wait: a commit is never re-sent once its token may have
+        // expired, when the re-send would count it again.
+        if first_sent.elapsed() < token_safe() {
+            return true;
+        }
+        let e = StoreError::Shared {
+            message: "not re-sent: its commit token may have expired".into(),
+            ambiguous: true,
+            suspect: false,
+            transient: false,
+        };
+        for (_, b) in retry {
+            self.fail(b, &e);
+        }
+        false
     }
 
     fn tally(&mut self, w: &Worker, shard: u32, b: &ShardBatch, reply: &crate::store::WriteReply) {
@@ -491,15 +534,9 @@ fn answer(
     }
 }
 
-/// Sends every shard's script call on one multiplexed connection (they are pipelined) and
-/// collects each shard's result.
-async fn write_all(
-    w: &Worker,
-    conn: &mut Option<(Conn, u64)>,
-    token: &str,
-    shards: &[(u32, ShardBatch)],
-) -> Result<Vec<Result<crate::store::WriteReply, StoreError>>, StoreError> {
-    // A connection failure seen anywhere (another worker, the scheduler) retires ours too.
+/// Makes sure the worker holds a live connection: a connection failure seen anywhere (another
+/// worker, the scheduler) retires its own too.
+async fn ensure_conn(w: &Worker, conn: &mut Option<(Conn, u64)>) -> Result<(), StoreError> {
     if conn
         .as_ref()
         .is_some_and(|(_, epoch)| *epoch != w.store.epoch())
@@ -517,6 +554,59 @@ async fn write_all(
         };
         *conn = Some((c, epoch));
     }
+    Ok(())
+}
+
+/// REDIS_WAIT_REPLICAS: whether enough replicas confirmed the commit in time. Short of them
+/// it was applied on the master but may not survive a failover — ambiguous (503, "may have
+/// been counted"), which a retry with the same ids settles exactly.
+async fn replicas_confirm(w: &Worker, c: &Conn, shards: &[(u32, ShardBatch)]) -> bool {
+    let targets: Vec<u32> = if w.store.is_cluster() {
+        shards.iter().map(|(s, _)| *s).collect()
+    } else {
+        shards.iter().take(1).map(|(s, _)| *s).collect()
+    };
+    let waits = join_all(targets.iter().map(|s| {
+        let mut mc = c.clone();
+        let store = &w.store;
+        async move {
+            store
+                .wait_replicas(&mut mc, *s, w.wait_replicas, w.wait_timeout)
+                .await
+        }
+    }))
+    .await;
+    let confirmed = waits
+        .iter()
+        .all(|r| matches!(r, Ok(n) if *n >= w.wait_replicas));
+    if !confirmed {
+        w.metrics.redis_wait_short.inc();
+    }
+    confirmed
+}
+
+/// The failure of a commit its replicas did not confirm in time.
+fn wait_short(w: &Worker) -> StoreError {
+    StoreError::Shared {
+        message: format!(
+            "fewer than {} replicas confirmed the commit within {:?}",
+            w.wait_replicas, w.wait_timeout
+        ),
+        ambiguous: true,
+        suspect: false,
+        transient: true,
+    }
+}
+
+/// Sends every shard's script call on one multiplexed connection (they are pipelined) and
+/// collects each shard's result.
+async fn write_all(
+    w: &Worker,
+    conn: &mut Option<(Conn, u64)>,
+    token: &str,
+    shards: &[(u32, ShardBatch)],
+) -> Result<Vec<Result<crate::store::WriteReply, StoreError>>, StoreError> {
+    ensure_conn(w, conn).await?;
     let c = &conn.as_ref().expect("connection was just set").0;
     let started = Instant::now();
     let results = if w.store.commit_per_shard() {
@@ -536,52 +626,17 @@ async fn write_all(
             Err(e) => shards.iter().map(|_| Err(e.fan_out())).collect(),
         }
     };
-    // REDIS_WAIT_REPLICAS: a commit is acknowledged only once enough replicas have it; short
-    // of them it was applied on the master but may not survive a failover — ambiguous (503,
-    // "may have been counted"), which a retry with the same ids settles exactly.
     let results = if w.wait_replicas > 0 && results.iter().any(|r| r.is_ok()) {
-        let targets: Vec<u32> = if w.store.is_cluster() {
-            shards.iter().map(|(s, _)| *s).collect()
-        } else {
-            shards.iter().take(1).map(|(s, _)| *s).collect()
-        };
-        let waits = join_all(targets.iter().map(|s| {
-            let mut mc = c.clone();
-            let store = &w.store;
-            async move {
-                store
-                    .wait_replicas(&mut mc, *s, w.wait_replicas, w.wait_timeout)
-                    .await
-            }
-        }))
-        .await;
-        let short = waits
-            .iter()
-            .any(|r| !matches!(r, Ok(n) if *n >= w.wait_replicas));
+        let short = !replicas_confirm(w, c, shards).await;
         if short {
-            w.metrics.redis_wait_short.inc();
             // The next commit starts on a new connection: on Sentinel that asks for the master
             // again (a master cut off from its replicas may have been replaced).
             *conn = None;
-            results
-                .into_iter()
-                .map(|r| {
-                    r.and_then(|_| {
-                        Err(StoreError::Shared {
-                            message: format!(
-                                "fewer than {} replicas confirmed the commit within {:?}",
-                                w.wait_replicas, w.wait_timeout
-                            ),
-                            ambiguous: true,
-                            suspect: false,
-                            transient: true,
-                        })
-                    })
-                })
-                .collect()
-        } else {
-            results
         }
+        results
+            .into_iter()
+            .map(|r| r.and_then(|reply| if short { Err(wait_short(w)) } else { Ok(reply) }))
+            .collect()
     } else {
         results
     };

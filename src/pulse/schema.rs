@@ -14,7 +14,9 @@ use crate::config::env;
 
 /// A setting's default as a number (they are digits).
 fn default_of(s: crate::config::Setting) -> u64 {
-    s.default.parse().expect("a numeric setting's default is digits")
+    s.default
+        .parse()
+        .expect("a numeric setting's default is digits")
 }
 
 /// Text without control characters, `MAX_FIELD_LEN` at most.

@@ -116,54 +116,10 @@ impl Store {
                     .load(std::sync::atomic::Ordering::Relaxed),
             );
         let declare = self.is_cluster();
-        let mut layouts: Vec<SectionLayout> = Vec::with_capacity(sections.len());
-        for (shard, items) in sections {
-            if declare {
-                for k in self.keys.generation_keys(*shard) {
-                    inv.key(k);
-                }
-            }
-            let layout = SectionLayout::of(items);
-            inv.arg(self.keys.base(*shard))
-                .arg(layout.plain.len())
-                .arg(layout.ids.len())
-                .arg(layout.stamped.len());
-            // Items without id (three values each), then those with an id, then stamped ones.
-            for &i in &layout.plain {
-                let (hi, lo) = items[i].amount.limbs();
-                inv.arg(&items[i].field).arg(lo).arg(hi.to_string());
-            }
-            for &i in &layout.ids {
-                let it = &items[i];
-                let d = it.digest.as_ref().expect("sorted on digest");
-                let (hi, lo) = it.amount.limbs();
-                inv.arg(&it.field)
-                    .arg(lo)
-                    .arg(hi.to_string())
-                    .arg(&marker_member(d, it.placement)[..]);
-                if legacy {
-                    inv.arg(hex::encode(d));
-                }
-            }
-            for &i in &layout.stamped {
-                let it = &items[i];
-                let (hi, lo) = it.amount.limbs();
-                inv.arg(&it.field).arg(lo).arg(hi.to_string());
-                match it.timestamp_ms {
-                    Some(t) => inv.arg(t),
-                    None => inv.arg(""),
-                };
-                match &it.digest {
-                    Some(d) => inv.arg(&marker_member(d, it.placement)[..]),
-                    None => inv.arg(""),
-                };
-                inv.arg(&it.ops);
-                if legacy {
-                    inv.arg(it.digest.as_ref().map(hex::encode).unwrap_or_default());
-                }
-            }
-            layouts.push(layout);
-        }
+        let layouts: Vec<SectionLayout> = sections
+            .iter()
+            .map(|(shard, items)| self.push_section(&mut inv, *shard, items, declare, legacy))
+            .collect();
         let reply: redis::Value = inv.invoke_async(conn).await.map_err(|e| {
             match (e.code(), e.detail().and_then(|d| d.trim().parse().ok())) {
                 (Some("SHARDSCHANGED"), Some(deployment)) => StoreError::ShardsChanged {
@@ -174,39 +130,67 @@ impl Store {
             }
         })?;
         let reply = match reply {
-            redis::Value::Array(items) => {
-                // {"OVERFLOW", field...}: nothing was written.
-                let texts: Vec<String> = items
-                    .into_iter()
-                    .map(redis::from_redis_value)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| StoreError::Reply(e.to_string()))?;
-                return match texts.split_first() {
-                    Some((tag, fields)) if tag == "OVERFLOW" => {
-                        Err(StoreError::Overflow(fields.to_vec()))
-                    }
-                    Some((tag, refs)) if tag == "CLOSED" => {
-                        // "<section>:<stamped item>", both from 1: as (shard, item index).
-                        let closed = refs
-                            .iter()
-                            .map(|r| {
-                                let (s, n) = r.split_once(':')?;
-                                let s: usize = s.parse().ok()?;
-                                let n: usize = n.parse().ok()?;
-                                let shard = sections.get(s.checked_sub(1)?)?.0;
-                                let i = *layouts.get(s - 1)?.stamped.get(n.checked_sub(1)?)?;
-                                Some((shard, i))
-                            })
-                            .collect::<Option<Vec<_>>>()
-                            .ok_or_else(|| StoreError::Reply(texts.join(",")))?;
-                        Err(StoreError::Closed(closed))
-                    }
-                    _ => Err(StoreError::Reply(texts.join(","))),
-                };
-            }
+            redis::Value::Array(items) => return Err(refusal(items, sections, &layouts)),
             v => redis::from_redis_value::<String>(v).map_err(redis::RedisError::from)?,
         };
         parse_reply(&reply, &layouts)
+    }
+
+    /// Adds one shard's section to a write script call: its keys (declared on a cluster),
+    /// its base and counts, then its items — without id (three values each), with an id, and
+    /// stamped.
+    fn push_section(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        shard: u32,
+        items: &[WriteItem],
+        declare: bool,
+        legacy: bool,
+    ) -> SectionLayout {
+        if declare {
+            for k in self.keys.generation_keys(shard) {
+                inv.key(k);
+            }
+        }
+        let layout = SectionLayout::of(items);
+        inv.arg(self.keys.base(shard))
+            .arg(layout.plain.len())
+            .arg(layout.ids.len())
+            .arg(layout.stamped.len());
+        for &i in &layout.plain {
+            let (hi, lo) = items[i].amount.limbs();
+            inv.arg(&items[i].field).arg(lo).arg(hi.to_string());
+        }
+        for &i in &layout.ids {
+            let it = &items[i];
+            let d = it.digest.as_ref().expect("sorted on digest");
+            let (hi, lo) = it.amount.limbs();
+            inv.arg(&it.field)
+                .arg(lo)
+                .arg(hi.to_string())
+                .arg(&marker_member(d, it.placement)[..]);
+            if legacy {
+                inv.arg(hex::encode(d));
+            }
+        }
+        for &i in &layout.stamped {
+            let it = &items[i];
+            let (hi, lo) = it.amount.limbs();
+            inv.arg(&it.field).arg(lo).arg(hi.to_string());
+            match it.timestamp_ms {
+                Some(t) => inv.arg(t),
+                None => inv.arg(""),
+            };
+            match &it.digest {
+                Some(d) => inv.arg(&marker_member(d, it.placement)[..]),
+                None => inv.arg(""),
+            };
+            inv.arg(&it.ops);
+            if legacy {
+                inv.arg(it.digest.as_ref().map(hex::encode).unwrap_or_default());
+            }
+        }
+        layout
     }
 
     /// Until when (Redis seconds) markers of the previous layout — one string key per id —
@@ -354,6 +338,41 @@ impl SectionLayout {
             }
         }
         l
+    }
+}
+
+/// The write script's refusal, `{"OVERFLOW", field...}` or `{"CLOSED", "<section>:<item>"...}`
+/// (nothing was written), as an error naming what it refused.
+fn refusal(
+    items: Vec<redis::Value>,
+    sections: &[(u32, &[WriteItem])],
+    layouts: &[SectionLayout],
+) -> StoreError {
+    let texts: Vec<String> = match items.into_iter().map(redis::from_redis_value).collect() {
+        Ok(t) => t,
+        Err(e) => return StoreError::Reply(e.to_string()),
+    };
+    match texts.split_first() {
+        Some((tag, fields)) if tag == "OVERFLOW" => StoreError::Overflow(fields.to_vec()),
+        Some((tag, refs)) if tag == "CLOSED" => {
+            // "<section>:<stamped item>", both from 1: as (shard, item index).
+            let closed = refs
+                .iter()
+                .map(|r| {
+                    let (s, n) = r.split_once(':')?;
+                    let s: usize = s.parse().ok()?;
+                    let n: usize = n.parse().ok()?;
+                    let shard = sections.get(s.checked_sub(1)?)?.0;
+                    let i = *layouts.get(s - 1)?.stamped.get(n.checked_sub(1)?)?;
+                    Some((shard, i))
+                })
+                .collect::<Option<Vec<_>>>();
+            match closed {
+                Some(c) => StoreError::Closed(c),
+                None => StoreError::Reply(texts.join(",")),
+            }
+        }
+        _ => StoreError::Reply(texts.join(",")),
     }
 }
 

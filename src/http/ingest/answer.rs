@@ -118,7 +118,10 @@ impl Accepted {
 pub enum Shape {
     One,
     /// All or nothing; `detail`: answer per item. `index`: each pulse's index in the body.
-    Batch { detail: bool, index: Vec<usize> },
+    Batch {
+        detail: bool,
+        index: Vec<usize>,
+    },
     /// Item by item: `refused` lists the problems of the items not counted.
     Partial {
         index: Vec<usize>,

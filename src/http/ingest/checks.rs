@@ -89,7 +89,11 @@ pub(super) fn decode_error(state: &AppState, e: DecodeError) -> ApiError {
 
 /// With API keys on: the request's key must be known (401) and allowed every pulse's tenant
 /// (403). The key itself is never logged.
-pub(super) fn authorise(state: &AppState, headers: &HeaderMap, pulses: &[Pulse]) -> Result<(), ApiError> {
+pub(super) fn authorise(
+    state: &AppState,
+    headers: &HeaderMap,
+    pulses: &[Pulse],
+) -> Result<(), ApiError> {
     let Some(keys) = &state.api_keys else {
         return Ok(());
     };
@@ -117,7 +121,10 @@ pub(super) fn authorise(state: &AppState, headers: &HeaderMap, pulses: &[Pulse])
 /// (as last seen: seconds of error do not matter for these bounds), and one with an id within
 /// `DEDUPE_TTL` of now: a re-send of a pulse stamped earlier could arrive after its id is
 /// forgotten. Any pulse outside refuses the whole request (422), each named.
-pub(super) fn timestamp_errors(state: &AppState, pulses: &[Pulse]) -> Vec<crate::pulse::FieldError> {
+pub(super) fn timestamp_errors(
+    state: &AppState,
+    pulses: &[Pulse],
+) -> Vec<crate::pulse::FieldError> {
     if pulses.iter().all(|p| p.timestamp_ms.is_none()) {
         return Vec::new();
     }
@@ -211,4 +218,3 @@ pub(super) fn rate_limit(
         }
     }
 }
-

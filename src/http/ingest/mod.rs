@@ -47,11 +47,7 @@ async fn submit(
             SubmitError::Closed => unavailable("shutting down; retry on another replica".into()),
         })?;
     let Some(rx) = rx else {
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(Accepted::queued(n)),
-        )
-            .into_response());
+        return Ok((StatusCode::ACCEPTED, Json(Accepted::queued(n))).into_response());
     };
     // Answer before the request timeout would: once queued, a pulse may be committed, and a
     // 408 would tell the client it was not. A little before the deadline we answer the
