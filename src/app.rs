@@ -14,13 +14,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::flush::Flusher;
+use crate::flush::Scheduler;
 use crate::http::{AppContext, AppState, router};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::pulse::Limits;
+use crate::pulse::Decoder;
 use crate::store::{Store, StoreError};
-use crate::supervise::{self, Health};
+use crate::supervise::{Health, Supervisor};
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +164,7 @@ pub struct App {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     state: AppState,
-    tracker: TaskTracker,
+    supervisor: Supervisor,
     hard_stop: CancellationToken,
 }
 
@@ -174,7 +174,6 @@ impl App {
         adopt_recorded(&mut cfg).await?;
         let store = Store::new(&cfg)?;
         check_redis(&cfg, &store).await?;
-        let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -186,12 +185,12 @@ impl App {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        let state = assemble(cfg, store, &tracker, hard_stop.clone())?;
+        let (state, supervisor) = assemble(cfg, store, hard_stop.clone())?;
         Ok(App {
             listener,
             metrics_listener,
             state,
-            tracker,
+            supervisor,
             hard_stop,
         })
     }
@@ -219,7 +218,7 @@ impl App {
             listener,
             metrics_listener,
             state,
-            tracker,
+            supervisor,
             hard_stop,
         } = self;
         let shutdown = state.shutdown.clone();
@@ -231,88 +230,8 @@ impl App {
             );
         }
 
-        let (health, metrics) = (&state.health, &state.metrics);
-        supervise::spawn(
-            &tracker,
-            "scheduler",
-            health,
-            metrics,
-            &shutdown,
-            state.flusher.clone().run(shutdown.clone()),
-        );
-        if let Some(l) = metrics_listener {
-            supervise::spawn(
-                &tracker,
-                "metrics_listener",
-                health,
-                metrics,
-                &shutdown,
-                crate::http::serve(
-                    l,
-                    crate::http::metrics_router(state.clone()),
-                    state.cfg.limits.header_read_timeout,
-                    64,
-                    shutdown.clone(),
-                ),
-            );
-        }
-        if state.cfg.meters_file.is_some() {
-            supervise::spawn(
-                &tracker,
-                "meters_watcher",
-                health,
-                metrics,
-                &shutdown,
-                state.meters.clone().watch(shutdown.clone()),
-            );
-        }
-        if let Some(keys) = &state.api_keys {
-            supervise::spawn(
-                &tracker,
-                "api_key_watcher",
-                health,
-                metrics,
-                &shutdown,
-                keys.clone().watch(shutdown.clone()),
-            );
-        }
-        supervise::spawn(
-            &tracker,
-            "heartbeat",
-            health,
-            metrics,
-            &shutdown,
-            state.store.clone().heartbeats(shutdown.clone()),
-        );
-        if let Some(limits) = &state.rate_limits {
-            supervise::spawn(
-                &tracker,
-                "rate_limit_cleanup",
-                health,
-                metrics,
-                &shutdown,
-                limits.clone().clean_up(shutdown.clone()),
-            );
-        }
-        {
-            // Shutdown never depends on logging or on another task: cancel first, log after.
-            let (shutdown, hard_stop, health) =
-                (shutdown.clone(), hard_stop.clone(), state.health.clone());
-            tokio::spawn(async move {
-                let failed = tokio::select! {
-                    _ = signal => false,
-                    _ = health.failed() => true,
-                };
-                shutdown.cancel();
-                if failed {
-                    warn!("a task failed: stopping so this replica can be replaced");
-                } else {
-                    info!("shutdown requested: no new connections, finishing in-flight requests");
-                }
-                tokio::time::sleep(deadline).await;
-                hard_stop.cancel();
-            });
-        }
+        start_tasks(&state, &supervisor, metrics_listener);
+        stop_on(signal, &state, hard_stop.clone(), deadline);
         let started = Instant::now();
         let ingest = state.ingest.clone();
         let serve = crate::http::serve(
@@ -328,6 +247,7 @@ impl App {
         }
         // No request can queue anything now: let the workers commit what is queued.
         ingest.close();
+        let tracker = supervisor.tracker();
         tracker.close();
         tokio::select! {
             _ = tracker.wait() => {}
@@ -354,6 +274,69 @@ impl App {
     }
 }
 
+/// Starts the long-lived tasks beside the API listener, each under supervision.
+fn start_tasks(state: &AppState, sup: &Supervisor, metrics_listener: Option<TcpListener>) {
+    let shutdown = &state.shutdown;
+    sup.spawn("scheduler", state.scheduler.clone().run(shutdown.clone()));
+    if let Some(l) = metrics_listener {
+        sup.spawn(
+            "metrics_listener",
+            crate::http::serve(
+                l,
+                crate::http::metrics_router(state.clone()),
+                state.cfg.limits.header_read_timeout,
+                64,
+                shutdown.clone(),
+            ),
+        );
+    }
+    if state.cfg.meters_file.is_some() {
+        sup.spawn(
+            "meters_watcher",
+            state.meters.clone().watch(shutdown.clone()),
+        );
+    }
+    if let Some(keys) = &state.api_keys {
+        sup.spawn("api_key_watcher", keys.clone().watch(shutdown.clone()));
+    }
+    sup.spawn(
+        "heartbeat",
+        state.store.clone().heartbeats(shutdown.clone()),
+    );
+    if let Some(limits) = &state.rate_limits {
+        sup.spawn(
+            "rate_limit_cleanup",
+            limits.clone().clean_up(shutdown.clone()),
+        );
+    }
+}
+
+/// Cancels the shutdown token when `signal` resolves or a task fails, and `hard_stop` once
+/// `deadline` has passed after that. Shutdown never depends on logging or on another task:
+/// cancel first, log after.
+fn stop_on(
+    signal: impl Future<Output = ()> + Send + 'static,
+    state: &AppState,
+    hard_stop: CancellationToken,
+    deadline: std::time::Duration,
+) {
+    let (shutdown, health) = (state.shutdown.clone(), state.health.clone());
+    tokio::spawn(async move {
+        let failed = tokio::select! {
+            _ = signal => false,
+            _ = health.failed() => true,
+        };
+        shutdown.cancel();
+        if failed {
+            warn!("a task failed: stopping so this replica can be replaced");
+        } else {
+            info!("shutdown requested: no new connections, finishing in-flight requests");
+        }
+        tokio::time::sleep(deadline).await;
+        hard_stop.cancel();
+    });
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -376,14 +359,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Every part the HTTP layer reaches, with the commit workers started on `tracker`; nothing is
-/// bound and Redis is not asked (the router's tests use it with no Redis at all).
+/// Every part the HTTP layer reaches, and the supervisor its commit workers were started
+/// under; nothing is bound and Redis is not asked (the router's tests use it with no Redis).
 pub(crate) fn assemble(
     cfg: Config,
     store: Store,
-    tracker: &TaskTracker,
     hard_stop: CancellationToken,
-) -> Result<AppState, AppError> {
+) -> Result<(AppState, Supervisor), AppError> {
     let metrics = Arc::new(Metrics::new());
     metrics.window_seconds.set(cfg.window_secs() as i64);
     let shutdown = CancellationToken::new();
@@ -392,6 +374,12 @@ pub(crate) fn assemble(
         Some(p) => crate::meters::Meters::load(p).map_err(AppError::Config)?,
         None => crate::meters::Meters::none(),
     };
+    let supervisor = Supervisor::new(
+        TaskTracker::new(),
+        health.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
     let ingest = Ingest::start(
         &cfg,
         crate::ingest::Parts {
@@ -399,16 +387,14 @@ pub(crate) fn assemble(
             metrics: metrics.clone(),
             meters: meters.clone(),
         },
-        tracker,
-        &health,
-        &shutdown,
+        &supervisor,
         hard_stop,
     );
-    let flusher = Arc::new(Flusher::new(&cfg, store.clone(), metrics.clone())?);
+    let scheduler = Arc::new(Scheduler::new(&cfg, store.clone(), metrics.clone())?);
     if cfg.delivery.processor_url.is_none() {
         warn!("PROCESSOR_URL is not set: windows are sealed and kept in Redis, but not delivered");
     }
-    let limits = Arc::new(Limits {
+    let decoder = Arc::new(Decoder {
         max_field_len: cfg.limits.max_field_len,
         max_amount: cfg.limits.max_amount,
         decimals: cfg.limits.amount_decimals,
@@ -427,12 +413,12 @@ pub(crate) fn assemble(
                 security.rate_limit_replicas,
             ))
         });
-    Ok(Arc::new(AppContext {
+    let state = Arc::new(AppContext {
         cfg: Arc::new(cfg),
-        limits,
+        decoder,
         ingest,
         store,
-        flusher,
+        scheduler,
         metrics,
         shutdown,
         health,
@@ -440,5 +426,6 @@ pub(crate) fn assemble(
         rate_limits,
         meters,
         rejection_slots: Arc::new(tokio::sync::Semaphore::new(64)),
-    }))
+    });
+    Ok((state, supervisor))
 }

@@ -1,7 +1,7 @@
 //! Supervision (invariant 13): no half-alive process.
 //!
 //! Every long-lived task — scheduler, commit workers, listeners, the key watcher — runs under
-//! [`spawn`]. If one panics, or ends while the service should be running, [`Health`] records
+//! a [`Supervisor`]. If one panics, or ends while the service should be running, [`Health`] records
 //! why: `/healthz` and `/readyz` answer 503, ingest answers 503 instead of acknowledging pulses
 //! nobody would deliver, the task is counted in `ingestor_task_failures_total`, and the app
 //! shuts down gracefully and exits non-zero so its supervisor (Kubernetes, systemd, compose
@@ -43,28 +43,58 @@ impl Health {
     }
 }
 
-/// Runs `task` on `tracker`; a panic, or an end before `shutdown`, fails `health`.
-pub fn spawn<F>(
-    tracker: &TaskTracker,
-    name: &'static str,
-    health: &Arc<Health>,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
-    task: F,
-) where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
-    tracker.spawn(async move {
-        let why = match AssertUnwindSafe(task).catch_unwind().await {
-            Err(panic) => format!("task {name} panicked: {}", panic_message(&*panic)),
-            Ok(()) if !shutdown.is_cancelled() => format!("task {name} stopped unexpectedly"),
-            Ok(()) => return,
-        };
-        metrics.task_failures.with_label_values(&[name]).inc();
-        tracing::error!(task = name, reason = %why, "a long-lived task failed; the process stops");
-        health.fail(why);
-    });
+/// Runs the long-lived tasks: each on one tracker, its failure recorded in one [`Health`] and
+/// counted; "failure" is a panic, or an end before `shutdown`. Cloned into whatever starts
+/// tasks (the app, the ingest workers), as mini-redis hands its shutdown around as a value.
+#[derive(Clone)]
+pub struct Supervisor {
+    tracker: TaskTracker,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    pub fn new(
+        tracker: TaskTracker,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Supervisor {
+            tracker,
+            health,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Runs `task`, named `name` in logs and metrics, under supervision.
+    pub fn spawn<F>(&self, name: &'static str, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (health, metrics, shutdown) = (
+            self.health.clone(),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        );
+        self.tracker.spawn(async move {
+            let why = match AssertUnwindSafe(task).catch_unwind().await {
+                Err(panic) => format!("task {name} panicked: {}", panic_message(&*panic)),
+                Ok(()) if !shutdown.is_cancelled() => format!("task {name} stopped unexpectedly"),
+                Ok(()) => return,
+            };
+            metrics.task_failures.with_label_values(&[name]).inc();
+            tracing::error!(task = name, reason = %why, "a long-lived task failed; the process stops");
+            health.fail(why);
+        });
+    }
+
+    /// The tasks, for the shutdown: close, then wait for them.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
 }
 
 /// The text of a panic payload.
@@ -107,27 +137,26 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_task_that_panics_or_returns_early_fails_health_once_shutdown_does_not() {
         let (tracker, health, metrics, shutdown) = parts();
+        let sup = Supervisor::new(
+            tracker.clone(),
+            health.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
         // A loop that ends only with the shutdown: healthy for an hour, and after it.
         let stop = shutdown.clone();
-        spawn(
-            &tracker,
-            "ticker",
-            &health,
-            &metrics,
-            &shutdown,
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-                        _ = stop.cancelled() => return,
-                    }
+        sup.spawn("ticker", async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = stop.cancelled() => return,
                 }
-            },
-        );
+            }
+        });
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert_eq!(health.failure(), None);
         // A task that panics after a minute.
-        spawn(&tracker, "worker", &health, &metrics, &shutdown, async {
+        sup.spawn("worker", async {
             tokio::time::sleep(Duration::from_secs(60)).await;
             panic!("boom");
         });
@@ -136,7 +165,7 @@ mod tests {
             .expect("the panic fails health within its minute");
         assert_eq!(health.failure(), Some("task worker panicked: boom"));
         // A second failure does not replace the first reason; both are counted.
-        spawn(&tracker, "watcher", &health, &metrics, &shutdown, async {});
+        sup.spawn("watcher", async {});
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(health.failure(), Some("task worker panicked: boom"));
         let count = |t: &str| metrics.task_failures.with_label_values(&[t]).get();

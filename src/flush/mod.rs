@@ -63,8 +63,17 @@ pub struct ShardWindow {
     pub age_seconds: u64,
 }
 
-/// Seals and drains; one per replica.
-pub struct Flusher {
+/// When a window is due for delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// `STABILISATION_DELAY` after it ended (the scheduler).
+    AfterStabilisation,
+    /// As soon as it ended (an operator's flush).
+    WhenEnded,
+}
+
+/// Seals each window at its boundary and drains it once due; one per replica.
+pub struct Scheduler {
     pub drainer: Drainer,
     /// Shards to seal and drain: the largest `SHARDS` any replica used, refreshed from Redis by
     /// each seal (one round trip per scheduler step instead of one per phase).
@@ -76,7 +85,7 @@ pub struct Flusher {
     shard_parallelism: usize,
 }
 
-impl Flusher {
+impl Scheduler {
     pub fn new(cfg: &Config, store: Store, metrics: Arc<Metrics>) -> Result<Self, reqwest::Error> {
         let processor = match &cfg.delivery.processor_url {
             Some(url) => Some(ProcessorClient::new(
@@ -86,7 +95,7 @@ impl Flusher {
             )?),
             None => None,
         };
-        Ok(Flusher {
+        Ok(Scheduler {
             drainer: Drainer {
                 store: store.clone(),
                 processor,
@@ -179,17 +188,16 @@ impl Flusher {
     }
 
     /// Drains every shard's windows that are due: ended at least the stabilisation delay ago,
-    /// or simply ended when `ignore_delay` (the admin flush).
+    /// or simply ended with [`Due::WhenEnded`] (the admin flush).
     pub async fn drain_once(
         &self,
         redis_now: u64,
-        ignore_delay: bool,
+        due: Due,
         cancel: &CancellationToken,
     ) -> Result<DrainReport, StoreError> {
-        let delay = if ignore_delay {
-            0
-        } else {
-            self.stabilisation_delay.as_secs_f64().ceil() as u64
+        let delay = match due {
+            Due::WhenEnded => 0,
+            Due::AfterStabilisation => self.stabilisation_delay.as_secs_f64().ceil() as u64,
         };
         let due_before = redis_now.saturating_sub(delay);
         // Shards of an earlier, larger SHARDS may still hold pending windows: drain them too.
@@ -270,7 +278,9 @@ impl Flusher {
         cancel: &CancellationToken,
     ) -> Result<(SealSummary, DrainReport), StoreError> {
         let seal = self.seal_once().await?;
-        let report = self.drain_once(seal.redis_now, true, cancel).await?;
+        let report = self
+            .drain_once(seal.redis_now, Due::WhenEnded, cancel)
+            .await?;
         let _ = self.pending_status(seal.redis_now).await;
         Ok((seal, report))
     }
@@ -279,7 +289,9 @@ impl Flusher {
     /// sleep before the next step.
     pub async fn tick(&self, cancel: &CancellationToken) -> Result<Duration, StoreError> {
         let seal = self.seal_once().await?;
-        let report = self.drain_once(seal.redis_now, false, cancel).await?;
+        let report = self
+            .drain_once(seal.redis_now, Due::AfterStabilisation, cancel)
+            .await?;
         let status = self.pending_status(seal.redis_now).await?;
         let delay = self.stabilisation_delay.as_secs_f64().ceil() as u64;
         // Next boundary, or the moment the earliest pending window becomes due.

@@ -66,7 +66,7 @@ pub(super) async fn require_token(
     )
 )]
 pub async fn flush(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let (seal, report) = state.flusher.flush_now(&state.shutdown).await?;
+    let (seal, report) = state.scheduler.flush_now(&state.shutdown).await?;
     Ok((StatusCode::OK, Json(json!({"seal": seal, "drain": report}))).into_response())
 }
 
@@ -82,7 +82,7 @@ pub async fn flush(State(state): State<AppState>) -> Result<Response, ApiError> 
 pub async fn pending(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut conn = state.store.conn().await?;
     let now = state.store.time(&mut conn).await?;
-    let status = state.flusher.pending_status(now).await?;
+    let status = state.scheduler.pending_status(now).await?;
     let records: u64 = status.windows.iter().map(|w| w.records).sum();
     let dead: u64 = status.dead_letters.iter().map(|w| w.records).sum();
     Ok((
@@ -130,7 +130,7 @@ pub async fn replay(
                 "no dead letter with record_id {id:?}"
             )));
         };
-        let Some(moved) = state.flusher.drainer.replay_record(&d).await? else {
+        let Some(moved) = state.scheduler.drainer.replay_record(&d).await? else {
             return Err(ApiError::Unavailable(format!(
                 "shard {} is being drained; retry",
                 d.shard
@@ -144,7 +144,7 @@ pub async fn replay(
     // each under its drain lock, so no drain finishes a window while records come back.
     let shards = store.shards_to_drain().await?;
     for shard in 0..shards {
-        match state.flusher.drainer.replay_shard(shard).await? {
+        match state.scheduler.drainer.replay_shard(shard).await? {
             Some(n) => moved += n,
             None => busy.push(shard),
         }

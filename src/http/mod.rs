@@ -40,10 +40,10 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
-use crate::flush::Flusher;
+use crate::flush::Scheduler;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::pulse::Limits;
+use crate::pulse::Decoder;
 use crate::store::Store;
 
 /// What every handler can reach, behind one `Arc` (extractors clone the state per request).
@@ -52,10 +52,11 @@ pub(crate) type AppState = Arc<AppContext>;
 /// The parts of the service the HTTP layer uses.
 pub(crate) struct AppContext {
     pub(crate) cfg: Arc<Config>,
-    pub(crate) limits: Arc<Limits>,
+    /// Request bodies into pulses (the `limits` section of the configuration bounds them).
+    pub(crate) decoder: Arc<Decoder>,
     pub(crate) ingest: Ingest,
     pub(crate) store: Store,
-    pub(crate) flusher: Arc<Flusher>,
+    pub(crate) scheduler: Arc<Scheduler>,
     pub(crate) metrics: Arc<Metrics>,
     /// Cancelled at shutdown; admin drains stop with it.
     pub(crate) shutdown: CancellationToken,

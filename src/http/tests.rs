@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::{AppState, router};
@@ -30,7 +29,9 @@ fn state(extra: &[(&str, &str)]) -> AppState {
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let cfg = Config::from_map(&vars).unwrap();
     let store = Store::new(&cfg).unwrap();
-    crate::app::assemble(cfg, store, &TaskTracker::new(), CancellationToken::new()).unwrap()
+    crate::app::assemble(cfg, store, CancellationToken::new())
+        .unwrap()
+        .0
 }
 
 async fn call(

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{AckMode, Config};
 use crate::metrics::Metrics;
@@ -110,14 +109,12 @@ pub struct Parts {
 }
 
 impl Ingest {
-    /// Starts `cfg.workers` workers on `tracker`. `hard_stop` ends retries of enqueued pulses
-    /// when the shutdown deadline is reached.
+    /// Starts `cfg.workers` workers under `supervisor`. `hard_stop` ends retries of enqueued
+    /// pulses when the shutdown deadline is reached.
     pub fn start(
         cfg: &Config,
         parts: Parts,
-        tracker: &TaskTracker,
-        health: &Arc<crate::supervise::Health>,
-        shutdown: &CancellationToken,
+        supervisor: &crate::supervise::Supervisor,
         hard_stop: CancellationToken,
     ) -> Self {
         let Parts {
@@ -143,14 +140,7 @@ impl Ingest {
                 known: std::sync::Mutex::new(vec![(0, 0); cfg.shards as usize]),
                 meters: meters.clone(),
             };
-            crate::supervise::spawn(
-                tracker,
-                "commit_worker",
-                health,
-                &metrics,
-                shutdown,
-                w.run(),
-            );
+            supervisor.spawn("commit_worker", w.run());
         }
         Ingest {
             tx,

@@ -3,13 +3,13 @@
 
 use serde_json::value::RawValue;
 
-use super::{DecodeError, FieldError, Limits, Pulse, Wire, clean, malformed};
+use super::{DecodeError, Decoder, FieldError, Pulse, Wire, clean, malformed};
 
 /// A batch decoded item by item: the valid pulses with their indexes, and the problems of the
 /// others.
 pub type Items = (Vec<(usize, Pulse)>, Vec<FieldError>);
 
-impl Limits {
+impl Decoder {
     /// Decodes and validates a batch: a JSON array, or NDJSON (one object per line). The batch
     /// is all or nothing: every bad item is listed with its index. With an `Idempotency-Key`,
     /// item `i` without its own id gets an id derived from the key and `i` ([`derived_id`]),

@@ -28,9 +28,10 @@ pub struct Pulse {
     pub timestamp_ms: Option<i64>,
 }
 
-/// Limits that validation enforces, taken from the configuration.
+/// Decodes and validates request bodies into pulses, within the limits of the configuration
+/// (`MAX_FIELD_LEN`, `MAX_AMOUNT`, `AMOUNT_DECIMALS`, `ALLOWED_UNITS`).
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct Decoder {
     pub max_field_len: usize,
     pub max_amount: Amount,
     /// Significant fractional digits accepted (`AMOUNT_DECIMALS`); more is a 422, never rounded.
@@ -80,7 +81,7 @@ struct Wire<'a> {
     timestamp: Option<&'a RawValue>,
 }
 
-impl Limits {
+impl Decoder {
     fn string(
         &self,
         raw: Option<&RawValue>,
@@ -272,7 +273,7 @@ impl Limits {
     }
 }
 
-/// A timestamp's JSON text as Unix milliseconds (see [`Limits::timestamp`]); `None` when it is
+/// A timestamp's JSON text as Unix milliseconds (see [`Decoder::timestamp`]); `None` when it is
 /// neither form, negative, or past the year 9999.
 pub fn parse_timestamp(text: &str) -> Option<i64> {
     const MAX_MS: i64 = 253_402_300_799_999;

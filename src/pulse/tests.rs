@@ -3,8 +3,8 @@
 use super::*;
 use proptest::prelude::*;
 
-fn limits() -> Limits {
-    Limits {
+fn limits() -> Decoder {
+    Decoder {
         max_field_len: 64,
         max_amount: Amount::parse_decimal("1e15", 12, Amount::from_units(u128::MAX)).unwrap(),
         decimals: 9,
@@ -109,7 +109,7 @@ fn malformed_json_is_not_invalid() {
 
 #[test]
 fn allow_list_applies() {
-    let l = Limits {
+    let l = Decoder {
         allowed_units: Some(vec!["KB".into(), "MB".into()]),
         ..limits()
     };

@@ -68,7 +68,7 @@ pub(super) fn idempotency_key<'h>(
         }])
     })?;
     state
-        .limits
+        .decoder
         .idempotency_key(key)
         .map_err(|e| ApiError::Invalid(vec![e]))?;
     Ok(Some(key))

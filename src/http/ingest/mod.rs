@@ -249,13 +249,13 @@ async fn accept(
     let pulses = match &mut shape {
         Shape::One => vec![
             state
-                .limits
+                .decoder
                 .decode_one(&raw, key)
                 .map_err(|e| decode_error(state, e))?,
         ],
         Shape::Batch { index, .. } => {
             let pulses = state
-                .limits
+                .decoder
                 .decode_batch(&raw, ndjson, key, max)
                 .map_err(|e| decode_error(state, e))?;
             *index = (0..pulses.len()).collect();
@@ -263,7 +263,7 @@ async fn accept(
         }
         Shape::Partial { index, refused } => {
             let (valid, mut errors) = state
-                .limits
+                .decoder
                 .decode_items(&raw, ndjson, key, max)
                 .map_err(|e| decode_error(state, e))?;
             let (idx, pulses): (Vec<usize>, Vec<Pulse>) = valid.into_iter().unzip();
