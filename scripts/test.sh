@@ -23,10 +23,12 @@ command -v st >/dev/null 2>&1 && command -v openapi-spec-validator >/dev/null 2>
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
-echo "==> cargo clippy"
+echo "==> cargo clippy (functions at most 80 lines: clippy.toml)"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "==> build the binaries the end-to-end tests run"
-cargo build --workspace --bins
+echo "==> structure: no circle of uses, no dead_code allowance"
+python3 scripts/check_structure.py
+echo "==> build the binaries the end-to-end tests run (with the test-only fault hook, as the tests build them)"
+cargo build --workspace --bins --features pulse-ingestor/fault-injection
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-tests=pass --failure-output final

@@ -105,16 +105,25 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-text panic".into())
 }
 
-/// Test-only fault hook: `PULSE_INGESTOR_FAULT=<task>` makes that task panic on purpose
-/// (`scheduler` on its first step, `worker` on a pulse of tenant `fault-panic`), so the fault
-/// suite can prove a dead task stops the process; `short-token` keeps commit tokens 3 s instead
-/// of 600 s. Unset in every real deployment.
+/// Test-only fault hook, compiled in only with the cargo feature `fault-injection` (the tests
+/// enable it; release builds never have it): `PULSE_INGESTOR_FAULT=<task>` makes that task
+/// panic on purpose (`scheduler` on its first step, `worker` on a pulse of tenant
+/// `fault-panic`), so the fault suite can prove a dead task stops the process; `short-token`
+/// keeps commit tokens 3 s instead of 600 s. Without the feature: always false.
+#[cfg(feature = "fault-injection")]
 pub fn fault(task: &str) -> bool {
     static FAULT: OnceLock<Option<String>> = OnceLock::new();
     FAULT
         .get_or_init(|| std::env::var("PULSE_INGESTOR_FAULT").ok())
         .as_deref()
         == Some(task)
+}
+
+/// See the `fault-injection` build of this function: without the feature, no fault.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fault(_task: &str) -> bool {
+    false
 }
 
 #[cfg(test)]
