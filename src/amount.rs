@@ -171,8 +171,8 @@ fn is_json_number(s: &str) -> bool {
     i == b.len()
 }
 
-/// Canonical decimal text of any decimal Redis may hold (a legacy `HINCRBYFLOAT` value such
-/// as `19999.99999999972`), exactly as written: no rounding, no exponent, no trailing zeros.
+/// Canonical decimal text of any decimal text (`19999.99999999972`, `1e+20`), exactly as
+/// written: no rounding, no exponent, no trailing zeros.
 pub fn canonical(text: &str) -> Option<String> {
     if text.len() > MAX_TEXT {
         return None;
@@ -247,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn legacy_float_text_is_kept_as_written() {
+    fn decimal_text_is_kept_as_written() {
         assert_eq!(canonical("19999.99999999972").unwrap(), "19999.99999999972");
         assert_eq!(canonical("307.5").unwrap(), "307.5");
         assert_eq!(canonical("1e+20").unwrap(), "100000000000000000000");

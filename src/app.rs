@@ -99,6 +99,22 @@ async fn adopt_recorded(cfg: &mut Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Refuses to start while Redis holds data of the float layout, which this release no longer
+/// reads: the release before it drains it (and its markers expire); nothing is stranded.
+async fn refuse_float_layout(store: &Store) -> Result<(), AppError> {
+    match store.float_layout_left().await {
+        Ok(left) if !left.is_empty() => Err(AppError::Config(format!(
+            "Redis holds data of the float layout, which this release no longer reads: {}. Run the previous release until GET /admin/pending lists none of it (replay or set aside its dead letters) and its dedupe markers have expired (DEDUPE_TTL after it first started), then start this one (README: Upgrading)",
+            left.join("; ")
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!(error = %e, "could not check for the float layout's keys");
+            Ok(())
+        }
+    }
+}
+
 /// Checks, once at start-up, what would make this replica count wrongly: a `SHARDS` that
 /// differs from the deployment's. A Redis that is down is not an error here: the scheduler and
 /// `/readyz` keep checking.
@@ -136,6 +152,7 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
                 }
                 Ok(()) => {}
             }
+            refuse_float_layout(store).await?;
             if let Err(e) = store.init_markers().await {
                 warn!(error = %e, "could not read the dedupe marker layout; will retry");
             }

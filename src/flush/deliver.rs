@@ -97,7 +97,7 @@ fn records_of<'a>(
         match (decode_field(field.as_bytes()), value) {
             (Some(key), Some(amount)) => {
                 records.push(Record {
-                    record_id: record_id(w.start, shard, field, w.exact, w.amendment),
+                    record_id: record_id(w.start, shard, field, w.amendment),
                     tenant_id: key.tenant,
                     product_sku: key.sku,
                     use_unit: key.unit,

@@ -140,8 +140,8 @@ impl Scheduler {
             });
         }
         let shards = max_shards.max(self.store.shards);
-        if self.store.legacy_markers_until() != 0 || self.store.marker_sets_until() == u64::MAX {
-            // Until the earlier layouts' markers have expired (or it is known there are none).
+        if self.store.marker_sets_until() == u64::MAX {
+            // Until it is known whether the release before's marker sets matter.
             self.store.init_markers().await?;
         }
         self.shards

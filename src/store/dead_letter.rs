@@ -7,14 +7,10 @@ use super::scripts::{DEAD_LETTER, REPLAY, SET_ASIDE};
 use super::window::exact_total;
 use super::{Conn, Store, StoreError};
 
-/// The exact total of a dead-lettered record's stored value (either layout).
+/// The exact total of a dead-lettered record's stored value (`{"lo","hi","reason"}`).
 pub fn dead_letter_total(value: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(value).ok()?;
-    match (v.get("lo"), v.get("hi"), v.get("amount")) {
-        (Some(lo), Some(hi), _) => exact_total(lo.as_str()?, hi.as_str()?),
-        (_, _, Some(a)) => crate::amount::canonical(a.as_str()?),
-        _ => None,
-    }
+    exact_total(v.get("lo")?.as_str()?, v.get("hi")?.as_str()?)
 }
 
 /// One dead-lettered record, as an operator sees it.
@@ -25,7 +21,7 @@ pub struct DeadLetter {
     pub field: String,
     /// The record's id at the Processor (what it named in a refusal).
     pub record_id: String,
-    /// The stored value: `{"lo","hi","reason"}` (or `{"amount","reason"}`).
+    /// The stored value: `{"lo","hi","reason"}`.
     pub value: String,
 }
 
@@ -47,7 +43,7 @@ impl Store {
                 out.push(DeadLetter {
                     shard,
                     window: w.clone(),
-                    record_id: record_id(w.start, shard, &field, w.exact, w.amendment),
+                    record_id: record_id(w.start, shard, &field, w.amendment),
                     field,
                     value,
                 });
@@ -133,8 +129,7 @@ impl Store {
             .key(self.keys.dead_index(shard))
             .arg(reason_json)
             .arg(&w.member)
-            .arg(w.start)
-            .arg(if w.exact { "1" } else { "0" });
+            .arg(w.start);
         for f in fields {
             inv.arg(*f);
         }
@@ -166,8 +161,7 @@ impl Store {
             .key(self.keys.pending(shard))
             .key(self.keys.dead_index(shard))
             .arg(&w.member)
-            .arg(w.start)
-            .arg(if w.exact { "1" } else { "0" });
+            .arg(w.start);
         if let Some(f) = only {
             inv.arg(f);
         }

@@ -1,7 +1,7 @@
 //! Deployment-wide facts in Redis: the shard count in use (invariant 12), the live replicas,
 //! the eviction policy readiness depends on, and the stream of refused requests.
 
-use super::{Conn, Store, StoreError, scripts::REGISTER_SHARDS};
+use super::{Conn, PendingWindow, Store, StoreError, scripts::REGISTER_SHARDS};
 
 /// Settings a deployment recorded: window, dedupe TTL, shards, window offset.
 pub type Recorded = (Option<u64>, Option<u64>, Option<u32>, Option<u64>);
@@ -202,6 +202,65 @@ impl Store {
             .find_map(|l| l.strip_prefix("maxmemory_policy:"))
             .map(|p| p.trim().to_string())
             .ok_or_else(|| StoreError::Reply("INFO memory has no maxmemory_policy".into()))
+    }
+}
+
+impl Store {
+    /// What Redis still holds of the float layout (`HINCRBYFLOAT` totals, before exact sums),
+    /// which this release no longer reads: per shard, pending windows and dead letters of that
+    /// layout and an unsealed generation, and whether its dedupe markers (one string key per
+    /// pulse id) may still be live. Empty: nothing. Reads only; `App::build` refuses to start
+    /// on anything found, so nothing of it is stranded.
+    pub async fn float_layout_left(&self) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn().await?;
+        let (now, _): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await?;
+        let (since, shards_max): (Option<u64>, Option<u32>) = redis::cmd("HMGET")
+            .arg(self.keys.meta())
+            .arg("marker_sets_since")
+            .arg("shards_max")
+            .query_async(&mut c)
+            .await?;
+        let mut left = Vec::new();
+        match since {
+            None => left.push(
+                "the deployment was last run by a release older than the one before this: its dedupe markers (one string key per pulse id) may be live".to_string(),
+            ),
+            Some(s) if s > 0 && s + self.dedupe_ttl_secs > now => left.push(format!(
+                "dedupe markers of one string key per pulse id may be live until Redis time {}",
+                s + self.dedupe_ttl_secs
+            )),
+            Some(_) => {}
+        }
+        for shard in 0..shards_max.unwrap_or(0).max(self.shards) {
+            let base = self.keys.base(shard);
+            let (pending, dead, unsealed): (Vec<String>, Vec<String>, u32) = redis::pipe()
+                .cmd("ZRANGE")
+                .arg(self.keys.pending(shard))
+                .arg(0)
+                .arg(-1)
+                .cmd("ZRANGE")
+                .arg(self.keys.dead_index(shard))
+                .arg(0)
+                .arg(-1)
+                .cmd("EXISTS")
+                .arg(format!("{base}:agg:A"))
+                .arg(format!("{base}:agg:B"))
+                .query_async(&mut c)
+                .await?;
+            let float = |members: &[String]| {
+                members
+                    .iter()
+                    .filter(|m| PendingWindow::parse(m).is_none())
+                    .count()
+            };
+            let (pending, dead) = (float(&pending), float(&dead));
+            if pending + dead > 0 || unsealed > 0 {
+                left.push(format!(
+                    "shard {shard}: {pending} pending window(s), {dead} window(s) with dead letters, {unsealed} unsealed generation(s)"
+                ));
+            }
+        }
+        Ok(left)
     }
 }
 

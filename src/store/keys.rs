@@ -72,26 +72,18 @@ pub fn dedupe_digest(tenant: &str, pulse_id: &str) -> [u8; 16] {
 /// a key counted in two shards arrives as two records the Processor adds up — never as two
 /// records with one id, where an upsert would drop one.
 ///
-/// Windows in the exact (fixed-point) layout add a format byte, so that in the one window of an
-/// upgrade from the float layout a key held in both arrives as two records that add up.
+/// A format byte follows (it marked the exact layout's windows apart from the float layout's,
+/// which is retired; kept so that record ids stay what they were).
 ///
 /// Amendment n ≥ 1 of a window (late pulses counted after its delivery began) adds its number,
 /// so that each amendment of a key is a record of its own (invariant 6): a Processor that
 /// upserts by `record_id` adds them to the window's record instead of replacing it.
-pub fn record_id(
-    window_start: u64,
-    shard: u32,
-    field: &str,
-    exact: bool,
-    amendment: u32,
-) -> String {
+pub fn record_id(window_start: u64, shard: u32, field: &str, amendment: u32) -> String {
     let mut h = Sha256::new();
     h.update(window_start.to_be_bytes());
     h.update(shard.to_be_bytes());
     h.update(field.as_bytes());
-    if exact {
-        h.update([1u8]);
-    }
+    h.update([1u8]);
     if amendment > 0 {
         h.update(b"a");
         h.update(amendment.to_be_bytes());
@@ -145,27 +137,24 @@ impl Keys {
     pub fn base(&self, shard: u32) -> String {
         format!("{{{}:{shard}}}", self.prefix)
     }
-    /// The exact layout's namespace inside the shard (see `scripts/seal_lib.lua`).
-    pub(crate) fn ns(&self, shard: u32, exact: bool) -> String {
-        if exact {
-            format!("{}:x", self.base(shard))
-        } else {
-            self.base(shard)
-        }
+    /// The shard's namespace of windows and settings: `{prefix:shard}:x` ("x" for exact, the
+    /// fixed-point layout that replaced the float one; see `scripts/seal_lib.lua`).
+    pub(crate) fn ns(&self, shard: u32) -> String {
+        format!("{}:x", self.base(shard))
     }
     /// The shard's recorded settings (window length, dedupe TTL, SHARDS; see `conf` in
     /// `scripts/seal_lib.lua`).
     pub fn conf(&self, shard: u32) -> String {
-        format!("{}:conf", self.ns(shard, true))
+        format!("{}:conf", self.ns(shard))
     }
     /// The current generation, "A" or "B" (exact layout).
     pub fn generation(&self, shard: u32) -> String {
-        format!("{}:gen", self.ns(shard, true))
+        format!("{}:gen", self.ns(shard))
     }
     /// The keys the write and seal scripts may touch that are known before they run: they are
     /// declared in `KEYS` so that a cluster routes, redirects and migrates them correctly.
     pub(crate) fn generation_keys(&self, shard: u32) -> [String; 11] {
-        let ns = self.ns(shard, true);
+        let ns = self.ns(shard);
         [
             format!("{ns}:conf"),
             format!("{ns}:wins"),
@@ -180,27 +169,27 @@ impl Keys {
             self.pending(shard),
         ]
     }
-    /// The sealed hash of a window (its `:hi` twin holds the high limbs in the exact layout).
+    /// The sealed hash of a window (its `:hi` twin holds the high limbs).
     pub fn sealed(&self, shard: u32, w: &PendingWindow) -> String {
         if w.amendment > 0 {
-            format!("{}:amend:{}:{}", self.ns(shard, true), w.start, w.amendment)
+            format!("{}:amend:{}:{}", self.ns(shard), w.start, w.amendment)
         } else {
-            format!("{}:sealed:{}", self.ns(shard, w.exact), w.start)
+            format!("{}:sealed:{}", self.ns(shard), w.start)
         }
     }
     /// A window's late-pulse state: `drain` (the last of the window (0) and its amendments
     /// whose delivery began), `open` (the amendment gathering late pulses).
     pub fn late(&self, shard: u32, start: u64) -> String {
-        format!("{}:late:{start}", self.ns(shard, true))
+        format!("{}:late:{start}", self.ns(shard))
     }
     pub fn pending(&self, shard: u32) -> String {
         format!("{}:pending", self.base(shard))
     }
     pub fn dead(&self, shard: u32, w: &PendingWindow) -> String {
         if w.amendment > 0 {
-            format!("{}:dead:{}:a{}", self.ns(shard, true), w.start, w.amendment)
+            format!("{}:dead:{}:a{}", self.ns(shard), w.start, w.amendment)
         } else {
-            format!("{}:dead:{}", self.ns(shard, w.exact), w.start)
+            format!("{}:dead:{}", self.ns(shard), w.start)
         }
     }
     /// The tenants holding a usage index in a window (see `index` in `scripts/seal_lib.lua`).
@@ -215,8 +204,7 @@ impl Keys {
         format!("{}:dead_windows", self.base(shard))
     }
     /// A shard's dedupe markers: `<ttl>:<bucket>:<slot>`, a slot hash of a `DEDUPE_TTL`
-    /// bucket (see `scripts/write.lua`); from the release before, `<bucket>`, a set per bucket;
-    /// from the one before that, a string key per id (`suffix` = its hex digest).
+    /// bucket (see `scripts/write.lua`); from the release before, `<bucket>`, a set per bucket.
     pub fn seen(&self, shard: u32, suffix: &str) -> String {
         format!("{}:seen:{suffix}", self.base(shard))
     }
@@ -249,13 +237,10 @@ impl Keys {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingWindow {
     /// The member in the pending set: `"<start>:<end>:x"`; `"<start>:<end>:x:a<n>:<due>"` for
-    /// amendment n of that window, deliverable from `due`; `"<start>:<end>"` for a window the
-    /// float release sealed.
+    /// amendment n of that window, deliverable from `due`.
     pub member: String,
     pub start: u64,
     pub end: u64,
-    /// Exact (fixed-point limbs) layout; false for a legacy `HINCRBYFLOAT` window.
-    pub exact: bool,
     /// 0: the window itself; n ≥ 1: its n-th amendment (late pulses after its delivery began).
     pub amendment: u32,
     /// When it may be delivered (plus `STABILISATION_DELAY`): the window's end, or for an
@@ -268,15 +253,14 @@ impl PendingWindow {
         let mut parts = member.split(':');
         let start = parts.next()?.parse().ok()?;
         let end = parts.next()?.parse().ok()?;
-        let (exact, amendment, due) = match (parts.next(), parts.next(), parts.next()) {
-            (None, None, None) => (false, 0, end),
-            (Some("x"), None, None) => (true, 0, end),
+        let (amendment, due) = match (parts.next(), parts.next(), parts.next()) {
+            (Some("x"), None, None) => (0, end),
             (Some("x"), Some(a), Some(due)) => {
                 let n: u32 = a.strip_prefix('a')?.parse().ok()?;
                 if n == 0 {
                     return None;
                 }
-                (true, n, due.parse().ok()?)
+                (n, due.parse().ok()?)
             }
             _ => return None,
         };
@@ -287,7 +271,6 @@ impl PendingWindow {
             member: member.to_string(),
             start,
             end,
-            exact,
             amendment,
             due,
         })
@@ -313,14 +296,11 @@ mod tests {
     }
 
     #[test]
-    fn pending_members_parse_in_both_layouts_and_amendments() {
+    fn pending_members_parse_windows_and_amendments() {
         let w = PendingWindow::parse("3600:7200:x").unwrap();
-        assert_eq!(
-            (w.start, w.end, w.exact, w.amendment, w.due),
-            (3600, 7200, true, 0, 7200)
-        );
-        let w = PendingWindow::parse("3600:7200").unwrap();
-        assert_eq!((w.start, w.end, w.exact), (3600, 7200, false));
+        assert_eq!((w.start, w.end, w.amendment, w.due), (3600, 7200, 0, 7200));
+        // The float layout's member is not a window of this layout.
+        assert!(PendingWindow::parse("3600:7200").is_none());
         let w = PendingWindow::parse("3600:7200:x:a2:14400").unwrap();
         assert_eq!((w.start, w.end, w.amendment, w.due), (3600, 7200, 2, 14400));
         for bad in [
@@ -338,11 +318,11 @@ mod tests {
     fn amendments_have_their_own_record_ids() {
         let f = encode_field("t", "s", "u");
         let ids: std::collections::HashSet<String> =
-            (0..4).map(|n| record_id(3600, 1, &f, true, n)).collect();
+            (0..4).map(|n| record_id(3600, 1, &f, n)).collect();
         assert_eq!(ids.len(), 4);
         assert_eq!(
-            record_id(3600, 1, &f, true, 0),
-            record_id(3600, 1, &f, true, 0),
+            record_id(3600, 1, &f, 0),
+            record_id(3600, 1, &f, 0),
             "stable"
         );
     }

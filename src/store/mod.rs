@@ -59,8 +59,6 @@ pub struct Store {
     epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// This process' id among the live replicas.
     instance: Arc<str>,
-    /// See [`Store::legacy_markers_until`].
-    legacy_markers_until: Arc<std::sync::atomic::AtomicU64>,
     /// See [`Store::marker_sets_until`].
     marker_sets_until: Arc<std::sync::atomic::AtomicU64>,
     /// Dedupe markers per slot hash (`scripts/write.lua`, MARKS_PER_SLOT).
@@ -156,8 +154,7 @@ impl Store {
             timeout: cfg.redis.timeout,
             epoch: Default::default(),
             instance: hex::encode(rand::random::<[u8; 8]>()).into(),
-            // Until `init_markers` says otherwise, consult the previous layout's markers too.
-            legacy_markers_until: Arc::new(u64::MAX.into()),
+            // Until `init_markers` says otherwise, consult the previous release's marker sets too.
             marker_sets_until: Arc::new(u64::MAX.into()),
             marks_per_slot: Arc::new(64.into()),
             commit_per_shard: cfg.redis.commit == crate::config::CommitMode::PerShard,

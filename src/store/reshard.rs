@@ -260,39 +260,6 @@ impl Mover<'_> {
         Ok(n)
     }
 
-    /// Copies one marker of the previous layout (a string key per id, whose value was a window
-    /// start: no placement) into every new shard.
-    async fn marker_key(&mut self, shard: u32, key: &str) -> Result<(), StoreError> {
-        let (to, conn) = (self.to, &mut *self.conn);
-        let report = &mut self.report;
-        let (value, pttl): (Option<String>, i64) = redis::pipe()
-            .cmd("GET")
-            .arg(key)
-            .cmd("PTTL")
-            .arg(key)
-            .query_async(conn)
-            .await?;
-        let (Some(value), true) = (value, pttl > 0) else {
-            return Ok(());
-        };
-        let digest = key.rsplit(':').next().unwrap_or_default();
-        report.markers_copied_everywhere += 1;
-        let mut p = redis::pipe();
-        for t in (0..to).filter(|&t| t != shard) {
-            p.cmd("SET")
-                .arg(self.store.keys.seen(t, digest))
-                .arg(&value)
-                .arg("PX")
-                .arg(pttl)
-                .arg("NX")
-                .ignore();
-        }
-        if to > 1 {
-            p.query_async::<()>(conn).await?;
-        }
-        Ok(())
-    }
-
     /// Every marker of one shard.
     async fn shard(&mut self, shard: u32) -> Result<(), StoreError> {
         // The prefix may hold glob characters (`bill[eu]`): matched literally.
@@ -328,7 +295,6 @@ impl Mover<'_> {
                 match kind.as_str() {
                     "hash" => self.marker_hash(shard, &key).await?,
                     "set" => self.marker_set(shard, &key).await?,
-                    "string" => self.marker_key(shard, &key).await?,
                     _ => {} // expired meanwhile
                 }
             }

@@ -76,16 +76,6 @@ impl Store {
     ) -> Result<(u64, Vec<(String, Option<String>)>), StoreError> {
         let key = self.keys.sealed(shard, w);
         let (next, pairs) = self.hscan(conn, &key, cursor, count).await?;
-        if !w.exact {
-            let out = pairs
-                .into_iter()
-                .map(|(f, v)| {
-                    let a = crate::amount::canonical(&v);
-                    (f, a)
-                })
-                .collect();
-            return Ok((next, out));
-        }
         let his: Vec<Option<String>> = if pairs.is_empty() {
             Vec::new()
         } else {
@@ -160,9 +150,6 @@ impl Store {
         shard: u32,
         w: &PendingWindow,
     ) -> Result<(), StoreError> {
-        if !w.exact {
-            return Ok(());
-        }
         let _: () = super::scripts::MARK_DRAIN
             .key(self.keys.late(shard, w.start))
             .arg(w.amendment)

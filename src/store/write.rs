@@ -100,11 +100,8 @@ impl Store {
         let first = sections.first().map_or(0, |s| s.0);
         let mut inv = WRITE.prepare_invoke();
         inv.key(self.keys.commit(first, token));
-        let legacy_until = self.legacy_markers_until();
-        let legacy = legacy_until > 0;
         inv.arg(self.window_arg())
             .arg(self.dedupe_ttl_secs)
-            .arg(legacy_until)
             .arg(sections.len())
             .arg(commit_token_ttl().as_secs())
             .arg(self.shards);
@@ -118,7 +115,7 @@ impl Store {
         let declare = self.is_cluster();
         let layouts: Vec<SectionLayout> = sections
             .iter()
-            .map(|(shard, items)| self.push_section(&mut inv, *shard, items, declare, legacy))
+            .map(|(shard, items)| self.push_section(&mut inv, *shard, items, declare))
             .collect();
         let reply: redis::Value = inv.invoke_async(conn).await.map_err(|e| {
             match (e.code(), e.detail().and_then(|d| d.trim().parse().ok())) {
@@ -145,7 +142,6 @@ impl Store {
         shard: u32,
         items: &[WriteItem],
         declare: bool,
-        legacy: bool,
     ) -> SectionLayout {
         if declare {
             for k in self.keys.generation_keys(shard) {
@@ -169,9 +165,6 @@ impl Store {
                 .arg(lo)
                 .arg(hi.to_string())
                 .arg(&marker_member(d, it.placement)[..]);
-            if legacy {
-                inv.arg(hex::encode(d));
-            }
         }
         for &i in &layout.stamped {
             let it = &items[i];
@@ -186,18 +179,8 @@ impl Store {
                 None => inv.arg(""),
             };
             inv.arg(&it.ops);
-            if legacy {
-                inv.arg(it.digest.as_ref().map(hex::encode).unwrap_or_default());
-            }
         }
         layout
-    }
-
-    /// Until when (Redis seconds) markers of the previous layout — one string key per id —
-    /// may still matter; 0 when none can exist.
-    pub fn legacy_markers_until(&self) -> u64 {
-        self.legacy_markers_until
-            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Until when (Redis seconds) the marker sets of the release before — one set per bucket —
@@ -207,52 +190,27 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Learns (and on the first start of each layout records) which earlier marker layouts
-    /// may still hold live markers, so that they are consulted until they expire: one string
-    /// key per id (two releases ago: `marker_sets_since`), one set per bucket (the release
-    /// before: `marker_sets_until`). A fresh deployment records that neither exists.
+    /// Learns (and on the first start after the release before records) until when that
+    /// release's marker sets — one set per bucket — may hold live markers, so that they are
+    /// consulted until then (`marker_sets_until`); 0 for a fresh deployment.
     pub async fn init_markers(&self) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         let (now, _): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await?;
-        // A deployment an earlier release used has `shards_max`; a new one has nothing to
-        // consult.
-        let old: bool = redis::cmd("HEXISTS")
-            .arg(self.keys.meta())
-            .arg("shards_max")
-            .query_async(&mut c)
-            .await?;
-        // Set markers live at most two DEDUPE_TTLs; one more covers replicas of the release
-        // before still writing them while the upgrade rolls out.
-        let (since, sets_until): (u64, u64) = redis::pipe()
-            .cmd("HSETNX")
-            .arg(self.keys.meta())
-            .arg("marker_sets_since")
-            .arg(if old { now } else { 0 })
-            .ignore()
+        // A fresh deployment recorded 0 when it registered its shards; an older one that has
+        // not recorded when its sets stop mattering does so now. Set markers live at most two
+        // DEDUPE_TTLs; one more covers replicas of the release before still writing them while
+        // the upgrade rolls out.
+        let (sets_until,): (u64,) = redis::pipe()
             .cmd("HSETNX")
             .arg(self.keys.meta())
             .arg("marker_sets_until")
-            .arg(if old {
-                now + 3 * self.dedupe_ttl_secs
-            } else {
-                0
-            })
+            .arg(now + 3 * self.dedupe_ttl_secs)
             .ignore()
-            .cmd("HGET")
-            .arg(self.keys.meta())
-            .arg("marker_sets_since")
             .cmd("HGET")
             .arg(self.keys.meta())
             .arg("marker_sets_until")
             .query_async(&mut c)
             .await?;
-        let until = if since == 0 || since + self.dedupe_ttl_secs <= now {
-            0
-        } else {
-            since + self.dedupe_ttl_secs
-        };
-        self.legacy_markers_until
-            .store(until, std::sync::atomic::Ordering::Relaxed);
         self.marker_sets_until.store(
             if sets_until <= now { 0 } else { sets_until },
             std::sync::atomic::Ordering::Relaxed,

@@ -330,108 +330,51 @@ async fn dead_letters_and_their_replay_stay_exact() {
     app.stop().await.unwrap();
 }
 
+/// The float layout (`HINCRBYFLOAT` totals, before exact sums) is no longer read: a deployment
+/// that still holds any of it — a pending window, a window with dead letters, an unsealed
+/// generation — is refused at start with what is left where and how to drain it, and nothing of
+/// it is touched; once the previous release has drained it, this one starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_window_sealed_by_the_float_release_is_delivered_as_redis_holds_it() {
+async fn data_of_the_float_layout_is_refused_at_start_and_left_as_it_is() {
     let redis = RedisServer::start();
-    // What the previous release left: a sealed hash of HINCRBYFLOAT totals, pending.
+    let keys = pulse_ingestor::store::Keys::new("pulses");
     let field = pulse_ingestor::store::keys::encode_field("legacy", "SKU", "KB");
-    for _ in 0..3 {
-        let _: String = redis.cmd(&["HINCRBYFLOAT", "{pulses:0}:sealed:1000", &field, "0.1"]);
+    let sealed = format!("{}:sealed:1000", keys.base(0));
+    let _: String = redis.cmd(&["HINCRBYFLOAT", &sealed, &field, "0.1"]);
+    let _: i64 = redis.cmd(&["ZADD", &keys.pending(0), "1000", "1000:4600"]);
+    let _: i64 = redis.cmd(&["ZADD", &keys.dead_index(5), "1000", "1000:4600"]);
+    let generation = format!("{}:agg:B", keys.base(3));
+    let _: String = redis.cmd(&["HINCRBYFLOAT", &generation, &field, "2.5"]);
+    let cfg = pulse_ingestor::config::Config::from_map(&settings(&redis, &[])).unwrap();
+    let refused = pulse_ingestor::app::App::build(cfg)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    for part in [
+        "float layout",
+        "shard 0: 1 pending window(s), 0 window(s) with dead letters, 0 unsealed",
+        "shard 3: 0 pending window(s), 0 window(s) with dead letters, 1 unsealed",
+        "shard 5: 0 pending window(s), 1 window(s) with dead letters",
+        "Run the previous release",
+    ] {
+        assert!(refused.contains(part), "{part:?} in {refused}");
     }
-    let _: String = redis.cmd(&[
-        "HINCRBYFLOAT",
-        "{pulses:0}:sealed:1000",
-        "[\"legacy\",\"SKU\",\"MB\"]",
-        "307.5",
-    ]);
-    let held: String = redis.cmd(&["HGET", "{pulses:0}:sealed:1000", &field]);
-    let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
-    let (app, p) = delivering_app(&redis, Faults::default()).await;
-    flush_until_delivered(&app.base, &p, &["legacy"]).await;
-    let recs = p.records();
-    let kb = recs.iter().find(|r| r.use_unit == "KB").unwrap();
-    assert_eq!(
-        money::canonical(&kb.used_amount),
-        money::canonical(&money::parse(&held).unwrap())
-    );
-    let mb = recs.iter().find(|r| r.use_unit == "MB").unwrap();
-    assert_eq!(money::canonical(&mb.used_amount), "307.5");
-    assert_eq!(kb.window_start, "1970-01-01T00:16:40Z");
-    let left: i64 = redis.cmd(&["EXISTS", "{pulses:0}:sealed:1000"]);
-    assert_eq!(left, 0, "delivered records are deleted");
-    app.stop().await.unwrap();
-}
-
-/// The float release's generation still holds a key whose window is also sealed already (the
-/// merge that "cannot happen" while windows move forward): the two are one record id at the
-/// Processor, so they are summed before delivery — exactly, as decimal text, not by
-/// `HINCRBYFLOAT` (which gave 1234567890123456.7899169921875 here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_legacy_window_sealed_twice_is_merged_exactly() {
-    let redis = RedisServer::start();
-    let field = pulse_ingestor::store::keys::encode_field("legacy", "SKU", "KB");
-    let _: () = redis.cmd(&["MSET", "{pulses:0}:gen", "A", "{pulses:0}:window", "1000"]);
-    let _: () = redis.cmd(&["SET", "{pulses:0}:window_len", "3600"]);
-    let _: i64 = redis.cmd(&["HSET", "{pulses:0}:agg:A", &field, "0.001"]);
-    let _: i64 = redis.cmd(&[
-        "HSET",
-        "{pulses:0}:sealed:1000",
-        &field,
-        "1234567890123456.7889404296875",
-    ]);
-    let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
-    let (app, p) = delivering_app(&redis, Faults::default()).await;
-    flush_until_delivered(&app.base, &p, &["legacy"]).await;
-    assert_eq!(
-        total_of(&p.records(), "legacy"),
-        "1234567890123456.7899404296875"
-    );
-    let left: i64 = redis.cmd(&["EXISTS", "{pulses:0}:agg:A"]);
-    assert_eq!(left, 0, "the legacy generation was sealed");
-    app.stop().await.unwrap();
-}
-
-/// A record of a float-release window that the Processor refused goes back, on replay, as the
-/// decimal text Redis held — not through `HINCRBYFLOAT`, which rounds it to 17 decimals.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_legacy_dead_letter_is_replayed_as_redis_held_it() {
-    let redis = RedisServer::start();
-    let held = "0.12345678901234567890123";
-    let field = pulse_ingestor::store::keys::encode_field("bad", "SKU", "KB");
-    let _: i64 = redis.cmd(&["HSET", "{pulses:0}:sealed:1000", &field, held]);
-    let _: i64 = redis.cmd(&["ZADD", "{pulses:0}:pending", "1000", "1000:4600"]);
-    let (app, p) = delivering_app(
-        &redis,
-        Faults {
-            reject_tenant: Some("bad".into()),
-            ..Faults::default()
-        },
+    let held: String = redis.cmd(&["HGET", &sealed, &field]);
+    assert_eq!(held, "0.1", "nothing of it is touched");
+    let pending: Vec<String> = redis.cmd(&["ZRANGE", &keys.pending(0), "0", "-1"]);
+    assert_eq!(pending, ["1000:4600"]);
+    // What the previous release does once it has delivered them: nothing of the layout left.
+    let _: i64 = redis.cmd(&["DEL", &sealed, &generation]);
+    let _: i64 = redis.cmd(&["ZREM", &keys.pending(0), "1000:4600"]);
+    let _: i64 = redis.cmd(&["ZREM", &keys.dead_index(5), "1000:4600"]);
+    let app = TestApp::spawn(settings(&redis, &[])).await;
+    let (s, _, _) = post(
+        &http(),
+        &format!("{}/ingest", app.base),
+        &pulse("t", "s", "KB", 1.0),
     )
     .await;
-    let c = http();
-    let dead = eventually(Duration::from_secs(20), || async {
-        app.flush_now().await;
-        let dl = c
-            .get(format!("{}/admin/dead-letters", app.base))
-            .json_reply()
-            .await;
-        dl["records"].as_array().is_some_and(|r| {
-            r.iter()
-                .any(|r| r["tenant_id"] == "bad" && r["used_amount_text"] == held)
-        })
-    })
-    .await;
-    assert!(
-        dead,
-        "the refused legacy record is dead-lettered with its exact amount"
-    );
-    p.set_faults(Faults::default());
-    let r = c
-        .post(format!("{}/admin/dead-letters/replay", app.base))
-        .json_reply()
-        .await;
-    assert_eq!(r["replayed_records"], 1, "{r}");
-    flush_until_delivered(&app.base, &p, &["bad"]).await;
-    assert_eq!(total_of(&p.records(), "bad"), held);
+    assert_eq!(s, 202);
     app.stop().await.unwrap();
 }

@@ -1,22 +1,15 @@
 -- Move records the Processor rejected from a sealed hash to the window's dead-letter hash.
 -- KEYS[1] sealed hash, KEYS[2] its hi hash, KEYS[3] dead-letter hash, KEYS[4] dead-letter index
--- ARGV[1] reason (JSON text), ARGV[2] window member, ARGV[3] start, ARGV[4] "1" for the exact
--- layout, ARGV[5..] fields. A dead-letter value is {"lo":"..","hi":"..","reason":..} (exact)
--- or {"amount":"..","reason":..} (legacy): amounts are copied as Redis holds them, as strings,
--- so nothing is rounded on the way. Returns records moved.
-local exact = ARGV[4] == '1'
+-- ARGV[1] reason (JSON text), ARGV[2] window member, ARGV[3] start, ARGV[4..] fields. A
+-- dead-letter value is {"lo":"..","hi":"..","reason":..}: the limbs are copied as Redis holds
+-- them, as strings, so nothing is rounded on the way. Returns records moved.
 local moved = 0
-for i = 5, #ARGV do
+for i = 4, #ARGV do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   if v then
-    local entry
-    if exact then
-      local hi = redis.call('HGET', KEYS[2], ARGV[i]) or '0'
-      entry = '{"lo":"' .. v .. '","hi":"' .. hi .. '","reason":' .. ARGV[1] .. '}'
-      redis.call('HDEL', KEYS[2], ARGV[i])
-    else
-      entry = '{"amount":"' .. v .. '","reason":' .. ARGV[1] .. '}'
-    end
+    local hi = redis.call('HGET', KEYS[2], ARGV[i]) or '0'
+    local entry = '{"lo":"' .. v .. '","hi":"' .. hi .. '","reason":' .. ARGV[1] .. '}'
+    redis.call('HDEL', KEYS[2], ARGV[i])
     redis.call('HSET', KEYS[3], ARGV[i], entry)
     redis.call('HDEL', KEYS[1], ARGV[i])
     moved = moved + 1

@@ -1,41 +1,22 @@
 -- Move dead-lettered records back into their sealed window for another delivery. Runs under
 -- the shard's drain lock, so no drain can finish the window in between.
 -- KEYS[1] dead-letter hash, KEYS[2] sealed hash, KEYS[3] its hi hash, KEYS[4] pending set,
--- KEYS[5] dead-letter index. ARGV[1] window member, ARGV[2] window start, ARGV[3] "1" for the
--- exact layout, ARGV[4] (optional) the one field to move. Returns records moved.
--- A legacy (float release) amount is decimal text: it goes back verbatim, or summed exactly with
--- a value the field holds again (decimal_sum), never through binary floating point; one that is
--- not a plain decimal stays dead-lettered.
+-- KEYS[5] dead-letter index. ARGV[1] window member, ARGV[2] window start, ARGV[3] (optional)
+-- the one field to move. Returns records moved.
 local kv
-if ARGV[4] then
+if ARGV[3] then
   -- One record only.
-  local v = redis.call('HGET', KEYS[1], ARGV[4])
-  kv = v and {ARGV[4], v} or {}
+  local v = redis.call('HGET', KEYS[1], ARGV[3])
+  kv = v and {ARGV[3], v} or {}
 else
   kv = redis.call('HGETALL', KEYS[1])
 end
 local moved = 0
 for i = 1, #kv, 2 do
   local d = cjson.decode(kv[i + 1])
-  local back = true
-  if ARGV[3] == '1' then
-    add(KEYS[2], KEYS[3], kv[i], d['lo'], d['hi'])
-  else
-    local held = redis.call('HGET', KEYS[2], kv[i])
-    local value = d['amount']
-    if held then
-      value = decimal_sum(held, value)
-    end
-    if value then
-      redis.call('HSET', KEYS[2], kv[i], value)
-    else
-      back = false
-    end
-  end
-  if back then
-    redis.call('HDEL', KEYS[1], kv[i])
-    moved = moved + 1
-  end
+  add(KEYS[2], KEYS[3], kv[i], d['lo'], d['hi'])
+  redis.call('HDEL', KEYS[1], kv[i])
+  moved = moved + 1
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[5], ARGV[1])

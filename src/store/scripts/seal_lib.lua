@@ -1,15 +1,10 @@
 -- Shared by every script that may toggle a generation (prepended with include_str!).
 --
--- Two layouts live side by side under one shard's hash tag `base`:
---   exact  (this release): namespace `base:x`, amounts as two integer limbs per key —
---          `<hash>` holds lo and `<hash>:hi` multiples of 10^15 (see add below), both
---          added with HINCRBY, so sums are exact (invariant 11). Pending members "<s>:<e>:x".
---   legacy (the float release): namespace `base`, values that release wrote as decimal text
---          (HINCRBYFLOAT's output). Only sealed, never written, and never added to in binary
---          floating point here (see decimal_sum): windows a previous version left are still
---          delivered as Redis holds them.
--- Each layout has its own generation and window keys, so replicas of both versions can run
--- side by side during an upgrade and each seals only its own hashes.
+-- The exact layout, under one shard's hash tag `base`: namespace `base:x` ("x" for exact,
+-- after the float layout it replaced; that layout's keys are refused at start, see
+-- Store::refuse_float_layout), amounts as two integer limbs per key — `<hash>` holds lo and
+-- `<hash>:hi` multiples of 10^15 (see add below), both added with HINCRBY, so sums are exact
+-- (invariant 11). Pending members "<s>:<e>:x".
 
 -- A total is hi × 10^15 + lo units of 10^-12. Redis adds both limbs exactly (int64 HINCRBY);
 -- Lua only compares lo with a threshold, so the double it sees need not be exact. An increment's
@@ -33,40 +28,6 @@ local function add(lohash, hihash, field, lo, hi)
     redis.call('HINCRBY', hihash, field, hi)
   end
   return fresh
-end
-
--- The exact sum of two non-negative plain decimals ("12", "0.5", "19999.99999999972" — what
--- the float release's HINCRBYFLOAT wrote), digit by digit; nil for any other form. Only the
--- legacy layout needs it: its values are decimal text, which Lua numbers (doubles) cannot add
--- without rounding.
-local function decimal_sum(a, b)
-  local ai, af = string.match(a, '^(%d+)%.?(%d*)$')
-  local bi, bf = string.match(b, '^(%d+)%.?(%d*)$')
-  if not ai or not bi then
-    return nil
-  end
-  local n = math.max(#af, #bf)
-  local x = ai .. af .. string.rep('0', n - #af)
-  local y = bi .. bf .. string.rep('0', n - #bf)
-  local m = math.max(#x, #y)
-  x = string.rep('0', m - #x) .. x
-  y = string.rep('0', m - #y) .. y
-  local digits, carry = {}, 0
-  for k = m, 1, -1 do
-    local d = string.byte(x, k) + string.byte(y, k) - 96 + carry
-    carry = math.floor(d / 10)
-    digits[k] = d % 10
-  end
-  local all = (carry > 0 and tostring(carry) or '') .. table.concat(digits)
-  local int = string.gsub(string.sub(all, 1, #all - n), '^0+', '')
-  local frac = string.gsub(string.sub(all, #all - n + 1), '0+$', '')
-  if int == '' then
-    int = '0'
-  end
-  if frac == '' then
-    return int
-  end
-  return int .. '.' .. frac
 end
 
 -- The usage index: per shard, window and tenant, the set of a tenant's fields, so that "what has
@@ -136,7 +97,7 @@ local function align(t, len, off)
   return t - ((t - off) % len)
 end
 
--- seal(base, ns, exact, now, window_len) brings one layout's generation up to date with Redis
+-- seal(base, ns, now, c) brings the shard's generation up to date with Redis
 -- time: if the current generation's window has ended — at its start plus the length it was
 -- opened with, whatever WINDOW says now — the generation flips, the old hash is renamed to
 -- `<ns>:sealed:<start>` and the window is added to `<base>:pending` as `<start>:<end>`.
@@ -158,32 +119,27 @@ local function merge_exact(from, into)
 end
 
 -- Records the current window, in the conf hash and the plain keys.
-local function keep(ns, exact, c, g, s, l)
+local function keep(ns, c, g, s, l)
   redis.call('SET', ns .. ':gen', g)
   redis.call('SET', ns .. ':window', s)
   redis.call('SET', ns .. ':window_len', l)
-  if exact then
-    redis.call('HSET', c.key, 'gen', g, 'start', s, 'len', l)
-  end
+  redis.call('HSET', c.key, 'gen', g, 'start', s, 'len', l)
 end
 
--- `c` is the shard's `conf`; its generation state is used for the exact layout.
-local function seal(base, ns, exact, now, c)
+-- `c` is the shard's `conf`, which holds its generation state.
+local function seal(base, ns, now, c)
   local window_len, offset = c.window, c.offset
   local gen, start, len
-  if exact and c.gen and c.start and c.len then
+  if c.gen and c.start and c.len then
     gen, start, len = c.gen, c.start, c.len
   else
     gen = redis.call('GET', ns .. ':gen')
     start = tonumber(redis.call('GET', ns .. ':window'))
   end
   if not gen or not start then
-    if not exact then
-      return nil, nil, 0, nil
-    end
     local current = align(now, window_len, offset)
     gen = gen or 'A'
-    keep(ns, exact, c, gen, current, window_len)
+    keep(ns, c, gen, current, window_len)
     redis.call('ZADD', ns .. ':wins', current, current .. ':' .. window_len)
     return gen, current, 0, current + window_len
   end
@@ -195,51 +151,23 @@ local function seal(base, ns, exact, now, c)
   end
   local old = ns .. ':agg:' .. gen
   local sealed = ns .. ':sealed:' .. start
-  local has_old = redis.call('EXISTS', old) == 1
-  if has_old then
+  if redis.call('EXISTS', old) == 1 then
     if redis.call('EXISTS', sealed) == 0 then
       redis.call('RENAME', old, sealed)
-      if exact and redis.call('EXISTS', old .. ':hi') == 1 then
-        redis.call('RENAME', old .. ':hi', sealed .. ':hi')
-      end
-      if exact and redis.call('EXISTS', old .. ':ts') == 1 then
-        redis.call('RENAME', old .. ':ts', sealed .. ':ts')
+      for _, suffix in ipairs({':hi', ':ts'}) do
+        if redis.call('EXISTS', old .. suffix) == 1 then
+          redis.call('RENAME', old .. suffix, sealed .. suffix)
+        end
       end
     else
       -- Cannot happen while windows only move forward; merged rather than overwritten, so
       -- nothing is lost if it ever does — and merged exactly: both are one record id at the
       -- Processor, which would keep only one of two deliveries.
-      if exact then
-        merge_exact(old, sealed)
-      else
-        local kv = redis.call('HGETALL', old)
-        -- Every sum first: a script that stops half-way keeps what it wrote.
-        local sums = {}
-        for i = 1, #kv, 2 do
-          local held = redis.call('HGET', sealed, kv[i])
-          sums[i] = kv[i + 1]
-          if held then
-            sums[i] = decimal_sum(held, kv[i + 1])
-          end
-          if not sums[i] then
-            -- Not a plain decimal: leave both hashes and this generation as they are (the
-            -- window stays sealed and pending; nothing is rounded, nothing is lost).
-            return gen, start, 0, stop
-          end
-        end
-        for i = 1, #kv, 2 do
-          redis.call('HSET', sealed, kv[i], sums[i])
-        end
-      end
-      redis.call('DEL', old)
+      merge_exact(old, sealed)
     end
     -- The member carries the window's end, so a later change of WINDOW cannot mislabel it.
-    local member = start .. ':' .. stop
-    if exact then
-      member = member .. ':x'
-    end
-    redis.call('ZADD', base .. ':pending', start, member)
-  elseif exact then
+    redis.call('ZADD', base .. ':pending', start, start .. ':' .. stop .. ':x')
+  else
     -- A hi (or ts) hash never exists without its lo hash; drop a stray one rather than let
     -- it leak into a later window.
     redis.call('DEL', old .. ':hi', old .. ':ts')
@@ -251,36 +179,34 @@ local function seal(base, ns, exact, now, c)
     -- WINDOW changed: the window up to the first boundary of the new length.
     next_start, next_len = stop, aligned + window_len - stop
   end
-  keep(ns, exact, c, gen, next_start, next_len)
-  if exact then
-    -- The window history (for placing event-stamped pulses), kept as long as a late pulse
-    -- may need it.
-    redis.call('ZADD', ns .. ':wins', next_start, next_start .. ':' .. next_len)
-    redis.call('ZREMRANGEBYSCORE', ns .. ':wins', '-inf', '(' .. (now - HISTORY_KEEP))
-    -- Pulses stamped ahead of their window wait in `:future:<start>` hashes: the one for the
-    -- window opening now becomes its generation; one whose window was skipped (no write came
-    -- while it ran) or that no longer fits the windows (WINDOW changed) is sealed as it was
-    -- placed — its label holds its pulses' times either way.
-    local futures = redis.call('ZRANGEBYSCORE', ns .. ':futures', '-inf', '(' .. (next_start + next_len))
-    for _, m in ipairs(futures) do
-      local fs, fe = string.match(m, '^(%d+):(%d+)$')
-      local fhash = ns .. ':future:' .. fs
-      if redis.call('EXISTS', fhash) == 0 then
-        -- nothing was written there
-        redis.call('DEL', fhash .. ':hi')
-      elseif tonumber(fs) == next_start and tonumber(fe) == next_start + next_len then
-        redis.call('RENAME', fhash, ns .. ':agg:' .. gen)
-        for _, suffix in ipairs({':hi', ':ts'}) do
-          if redis.call('EXISTS', fhash .. suffix) == 1 then
-            redis.call('RENAME', fhash .. suffix, ns .. ':agg:' .. gen .. suffix)
-          end
+  keep(ns, c, gen, next_start, next_len)
+  -- The window history (for placing event-stamped pulses), kept as long as a late pulse
+  -- may need it.
+  redis.call('ZADD', ns .. ':wins', next_start, next_start .. ':' .. next_len)
+  redis.call('ZREMRANGEBYSCORE', ns .. ':wins', '-inf', '(' .. (now - HISTORY_KEEP))
+  -- Pulses stamped ahead of their window wait in `:future:<start>` hashes: the one for the
+  -- window opening now becomes its generation; one whose window was skipped (no write came
+  -- while it ran) or that no longer fits the windows (WINDOW changed) is sealed as it was
+  -- placed — its label holds its pulses' times either way.
+  local futures = redis.call('ZRANGEBYSCORE', ns .. ':futures', '-inf', '(' .. (next_start + next_len))
+  for _, m in ipairs(futures) do
+    local fs, fe = string.match(m, '^(%d+):(%d+)$')
+    local fhash = ns .. ':future:' .. fs
+    if redis.call('EXISTS', fhash) == 0 then
+      -- nothing was written there
+      redis.call('DEL', fhash .. ':hi')
+    elseif tonumber(fs) == next_start and tonumber(fe) == next_start + next_len then
+      redis.call('RENAME', fhash, ns .. ':agg:' .. gen)
+      for _, suffix in ipairs({':hi', ':ts'}) do
+        if redis.call('EXISTS', fhash .. suffix) == 1 then
+          redis.call('RENAME', fhash .. suffix, ns .. ':agg:' .. gen .. suffix)
         end
-      else
-        merge_exact(fhash, ns .. ':sealed:' .. fs)
-        redis.call('ZADD', base .. ':pending', fs, fs .. ':' .. fe .. ':x')
       end
-      redis.call('ZREM', ns .. ':futures', m)
+    else
+      merge_exact(fhash, ns .. ':sealed:' .. fs)
+      redis.call('ZADD', base .. ':pending', fs, fs .. ':' .. fe .. ':x')
     end
+    redis.call('ZREM', ns .. ':futures', m)
   end
   return gen, next_start, 1, next_start + next_len
 end

@@ -3,18 +3,15 @@
 -- node.
 -- KEYS[1] the commit's token; on a cluster, also the shard's generation keys (declared so the
 -- cluster routes and migrates them correctly; see Store::write_many).
--- ARGV[1] window length and offset ("<s>:<s>"), ARGV[2] dedupe TTL (s), ARGV[3] Redis time (s) until which
--- markers of the previous layout (one string key per id) are still consulted (0: none, and
--- items carry no previous-layout digest), ARGV[4] number of shard sections, ARGV[5] how long
--- the commit's token is kept (s), ARGV[6] the writer's SHARDS, ARGV[7] LATE_MAX_AGE (s),
--- ARGV[8] LATE_PULSES ("amend" or "refuse"), ARGV[9] Redis time (s) until which the marker
--- sets of the release before are consulted (0: none), ARGV[10] markers per slot hash (see
--- MARKS_PER_SLOT); then per section:
+-- ARGV[1] window length and offset ("<s>:<s>"), ARGV[2] dedupe TTL (s), ARGV[3] number of
+-- shard sections, ARGV[4] how long the commit's token is kept (s), ARGV[5] the writer's
+-- SHARDS, ARGV[6] LATE_MAX_AGE (s), ARGV[7] LATE_PULSES ("amend" or "refuse"), ARGV[8] Redis
+-- time (s) until which the marker sets of the release before are consulted (0: none),
+-- ARGV[9] markers per slot hash (see MARKS_PER_SLOT); then per section:
 -- shard base (e.g. "{pulses:7}"), count of items without id, count with id, count stamped;
--- the items without id as (field, lo, hi); the items with id as (field, lo, hi, marker[,
--- previous-layout hex digest]); the rich items — stamped or metered — as (field, lo, hi,
--- event time in ms or "", marker or "", aggregations or "" (sum)[, previous-layout hex digest
--- or ""]); aggregations are letters: s sum, c count, x max, n min, l latest (meters.rs). lo and hi are decimal limb strings (lo < 10^15);
+-- the items without id as (field, lo, hi); the items with id as (field, lo, hi, marker); the
+-- rich items — stamped or metered — as (field, lo, hi, event time in ms or "", marker or "",
+-- aggregations or "" (sum)); aggregations are letters: s sum, c count, x max, n min, l latest (meters.rs). lo and hi are decimal limb strings (lo < 10^15);
 -- a marker is 12 bytes of digest and 2 of tenant placement.
 -- Returns "<window start>+<its length>:<flags>:<stamped>" per section, joined by ";": one flag per item with
 -- id, in order: 1 counted, 0 duplicate (items without id are always counted); per stamped item
@@ -45,19 +42,13 @@ if done then
   return done
 end
 local now = redis_now()
-local shards = tonumber(ARGV[6])
-local late_keep = tonumber(ARGV[7]) + 86400
-local refuse_late = ARGV[8] == 'refuse'
-local legacy_until = tonumber(ARGV[3])
-local legacy = now < legacy_until
+local shards = tonumber(ARGV[5])
+local late_keep = tonumber(ARGV[6]) + 86400
+local refuse_late = ARGV[7] == 'refuse'
 -- Until when the marker sets of the release before (one set per bucket) are consulted.
-local sets_until = tonumber(ARGV[9])
+local sets_until = tonumber(ARGV[8])
 local id_stride = 4
 local ts_stride = 6
-if legacy_until > 0 then
-  id_stride = 5
-  ts_stride = 7
-end
 local now_ms = nil
 
 -- Meters (see meters.rs): the field of aggregation `name` of a key.
@@ -172,12 +163,12 @@ end
 -- <bucket>:<slot>`, its slot taken from its first two bytes. A bucket's slot count is fixed in
 -- `<base>:x:marks` (field `<ttl>:<bucket>`) by the first commit with ids in it, from how many ids
 -- the bucket before received (field `c<ttl>:<bucket>`), so that a slot holds about
--- MARKS_PER_SLOT markers (ARGV[10]: 64, or a quarter of Redis' hash-max-listpack-entries if
+-- MARKS_PER_SLOT markers (ARGV[9]: 64, or a quarter of Redis' hash-max-listpack-entries if
 -- less — 512 by default), few enough for Redis to keep each hash a listpack even at twice the traffic
 -- of the bucket before, and short to search — about 21 bytes an id instead of about 55 in a set. Every replica reads the
 -- same count, so every replica looks in the same place; a bucket whose predecessor is unknown
 -- gets DEFAULT_SLOTS.
-local MARKS_PER_SLOT = tonumber(ARGV[10])
+local MARKS_PER_SLOT = tonumber(ARGV[9])
 local DEFAULT_SLOTS = 64
 
 local function slot(mk, slots)
@@ -246,19 +237,19 @@ end
 local sections = {}
 local full = {}
 local closed = {}
-local i = 11
-for s = 1, tonumber(ARGV[4]) do
+local i = 10
+for s = 1, tonumber(ARGV[3]) do
   local base = ARGV[i]
   local plain = tonumber(ARGV[i + 1])
   local ids = tonumber(ARGV[i + 2])
   local timed = tonumber(ARGV[i + 3])
   i = i + 4
-  local c = conf(base, ARGV[1], ARGV[2], ARGV[6])
+  local c = conf(base, ARGV[1], ARGV[2], ARGV[5])
   if c.shards ~= shards then
     return redis.error_reply('SHARDSCHANGED ' .. c.shards)
   end
   local ns = base .. ':x'
-  local gen, start, _, stop = seal(base, ns, true, now, c)
+  local gen, start, _, stop = seal(base, ns, now, c)
   local agg = ns .. ':agg:' .. gen
   local first_id = i + plain * 3
   local first_ts = first_id + ids * id_stride
@@ -338,7 +329,7 @@ for s = 1, #sections do
     local m = marker_places(base, c)
     local added = 0
     -- Whether the pulse id with this marker is new (and remembered from now on).
-    local function first_time(mk, legacy_hex)
+    local function first_time(mk)
       local key = m.cur .. slot(mk, m.slots)
       if redis.call('HSETNX', key, mk, 1) == 0 then
         return false
@@ -355,15 +346,11 @@ for s = 1, #sections do
           return false
         end
       end
-      if legacy and legacy_hex and legacy_hex ~= ''
-          and redis.call('EXISTS', base .. ':seen:' .. legacy_hex) == 1 then
-        return false
-      end
       return true
     end
     local flag = {}
     for k = first_id, first_ts - 1, id_stride do
-      if first_time(ARGV[k + 3], ARGV[k + 4]) then
+      if first_time(ARGV[k + 3]) then
         if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
           index(base, start, ARGV[k], len)
         end
@@ -376,7 +363,7 @@ for s = 1, #sections do
     for k = first_ts, after - 1, ts_stride do
       local tg = targets[k]
       local m = ARGV[k + 4]
-      if m == '' or first_time(m, ARGV[k + 6]) then
+      if m == '' or first_time(m) then
         placed(base, base .. ':x', tg)
         local ops = ARGV[k + 5]
         if ops == '' then
@@ -413,5 +400,5 @@ for s = 1, #sections do
     .. flags .. ':' .. stamped
 end
 local reply = table.concat(out, ';')
-redis.call('SET', KEYS[1], reply, 'EX', ARGV[5])
+redis.call('SET', KEYS[1], reply, 'EX', ARGV[4])
 return reply
