@@ -28,7 +28,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "==> structure: no circle of uses, no dead_code allowance"
 python3 scripts/check_structure.py
 echo "==> build the binaries the end-to-end tests run (with the test-only fault hook, as the tests build them)"
-cargo build --workspace --bins --features pulse-ingestor/fault-injection
+cargo build --workspace --bins --features fault-injection
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-tests=pass --failure-output final

@@ -1,4 +1,5 @@
-//! The key layout and the storage identity of a pulse: which hash field names its key
+//! The key layout (for Rust; the scripts' copy is `scripts/keys_lib.lua`, and a test holds the
+//! two equal) and the storage identity of a pulse: which hash field names its key
 //! (invariant 8: a JSON array, so any UTF-8 — `:`, `|`, `"`, spaces, emoji — round-trips and no
 //! two keys share a field), which shard holds its tenant, how its id is remembered, and the
 //! stable id of the record it ends up in (invariant 6). Every key of shard `s` starts with the
@@ -151,21 +152,29 @@ impl Keys {
     pub fn generation(&self, shard: u32) -> String {
         format!("{}:gen", self.ns(shard))
     }
+    /// The current window's start (mirrors the shard's settings hash, for readers).
+    pub fn window(&self, shard: u32) -> String {
+        format!("{}:window", self.ns(shard))
+    }
+    /// The aggregate hash of `generation` ("A" or "B"); its `:hi` twin holds high limbs.
+    pub fn agg(&self, shard: u32, generation: &str) -> String {
+        format!("{}:agg:{generation}", self.ns(shard))
+    }
     /// The keys the write and seal scripts may touch that are known before they run: they are
     /// declared in `KEYS` so that a cluster routes, redirects and migrates them correctly.
-    pub(crate) fn generation_keys(&self, shard: u32) -> [String; 11] {
+    pub fn generation_keys(&self, shard: u32) -> [String; 11] {
         let ns = self.ns(shard);
         [
-            format!("{ns}:conf"),
+            self.conf(shard),
             format!("{ns}:wins"),
             format!("{ns}:futures"),
-            format!("{ns}:gen"),
-            format!("{ns}:window"),
+            self.generation(shard),
+            self.window(shard),
             format!("{ns}:window_len"),
-            format!("{ns}:agg:A"),
-            format!("{ns}:agg:A:hi"),
-            format!("{ns}:agg:B"),
-            format!("{ns}:agg:B:hi"),
+            self.agg(shard, "A"),
+            format!("{}:hi", self.agg(shard, "A")),
+            self.agg(shard, "B"),
+            format!("{}:hi", self.agg(shard, "B")),
             self.pending(shard),
         ]
     }

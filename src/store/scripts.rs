@@ -1,17 +1,32 @@
-//! The Lua scripts, each in its own `.lua` file. The ones that may toggle a generation or add
-//! exact amounts are prefixed with `seal_lib.lua`, the only place the toggle is written
-//! (invariants 2, 3, 4).
+//! The Lua scripts, each in its own `.lua` file. Every script that names a key of its own is
+//! prefixed with `keys_lib.lua`, the scripts' one copy of the key layout (mirrored by
+//! [`Keys`](super::Keys)); the ones that may toggle a generation or add exact amounts also with
+//! `seal_lib.lua`, the only place the toggle is written (invariants 2, 3, 4).
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// A script that may toggle a generation or add exact amounts: prefixed with the shared library.
+/// A script that may toggle a generation or add exact amounts: prefixed with the key layout
+/// and the shared library.
 macro_rules! with_lib {
     ($file:literal) => {
         LazyLock::new(|| {
             Script::new(concat!(
+                include_str!("scripts/keys_lib.lua"),
                 include_str!("scripts/seal_lib.lua"),
+                include_str!($file)
+            ))
+        })
+    };
+}
+
+/// A script that names keys of its own: prefixed with the key layout.
+macro_rules! with_keys {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("scripts/keys_lib.lua"),
                 include_str!($file)
             ))
         })
@@ -23,8 +38,7 @@ pub(super) static SEAL: LazyLock<Script> = with_lib!("scripts/seal.lua");
 pub(super) static REPLAY: LazyLock<Script> = with_lib!("scripts/replay.lua");
 pub(super) static DEAD_LETTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/dead_letter.lua")));
-pub(super) static FINISH_WINDOW: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/finish_window.lua")));
+pub(super) static FINISH_WINDOW: LazyLock<Script> = with_keys!("scripts/finish_window.lua");
 pub(super) static DELIVERED: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/delivered.lua")));
 pub(super) static REGISTER_SHARDS: LazyLock<Script> =
@@ -33,10 +47,8 @@ pub(super) static LOCK_RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/lock_renew.lua")));
 pub(super) static LOCK_RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/lock_release.lua")));
-pub(super) static USAGE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/usage.lua")));
-pub(super) static SET_ASIDE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/set_aside.lua")));
+pub(super) static USAGE: LazyLock<Script> = with_keys!("scripts/usage.lua");
+pub(super) static SET_ASIDE: LazyLock<Script> = with_keys!("scripts/set_aside.lua");
 pub(super) static SETTINGS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/settings.lua")));
 pub(super) static MARK_DRAIN: LazyLock<Script> =

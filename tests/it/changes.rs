@@ -97,7 +97,11 @@ async fn changing_dedupe_ttl_forgets_no_pulse_id() {
     assert_eq!(send_ids(&unset, "a", 10).await, (0, 10));
     assert_eq!(send_ids(&unset, "b", 10).await, (0, 10));
     unset.stop().await.unwrap();
-    let conf: String = redis.cmd(&["HGET", "{pulses:0}:x:conf", "ttl"]);
+    let conf: String = redis.cmd(&[
+        "HGET",
+        &pulse_ingestor::store::Keys::new("pulses").conf(0),
+        "ttl",
+    ]);
     assert_eq!(conf, "7200");
     // Changing again (to a third value) before the 1h markers have expired is refused.
     let cfg = pulse_ingestor::config::Config::from_map(&settings(&redis, &[("DEDUPE_TTL", "3h")]))

@@ -11,6 +11,7 @@ use pulse_producer::processor::Faults;
 const SHARDS: u32 = 12;
 const WINDOW: u64 = 2;
 
+/// The cluster scenarios' settings: 12 shards over 3 masters, 2 s windows, quick locks.
 fn cluster_vars(cluster: &RedisCluster, extra: &[(&str, &str)]) -> HashMap<String, String> {
     let mut base = vec![
         ("SHARDS", "12"),
@@ -19,16 +20,14 @@ fn cluster_vars(cluster: &RedisCluster, extra: &[(&str, &str)]) -> HashMap<Strin
         ("DRAIN_INTERVAL", "300ms"),
     ];
     base.extend_from_slice(extra);
-    let mut m = settings(&cluster.nodes[0], &base);
-    m.remove("REDIS_URL");
-    m.insert("REDIS_CLUSTER_URLS".into(), cluster.urls());
-    m
+    cluster_settings(cluster, &base)
 }
 
 /// Waits until the current window is sealed on every shard and nothing is pending.
 async fn delivered(cluster: &RedisCluster, base: &str) {
     let (now, _): (u64, u64) = cluster.nodes[0].cmd(&["TIME"]);
-    let window_of = |s: u32| cluster.get_u64(&format!("{{pulses:{s}}}:x:window"));
+    let keys = pulse_ingestor::store::Keys::new("pulses");
+    let window_of = |s: u32| cluster.get_u64(&keys.window(s));
     wait_all_delivered(
         now,
         WINDOW,
@@ -231,7 +230,7 @@ async fn a_live_reshard_during_ingest_keeps_the_books_exact() {
         .filter(|s| {
             // Keys of other masters' slots answer MOVED: not here.
             redis::cmd("EXISTS")
-                .arg(format!("{{pulses:{s}}}:x:gen"))
+                .arg(pulse_ingestor::store::Keys::new("pulses").generation(*s))
                 .query::<i64>(&mut masters[0].conn())
                 .unwrap_or(0)
                 == 1

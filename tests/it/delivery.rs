@@ -81,7 +81,8 @@ fn assert_windows(expected: &BTreeMap<u64, Dec>, found: &BTreeMap<u64, Dec>) {
 async fn wait_sealed(redis: &RedisServer, shards: u32, start: u64) {
     let ok = eventually(Duration::from_secs(10), || async {
         (0..shards).all(|s| {
-            let w: Option<u64> = redis.cmd(&["GET", &format!("{{pulses:{s}}}:x:window")]);
+            let w: Option<u64> =
+                redis.cmd(&["GET", &pulse_ingestor::store::Keys::new("pulses").window(s)]);
             w.is_some_and(|w| w > start)
         })
     })
@@ -169,7 +170,7 @@ async fn processor_outage(on_cluster: bool) {
         Some(c) => {
             let ok = eventually(Duration::from_secs(10), || async {
                 (0..8).all(|s| {
-                    c.get_u64(&format!("{{pulses:{s}}}:x:window"))
+                    c.get_u64(&pulse_ingestor::store::Keys::new("pulses").window(s))
                         .is_some_and(|w| w > last)
                 })
             })

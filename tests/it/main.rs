@@ -16,6 +16,7 @@ mod event_time;
 mod faults;
 mod ingest;
 mod isolation;
+mod layout;
 mod meters;
 mod money;
 mod producer;

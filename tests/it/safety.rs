@@ -571,15 +571,16 @@ async fn remembered_id_cost(redis: RedisServer, budget: f64) {
 async fn marker_sets_of_the_release_before_are_honoured_until_they_expire() {
     let redis = RedisServer::start();
     // What that release left: its meta, and a marker in the current bucket's set.
-    let _: i64 = redis.cmd(&["HSET", "{pulses}:meta", "shards_max", "8", "shards", "8"]);
-    let _: i64 = redis.cmd(&["HSET", "{pulses}:meta", "marker_sets_since", "0"]);
+    let meta = pulse_ingestor::store::Keys::new("pulses").meta();
+    let _: i64 = redis.cmd(&["HSET", &meta, "shards_max", "8", "shards", "8"]);
+    let _: i64 = redis.cmd(&["HSET", &meta, "marker_sets_since", "0"]);
     let t: Vec<String> = redis.cmd(&["TIME"]);
     let bucket = t[0].parse::<u64>().unwrap() / 3600;
     let digest = pulse_ingestor::store::keys::dedupe_digest("t", "old-id");
     let placement = pulse_ingestor::store::keys::placement_of("t");
     let member = pulse_ingestor::store::keys::marker_member(&digest, placement);
     let shard = pulse_ingestor::store::keys::shard_of("t", 8);
-    let set = format!("{{pulses:{shard}}}:seen:{bucket}");
+    let set = pulse_ingestor::store::Keys::new("pulses").seen(shard, &bucket.to_string());
     let _: i64 = redis::cmd("SADD")
         .arg(&set)
         .arg(&member[..])
@@ -598,14 +599,19 @@ async fn marker_sets_of_the_release_before_are_honoured_until_they_expire() {
     assert_eq!(body["accepted"], 1, "{body}");
     let (_, _, body) = post(&c, &format!("{}/ingest", app.base), &p).await;
     assert_eq!(body["duplicates"], 1, "{body}");
-    let hashes: Vec<String> =
-        redis.cmd(&["KEYS", &format!("{{pulses:{shard}}}:seen:3600:{bucket}:*")]);
+    let hashes: Vec<String> = redis.cmd(&[
+        "KEYS",
+        &format!(
+            "{}*",
+            pulse_ingestor::store::Keys::new("pulses").seen(shard, &format!("3600:{bucket}:"))
+        ),
+    ]);
     let held: i64 = hashes.iter().map(|h| redis.cmd::<i64>(&["HLEN", h])).sum();
     assert_eq!(
         held, 2,
         "old-id and new-id are in the slot hashes: {hashes:?}"
     );
-    let meta: Vec<String> = redis.cmd(&["HMGET", "{pulses}:meta", "marker_sets_until"]);
+    let meta: Vec<String> = redis.cmd(&["HMGET", &meta, "marker_sets_until"]);
     let until: u64 = meta[0].parse().unwrap();
     assert!(
         until >= t[0].parse::<u64>().unwrap() + 2 * 3600,

@@ -253,8 +253,9 @@ async fn a_usage_query_costs_the_same_whatever_other_tenants_hold() {
     };
     let alone = cost(50).await;
     // A million other tenants' keys in the same window of the same shard.
-    let generation: String = redis.cmd(&["GET", "{pulses:0}:x:gen"]);
-    let agg = format!("{{pulses:0}}:x:agg:{generation}");
+    let keys = pulse_ingestor::store::Keys::new("pulses");
+    let generation: String = redis.cmd(&["GET", &keys.generation(0)]);
+    let agg = keys.agg(0, &generation);
     let _: () = redis.cmd(&[
         "EVAL",
         "for i = 1, 1000000 do redis.call('HSET', KEYS[1], '[\"other-' .. i .. '\",\"s\",\"KB\"]', '1000000000000') end",
@@ -321,7 +322,7 @@ async fn a_delivered_window_leaves_no_usage_index_behind() {
         left.iter().any(|k| k.ends_with(":bad"))
             && left
                 .iter()
-                .all(|k| k.starts_with(&format!("{{pulses:{shard}}}")))
+                .all(|k| k.starts_with(&pulse_ingestor::store::Keys::new("pulses").base(shard)))
     };
     let settled = eventually(Duration::from_secs(10), || async {
         only_bad_shard(&idx(&redis))

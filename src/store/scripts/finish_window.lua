@@ -9,11 +9,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('UNLINK', KEYS[1] .. ':ts')
+redis.call('UNLINK', key.ts(KEYS[1]))
 if redis.call('ZCOUNT', KEYS[3], ARGV[3], ARGV[3]) == 0
     and redis.call('ZCOUNT', KEYS[4], ARGV[3], ARGV[3]) == 0 then
   for _, t in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-    redis.call('UNLINK', ARGV[2] .. ':x:idx:' .. ARGV[3] .. ':' .. t)
+    redis.call('UNLINK', key.idx(ARGV[2], ARGV[3], t))
   end
   redis.call('UNLINK', KEYS[5])
 end

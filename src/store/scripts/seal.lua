@@ -8,5 +8,5 @@ local t = redis.call('TIME')
 local now = tonumber(t[1])
 local base = ARGV[1]
 local c = conf(base, ARGV[2], ARGV[3], ARGV[4])
-local gen, start, toggled, stop = seal(base, base .. ':x', now, c)
+local gen, start, toggled, stop = seal(base, now, c)
 return {gen, start, toggled, now, tonumber(t[2]), stop}

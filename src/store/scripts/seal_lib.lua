@@ -1,8 +1,8 @@
 -- Shared by every script that may toggle a generation (prepended with include_str!).
 --
--- The exact layout, under one shard's hash tag `base`: namespace `base:x` ("x" for exact,
--- after the float layout it replaced; that layout's keys are refused at start, see
--- Store::refuse_float_layout), amounts as two integer limbs per key — `<hash>` holds lo and
+-- The exact layout (key names: keys_lib.lua, prepended before this; the float layout it
+-- replaced is refused at start, see Store::float_layout_left): amounts as two integer limbs
+-- per key — `<hash>` holds lo and
 -- `<hash>:hi` multiples of 10^15 (see add below), both added with HINCRBY, so sums are exact
 -- (invariant 11). Pending members "<s>:<e>:x".
 
@@ -49,9 +49,8 @@ local function index(base, start, field, len)
     s = string.format('%d', start)
     start_text[start] = s
   end
-  local key = base .. ':x:idx:' .. s .. ':' .. tenant
-  if redis.call('SADD', key, field) == 1 then
-    redis.call('SADD', base .. ':x:idxt:' .. s, tenant)
+  if redis.call('SADD', key.idx(base, s, tenant), field) == 1 then
+    redis.call('SADD', key.idxt(base, s), tenant)
   end
 end
 
@@ -73,19 +72,19 @@ local HISTORY_KEEP = 61 * 86400
 -- `:x:gen`, `:x:window`, `:x:window_len` are kept in step for readers, and are read only by a
 -- shard whose hash predates this).
 local function conf(base, window, ttl, shards)
-  local key = base .. ':x:conf'
-  local c = redis.call('HMGET', key, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards', 'since',
+  local ck = key.conf(base)
+  local c = redis.call('HMGET', ck, 'window', 'ttl', 'prev_ttl', 'prev_until', 'shards', 'since',
     'offset', 'gen', 'start', 'len')
   if not c[1] then
     local len, off = string.match(window, '^(%d+):?(%d*)$')
     off = tonumber(off) or 0
     local now = redis.call('TIME')[1]
-    redis.call('HSET', key, 'window', len, 'offset', off, 'ttl', ttl, 'shards', shards,
+    redis.call('HSET', ck, 'window', len, 'offset', off, 'ttl', ttl, 'shards', shards,
       'since', now)
-    return {key = key, window = tonumber(len), offset = off, ttl = tonumber(ttl), prev_ttl = 0,
+    return {key = ck, window = tonumber(len), offset = off, ttl = tonumber(ttl), prev_ttl = 0,
       prev_until = 0, shards = tonumber(shards), since = tonumber(now)}
   end
-  return {key = key, window = tonumber(c[1]), offset = tonumber(c[7]) or 0,
+  return {key = ck, window = tonumber(c[1]), offset = tonumber(c[7]) or 0,
     ttl = tonumber(c[2]) or tonumber(ttl), prev_ttl = tonumber(c[3]) or 0,
     prev_until = tonumber(c[4]) or 0, shards = tonumber(c[5]) or tonumber(shards),
     since = tonumber(c[6]) or 0, gen = c[8] or nil, start = tonumber(c[9]),
@@ -97,7 +96,7 @@ local function align(t, len, off)
   return t - ((t - off) % len)
 end
 
--- seal(base, ns, now, c) brings the shard's generation up to date with Redis
+-- seal(base, now, c) brings the shard's generation up to date with Redis
 -- time: if the current generation's window has ended — at its start plus the length it was
 -- opened with, whatever WINDOW says now — the generation flips, the old hash is renamed to
 -- `<ns>:sealed:<start>` and the window is added to `<base>:pending` as `<start>:<end>`.
@@ -109,48 +108,48 @@ end
 local function merge_exact(from, into)
   local kv = redis.call('HGETALL', from)
   for i = 1, #kv, 2 do
-    add(into, into .. ':hi', kv[i], kv[i + 1], '0')
+    add(into, key.hi(into), kv[i], kv[i + 1], '0')
   end
-  local kh = redis.call('HGETALL', from .. ':hi')
+  local kh = redis.call('HGETALL', key.hi(from))
   for i = 1, #kh, 2 do
-    redis.call('HINCRBY', into .. ':hi', kh[i], kh[i + 1])
+    redis.call('HINCRBY', key.hi(into), kh[i], kh[i + 1])
   end
-  redis.call('DEL', from, from .. ':hi')
+  redis.call('DEL', from, key.hi(from))
 end
 
 -- Records the current window, in the conf hash and the plain keys.
-local function keep(ns, c, g, s, l)
-  redis.call('SET', ns .. ':gen', g)
-  redis.call('SET', ns .. ':window', s)
-  redis.call('SET', ns .. ':window_len', l)
+local function keep(base, c, g, s, l)
+  redis.call('SET', key.gen(base), g)
+  redis.call('SET', key.window(base), s)
+  redis.call('SET', key.window_len(base), l)
   redis.call('HSET', c.key, 'gen', g, 'start', s, 'len', l)
 end
 
 -- `c` is the shard's `conf`, which holds its generation state.
-local function seal(base, ns, now, c)
+local function seal(base, now, c)
   local window_len, offset = c.window, c.offset
   local gen, start, len
   if c.gen and c.start and c.len then
     gen, start, len = c.gen, c.start, c.len
   else
-    gen = redis.call('GET', ns .. ':gen')
-    start = tonumber(redis.call('GET', ns .. ':window'))
+    gen = redis.call('GET', key.gen(base))
+    start = tonumber(redis.call('GET', key.window(base)))
   end
   if not gen or not start then
     local current = align(now, window_len, offset)
     gen = gen or 'A'
-    keep(ns, c, gen, current, window_len)
-    redis.call('ZADD', ns .. ':wins', current, current .. ':' .. window_len)
+    keep(base, c, gen, current, window_len)
+    redis.call('ZADD', key.wins(base), current, current .. ':' .. window_len)
     return gen, current, 0, current + window_len
   end
-  len = len or tonumber(redis.call('GET', ns .. ':window_len')) or window_len
+  len = len or tonumber(redis.call('GET', key.window_len(base))) or window_len
   local stop = start + len
   if now < stop then
     -- Same window (or Redis time went back after a failover): keep writing where we are.
     return gen, start, 0, stop
   end
-  local old = ns .. ':agg:' .. gen
-  local sealed = ns .. ':sealed:' .. start
+  local old = key.agg(base, gen)
+  local sealed = key.sealed(base, start)
   if redis.call('EXISTS', old) == 1 then
     if redis.call('EXISTS', sealed) == 0 then
       redis.call('RENAME', old, sealed)
@@ -166,11 +165,11 @@ local function seal(base, ns, now, c)
       merge_exact(old, sealed)
     end
     -- The member carries the window's end, so a later change of WINDOW cannot mislabel it.
-    redis.call('ZADD', base .. ':pending', start, start .. ':' .. stop .. ':x')
+    redis.call('ZADD', key.pending(base), start, key.member(start, stop))
   else
     -- A hi (or ts) hash never exists without its lo hash; drop a stray one rather than let
     -- it leak into a later window.
-    redis.call('DEL', old .. ':hi', old .. ':ts')
+    redis.call('DEL', key.hi(old), key.ts(old))
   end
   if gen == 'A' then gen = 'B' else gen = 'A' end
   local aligned = align(now, window_len, offset)
@@ -179,44 +178,44 @@ local function seal(base, ns, now, c)
     -- WINDOW changed: the window up to the first boundary of the new length.
     next_start, next_len = stop, aligned + window_len - stop
   end
-  keep(ns, c, gen, next_start, next_len)
+  keep(base, c, gen, next_start, next_len)
   -- The window history (for placing event-stamped pulses), kept as long as a late pulse
   -- may need it.
-  redis.call('ZADD', ns .. ':wins', next_start, next_start .. ':' .. next_len)
-  redis.call('ZREMRANGEBYSCORE', ns .. ':wins', '-inf', '(' .. (now - HISTORY_KEEP))
+  redis.call('ZADD', key.wins(base), next_start, next_start .. ':' .. next_len)
+  redis.call('ZREMRANGEBYSCORE', key.wins(base), '-inf', '(' .. (now - HISTORY_KEEP))
   -- Pulses stamped ahead of their window wait in `:future:<start>` hashes: the one for the
   -- window opening now becomes its generation; one whose window was skipped (no write came
   -- while it ran) or that no longer fits the windows (WINDOW changed) is sealed as it was
   -- placed — its label holds its pulses' times either way.
-  local futures = redis.call('ZRANGEBYSCORE', ns .. ':futures', '-inf', '(' .. (next_start + next_len))
+  local futures = redis.call('ZRANGEBYSCORE', key.futures(base), '-inf', '(' .. (next_start + next_len))
   for _, m in ipairs(futures) do
     local fs, fe = string.match(m, '^(%d+):(%d+)$')
-    local fhash = ns .. ':future:' .. fs
+    local fhash = key.future(base, fs)
     if redis.call('EXISTS', fhash) == 0 then
       -- nothing was written there
-      redis.call('DEL', fhash .. ':hi')
+      redis.call('DEL', key.hi(fhash))
     elseif tonumber(fs) == next_start and tonumber(fe) == next_start + next_len then
-      redis.call('RENAME', fhash, ns .. ':agg:' .. gen)
+      redis.call('RENAME', fhash, key.agg(base, gen))
       for _, suffix in ipairs({':hi', ':ts'}) do
         if redis.call('EXISTS', fhash .. suffix) == 1 then
-          redis.call('RENAME', fhash .. suffix, ns .. ':agg:' .. gen .. suffix)
+          redis.call('RENAME', fhash .. suffix, key.agg(base, gen) .. suffix)
         end
       end
     else
-      merge_exact(fhash, ns .. ':sealed:' .. fs)
-      redis.call('ZADD', base .. ':pending', fs, fs .. ':' .. fe .. ':x')
+      merge_exact(fhash, key.sealed(base, fs))
+      redis.call('ZADD', key.pending(base), fs, key.member(fs, fe))
     end
-    redis.call('ZREM', ns .. ':futures', m)
+    redis.call('ZREM', key.futures(base), m)
   end
   return gen, next_start, 1, next_start + next_len
 end
 
--- window_at(ns, t, len, off): the window [start, end) that holds Redis second t, from the shard's
+-- window_at(base, t, len, off): the window [start, end) that holds Redis second t, from the shard's
 -- window history: the recorded window containing t, or — in a stretch with no recorded window
 -- (no write came) — the window of the length then in force aligned like the seal aligns,
 -- clipped to its recorded neighbours.
-local function window_at(ns, t, len, off)
-  local before = redis.call('ZREVRANGEBYSCORE', ns .. ':wins', t, '-inf', 'LIMIT', 0, 1)[1]
+local function window_at(base, t, len, off)
+  local before = redis.call('ZREVRANGEBYSCORE', key.wins(base), t, '-inf', 'LIMIT', 0, 1)[1]
   local lo, l = nil, len
   if before then
     local s, wl = string.match(before, '^(%d+):(%d+)$')
@@ -231,7 +230,7 @@ local function window_at(ns, t, len, off)
   if lo and ws < lo then
     ws = lo
   end
-  local after = redis.call('ZRANGEBYSCORE', ns .. ':wins', '(' .. t, '+inf', 'LIMIT', 0, 1)[1]
+  local after = redis.call('ZRANGEBYSCORE', key.wins(base), '(' .. t, '+inf', 'LIMIT', 0, 1)[1]
   if after then
     local s = tonumber(string.match(after, '^(%d+):'))
     if s < we then

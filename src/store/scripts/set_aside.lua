@@ -18,7 +18,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   if redis.call('ZCOUNT', KEYS[4], ARGV[5], ARGV[5]) == 0
       and redis.call('ZCOUNT', KEYS[2], ARGV[5], ARGV[5]) == 0 then
     for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-      redis.call('UNLINK', ARGV[4] .. ':x:idx:' .. ARGV[5] .. ':' .. tenant)
+      redis.call('UNLINK', key.idx(ARGV[4], ARGV[5], tenant))
     end
     redis.call('UNLINK', KEYS[5])
   end

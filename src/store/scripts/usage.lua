@@ -15,12 +15,12 @@ local function hmget(hash, fields, from, to)
 end
 local function read(hash, dead, start)
   local w = {start = tostring(start), keys = {}}
-  local idx = base .. ':x:idx:' .. start .. ':' .. tenant
+  local idx = key.idx(base, start, tenant)
   local fields = redis.call('SMEMBERS', idx)
   for from = 1, #fields, CHUNK do
     local to = math.min(from + CHUNK - 1, #fields)
     local lo = hmget(hash, fields, from, to)
-    local hi = hmget(hash .. ':hi', fields, from, to)
+    local hi = hmget(key.hi(hash), fields, from, to)
     local dl = hmget(dead, fields, from, to)
     for i = from, to do
       local k = i - from + 1
@@ -32,7 +32,7 @@ end
 local gen = redis.call('GET', KEYS[1])
 local start = redis.call('GET', KEYS[2])
 if gen and start then
-  local w = read(base .. ':x:agg:' .. gen, base .. ':x:dead:none', start)
+  local w = read(key.agg(base, gen), key.dead(base, 'none'), start)
   w['end'] = tostring(tonumber(start) + (tonumber(redis.call('GET', KEYS[3])) or 0))
   out.current = w
 else
@@ -46,20 +46,19 @@ local busy = redis.call('EXISTS', KEYS[5]) == 1
 local members = redis.call('ZRANGE', KEYS[4], 0, -1)
 local seen = {}
 local function window(m, pending)
-  local s, e, x = string.match(m, '^(%d+):(%d+):?(x?)$')
+  local s, e = string.match(m, '^(%d+):(%d+):x$')
   local a, due = nil, nil
   if not s then
     -- An amendment: late pulses of window s counted after its delivery began.
     s, e, a, due = string.match(m, '^(%d+):(%d+):x:a(%d+):(%d+)$')
-    x = 'x'
   end
-  if not s or x ~= 'x' or seen[m] then
+  if not s or seen[m] then
     return
   end
   seen[m] = true
-  local hash, dead = base .. ':x:sealed:' .. s, base .. ':x:dead:' .. s
+  local hash, dead = key.sealed(base, s), key.dead(base, s)
   if a then
-    hash, dead = base .. ':x:amend:' .. s .. ':' .. a, dead .. ':a' .. a
+    hash, dead = key.amend(base, s, a), key.dead_amend(base, s, a)
   end
   local w = read(hash, dead, s)
   w.amendment = tonumber(a or '0')

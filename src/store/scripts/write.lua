@@ -65,26 +65,26 @@ end
 local function put(h, f, lo, hi)
   redis.call('HSET', h, f, lo)
   if hi ~= '0' then
-    redis.call('HSET', h .. ':hi', f, hi)
+    redis.call('HSET', key.hi(h), f, hi)
   else
-    redis.call('HDEL', h .. ':hi', f)
+    redis.call('HDEL', key.hi(h), f)
   end
 end
 -- Applies one aggregation of a pulse to hash h; returns the field it wrote.
 local function apply(h, f, op, lo, hi, ts)
   if op == 's' then
-    add(h, h .. ':hi', f, lo, hi)
+    add(h, key.hi(h), f, lo, hi)
     return f
   elseif op == 'c' then
     local g = suffixed(f, 'count')
-    add(h, h .. ':hi', g, '1000000000000', '0')
+    add(h, key.hi(h), g, '1000000000000', '0')
     return g
   elseif op == 'x' or op == 'n' then
     local g = suffixed(f, op == 'x' and 'max' or 'min')
     local cl = redis.call('HGET', h, g)
     local better = true
     if cl then
-      local ch = redis.call('HGET', h .. ':hi', g) or '0'
+      local ch = redis.call('HGET', key.hi(h), g) or '0'
       if op == 'x' then better = greater(hi, lo, ch, cl) else better = greater(ch, cl, hi, lo) end
     end
     if better then put(h, g, lo, hi) end
@@ -92,10 +92,10 @@ local function apply(h, f, op, lo, hi, ts)
   else
     -- latest: by event time (ms), ties to the later arrival
     local g = suffixed(f, 'latest')
-    local ct = tonumber(redis.call('HGET', h .. ':ts', g))
+    local ct = tonumber(redis.call('HGET', key.ts(h), g))
     if not ct or ts >= ct then
       put(h, g, lo, hi)
-      redis.call('HSET', h .. ':ts', g, string.format('%d', ts))
+      redis.call('HSET', key.ts(h), g, string.format('%d', ts))
     end
     return g
   end
@@ -105,9 +105,9 @@ end
 -- writing there records: a pending-set member and its score, the future window's member,
 -- the amendment number opened}, or nil when its window is closed (LATE_PULSES=refuse).
 -- Nothing is written here: a commit refused as a whole leaves no trace.
-local function place(base, ns, gen, start, stop, c, t)
+local function place(base, gen, start, stop, c, t)
   if t >= start and t < stop then
-    return {ns .. ':agg:' .. gen, start, '1'}
+    return {key.agg(base, gen), start, '1'}
   end
   if t >= stop then
     -- Ahead (within MAX_FUTURE_SKEW): the window it will be in, as the seal will open it.
@@ -117,10 +117,10 @@ local function place(base, ns, gen, start, stop, c, t)
     if fs < stop then
       fs = stop
     end
-    return {ns .. ':future:' .. fs, fs, 'F', nil, nil, fs .. ':' .. fe}
+    return {key.future(base, fs), fs, 'F', nil, nil, fs .. ':' .. fe}
   end
-  local ws, we = window_at(ns, t, c.window, c.offset)
-  local st = redis.call('HMGET', ns .. ':late:' .. ws, 'drain', 'open')
+  local ws, we = window_at(base, t, c.window, c.offset)
+  local st = redis.call('HMGET', key.late(base, ws), 'drain', 'open')
   local drain, open = tonumber(st[1]), tonumber(st[2])
   if not drain and (we <= c.since or we < now - late_keep) then
     -- Possibly delivered with no mark (before marks existed, or the mark expired): amend.
@@ -128,7 +128,7 @@ local function place(base, ns, gen, start, stop, c, t)
   end
   if not drain then
     -- Sealed (or never opened here) and not yet read by a drain: it joins the window.
-    return {ns .. ':sealed:' .. ws, ws, 'L', ws .. ':' .. we .. ':x', ws}
+    return {key.sealed(base, ws), ws, 'L', key.member(ws, we), ws}
   end
   if refuse_late then
     return nil
@@ -139,20 +139,20 @@ local function place(base, ns, gen, start, stop, c, t)
     opened = open
   end
   -- Due with the current window: late pulses of one hour gather in one amendment.
-  return {ns .. ':amend:' .. ws .. ':' .. open, ws, 'A',
-    ws .. ':' .. we .. ':x:a' .. open .. ':' .. stop, ws, nil, opened}
+  return {key.amend(base, ws, open), ws, 'A', key.amend_member(ws, we, open, stop), ws, nil,
+    opened}
 end
 
 -- Records where a stamped pulse was written (see place).
-local function placed(base, ns, tg)
+local function placed(base, tg)
   if tg[4] then
-    redis.call('ZADD', base .. ':pending', tg[5], tg[4])
+    redis.call('ZADD', key.pending(base), tg[5], tg[4])
   end
   if tg[6] then
-    redis.call('ZADD', ns .. ':futures', tg[2], tg[6])
+    redis.call('ZADD', key.futures(base), tg[2], tg[6])
   end
   if tg[7] then
-    local late = ns .. ':late:' .. tg[2]
+    local late = key.late(base, tg[2])
     redis.call('HSET', late, 'open', tg[7])
     redis.call('EXPIRE', late, late_keep)
   end
@@ -182,7 +182,7 @@ end
 local function marker_places(base, c)
   local ttl = c.ttl
   local bucket = math.floor(now / ttl)
-  local marks = base .. ':x:marks'
+  local marks = key.marks(base)
   local f_cur = ttl .. ':' .. bucket
   local f_prev = ttl .. ':' .. (bucket - 1)
   local fields = {f_cur, f_prev, 'c' .. f_prev}
@@ -211,12 +211,12 @@ local function marker_places(base, c)
       end
     end
   end
-  local m = {cur = base .. ':seen:' .. f_cur .. ':', slots = slots, hashes = {}, sets = {},
+  local m = {cur = key.seen(base, f_cur .. ':'), slots = slots, hashes = {}, sets = {},
     expire_at = string.format('%d', (bucket + 2) * ttl), marks = marks, count_field = 'c' .. f_cur,
     touched = {}}
   local function older(f, n)
     if n then
-      m.hashes[#m.hashes + 1] = {base .. ':seen:' .. f .. ':', tonumber(n)}
+      m.hashes[#m.hashes + 1] = {key.seen(base, f .. ':'), tonumber(n)}
     end
   end
   older(f_prev, v[2])
@@ -225,10 +225,10 @@ local function marker_places(base, c)
     older(fields[5], v[5])
   end
   if now < sets_until then
-    m.sets = {base .. ':seen:' .. bucket, base .. ':seen:' .. (bucket - 1)}
+    m.sets = {key.seen(base, bucket), key.seen(base, bucket - 1)}
     if ob then
-      m.sets[3] = base .. ':seen:' .. ob
-      m.sets[4] = base .. ':seen:' .. (ob - 1)
+      m.sets[3] = key.seen(base, ob)
+      m.sets[4] = key.seen(base, ob - 1)
     end
   end
   return m
@@ -248,9 +248,8 @@ for s = 1, tonumber(ARGV[3]) do
   if c.shards ~= shards then
     return redis.error_reply('SHARDSCHANGED ' .. c.shards)
   end
-  local ns = base .. ':x'
-  local gen, start, _, stop = seal(base, ns, now, c)
-  local agg = ns .. ':agg:' .. gen
+  local gen, start, _, stop = seal(base, now, c)
+  local agg = key.agg(base, gen)
   local first_id = i + plain * 3
   local first_ts = first_id + ids * id_stride
   local after = first_ts + timed * ts_stride
@@ -263,7 +262,7 @@ for s = 1, tonumber(ARGV[3]) do
     if ARGV[k + 3] == '' then
       tg = {agg, start, '1'}
     else
-      tg = place(base, ns, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
+      tg = place(base, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
     end
     if tg then
       targets[k] = tg
@@ -284,15 +283,15 @@ for s = 1, tonumber(ARGV[3]) do
         into = targets[k] and targets[k][1] or agg
       end
       his = his or {}
-      local key = into .. '\0' .. ARGV[k]
-      his[key] = (his[key] or 0) + tonumber(ARGV[k + 2]) + 4000
+      local hk = into .. '\0' .. ARGV[k]
+      his[hk] = (his[hk] or 0) + tonumber(ARGV[k + 2]) + 4000
     end
     if k < first_id then k = k + 3 elseif k < first_ts then k = k + id_stride else k = k + ts_stride end
   end
   if his then
-    for key, inc in pairs(his) do
-      local into, f = string.match(key, '^(.-)%z(.*)$')
-      local cur = tonumber(redis.call('HGET', into .. ':hi', f) or '0')
+    for hk, inc in pairs(his) do
+      local into, f = string.match(hk, '^(.-)%z(.*)$')
+      local cur = tonumber(redis.call('HGET', key.hi(into), f) or '0')
       if cur + inc >= 4611686018427387904 then
         full[#full + 1] = f
       end
@@ -317,7 +316,7 @@ local out = {}
 for s = 1, #sections do
   local base, first, first_id, first_ts, after, agg, start, c, targets, stop = unpack(sections[s])
   local len = c.window
-  local hi = agg .. ':hi'
+  local hi = key.hi(agg)
   for k = first, first_id - 1, 3 do
     if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
       index(base, start, ARGV[k], len)
@@ -364,10 +363,10 @@ for s = 1, #sections do
       local tg = targets[k]
       local m = ARGV[k + 4]
       if m == '' or first_time(m) then
-        placed(base, base .. ':x', tg)
+        placed(base, tg)
         local ops = ARGV[k + 5]
         if ops == '' then
-          if add(tg[1], tg[1] .. ':hi', ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
+          if add(tg[1], key.hi(tg[1]), ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
             index(base, tg[2], ARGV[k], len)
           end
         else
