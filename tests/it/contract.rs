@@ -136,28 +136,28 @@ async fn the_producer_compresses_and_prints_plain_lines_to_a_file() {
     let ledger = dir.path().join("ledger.json");
     let out = dir.path().join("out.txt");
     let file = std::fs::File::create(&out).unwrap();
-    let status = std::process::Command::new(bin("pulse-producer"))
-        .args([
-            "--url",
-            &app.base,
-            "--mode",
-            "rate",
-            "--rate",
-            "200",
-            "--duration",
-            "6s",
-            "--batch",
-            "10",
-            "--compress",
-            "zstd",
-            "--ids",
-            "--ledger",
-            ledger.to_str().unwrap(),
-        ])
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .status()
-        .unwrap();
+    let status = producer_command(&[
+        "--url",
+        &app.base,
+        "--mode",
+        "rate",
+        "--rate",
+        "200",
+        "--duration",
+        "6s",
+        "--batch",
+        "10",
+        "--compress",
+        "zstd",
+        "--ids",
+        "--ledger",
+        ledger.to_str().unwrap(),
+    ])
+    .stdout(file.try_clone().unwrap())
+    .stderr(file)
+    .status()
+    .await
+    .unwrap();
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(status.success(), "{text}");
     assert!(

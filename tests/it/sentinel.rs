@@ -353,27 +353,25 @@ fn start_load(
     duration: &str,
 ) -> tokio::task::JoinHandle<(i32, String)> {
     let urls = format!("{},{}", a.base, b.base);
-    let (ledger, duration) = (ledger.display().to_string(), duration.to_string());
-    tokio::spawn(async move {
-        producer(&[
-            "--url",
-            &urls,
-            "--ids",
-            "--retries",
-            "60",
-            "--mode",
-            "rate",
-            "--rate",
-            "200",
-            "--duration",
-            &duration,
-            "--tenants",
-            "200",
-            "--ledger",
-            &ledger,
-        ])
-        .await
-    })
+    let ledger = ledger.display().to_string();
+    let args = [
+        "--url",
+        &urls,
+        "--ids",
+        "--retries",
+        "60",
+        "--mode",
+        "rate",
+        "--rate",
+        "200",
+        "--duration",
+        duration,
+        "--tenants",
+        "200",
+        "--ledger",
+        &ledger,
+    ];
+    producer_in_background(args.iter().map(|a| a.to_string()).collect())
 }
 
 /// What the Processor holds, key by key.

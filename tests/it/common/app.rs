@@ -14,30 +14,9 @@ use pulse_producer::processor::{Faults, Processor};
 use tokio::sync::oneshot;
 
 use super::{
-    Dec, Key, RedisServer, assert_books, eventually, flush_now, free_port, http, post,
+    Dec, Key, RedisServer, assert_books, eventually, flush_now, free_port, http, post, settings,
     wait_delivered,
 };
-
-/// Base settings for a test instance: small, fast, local.
-pub fn settings(redis: &RedisServer, extra: &[(&str, &str)]) -> HashMap<String, String> {
-    let mut m: HashMap<String, String> = [
-        ("LISTEN_ADDR", "127.0.0.1:0".to_string()),
-        ("REDIS_URL", redis.url()),
-        ("SHARDS", "8".into()),
-        ("WORKERS", "2".into()),
-        ("STABILISATION_DELAY", "0s".into()),
-        ("DRAIN_INTERVAL", "200ms".into()),
-        ("SHUTDOWN_TIMEOUT", "10s".into()),
-        ("DELIVERY_MAX_BACKOFF", "200ms".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    for (k, v) in extra {
-        m.insert(k.to_string(), v.to_string());
-    }
-    m
-}
 
 /// The service running in this process.
 pub struct TestApp {
@@ -134,19 +113,28 @@ pub async fn processor(faults: Faults) -> (Arc<Processor>, String) {
     (p, format!("http://{addr}"))
 }
 
+/// The one way tests start `pulse-producer`: with these arguments (stdout and stderr are the
+/// caller's to set).
+pub fn producer_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin("pulse-producer"));
+    cmd.args(args).kill_on_drop(true);
+    cmd
+}
+
 /// Runs `pulse-producer` with these arguments and returns its exit code and output.
-pub async fn producer(args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(bin("pulse-producer"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
+pub async fn producer<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String) {
+    let out = producer_command(args).output().await.unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// [`producer`] in the background (a load beside a scenario).
+pub fn producer_in_background(args: Vec<String>) -> tokio::task::JoinHandle<(i32, String)> {
+    tokio::spawn(async move { producer(&args).await })
 }
 
 /// A real binary of this workspace.

@@ -6,9 +6,11 @@ mod app;
 mod books;
 mod http;
 mod redis;
+mod settings;
 
 pub use app::*;
 pub use books::*;
 pub use http::*;
 pub use pulse_producer::money::{self, Dec};
 pub use redis::*;
+pub use settings::*;
