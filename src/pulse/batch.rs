@@ -3,7 +3,7 @@
 
 use serde_json::value::RawValue;
 
-use super::{DecodeError, Decoder, FieldError, Pulse, Wire, clean, malformed};
+use super::{BodyFormat, DecodeError, Decoder, FieldError, Pulse, Wire, clean, malformed};
 
 /// A batch decoded item by item: the valid pulses with their indexes, and the problems of the
 /// others.
@@ -17,11 +17,11 @@ impl Decoder {
     pub fn decode_batch(
         &self,
         body: &[u8],
-        ndjson: bool,
+        format: BodyFormat,
         idempotency_key: Option<&str>,
         max_items: usize,
     ) -> Result<Vec<Pulse>, DecodeError> {
-        let (pulses, errors) = self.decode_items(body, ndjson, idempotency_key, max_items)?;
+        let (pulses, errors) = self.decode_items(body, format, idempotency_key, max_items)?;
         if errors.is_empty() {
             Ok(pulses.into_iter().map(|(_, p)| p).collect())
         } else {
@@ -35,11 +35,11 @@ impl Decoder {
     pub fn decode_items(
         &self,
         body: &[u8],
-        ndjson: bool,
+        format: BodyFormat,
         idempotency_key: Option<&str>,
         max_items: usize,
     ) -> Result<Items, DecodeError> {
-        let items: Vec<&RawValue> = if ndjson {
+        let items: Vec<&RawValue> = if format == BodyFormat::Ndjson {
             let mut v = Vec::new();
             for (i, line) in body.split(|&b| b == b'\n').enumerate() {
                 let line = line.trim_ascii();

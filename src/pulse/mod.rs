@@ -39,6 +39,13 @@ pub struct Decoder {
     pub allowed_units: Option<Vec<String>>,
 }
 
+/// How a batch body is written: a JSON array, or NDJSON (one object per line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    Ndjson,
+}
+
 /// One invalid field (of one pulse, or of the request).
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {

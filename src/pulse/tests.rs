@@ -128,7 +128,7 @@ fn a_batch_lists_every_bad_index() {
     let body = br#"[{"tenant_id":"t","product_sku":"s","used_amount":1,"use_unit":"u"},
                     {"tenant_id":"t","product_sku":"s","used_amount":-1,"use_unit":"u"},
                     {"product_sku":"s","used_amount":1,"use_unit":"u"}]"#;
-    match limits().decode_batch(body, false, None, 100) {
+    match limits().decode_batch(body, BodyFormat::Json, None, 100) {
         Err(DecodeError::Invalid(e)) => {
             let idx: Vec<_> = e.iter().map(|e| e.index.unwrap()).collect();
             assert_eq!(idx, [1, 2]);
@@ -140,14 +140,16 @@ fn a_batch_lists_every_bad_index() {
 #[test]
 fn ndjson_batches_and_idempotency_keys() {
     let body = b"{\"tenant_id\":\"t\",\"product_sku\":\"s\",\"used_amount\":1,\"use_unit\":\"u\"}\n\n{\"tenant_id\":\"t\",\"product_sku\":\"s\",\"used_amount\":2,\"use_unit\":\"u\",\"pulse_id\":\"own\"}\n";
-    let p = limits().decode_batch(body, true, Some("k"), 100).unwrap();
+    let p = limits()
+        .decode_batch(body, BodyFormat::Ndjson, Some("k"), 100)
+        .unwrap();
     assert_eq!(p.len(), 2);
     assert_eq!(p[0].pulse_id.as_deref(), Some(derived_id("k", 0).as_str()));
     // A literal id that looks like the old `<key>#<i>` form is a different pulse.
     assert_ne!(derived_id("k", 0), "k#0");
     assert_eq!(p[1].pulse_id.as_deref(), Some("own"));
     assert_eq!(
-        limits().decode_batch(body, true, None, 1),
+        limits().decode_batch(body, BodyFormat::Ndjson, None, 1),
         Err(DecodeError::TooManyItems { max: 1 })
     );
 }
@@ -158,19 +160,19 @@ fn a_json_array_stops_at_the_item_cap_while_parsing() {
     // Four items, then garbage: refused for size at the fourth, before the garbage is read.
     let body = format!("[{item},{item},{item},{item}, this is not JSON");
     assert_eq!(
-        limits().decode_batch(body.as_bytes(), false, None, 3),
+        limits().decode_batch(body.as_bytes(), BodyFormat::Json, None, 3),
         Err(DecodeError::TooManyItems { max: 3 })
     );
     let body = format!("[{item},{item},{item}]");
     assert_eq!(
         limits()
-            .decode_batch(body.as_bytes(), false, None, 3)
+            .decode_batch(body.as_bytes(), BodyFormat::Json, None, 3)
             .unwrap()
             .len(),
         3
     );
     assert!(matches!(
-        limits().decode_batch(format!("[{item}] x").as_bytes(), false, None, 3),
+        limits().decode_batch(format!("[{item}] x").as_bytes(), BodyFormat::Json, None, 3),
         Err(DecodeError::Malformed(_))
     ));
 }
@@ -179,8 +181,8 @@ proptest! {
     #[test]
     fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = limits().decode_one(&body, None);
-        let _ = limits().decode_batch(&body, false, None, 10);
-        let _ = limits().decode_batch(&body, true, Some("k"), 10);
+        let _ = limits().decode_batch(&body, BodyFormat::Json, None, 10);
+        let _ = limits().decode_batch(&body, BodyFormat::Ndjson, Some("k"), 10);
     }
 
     #[test]
@@ -196,7 +198,7 @@ proptest! {
         let body = format!(r#"{{"tenant_id":"t","product_sku":{nested},"used_amount":1,"use_unit":"u"}}"#);
         prop_assert!(l.decode_one(body.as_bytes(), None).is_err());
         let batch = format!("[{}]", body);
-        prop_assert!(l.decode_batch(batch.as_bytes(), false, None, 10).is_err());
+        prop_assert!(l.decode_batch(batch.as_bytes(), BodyFormat::Json, None, 10).is_err());
         // Giant strings are refused by length, not by running out of memory.
         let body = format!(r#"{{"tenant_id":"{}","product_sku":"s","used_amount":1,"use_unit":"u"}}"#, "x".repeat(giant));
         let r = l.decode_one(body.as_bytes(), None);

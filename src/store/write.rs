@@ -112,10 +112,9 @@ impl Store {
                 self.marks_per_slot
                     .load(std::sync::atomic::Ordering::Relaxed),
             );
-        let declare = self.is_cluster();
         let layouts: Vec<SectionLayout> = sections
             .iter()
-            .map(|(shard, items)| self.push_section(&mut inv, *shard, items, declare))
+            .map(|(shard, items)| self.push_section(&mut inv, *shard, items))
             .collect();
         let reply: redis::Value = inv.invoke_async(conn).await.map_err(|e| {
             match (e.code(), e.detail().and_then(|d| d.trim().parse().ok())) {
@@ -133,7 +132,8 @@ impl Store {
         parse_reply(&reply, &layouts)
     }
 
-    /// Adds one shard's section to a write script call: its keys (declared on a cluster),
+    /// Adds one shard's section to a write script call: its keys (declared on a cluster only:
+    /// one Redis routes nothing, and each declared key costs the call Redis CPU),
     /// its base and counts, then its items — without id (three values each), with an id, and
     /// stamped.
     fn push_section(
@@ -141,9 +141,8 @@ impl Store {
         inv: &mut redis::ScriptInvocation<'_>,
         shard: u32,
         items: &[WriteItem],
-        declare: bool,
     ) -> SectionLayout {
-        if declare {
+        if self.is_cluster() {
             for k in self.keys.generation_keys(shard) {
                 inv.key(k);
             }

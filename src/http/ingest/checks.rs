@@ -7,20 +7,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 
 use super::super::AppState;
 use super::super::error::ApiError;
-use crate::pulse::{DecodeError, Pulse};
-
-/// Which body format a request declared.
-#[derive(PartialEq)]
-pub(super) enum Format {
-    Json,
-    Ndjson,
-}
+use super::answer::Shape;
+use crate::pulse::{BodyFormat, DecodeError, Pulse};
 
 /// A missing content type is read as JSON, as the earlier service's clients did not always set
 /// one; anything else that is not JSON (or NDJSON for batches) is refused.
-pub(super) fn format(headers: &HeaderMap, allow_ndjson: bool) -> Result<Format, ApiError> {
+pub(super) fn format(headers: &HeaderMap, shape: &Shape) -> Result<BodyFormat, ApiError> {
+    let allow_ndjson = shape.is_batch();
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(Format::Json);
+        return Ok(BodyFormat::Json);
     };
     let ct = ct
         .to_str()
@@ -31,9 +26,9 @@ pub(super) fn format(headers: &HeaderMap, allow_ndjson: bool) -> Result<Format, 
         .trim()
         .to_ascii_lowercase();
     match ct.as_str() {
-        "application/json" => Ok(Format::Json),
+        "application/json" => Ok(BodyFormat::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" if allow_ndjson => {
-            Ok(Format::Ndjson)
+            Ok(BodyFormat::Ndjson)
         }
         _ => Err(ApiError::UnsupportedMediaType(if allow_ndjson {
             "content type must be application/json or application/x-ndjson".into()

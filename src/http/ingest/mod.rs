@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 pub use answer::Accepted;
 use answer::Shape;
 use checks::{
-    Format, authorise, body, decode_error, format, idempotency_key, rate_limit, timestamp_errors,
+    authorise, body, decode_error, format, idempotency_key, rate_limit, timestamp_errors,
 };
 
 use super::error::{ApiError, IngestErrors};
@@ -236,7 +236,7 @@ async fn accept(
     raw: Result<Bytes, BytesRejection>,
     mut shape: Shape,
 ) -> Result<Response, ApiError> {
-    let fmt = format(headers, !matches!(shape, Shape::One))?;
+    let fmt = format(headers, &shape)?;
     let raw = body(raw)?;
     let key = idempotency_key(state, headers)?;
     // A batch can never be larger than the queue it must fit into.
@@ -245,7 +245,6 @@ async fn accept(
         .limits
         .max_batch_items
         .min(state.ingest.capacity());
-    let ndjson = fmt == Format::Ndjson;
     let pulses = match &mut shape {
         Shape::One => vec![
             state
@@ -256,7 +255,7 @@ async fn accept(
         Shape::Batch { index, .. } => {
             let pulses = state
                 .decoder
-                .decode_batch(&raw, ndjson, key, max)
+                .decode_batch(&raw, fmt, key, max)
                 .map_err(|e| decode_error(state, e))?;
             *index = (0..pulses.len()).collect();
             pulses
@@ -264,7 +263,7 @@ async fn accept(
         Shape::Partial { index, refused } => {
             let (valid, mut errors) = state
                 .decoder
-                .decode_items(&raw, ndjson, key, max)
+                .decode_items(&raw, fmt, key, max)
                 .map_err(|e| decode_error(state, e))?;
             let (idx, pulses): (Vec<usize>, Vec<Pulse>) = valid.into_iter().unzip();
             // Timestamps out of range are refused item by item too.
