@@ -4,6 +4,8 @@
 //! variable listed at once); 1 when the service could not start or stopped because a task
 //! failed (its supervisor should replace it).
 
+#![warn(clippy::too_many_lines)]
+
 use std::io::Write;
 use std::process::ExitCode;
 

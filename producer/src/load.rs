@@ -180,27 +180,7 @@ impl Shared {
         let seq = self.seq.load(Ordering::Relaxed);
         let malformed_body = self.cfg.malformed_ratio > 0.0
             && rand::rng().random_bool(self.cfg.malformed_ratio.min(1.0));
-        let (path, body, pulses) = if malformed_body {
-            let (b, _) = malformed(&mut rand::rng());
-            ("/ingest", b.as_bytes().to_vec(), Vec::new())
-        } else {
-            let pulses = self.make(tenant);
-            self.pulses
-                .fetch_add(pulses.len() as u64, Ordering::Relaxed);
-            if self.cfg.batch > 0 {
-                (
-                    "/ingest/batch",
-                    serde_json::to_vec(&pulses).expect("serialises"),
-                    pulses,
-                )
-            } else {
-                (
-                    "/ingest",
-                    serde_json::to_vec(&pulses[0]).expect("serialises"),
-                    pulses,
-                )
-            }
-        };
+        let (path, body, pulses) = self.request(tenant, malformed_body);
         let retryable = !pulses.is_empty() && pulses.iter().all(|p| p.pulse_id.is_some());
         let (body, encoding) = match self.cfg.compress {
             Some(c) => {
@@ -250,33 +230,60 @@ impl Shared {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            let latency = intended.elapsed();
-            let _ = self
-                .hist
-                .lock()
-                .unwrap()
-                .record(latency.as_micros().max(1) as u64);
-            let mut rep = self.report.lock().unwrap();
-            rep.requests += 1;
-            rep.pulses_sent += pulses.len() as u64;
-            match status {
-                Some(s) if (200..300).contains(&s) => {
-                    rep.ok_2xx += 1;
-                    if malformed_body {
-                        rep.malformed_accepted += 1;
-                    } else {
-                        drop(rep);
-                        let mut l = self.ledger.lock().unwrap();
-                        for p in &pulses {
-                            l.acknowledged(p);
-                        }
+            self.book(intended, status, &pulses, malformed_body);
+            return;
+        }
+    }
+
+    /// One request's path, body and pulses: a malformed body, a batch or one pulse.
+    fn request(
+        &self,
+        tenant: Option<usize>,
+        malformed_body: bool,
+    ) -> (&'static str, Vec<u8>, Vec<Pulse>) {
+        if malformed_body {
+            let (b, _) = malformed(&mut rand::rng());
+            return ("/ingest", b.as_bytes().to_vec(), Vec::new());
+        }
+        let pulses = self.make(tenant);
+        self.pulses
+            .fetch_add(pulses.len() as u64, Ordering::Relaxed);
+        if self.cfg.batch > 0 {
+            let body = serde_json::to_vec(&pulses).expect("serialises");
+            ("/ingest/batch", body, pulses)
+        } else {
+            let body = serde_json::to_vec(&pulses[0]).expect("serialises");
+            ("/ingest", body, pulses)
+        }
+    }
+
+    /// Books a request's outcome: latency, status, and its pulses in the ledger if acknowledged.
+    fn book(&self, intended: Instant, status: Option<u16>, pulses: &[Pulse], malformed_body: bool) {
+        let latency = intended.elapsed();
+        let _ = self
+            .hist
+            .lock()
+            .unwrap()
+            .record(latency.as_micros().max(1) as u64);
+        let mut rep = self.report.lock().unwrap();
+        rep.requests += 1;
+        rep.pulses_sent += pulses.len() as u64;
+        match status {
+            Some(s) if (200..300).contains(&s) => {
+                rep.ok_2xx += 1;
+                if malformed_body {
+                    rep.malformed_accepted += 1;
+                } else {
+                    drop(rep);
+                    let mut l = self.ledger.lock().unwrap();
+                    for p in pulses {
+                        l.acknowledged(p);
                     }
                 }
-                Some(s) if (400..500).contains(&s) => *rep.status_4xx.entry(s).or_default() += 1,
-                Some(s) => *rep.status_5xx.entry(s).or_default() += 1,
-                None => rep.transport_errors += 1,
             }
-            return;
+            Some(s) if (400..500).contains(&s) => *rep.status_4xx.entry(s).or_default() += 1,
+            Some(s) => *rep.status_5xx.entry(s).or_default() += 1,
+            None => rep.transport_errors += 1,
         }
     }
 }
@@ -307,114 +314,10 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<(Report, Ledger)> {
             s.stop.store(true, Ordering::Relaxed);
         });
     }
-    // A live bar on a terminal; plain lines every 5 s otherwise (logs, CI, files).
-    let progress = {
-        let s = shared.clone();
-        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-            let b = indicatif::ProgressBar::new_spinner();
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-                    .expect("valid template"),
-            );
-            b.enable_steady_tick(Duration::from_millis(200));
-            b
-        });
-        tokio::spawn(async move {
-            let mut last = (0, Instant::now());
-            let period = if bar.is_some() {
-                Duration::from_millis(500)
-            } else {
-                Duration::from_secs(5)
-            };
-            loop {
-                tokio::time::sleep(period).await;
-                let r = s.report.lock().unwrap().clone();
-                let p99 = s.hist.lock().unwrap().value_at_quantile(0.99) as f64 / 1000.0;
-                let rate = (r.requests - last.0) as f64 / last.1.elapsed().as_secs_f64();
-                last = (r.requests, Instant::now());
-                let line = format!(
-                    "requests {} ({rate:.0}/s), 2xx {}, 4xx {}, 5xx {}, transport errors {}, p99 {p99:.2} ms",
-                    r.requests,
-                    r.ok_2xx,
-                    r.status_4xx.values().sum::<u64>(),
-                    r.status_5xx.values().sum::<u64>(),
-                    r.transport_errors
-                );
-                match &bar {
-                    Some(b) => b.set_message(line),
-                    None => eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64()),
-                }
-            }
-        })
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    match cfg.mode {
-        Mode::Max => {
-            for _ in 0..cfg.concurrency.max(1) {
-                let s = shared.clone();
-                tasks.spawn(async move {
-                    while !s.done() {
-                        s.send(None, Instant::now()).await;
-                    }
-                });
-            }
-        }
-        Mode::Tenants => {
-            for t in 0..cfg.traffic.tenants {
-                let s = shared.clone();
-                tasks.spawn(async move {
-                    loop {
-                        let d = rand::rng()
-                            .random_range(s.cfg.min_delay..=s.cfg.max_delay.max(s.cfg.min_delay));
-                        tokio::time::sleep(d).await;
-                        if s.done() {
-                            break;
-                        }
-                        s.send(Some(t), Instant::now()).await;
-                    }
-                });
-            }
-        }
-        Mode::Rate => {
-            let s = shared.clone();
-            let limit = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-            let interval = Duration::from_secs_f64(1.0 / cfg.rate.max(0.001));
-            let mut i: u32 = 0;
-            let mut inflight = tokio::task::JoinSet::new();
-            while !s.done() {
-                let intended = started + interval * i;
-                tokio::time::sleep_until(intended.into()).await;
-                let permit = limit.clone().acquire_owned().await.expect("not closed");
-                let s2 = s.clone();
-                inflight.spawn(async move {
-                    s2.send(None, intended).await;
-                    drop(permit);
-                });
-                i += 1;
-                while inflight.try_join_next().is_some() {}
-            }
-            while inflight.join_next().await.is_some() {}
-        }
-    }
-    while tasks.join_next().await.is_some() {}
+    let progress = progress(shared.clone(), started);
+    drive(&shared, started).await;
     progress.abort();
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut rep = shared.report.lock().unwrap().clone();
-    let hist = shared.hist.lock().unwrap();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    rep.mode = format!("{:?}", cfg.mode).to_lowercase();
-    rep.elapsed_s = elapsed;
-    rep.requests_per_s = rep.requests as f64 / elapsed;
-    rep.pulses_per_s = rep.pulses_sent as f64 / elapsed;
-    rep.latency_ms = Latency {
-        p50: ms(0.5),
-        p90: ms(0.9),
-        p99: ms(0.99),
-        p999: ms(0.999),
-        max: hist.max() as f64 / 1000.0,
-    };
-    let ledger = shared.ledger.lock().unwrap().clone();
-    rep.pulses_acknowledged = ledger.pulses;
+    let (rep, ledger) = summary(&shared, started);
     Ok((rep, ledger))
 }
 
@@ -452,4 +355,120 @@ impl std::fmt::Display for Report {
             l.p50, l.p90, l.p99, l.p999, l.max
         )
     }
+}
+
+/// A live bar on a terminal; plain lines every 5 s otherwise (logs, CI, files).
+fn progress(s: Arc<Shared>, started: Instant) -> tokio::task::JoinHandle<()> {
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .expect("valid template"),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    });
+    tokio::spawn(async move {
+        let mut last = (0, Instant::now());
+        let period = if bar.is_some() {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(5)
+        };
+        loop {
+            tokio::time::sleep(period).await;
+            let r = s.report.lock().unwrap().clone();
+            let p99 = s.hist.lock().unwrap().value_at_quantile(0.99) as f64 / 1000.0;
+            let rate = (r.requests - last.0) as f64 / last.1.elapsed().as_secs_f64();
+            last = (r.requests, Instant::now());
+            let line = format!(
+                "requests {} ({rate:.0}/s), 2xx {}, 4xx {}, 5xx {}, transport errors {}, p99 {p99:.2} ms",
+                r.requests,
+                r.ok_2xx,
+                r.status_4xx.values().sum::<u64>(),
+                r.status_5xx.values().sum::<u64>(),
+                r.transport_errors
+            );
+            match &bar {
+                Some(b) => b.set_message(line),
+                None => eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64()),
+            }
+        }
+    })
+}
+
+/// Sends the load in the configured mode until the duration or count is reached.
+async fn drive(shared: &Arc<Shared>, started: Instant) {
+    let mut tasks = tokio::task::JoinSet::new();
+    match shared.cfg.mode {
+        Mode::Max => {
+            for _ in 0..shared.cfg.concurrency.max(1) {
+                let s = shared.clone();
+                tasks.spawn(async move {
+                    while !s.done() {
+                        s.send(None, Instant::now()).await;
+                    }
+                });
+            }
+        }
+        Mode::Tenants => {
+            for t in 0..shared.cfg.traffic.tenants {
+                let s = shared.clone();
+                tasks.spawn(async move {
+                    loop {
+                        let d = rand::rng()
+                            .random_range(s.cfg.min_delay..=s.cfg.max_delay.max(s.cfg.min_delay));
+                        tokio::time::sleep(d).await;
+                        if s.done() {
+                            break;
+                        }
+                        s.send(Some(t), Instant::now()).await;
+                    }
+                });
+            }
+        }
+        Mode::Rate => {
+            let s = shared.clone();
+            let limit = Arc::new(Semaphore::new(shared.cfg.concurrency.max(1)));
+            let interval = Duration::from_secs_f64(1.0 / shared.cfg.rate.max(0.001));
+            let mut i: u32 = 0;
+            let mut inflight = tokio::task::JoinSet::new();
+            while !s.done() {
+                let intended = started + interval * i;
+                tokio::time::sleep_until(intended.into()).await;
+                let permit = limit.clone().acquire_owned().await.expect("not closed");
+                let s2 = s.clone();
+                inflight.spawn(async move {
+                    s2.send(None, intended).await;
+                    drop(permit);
+                });
+                i += 1;
+                while inflight.try_join_next().is_some() {}
+            }
+            while inflight.join_next().await.is_some() {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The report of the run, and its ledger.
+fn summary(shared: &Shared, started: Instant) -> (Report, Ledger) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut rep = shared.report.lock().unwrap().clone();
+    let hist = shared.hist.lock().unwrap();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    rep.mode = format!("{:?}", shared.cfg.mode).to_lowercase();
+    rep.elapsed_s = elapsed;
+    rep.requests_per_s = rep.requests as f64 / elapsed;
+    rep.pulses_per_s = rep.pulses_sent as f64 / elapsed;
+    rep.latency_ms = Latency {
+        p50: ms(0.5),
+        p90: ms(0.9),
+        p99: ms(0.99),
+        p999: ms(0.999),
+        max: hist.max() as f64 / 1000.0,
+    };
+    let ledger = shared.ledger.lock().unwrap().clone();
+    rep.pulses_acknowledged = ledger.pulses;
+    (rep, ledger)
 }

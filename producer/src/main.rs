@@ -1,5 +1,7 @@
 //! `pulse-producer`: load simulator and books check for pulse-ingestor.
 
+#![warn(clippy::too_many_lines)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! 202 after reading the body, doing no other work. It measures what the HTTP stack (axum on
 //! tokio, as the ingestor uses) can do on this machine: the ceiling the benchmarks compare with.
 
+#![warn(clippy::too_many_lines)]
+
 use std::net::SocketAddr;
 
 use axum::Router;

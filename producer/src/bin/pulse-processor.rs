@@ -1,5 +1,7 @@
 //! `pulse-processor`: the reference Processor as a process.
 
+#![warn(clippy::too_many_lines)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
