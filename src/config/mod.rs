@@ -172,6 +172,17 @@ pub struct Explicit {
     pub dedupe_ttl: bool,
 }
 
+impl Explicit {
+    fn read(r: &Reader<'_>) -> Self {
+        Explicit {
+            shards: r.raw(env::SHARDS.name).is_some(),
+            window: r.raw(env::WINDOW.name).is_some(),
+            window_offset: r.raw(env::WINDOW_OFFSET.name).is_some(),
+            dedupe_ttl: r.raw(env::DEDUPE_TTL.name).is_some(),
+        }
+    }
+}
+
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -226,12 +237,7 @@ impl Config {
         }
         let log_format = r.choice(env::LOG_FORMAT);
         let security = SecurityConfig::read(r);
-        let explicit = Explicit {
-            shards: r.raw(env::SHARDS.name).is_some(),
-            window: r.raw(env::WINDOW.name).is_some(),
-            window_offset: r.raw(env::WINDOW_OFFSET.name).is_some(),
-            dedupe_ttl: r.raw(env::DEDUPE_TTL.name).is_some(),
-        };
+        let explicit = Explicit::read(r);
         if !r.problems.is_empty() {
             return Err(ConfigError {
                 problems: std::mem::take(&mut r.problems),

@@ -29,7 +29,6 @@ async fn submit(
     pulses: Vec<Pulse>,
     shape: &Shape,
 ) -> Result<Response, ApiError> {
-    let batch = shape.is_batch();
     let n = pulses.len();
     state.metrics.pulses_received.inc_by(n as u64);
     if let Some(why) = state.health.failure() {
@@ -63,7 +62,25 @@ async fn submit(
         ));
     };
     match answer {
-        Ok(Ok(o)) => {
+        Ok(answer) => committed(state, shape, answer),
+        Err(_) => Err(unavailable("shutting down; retry later".into())),
+    }
+}
+
+/// The answer to a durable request, from its commit's outcome.
+fn committed(
+    state: &AppState,
+    shape: &Shape,
+    answer: Result<crate::ingest::Outcome, CommitError>,
+) -> Result<Response, ApiError> {
+    // The request's i-th pulse as the answer names it.
+    let field_error = |i: usize, field: &str, message: String| crate::pulse::FieldError {
+        index: shape.is_batch().then(|| shape.original(i)),
+        field: field.into(),
+        message,
+    };
+    match answer {
+        Ok(o) => {
             if !o.stamped_windows.is_empty() {
                 let m = &state.metrics.late_pulses;
                 m.with_label_values(&["sealed_window"]).inc_by(o.late_joined as u64);
@@ -73,41 +90,36 @@ async fn submit(
             let body = Accepted::committed(&o, shape);
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
-        Ok(Err(CommitError::Unavailable(_))) => Err(unavailable("storage unavailable; nothing was counted, retry later".into())),
-        Ok(Err(CommitError::Closed { items })) => {
+        Err(CommitError::Unavailable(_)) => Err(ApiError::Unavailable(
+            "storage unavailable; nothing was counted, retry later".into(),
+        )),
+        Err(CommitError::Closed { items }) => {
             state
                 .metrics
                 .timestamps_refused
                 .with_label_values(&["window_closed"])
                 .inc_by(items.len() as u64);
             Err(ApiError::Invalid(
-            items
-                .into_iter()
-                .map(|i| crate::pulse::FieldError {
-                    index: batch.then(|| shape.original(i)),
-                    field: "timestamp".into(),
-                    message: "window closed: the window this timestamp falls in is already delivered (LATE_PULSES=refuse); nothing of this request was counted".into(),
-                })
-                .collect(),
-        ))
+                items
+                    .into_iter()
+                    .map(|i| field_error(i, "timestamp", "window closed: the window this timestamp falls in is already delivered (LATE_PULSES=refuse); nothing of this request was counted".into()))
+                    .collect(),
+            ))
         }
-        Ok(Err(CommitError::Overflow { items })) => Err(ApiError::Invalid(
+        Err(CommitError::Overflow { items }) => Err(ApiError::Invalid(
             items
                 .into_iter()
-                .map(|i| crate::pulse::FieldError {
-                    index: batch.then(|| shape.original(i)),
-                    field: "used_amount".into(),
-                    message: format!(
+                .map(|i| {
+                    field_error(i, "used_amount", format!(
                         "would take this key's total for the window past {}, the largest exact total; nothing of this request was counted",
                         crate::amount::MAX_TOTAL
-                    ),
+                    ))
                 })
                 .collect(),
         )),
-        Ok(Err(CommitError::Partial(_))) => Err(ApiError::Ambiguous(
+        Err(CommitError::Partial(_)) => Err(ApiError::Ambiguous(
             "storage failed part-way or could not confirm the write; the pulses may have been counted: retry with the same pulse_id or Idempotency-Key to count them exactly once".into(),
         )),
-        Err(_) => Err(unavailable("shutting down; retry later".into())),
     }
 }
 
@@ -227,6 +239,87 @@ pub async fn partial(
     accept(&state, started.map(|e| e.0), &headers, raw, shape).await
 }
 
+/// The request's pulses, decoded and validated as its shape says (recording in the shape
+/// where each came from and, for a partial batch, what was refused). Timestamps out of range
+/// refuse the request, or — partial batch — their items; a partial batch may come back empty.
+fn decode(
+    state: &AppState,
+    raw: &[u8],
+    fmt: crate::pulse::BodyFormat,
+    key: Option<&str>,
+    shape: &mut Shape,
+) -> Result<Vec<Pulse>, ApiError> {
+    // A batch can never be larger than the queue it must fit into.
+    let max = state
+        .cfg
+        .limits
+        .max_batch_items
+        .min(state.ingest.capacity());
+    let decoder = &state.decoder;
+    let pulses = match shape {
+        Shape::One => vec![
+            decoder
+                .decode_one(raw, key)
+                .map_err(|e| decode_error(state, e))?,
+        ],
+        Shape::Batch { index, .. } => {
+            let pulses = decoder
+                .decode_batch(raw, fmt, key, max)
+                .map_err(|e| decode_error(state, e))?;
+            *index = (0..pulses.len()).collect();
+            pulses
+        }
+        Shape::Partial { index, refused } => {
+            let (valid, errors) = decoder
+                .decode_items(raw, fmt, key, max)
+                .map_err(|e| decode_error(state, e))?;
+            return Ok(in_range(state, valid, errors, index, refused));
+        }
+    };
+    let errors = timestamp_errors(state, &pulses);
+    if errors.is_empty() {
+        return Ok(pulses);
+    }
+    let batch = shape.is_batch();
+    Err(ApiError::Invalid(
+        errors
+            .into_iter()
+            .map(|e| crate::pulse::FieldError {
+                index: e.index.filter(|_| batch),
+                ..e
+            })
+            .collect(),
+    ))
+}
+
+/// A partial batch's valid items whose timestamps are in range (their body indexes into
+/// `index`); the others' problems into `refused`.
+fn in_range(
+    state: &AppState,
+    valid: Vec<(usize, Pulse)>,
+    mut errors: Vec<crate::pulse::FieldError>,
+    index: &mut Vec<usize>,
+    refused: &mut Vec<crate::pulse::FieldError>,
+) -> Vec<Pulse> {
+    let (idx, pulses): (Vec<usize>, Vec<Pulse>) = valid.into_iter().unzip();
+    let stamps = timestamp_errors(state, &pulses);
+    let bad: std::collections::HashSet<usize> = stamps.iter().filter_map(|e| e.index).collect();
+    errors.extend(stamps.into_iter().map(|e| crate::pulse::FieldError {
+        index: e.index.map(|i| idx[i]),
+        ..e
+    }));
+    let (kept_idx, kept): (Vec<usize>, Vec<Pulse>) = idx
+        .into_iter()
+        .zip(pulses)
+        .enumerate()
+        .filter(|(i, _)| !bad.contains(i))
+        .map(|(_, p)| p)
+        .unzip();
+    *index = kept_idx;
+    *refused = errors;
+    kept
+}
+
 /// Every ingest route: decode and validate, check the key and the tenants' limits, then
 /// queue and (durable) wait for the commit.
 async fn accept(
@@ -239,73 +332,11 @@ async fn accept(
     let fmt = format(headers, &shape)?;
     let raw = body(raw)?;
     let key = idempotency_key(state, headers)?;
-    // A batch can never be larger than the queue it must fit into.
-    let max = state
-        .cfg
-        .limits
-        .max_batch_items
-        .min(state.ingest.capacity());
-    let pulses = match &mut shape {
-        Shape::One => vec![
-            state
-                .decoder
-                .decode_one(&raw, key)
-                .map_err(|e| decode_error(state, e))?,
-        ],
-        Shape::Batch { index, .. } => {
-            let pulses = state
-                .decoder
-                .decode_batch(&raw, fmt, key, max)
-                .map_err(|e| decode_error(state, e))?;
-            *index = (0..pulses.len()).collect();
-            pulses
-        }
-        Shape::Partial { index, refused } => {
-            let (valid, mut errors) = state
-                .decoder
-                .decode_items(&raw, fmt, key, max)
-                .map_err(|e| decode_error(state, e))?;
-            let (idx, pulses): (Vec<usize>, Vec<Pulse>) = valid.into_iter().unzip();
-            // Timestamps out of range are refused item by item too.
-            let stamps = timestamp_errors(state, &pulses);
-            let bad: std::collections::HashSet<usize> =
-                stamps.iter().filter_map(|e| e.index).collect();
-            errors.extend(stamps.into_iter().map(|e| crate::pulse::FieldError {
-                index: e.index.map(|i| idx[i]),
-                ..e
-            }));
-            let (kept_idx, kept): (Vec<usize>, Vec<Pulse>) = idx
-                .into_iter()
-                .zip(pulses)
-                .enumerate()
-                .filter(|(i, _)| !bad.contains(i))
-                .map(|(_, p)| p)
-                .unzip();
-            *index = kept_idx;
-            *refused = errors;
-            if kept.is_empty() {
-                // Nothing to count: every item is answered refused.
-                let o = crate::ingest::Outcome::default();
-                let body = Accepted::committed(&o, &shape);
-                return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
-            }
-            kept
-        }
-    };
-    if !matches!(shape, Shape::Partial { .. }) {
-        let errors = timestamp_errors(state, &pulses);
-        if !errors.is_empty() {
-            let batch = shape.is_batch();
-            return Err(ApiError::Invalid(
-                errors
-                    .into_iter()
-                    .map(|e| crate::pulse::FieldError {
-                        index: e.index.filter(|_| batch),
-                        ..e
-                    })
-                    .collect(),
-            ));
-        }
+    let pulses = decode(state, &raw, fmt, key, &mut shape)?;
+    if pulses.is_empty() {
+        // A partial batch with no valid item: nothing to count, every item answered refused.
+        let body = Accepted::committed(&crate::ingest::Outcome::default(), &shape);
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
     authorise(state, headers, &pulses)?;
     let taken = rate_limit(state, &pulses)?;
