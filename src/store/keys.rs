@@ -237,9 +237,39 @@ impl Keys {
     pub fn meta(&self) -> String {
         format!("{{{}}}:meta", self.prefix)
     }
+    /// The shard and kind of an aggregate hash from its key (the inverse of [`Keys::agg`],
+    /// [`Keys::sealed`] and the `future` hashes); `None` for any other key, a `:hi` or `:ts`
+    /// twin included. For readers of a whole deployment (the test harness, operators' tools).
+    pub fn aggregate_of(&self, key: &str) -> Option<(u32, Aggregate)> {
+        let rest = key.strip_prefix('{')?.strip_prefix(self.prefix.as_str())?;
+        let (shard, rest) = rest.strip_prefix(':')?.split_once("}:x:")?;
+        let shard: u32 = shard.parse().ok()?;
+        let parts: Vec<&str> = rest.split(':').collect();
+        let kind = match parts.as_slice() {
+            ["agg", "A" | "B"] => Aggregate::Generation,
+            ["sealed", start] => Aggregate::Window(start.parse().ok()?),
+            ["amend", start, n] => Aggregate::Amendment(start.parse().ok()?, n.parse().ok()?),
+            ["future", start] => Aggregate::Future(start.parse().ok()?),
+            _ => return None,
+        };
+        Some((shard, kind))
+    }
     pub fn lock(&self, shard: u32) -> String {
         format!("{}:lock", self.base(shard))
     }
+}
+
+/// What an aggregate hash holds, read back from its key (see [`Keys::aggregate_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    /// Generation `A` or `B`: the window being written.
+    Generation,
+    /// A sealed window, by its start.
+    Window(u64),
+    /// Amendment `n` of the window starting at the first value.
+    Amendment(u64, u32),
+    /// Pulses stamped ahead, for the window starting at this value.
+    Future(u64),
 }
 
 /// A sealed window (or an amendment of one) awaiting delivery.
@@ -321,6 +351,35 @@ mod tests {
         ] {
             assert!(PendingWindow::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn aggregate_keys_read_back_to_what_they_hold() {
+        let keys = Keys::new("bill[eu]");
+        let w = PendingWindow::parse("3600:7200:x").unwrap();
+        let a = PendingWindow::parse("3600:7200:x:a2:10800").unwrap();
+        assert_eq!(
+            keys.aggregate_of(&keys.agg(3, "B")),
+            Some((3, Aggregate::Generation))
+        );
+        assert_eq!(
+            keys.aggregate_of(&keys.sealed(3, &w)),
+            Some((3, Aggregate::Window(3600)))
+        );
+        assert_eq!(
+            keys.aggregate_of(&keys.sealed(3, &a)),
+            Some((3, Aggregate::Amendment(3600, 2)))
+        );
+        let hi = format!("{}:hi", keys.sealed(3, &w));
+        for other in [
+            hi.as_str(),
+            &keys.pending(3),
+            &keys.conf(3),
+            "{bill[eu]:3}:x:sealed:x",
+        ] {
+            assert_eq!(keys.aggregate_of(other), None, "{other}");
+        }
+        assert_eq!(Keys::new("other").aggregate_of(&keys.agg(3, "A")), None);
     }
 
     #[test]

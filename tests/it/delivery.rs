@@ -130,7 +130,7 @@ async fn two_replicas_deliver_every_window_once_and_the_books_balance() {
         assert!(!r.log_text().contains("ERROR"), "{}", r.log_text());
     }
     // Redis holds nothing but the current (empty) state.
-    let left: Vec<String> = redis.cmd(&["KEYS", "{pulses:*:sealed:*"]);
+    let left = redis.undelivered("pulses");
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -524,7 +524,7 @@ async fn changing_the_shard_count_keeps_pulse_ids_and_delivers_every_pulse() {
     assert!(ok, "every pulse of both shard counts is delivered");
     assert_books(&expected, &by_key(&p.records()));
     // Nothing is left in the old shards.
-    let left: Vec<String> = redis.cmd(&["KEYS", "{pulses:*:sealed:*"]);
+    let left = redis.undelivered("pulses");
     assert!(left.is_empty(), "{left:?}");
     app2.stop().await.unwrap();
 }

@@ -6,7 +6,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pulse_ingestor::store::keys::decode_field;
+use pulse_ingestor::store::Keys;
+use pulse_ingestor::store::keys::{Aggregate, decode_field};
 
 use super::{Dec, Key, money};
 
@@ -143,49 +144,36 @@ impl RedisServer {
         c.query(&mut self.conn()).unwrap()
     }
 
-    /// Every aggregate (current generations and sealed windows, both layouts) as
-    /// (key, [(field, exact total)]).
-    fn aggregates(&self, prefix: &str) -> Vec<(String, Vec<(String, Dec)>)> {
+    /// Every aggregate (current generations, sealed windows, amendments, pulses stamped ahead)
+    /// with what it holds, as (kind, [(field, exact total)]).
+    fn aggregates(&self, prefix: &str) -> Vec<(Aggregate, Vec<(String, Dec)>)> {
+        let keys = Keys::new(prefix);
         let mut conn = self.conn();
-        let keys: Vec<String> = redis::cmd("KEYS")
+        let all: Vec<String> = redis::cmd("KEYS")
             .arg(format!(
                 "{{{}:*",
                 pulse_ingestor::store::keys::glob_escape(prefix)
             ))
             .query(&mut conn)
             .unwrap();
-        keys.into_iter()
-            .filter(|k| {
-                [":agg:", ":sealed:", ":amend:", ":future:"]
-                    .iter()
-                    .any(|kind| k.contains(kind))
-                    && !k.ends_with(":hi")
-            })
-            .map(|k| {
+        all.into_iter()
+            .filter_map(|k| keys.aggregate_of(&k).map(|(_, kind)| (k, kind)))
+            .map(|(k, kind)| {
                 let kv: Vec<(String, String)> =
                     redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
-                let exact = k.contains(":x:");
-                let his: HashMap<String, String> = if exact {
-                    redis::cmd("HGETALL")
-                        .arg(format!("{k}:hi"))
-                        .query(&mut conn)
-                        .unwrap()
-                } else {
-                    HashMap::new()
-                };
+                let his: HashMap<String, String> = redis::cmd("HGETALL")
+                    .arg(format!("{k}:hi"))
+                    .query(&mut conn)
+                    .unwrap();
                 let kv = kv
                     .into_iter()
                     .map(|(f, lo)| {
-                        let text = if exact {
-                            let hi = his.get(&f).map(String::as_str).unwrap_or("0");
-                            pulse_ingestor::store::exact_total(&lo, hi).expect("limbs read")
-                        } else {
-                            lo
-                        };
+                        let hi = his.get(&f).map(String::as_str).unwrap_or("0");
+                        let text = pulse_ingestor::store::exact_total(&lo, hi).expect("limbs read");
                         (f, money::parse(&text).expect("a decimal"))
                     })
                     .collect();
-                (k, kv)
+                (kind, kv)
             })
             .collect()
     }
@@ -202,23 +190,47 @@ impl RedisServer {
         out
     }
 
-    /// Sums per sealed window start ("current" for the generations being written).
+    /// Sums per sealed window start ("current" for the generations being written; an
+    /// amendment counts in its window, pulses stamped ahead in theirs).
     pub fn window_sums(&self, prefix: &str) -> BTreeMap<String, Dec> {
         let mut out: BTreeMap<String, Dec> = BTreeMap::new();
-        for (k, kv) in self.aggregates(prefix) {
-            let label = if k.contains(":agg:") {
-                "current".to_string()
-            } else if let Some((_, rest)) = k.split_once(":amend:") {
-                // An amendment counts in its window.
-                rest.split(':').next().unwrap().to_string()
-            } else {
-                k.rsplit(':').next().unwrap().to_string()
+        for (kind, kv) in self.aggregates(prefix) {
+            let label = match kind {
+                Aggregate::Generation => "current".to_string(),
+                Aggregate::Window(s) | Aggregate::Amendment(s, _) | Aggregate::Future(s) => {
+                    s.to_string()
+                }
             };
             for (_, v) in kv {
                 *out.entry(label.clone()).or_default() += v;
             }
         }
         out
+    }
+
+    /// The keys of sealed windows and amendments still held (not yet delivered), any shard,
+    /// their `:hi` and `:ts` twins included.
+    pub fn undelivered(&self, prefix: &str) -> Vec<String> {
+        let keys = Keys::new(prefix);
+        let all: Vec<String> = redis::cmd("KEYS")
+            .arg(format!(
+                "{{{}:*",
+                pulse_ingestor::store::keys::glob_escape(prefix)
+            ))
+            .query(&mut self.conn())
+            .unwrap();
+        all.into_iter()
+            .filter(|k| {
+                let hash = k
+                    .strip_suffix(":hi")
+                    .or_else(|| k.strip_suffix(":ts"))
+                    .unwrap_or(k);
+                matches!(
+                    keys.aggregate_of(hash),
+                    Some((_, Aggregate::Window(_) | Aggregate::Amendment(..)))
+                )
+            })
+            .collect()
     }
 
     pub fn kill(&mut self) {
