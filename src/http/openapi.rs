@@ -111,6 +111,46 @@ mod tests {
         assert!(processor["components"]["schemas"]["Record"].is_object());
     }
 
+    /// Every length and item bound the contract states for pulses and tenants is the setting's
+    /// default (the schemas take them from the settings; a bound typed into a parameter's
+    /// attribute is held to it). Operator routes have bounds of their own.
+    #[test]
+    fn the_contract_states_the_settings_defaults_as_bounds() {
+        fn walk(v: &serde_json::Value, key: &str, found: &mut Vec<u64>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, x) in m {
+                        if k == key {
+                            found.extend(x.as_u64());
+                        }
+                        walk(x, key, found);
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, key, found)),
+                _ => {}
+            }
+        }
+        let mut api = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = api["paths"].as_object_mut().unwrap();
+        paths.retain(|p, _| !p.starts_with("/admin"));
+        let schemas = api["components"]["schemas"].as_object_mut().unwrap();
+        schemas.retain(|name, _| name != "SetAside");
+        let default = |s: crate::config::Setting| s.default.parse::<u64>().unwrap();
+        for (key, setting) in [
+            ("maxLength", crate::config::env::MAX_FIELD_LEN),
+            ("maxItems", crate::config::env::MAX_BATCH_ITEMS),
+        ] {
+            let mut found = Vec::new();
+            walk(&api, key, &mut found);
+            assert!(!found.is_empty(), "{key} is stated");
+            assert!(
+                found.iter().all(|&n| n == default(setting)),
+                "{key}: {found:?}, default {}",
+                setting.default
+            );
+        }
+    }
+
     /// `docs/*.json` are what the code generates (regenerate with `pulse-ingestor openapi
     /// [--processor] > docs/...`).
     #[test]
