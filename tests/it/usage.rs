@@ -329,6 +329,20 @@ async fn a_delivered_window_leaves_no_usage_index_behind() {
     })
     .await;
     assert!(settled, "{:?}", idx(&redis));
+    // The tenant sees that window as refused by the Processor, with what was refused.
+    let u = c
+        .get(format!("{}/v1/usage?tenant_id=bad", app.base))
+        .json_reply()
+        .await;
+    let refused: Vec<&serde_json::Value> = u["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] != "live")
+        .collect();
+    assert_eq!(refused.len(), 1, "{u}");
+    assert_eq!(refused[0]["state"], "dead-lettered", "{u}");
+    assert_eq!(refused[0]["usage"][0]["dead_lettered_text"], "1", "{u}");
     // Its dead letter set aside: the window is gone entirely, index and all.
     let d: serde_json::Value = c
         .get(format!("{}/admin/dead-letters", app.base))

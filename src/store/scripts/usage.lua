@@ -38,6 +38,7 @@ if gen and start then
 else
   out.current = false
 end
+-- Members of the dead-letter index (not to be confused with a window's dead-letter hash).
 local dead = {}
 for _, m in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
   dead[m] = true
@@ -56,11 +57,11 @@ local function window(m, pending)
     return
   end
   seen[m] = true
-  local hash, dead = key.sealed(base, s), key.dead(base, s)
+  local hash, dead_hash = key.sealed(base, s), key.dead(base, s)
   if a then
-    hash, dead = key.amend(base, s, a), key.dead_amend(base, s, a)
+    hash, dead_hash = key.amend(base, s, a), key.dead_amend(base, s, a)
   end
-  local w = read(hash, dead, s)
+  local w = read(hash, dead_hash, s)
   w.amendment = tonumber(a or '0')
   w.due = due or e
   w['end'] = e

@@ -329,11 +329,11 @@ for s = 1, #sections do
     local added = 0
     -- Whether the pulse id with this marker is new (and remembered from now on).
     local function first_time(mk)
-      local key = m.cur .. slot(mk, m.slots)
-      if redis.call('HSETNX', key, mk, 1) == 0 then
+      local sk = m.cur .. slot(mk, m.slots)
+      if redis.call('HSETNX', sk, mk, 1) == 0 then
         return false
       end
-      m.touched[key] = true
+      m.touched[sk] = true
       added = added + 1
       for _, h in ipairs(m.hashes) do
         if redis.call('HEXISTS', h[1] .. slot(mk, h[2]), mk) == 1 then
@@ -388,8 +388,8 @@ for s = 1, #sections do
       end
     end
     if added > 0 then
-      for key in pairs(m.touched) do
-        redis.call('EXPIREAT', key, m.expire_at, 'NX')
+      for sk in pairs(m.touched) do
+        redis.call('EXPIREAT', sk, m.expire_at, 'NX')
       end
       redis.call('HINCRBY', m.marks, m.count_field, added)
     end
