@@ -102,16 +102,14 @@ async fn adopt_recorded(cfg: &mut Config) -> Result<(), AppError> {
 /// Refuses to start while Redis holds data of the float layout, which this release no longer
 /// reads: the release before it drains it (and its markers expire); nothing is stranded.
 async fn refuse_float_layout(store: &Store) -> Result<(), AppError> {
-    match store.float_layout_left().await {
-        Ok(left) if !left.is_empty() => Err(AppError::Config(format!(
-            "Redis holds data of the float layout, which this release no longer reads: {}. Run the previous release until GET /admin/pending lists none of it (replay or set aside its dead letters) and its dedupe markers have expired (DEDUPE_TTL after it first started), then start this one (README: Upgrading)",
-            left.join("; ")
-        ))),
-        Ok(_) => Ok(()),
+    match store.check_layout().await {
+        Err(StoreError::Setting(m)) => Err(AppError::Config(m)),
         Err(e) => {
-            warn!(error = %e, "could not check for the float layout's keys");
+            // The scheduler checks again before anything is written.
+            warn!(error = %e, "could not check for the float layout's keys; will retry");
             Ok(())
         }
+        Ok(()) => Ok(()),
     }
 }
 

@@ -140,6 +140,10 @@ impl Scheduler {
             });
         }
         let shards = max_shards.max(self.store.shards);
+        if !self.store.layout_checked() {
+            // Redis was unreachable at start: nothing is written until this has passed.
+            self.store.check_layout().await?;
+        }
         if self.store.marker_sets_until() == u64::MAX {
             // Until it is known whether the release before's marker sets matter.
             self.store.init_markers().await?;
@@ -328,6 +332,12 @@ impl Scheduler {
                 Err(e @ StoreError::ShardsChanged { .. }) => {
                     // Writing on with another SHARDS would miss pulse ids: stop the process.
                     tracing::error!(error = %e, "this replica's SHARDS no longer matches the deployment");
+                    return;
+                }
+                Err(e @ StoreError::Setting(_)) => {
+                    // Data of a layout this release does not read (checked once Redis came
+                    // back): stop rather than strand it.
+                    tracing::error!(error = %e, "this replica cannot serve this deployment");
                     return;
                 }
                 Err(e) => {

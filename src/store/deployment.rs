@@ -206,6 +206,28 @@ impl Store {
 }
 
 impl Store {
+    /// Checks that Redis holds nothing of the float layout (see [`Store::float_layout_left`]);
+    /// from then on this replica may write. Anything found is a [`StoreError::Setting`] naming
+    /// what is left where and how to drain it.
+    pub async fn check_layout(&self) -> Result<(), StoreError> {
+        let left = self.float_layout_left().await?;
+        if !left.is_empty() {
+            return Err(StoreError::Setting(format!(
+                "Redis holds data of the float layout, which this release no longer reads: {}. Run the previous release until GET /admin/pending lists none of it (replay or set aside its dead letters) and its dedupe markers have expired (DEDUPE_TTL after it first started), then start this one (README: Upgrading)",
+                left.join("; ")
+            )));
+        }
+        self.layout_checked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether [`Store::check_layout`] has passed.
+    pub fn layout_checked(&self) -> bool {
+        self.layout_checked
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// What Redis still holds of the float layout (`HINCRBYFLOAT` totals, before exact sums),
     /// which this release no longer reads: per shard, pending windows and dead letters of that
     /// layout and an unsealed generation, and whether its dedupe markers (one string key per
@@ -222,6 +244,8 @@ impl Store {
             .await?;
         let mut left = Vec::new();
         match since {
+            // A deployment nothing has registered yet holds nothing of any layout.
+            None if shards_max.is_none() => {}
             None => left.push(
                 "the deployment was last run by a release older than the one before this: its dedupe markers (one string key per pulse id) may be live".to_string(),
             ),

@@ -61,6 +61,9 @@ pub struct Store {
     instance: Arc<str>,
     /// See [`Store::marker_sets_until`].
     marker_sets_until: Arc<std::sync::atomic::AtomicU64>,
+    /// Set once [`Store::check_layout`] found nothing of the float layout: until then nothing
+    /// is written (a replica that started while Redis was unreachable checks when it returns).
+    layout_checked: Arc<std::sync::atomic::AtomicBool>,
     /// Dedupe markers per slot hash (`scripts/write.lua`, MARKS_PER_SLOT).
     marks_per_slot: Arc<std::sync::atomic::AtomicU32>,
     commit_per_shard: bool,
@@ -156,6 +159,7 @@ impl Store {
             instance: hex::encode(rand::random::<[u8; 8]>()).into(),
             // Until `init_markers` says otherwise, consult the previous release's marker sets too.
             marker_sets_until: Arc::new(u64::MAX.into()),
+            layout_checked: Default::default(),
             marks_per_slot: Arc::new(64.into()),
             commit_per_shard: cfg.redis.commit == crate::config::CommitMode::PerShard,
         })

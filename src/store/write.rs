@@ -97,6 +97,14 @@ impl Store {
         token: &str,
         sections: &[(u32, &[WriteItem])],
     ) -> Result<Vec<WriteReply>, StoreError> {
+        if !self.layout_checked() {
+            return Err(StoreError::Shared {
+                message: "the deployment's key layout is not checked yet (Redis was unreachable at start); nothing was written".into(),
+                ambiguous: false,
+                suspect: false,
+                transient: true,
+            });
+        }
         let first = sections.first().map_or(0, |s| s.0);
         let mut inv = WRITE.prepare_invoke();
         inv.key(self.keys.commit(first, token));

@@ -330,6 +330,42 @@ async fn dead_letters_and_their_replay_stay_exact() {
     app.stop().await.unwrap();
 }
 
+/// A replica that started while Redis was unreachable checks the layout once Redis is back,
+/// before it writes anything: finding the float layout's data, it stops (exit 1) with the
+/// same message, and leaves that data as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_without_redis_checks_the_layout_before_it_writes() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let keys = pulse_ingestor::store::Keys::new("pulses");
+    let field = pulse_ingestor::store::keys::encode_field("legacy", "SKU", "KB");
+    let sealed = format!("{}:sealed:1000", keys.base(2));
+    let _: String = redis.cmd(&["HINCRBYFLOAT", &sealed, &field, "0.1"]);
+    let _: i64 = redis.cmd(&["ZADD", &keys.pending(2), "1000", "1000:4600"]);
+    redis.crash();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Ingestor::spawn(&settings(&redis, &[]), dir.path(), "a").await;
+    // Redis is down: nothing can be counted, and the client is told so.
+    let (s, _, _) = post(
+        &http(),
+        &format!("{}/ingest", a.base),
+        &pulse("t", "s", "KB", 1.0),
+    )
+    .await;
+    assert_eq!(s, 503);
+    redis.restart();
+    let code = a.wait(Duration::from_secs(20)).await;
+    let log = a.log_text();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("float layout") && log.contains("shard 2: 1 pending window"),
+        "{log}"
+    );
+    let held: String = redis.cmd(&["HGET", &sealed, &field]);
+    assert_eq!(held, "0.1", "nothing of it is touched");
+    // And nothing was counted in this release's layout.
+    assert!(redis.totals("pulses").is_empty());
+}
+
 /// The float layout (`HINCRBYFLOAT` totals, before exact sums) is no longer read: a deployment
 /// that still holds any of it — a pending window, a window with dead letters, an unsealed
 /// generation — is refused at start with what is left where and how to drain it, and nothing of

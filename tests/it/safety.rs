@@ -179,6 +179,7 @@ async fn a_write_sent_twice_counts_once() {
         v
     }] {
         let store = Store::new(&Config::from_map(&vars).unwrap()).unwrap();
+        store.check_layout().await.unwrap();
         let mut conn = store.conn().await.unwrap();
         let amount = pulse_ingestor::amount::Amount::parse_decimal(
             "2.5",
