@@ -276,28 +276,16 @@ async fn with_late_pulses_refused_a_closed_window_refuses_only_its_request() {
 /// A client that buffered its pulses over several windows sends them late, mixed with live
 /// traffic, through two replicas: every window's delivered total equals the ledger's for it,
 /// per key, exactly.
-async fn buffered_client_scenario(redis_url: &str) {
+async fn buffered_client_scenario(backend: Backend<'_>) {
     let (p, purl) = processor(Faults::default()).await;
+    let processor_url = format!("{purl}/batches");
     let mut apps = Vec::new();
     for _ in 0..2 {
-        let mut vars = std::collections::HashMap::new();
-        for (k, v) in [
-            ("LISTEN_ADDR", "127.0.0.1:0".to_string()),
-            ("WINDOW", "2s".into()),
-            ("SHARDS", "4".into()),
-            ("WORKERS", "2".into()),
-            ("STABILISATION_DELAY", "0s".into()),
-            ("DRAIN_INTERVAL", "200ms".into()),
-            ("DELIVERY_MAX_BACKOFF", "200ms".into()),
-            ("PROCESSOR_URL", format!("{purl}/batches")),
-        ] {
-            vars.insert(k.to_string(), v);
-        }
-        if redis_url.contains(',') {
-            vars.insert("REDIS_CLUSTER_URLS".into(), redis_url.into());
-        } else {
-            vars.insert("REDIS_URL".into(), redis_url.into());
-        }
+        let vars = backend.settings(&[
+            ("WINDOW", "2s"),
+            ("SHARDS", "4"),
+            ("PROCESSOR_URL", &processor_url),
+        ]);
         apps.push(TestApp::spawn(vars).await);
     }
     let c = http();
@@ -408,13 +396,13 @@ impl IntoTwo for (u16, reqwest::header::HeaderMap, serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buffered_client_sending_late_through_two_replicas_balances_per_window() {
     let redis = RedisServer::start();
-    buffered_client_scenario(&redis.url()).await;
+    buffered_client_scenario(Backend::Single(&redis)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_late_pulses_balance_per_window_too() {
     let cluster = RedisCluster::start(3, 0);
-    buffered_client_scenario(&cluster.urls()).await;
+    buffered_client_scenario(Backend::Cluster(&cluster)).await;
 }
 
 /// The producer stamps pulses (a third of them up to 6 s late, i.e. up to three 2 s windows)

@@ -59,9 +59,9 @@ pub struct ItemAnswer {
     /// The window it went to (counted or duplicate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_start: Option<u64>,
-    /// Why it was refused.
+    /// Why it was refused (each problem without an index: it is the item's).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub errors: Option<Vec<ItemError>>,
+    pub errors: Option<Vec<FieldError>>,
 }
 
 /// `counted`, `duplicate` (a re-send of an id already counted) or `refused` (partial route:
@@ -72,13 +72,6 @@ pub enum ItemStatus {
     Counted,
     Duplicate,
     Refused,
-}
-
-/// One problem of a refused item (its index is the item's).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ItemError {
-    pub field: String,
-    pub message: String,
 }
 
 impl Accepted {
@@ -172,15 +165,15 @@ impl Shape {
             })
             .collect();
         if let Shape::Partial { refused, .. } = self {
-            let mut by_index: std::collections::BTreeMap<usize, Vec<ItemError>> =
+            let mut by_index: std::collections::BTreeMap<usize, Vec<FieldError>> =
                 Default::default();
             for e in refused {
                 by_index
                     .entry(e.index.unwrap_or(0))
                     .or_default()
-                    .push(ItemError {
-                        field: e.field.clone(),
-                        message: e.message.clone(),
+                    .push(FieldError {
+                        index: None,
+                        ..e.clone()
                     });
             }
             items.extend(by_index.into_iter().map(|(index, errors)| ItemAnswer {
