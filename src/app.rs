@@ -50,51 +50,86 @@ pub enum AppError {
 
 /// A setting left unset adopts the value the deployment recorded in Redis, not the compiled
 /// default: a release with a new default never changes a running deployment's `SHARDS`,
-/// `WINDOW` or `DEDUPE_TTL`. (Redis down: the defaults stand; the scripts still write by the
-/// shard's recorded settings, and a wrong `SHARDS` is refused at the first seal.)
+/// `WINDOW`, `DEDUPE_TTL` or late-pulse settings. (Redis down: the defaults stand; the scripts
+/// still write by the shard's recorded settings, and a wrong `SHARDS` is refused at the first
+/// seal.)
 async fn adopt_recorded(cfg: &mut Config) -> Result<(), AppError> {
     let store = Store::new(cfg)?;
-    let Ok((window, ttl, shards, offset)) = store.recorded_settings().await else {
+    let Ok(rec) = store.recorded_settings().await else {
         return Ok(());
     };
-    if let (false, Some(o)) = (cfg.explicit.window_offset, offset)
-        && o != cfg.window_offset.as_secs()
-    {
+    let secs = std::time::Duration::from_secs;
+    let adopt = |name: &str, explicit: bool, recorded: Option<u64>, current: u64| {
+        let v = recorded.filter(|&v| !explicit && v != current)?;
         info!(
-            window_offset_secs = o,
-            "WINDOW_OFFSET unset: the deployment's recorded value applies"
+            setting = name,
+            value = v,
+            "unset: the deployment's recorded value applies"
         );
-        cfg.window_offset = std::time::Duration::from_secs(o);
+        Some(v)
+    };
+    let e = cfg.explicit;
+    if let Some(o) = adopt(
+        "WINDOW_OFFSET",
+        e.window_offset,
+        rec.window_offset,
+        cfg.window_offset.as_secs(),
+    ) {
+        cfg.window_offset = secs(o);
     }
-    if let (false, Some(w)) = (cfg.explicit.window, window)
-        && w != cfg.window_secs()
-        && w > 0
-    {
-        info!(
-            window_secs = w,
-            "WINDOW unset: the deployment's recorded value applies"
-        );
-        cfg.window = std::time::Duration::from_secs(w);
+    if let Some(w) = adopt(
+        "WINDOW",
+        e.window,
+        rec.window.filter(|&w| w > 0),
+        cfg.window_secs(),
+    ) {
+        cfg.window = secs(w);
     }
-    if let (false, Some(t)) = (cfg.explicit.dedupe_ttl, ttl)
-        && t != cfg.dedupe_ttl.as_secs()
-        && t > 0
-    {
-        info!(
-            dedupe_ttl_secs = t,
-            "DEDUPE_TTL unset: the deployment's recorded value applies"
-        );
-        cfg.dedupe_ttl = std::time::Duration::from_secs(t);
+    if let Some(t) = adopt(
+        "DEDUPE_TTL",
+        e.dedupe_ttl,
+        rec.dedupe_ttl.filter(|&t| t > 0),
+        cfg.dedupe_ttl.as_secs(),
+    ) {
+        cfg.dedupe_ttl = secs(t);
     }
-    if let (false, Some(n)) = (cfg.explicit.shards, shards)
-        && n != cfg.shards
-        && n > 0
+    if let Some(n) = adopt(
+        "SHARDS",
+        e.shards,
+        rec.shards.map(u64::from).filter(|&n| n > 0),
+        u64::from(cfg.shards),
+    ) {
+        cfg.shards = n as u32;
+    }
+    if let Some(a) = adopt(
+        "LATE_MAX_AGE",
+        e.late_max_age,
+        rec.late_max_age.filter(|&a| a > 0),
+        cfg.late_max_age.as_secs(),
+    ) {
+        cfg.late_max_age = secs(a);
+    }
+    if let Some(s) = adopt(
+        "MAX_FUTURE_SKEW",
+        e.max_future_skew,
+        rec.max_future_skew,
+        cfg.max_future_skew.as_secs(),
+    ) {
+        cfg.max_future_skew = secs(s);
+    }
+    if let (false, Some(Ok(p))) = (
+        e.late_pulses,
+        rec.late_pulses
+            .as_deref()
+            .map(str::parse::<crate::config::LatePulses>),
+    ) && p != cfg.late_pulses
     {
         info!(
-            shards = n,
-            "SHARDS unset: the deployment's recorded value applies"
+            setting = "LATE_PULSES",
+            value = p.as_str(),
+            "unset: the deployment's recorded value applies"
         );
-        cfg.shards = n;
+        cfg.late_pulses = p;
     }
     Ok(())
 }
@@ -134,16 +169,17 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
             .to_string(),
         )),
         Ok(_) => {
-            let window = cfg.explicit.window.then(|| cfg.window_secs());
-            let offset = cfg
-                .explicit
-                .window_offset
-                .then_some(cfg.window_offset.as_secs());
-            let ttl = cfg
-                .explicit
-                .dedupe_ttl
-                .then(|| cfg.dedupe_ttl.as_secs().max(1));
-            match store.apply_settings(window, offset, ttl).await {
+            let e = cfg.explicit;
+            let set = crate::store::deployment::Recorded {
+                window: e.window.then(|| cfg.window_secs()),
+                window_offset: e.window_offset.then_some(cfg.window_offset.as_secs()),
+                dedupe_ttl: e.dedupe_ttl.then(|| cfg.dedupe_ttl.as_secs().max(1)),
+                shards: None,
+                late_max_age: e.late_max_age.then_some(cfg.late_max_age.as_secs()),
+                late_pulses: e.late_pulses.then(|| cfg.late_pulses.as_str().to_string()),
+                max_future_skew: e.max_future_skew.then_some(cfg.max_future_skew.as_secs()),
+            };
+            match store.apply_settings(&set).await {
                 Err(StoreError::Setting(m)) => return Err(AppError::Config(m)),
                 Err(e) => {
                     warn!(error = %e, "could not record the settings; will write by the recorded ones")

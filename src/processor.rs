@@ -38,11 +38,21 @@ pub struct Record {
     #[schema(format = DateTime)]
     pub latest_at: Option<String>,
     /// Present on an amendment: late pulses of this window counted after its delivery began,
-    /// the n-th such record of the key. A window's total for a key is the sum of its records;
-    /// book an amendment as an adjustment if the period's invoice is final.
+    /// the n-th such record of the key (n = 1, 2, …; the window's own record has none). How a
+    /// window's records of one key and aggregation combine: `sum` and `count` add up; `max`
+    /// and `min` take the largest or smallest; `latest` takes the value of the record with the
+    /// greatest `latest_at` (equal times: the highest `amends`, which was counted later). Book
+    /// an amendment as an adjustment if the period's invoice is final.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub amends: Option<u32>,
+    /// When the window becomes final (RFC 3339, UTC): no pulse is counted in it after this
+    /// moment, so every record it will ever have (its own and its amendments) holds pulses
+    /// counted before it. Amendments still pending at that moment are delivered within one
+    /// window plus `STABILISATION_DELAY` after it. A billing period can be closed once every
+    /// window in it is past `final_at` and delivered. The same for every record of a window.
+    #[schema(format = DateTime)]
+    pub final_at: String,
 }
 
 /// Decimal text written into JSON as a number, verbatim — never through a float.

@@ -51,6 +51,9 @@ pub struct Record {
     /// For `latest`: the event time of its value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_at: Option<String>,
+    /// When the window becomes final (no pulse is counted in it after this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_at: Option<String>,
 }
 
 /// How the Processor misbehaves, all off by default.
@@ -108,6 +111,9 @@ pub struct Books {
     deliveries: HashMap<String, u64>,
     /// Records received in accepted batches, re-deliveries included.
     delivered: u64,
+    /// Record ids delivered again with another amount, window or aggregation: a broken
+    /// contract (an upserting Processor would overwrite one with the other).
+    conflicts: Vec<(Record, Record)>,
 }
 
 /// The running Processor's shared state.
@@ -187,6 +193,11 @@ impl Processor {
             .collect();
         v.sort_by(|a, b| (&a.window_start, &a.record_id).cmp(&(&b.window_start, &b.record_id)));
         v
+    }
+
+    /// Record ids delivered twice with different contents (first, then second).
+    pub fn conflicts(&self) -> Vec<(Record, Record)> {
+        self.books.lock().unwrap().conflicts.clone()
     }
 
     /// Removes every record of one key (to prove `verify` notices).
@@ -269,6 +280,16 @@ impl Processor {
             b.delivered += records.len() as u64;
             for r in records {
                 *b.deliveries.entry(r.record_id.clone()).or_default() += 1;
+                if let Some(old) = b.records.get(&r.record_id)
+                    && (old.used_amount != r.used_amount
+                        || old.window_start != r.window_start
+                        || old.window_end != r.window_end
+                        || old.aggregation != r.aggregation
+                        || old.amends != r.amends)
+                {
+                    let old = old.clone();
+                    b.conflicts.push((old, r.clone()));
+                }
                 b.records.insert(r.record_id.clone(), r);
             }
         }

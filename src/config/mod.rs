@@ -170,6 +170,9 @@ pub struct Explicit {
     pub window: bool,
     pub window_offset: bool,
     pub dedupe_ttl: bool,
+    pub late_max_age: bool,
+    pub late_pulses: bool,
+    pub max_future_skew: bool,
 }
 
 impl Explicit {
@@ -179,6 +182,9 @@ impl Explicit {
             window: r.raw(env::WINDOW.name).is_some(),
             window_offset: r.raw(env::WINDOW_OFFSET.name).is_some(),
             dedupe_ttl: r.raw(env::DEDUPE_TTL.name).is_some(),
+            late_max_age: r.raw(env::LATE_MAX_AGE.name).is_some(),
+            late_pulses: r.raw(env::LATE_PULSES.name).is_some(),
+            max_future_skew: r.raw(env::MAX_FUTURE_SKEW.name).is_some(),
         }
     }
 }
@@ -386,7 +392,10 @@ mod tests {
                 shards: true,
                 window: true,
                 window_offset: true,
-                dedupe_ttl: true
+                dedupe_ttl: true,
+                late_max_age: true,
+                late_pulses: true,
+                max_future_skew: true,
             }
         );
         assert_eq!(implicit.explicit, Explicit::default());

@@ -69,6 +69,8 @@ pub(super) struct Courier<'a> {
     pub max_attempts: u32,
     pub max_backoff: Duration,
     pub stop: &'a CancellationToken,
+    /// The window's `final_at` (RFC 3339), the same on each of its records.
+    pub final_at: String,
 }
 
 /// One batch in delivery: its records, their fields, where they belong, and what is left of
@@ -87,6 +89,7 @@ struct Batch<'a> {
 fn records_of<'a>(
     shard: u32,
     w: &PendingWindow,
+    final_at: &str,
     batch: &'a [(String, Option<String>)],
 ) -> (Vec<Record>, Vec<&'a str>, Vec<&'a str>) {
     let (window_start, window_end) = (rfc3339(w.start), rfc3339(w.end));
@@ -108,6 +111,7 @@ fn records_of<'a>(
                     amends: (w.amendment > 0).then_some(w.amendment),
                     aggregation: key.aggregation,
                     latest_at: None,
+                    final_at: final_at.to_string(),
                 });
                 fields.push(field.as_str());
             }
@@ -127,7 +131,7 @@ impl Courier<'_> {
         w: &PendingWindow,
         batch: &[(String, Option<String>)],
     ) -> Result<BatchResult, StoreError> {
-        let (mut records, fields, undecodable) = records_of(shard, w, batch);
+        let (mut records, fields, undecodable) = records_of(shard, w, &self.final_at, batch);
         self.stamp_latest(&mut conn, shard, w, &mut records, &fields)
             .await?;
         let mut result = BatchResult::default();

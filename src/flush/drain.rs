@@ -218,13 +218,17 @@ impl Drainer {
         stop: &CancellationToken,
     ) -> Result<DrainReport, StoreError> {
         let mut report = DrainReport::default();
-        // Read again under the lock: the previous holder may have finished some.
-        let pending = self.store.pending(conn, shard).await?;
-        let mut iter = pending.into_iter();
-        for w in iter.by_ref() {
-            if w.due > due_before || stop.is_cancelled() {
+        // Read again under the lock: the previous holder may have finished some. Delivered in
+        // the order they fell due, every one that is due (invariant 19): an amendment of an old
+        // window (a backfill) sorts by its window's start in the pending set but is due only
+        // when the window it gathered in ends — it must not hold back windows due before it.
+        let mut pending = self.store.pending(conn, shard).await?;
+        pending.sort_by_key(|w| (w.due, w.start, w.amendment));
+        let mut stopped = false;
+        for w in pending {
+            if stopped || w.due > due_before || stop.is_cancelled() {
                 report.windows_left += 1;
-                break;
+                continue;
             }
             // From here on, late pulses for this window go to its next amendment: what this
             // drain reads is all the window (or amendment) will ever hold.
@@ -238,18 +242,18 @@ impl Drainer {
                 info!(
                     shard,
                     window_start = w.start,
+                    amendment = w.amendment,
                     records = delivered,
                     dead_lettered = dead,
                     "window delivered"
                 );
             } else {
-                // Keep hours in order: a window that could not be finished blocks later ones
-                // until the next pass.
+                // Records failed to go (the Processor is failing): the rest waits for the next
+                // pass rather than meet the same failure.
                 report.windows_left += 1;
-                break;
+                stopped = true;
             }
         }
-        report.windows_left += iter.count() as u64;
         Ok(report)
     }
 
@@ -262,6 +266,7 @@ impl Drainer {
         w: &PendingWindow,
         stop: &CancellationToken,
     ) -> Result<(u64, u64), StoreError> {
+        let final_at = self.store.late_limits(conn, shard).await?.final_at(w.end);
         let courier = Courier {
             store: &self.store,
             processor,
@@ -269,6 +274,7 @@ impl Drainer {
             max_attempts: self.max_attempts,
             max_backoff: self.max_backoff,
             stop,
+            final_at: crate::processor::rfc3339(final_at),
         };
         let courier = &courier;
         let mut cursor = 0u64;

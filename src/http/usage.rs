@@ -55,6 +55,10 @@ pub struct UsageWindow {
     amends: Option<u32>,
     #[schema(format = DateTime)]
     window_start_rfc3339: String,
+    /// When the window becomes final (RFC 3339): no pulse is counted in it after this; its
+    /// records carry the same `final_at`.
+    #[schema(format = DateTime)]
+    final_at: String,
     state: WindowState,
     usage: Vec<KeyUsage>,
 }
@@ -143,6 +147,11 @@ pub async fn usage(
         .store
         .usage_of(&q.tenant_id, &filter, stabilisation)
         .await?;
+    let limits = {
+        let shard = crate::store::keys::shard_of(&q.tenant_id, state.store.shards);
+        let mut conn = state.store.conn().await?;
+        state.store.late_limits(&mut conn, shard).await?
+    };
     let windows = u
         .windows
         .into_iter()
@@ -151,6 +160,7 @@ pub async fn usage(
             window_end: w.end,
             amends: (w.amendment > 0).then_some(w.amendment),
             window_start_rfc3339: rfc3339(w.start),
+            final_at: rfc3339(limits.final_at(w.end)),
             state: w.state,
             usage: w
                 .keys

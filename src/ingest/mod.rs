@@ -39,9 +39,24 @@ pub struct Outcome {
     pub amended: usize,
     /// Stamped pulses counted ahead, in a window not yet open.
     pub ahead: usize,
-    /// Per pulse of the request, when asked for (`submit(.., detail)`): counted (or a re-send)
-    /// and the window it went to.
+    /// Per pulse of the request, when asked for (`submit(.., detail)`), or when the request
+    /// may be committed in parts (several shards on a cluster): counted (or a re-send) and the
+    /// window it went to.
     pub items: Vec<ItemOutcome>,
+    /// Pulses refused after others of the request were counted — possible only when a commit
+    /// is one call per shard (a cluster): a shard's call refused them after another shard's
+    /// had counted. The request is answered with what was counted; each of these is named.
+    pub refused: Vec<(usize, Refused)>,
+}
+
+/// Why a pulse of a request was refused by the write script (nothing of its call written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its key's window total would leave the exact range.
+    Overflow,
+    /// A stamped pulse its window no longer takes (`LATE_PULSES=refuse`, or older than the
+    /// window's `LATE_MAX_AGE`).
+    Late(crate::store::LateRefusal),
 }
 
 /// What became of one pulse of a request.
@@ -68,10 +83,13 @@ pub enum CommitError {
     /// (other requests of the commit were). `items`: the request's pulses of such keys.
     #[error("a key's window total would leave the exact range")]
     Overflow { items: Vec<usize> },
-    /// Stamped pulses whose windows are delivered, with `LATE_PULSES=refuse`; nothing of this
-    /// request was counted. `items`: those pulses.
-    #[error("a pulse's window is already delivered")]
-    Closed { items: Vec<usize> },
+    /// Stamped pulses their windows no longer take (delivered, with `LATE_PULSES=refuse`; or
+    /// older than the window's `LATE_MAX_AGE`); nothing of this request was counted. `items`:
+    /// those pulses and why.
+    #[error("a pulse's window no longer takes it")]
+    Closed {
+        items: Vec<(usize, crate::store::LateRefusal)>,
+    },
 }
 
 /// Why a request could not be queued.

@@ -8,7 +8,7 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::{CommitError, ItemOutcome, Job, Outcome};
+use super::{CommitError, ItemOutcome, Job, Outcome, Refused};
 use crate::metrics::Metrics;
 use crate::store::keys::{dedupe_digest, encode_field, placement_of, shard_of};
 use crate::store::{Conn, Placement, Store, StoreError, WriteItem};
@@ -131,11 +131,14 @@ pub(crate) async fn commit_once(
     {
         panic!("fault injected: commit worker");
     }
+    let per_shard = w.store.commit_per_shard();
     let mut commit = Commit {
         outcomes: jobs
             .iter()
             .map(|j| Outcome {
-                items: if j.detail {
+                // A request that may be committed in parts is tracked pulse by pulse, so that
+                // it can be answered with what was counted (see `Outcome::refused`).
+                items: if j.detail || (per_shard && j.pulses.len() > 1) {
                     vec![ItemOutcome::default(); j.pulses.len()]
                 } else {
                     Vec::new()
@@ -144,7 +147,7 @@ pub(crate) async fn commit_once(
             })
             .collect(),
         failed: vec![None; jobs.len()],
-        shards: group(w, &jobs, |_| true),
+        shards: group(w, &jobs, |_, _| true),
         fatal: None,
     };
     commit.run(w, conn, &jobs).await;
@@ -167,9 +170,8 @@ struct Round {
     /// Shards to write again after a pause (transient failures, enqueued mode).
     retry: Vec<(u32, ShardBatch)>,
     /// Per job, the pulses refused with nothing of the call written: a key that would leave
-    /// the exact range, or (stamped) a closed window.
-    full: HashMap<usize, Vec<usize>>,
-    closed: HashMap<usize, Vec<usize>>,
+    /// the exact range, or (stamped) a window that no longer takes it.
+    refused: HashMap<usize, Vec<(usize, Refused)>>,
     /// Shards whose call refused something: their other pulses are written again at once.
     refused_shards: HashSet<u32>,
     any_ok: bool,
@@ -200,22 +202,25 @@ impl Commit {
             }
             let Round {
                 mut retry,
-                full,
-                closed,
+                refused,
                 refused_shards,
                 any_ok,
             } = round;
-            // Nothing of an overflowing call was written: refuse the requests that carry a
-            // full key (a key belongs to one tenant) and write the others' pulses again, at
-            // once and under the same token.
+            // Nothing of a refusing call was written: refuse the requests that carry a refused
+            // pulse (a request others of whose pulses were counted already, in another shard's
+            // call, only those pulses) and write the rest again, at once and under the same
+            // token.
             if !refused_shards.is_empty() {
-                self.refuse(full, |items| CommitError::Overflow { items });
-                self.refuse(closed, |items| CommitError::Closed { items });
-                let failed = &self.failed;
+                for (j, items) in refused {
+                    self.refuse(j, items);
+                }
+                let (failed, outcomes) = (&self.failed, &self.outcomes);
                 retry.extend(
-                    group(w, jobs, |j| failed[j].is_none())
-                        .into_iter()
-                        .filter(|(s, _)| refused_shards.contains(s)),
+                    group(w, jobs, |j, x| {
+                        failed[j].is_none() && !outcomes[j].refused.iter().any(|r| r.0 == x)
+                    })
+                    .into_iter()
+                    .filter(|(s, _)| refused_shards.contains(s)),
                 );
                 if retry.iter().all(|(s, _)| refused_shards.contains(s)) {
                     self.shards = retry;
@@ -259,7 +264,11 @@ impl Commit {
                 for (it, pulses) in b.items.iter().zip(&b.pulses) {
                     if fields.contains(&it.field) {
                         for &(j, x) in pulses {
-                            round.full.entry(j).or_default().push(x);
+                            round
+                                .refused
+                                .entry(j)
+                                .or_default()
+                                .push((x, Refused::Overflow));
                         }
                     }
                 }
@@ -267,10 +276,14 @@ impl Commit {
             }
             Err(StoreError::Closed(items)) => {
                 // A call reports the items of all its shards: take this shard's.
-                for (s, i) in items {
+                for (s, i, why) in items {
                     if s == shard {
                         for &(j, x) in b.pulses.get(i).into_iter().flatten() {
-                            round.closed.entry(j).or_default().push(x);
+                            round
+                                .refused
+                                .entry(j)
+                                .or_default()
+                                .push((x, Refused::Late(why)));
                         }
                     }
                 }
@@ -388,29 +401,58 @@ impl Commit {
         }
     }
 
-    /// Refuses each job with its pulses named (unless it already failed).
-    fn refuse(
-        &mut self,
-        pulses: HashMap<usize, Vec<usize>>,
-        why: impl Fn(Vec<usize>) -> CommitError,
-    ) {
-        for (j, mut items) in pulses {
-            if self.failed[j].is_none() {
-                items.sort_unstable();
-                items.dedup();
-                self.failed[j] = Some(why(items));
-            }
+    /// Refuses job `j`'s pulses `items` (unless it already failed): the whole request when
+    /// nothing of it was counted yet — with the overflowing pulses named if there are any, else
+    /// the late ones — or, when others of its pulses were counted already, those pulses only.
+    fn refuse(&mut self, j: usize, mut items: Vec<(usize, Refused)>) {
+        if self.failed[j].is_some() {
+            return;
         }
+        items.sort_unstable_by_key(|r| r.0);
+        items.dedup_by_key(|r| r.0);
+        let o = &mut self.outcomes[j];
+        if o.accepted + o.duplicates > 0 {
+            o.refused.extend(items);
+            return;
+        }
+        let full: Vec<usize> = items
+            .iter()
+            .filter(|r| r.1 == Refused::Overflow)
+            .map(|r| r.0)
+            .collect();
+        self.failed[j] = Some(if full.is_empty() {
+            CommitError::Closed {
+                items: items
+                    .into_iter()
+                    .filter_map(|(x, r)| match r {
+                        Refused::Late(why) => Some((x, why)),
+                        Refused::Overflow => None,
+                    })
+                    .collect(),
+            }
+        } else {
+            CommitError::Overflow { items: full }
+        });
     }
 }
 
-/// The pulses of the jobs `include` admits, by shard, pulses without ids pre-aggregated per key.
-fn group(w: &Worker, jobs: &[Job], include: impl Fn(usize) -> bool) -> Vec<(u32, ShardBatch)> {
+/// The pulses `include` admits (by job and index in it), by shard, pulses without ids
+/// pre-aggregated per key.
+fn group(
+    w: &Worker,
+    jobs: &[Job],
+    include: impl Fn(usize, usize) -> bool,
+) -> Vec<(u32, ShardBatch)> {
     let mut shards: HashMap<u32, ShardBatch> = HashMap::new();
     let known = w.known.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let meters = w.meters.get();
-    for (j, job) in jobs.iter().enumerate().filter(|(j, _)| include(*j)) {
-        for (x, p) in job.pulses.iter().enumerate() {
+    for (j, job) in jobs.iter().enumerate() {
+        for (x, p) in job
+            .pulses
+            .iter()
+            .enumerate()
+            .filter(|(x, _)| include(j, *x))
+        {
             let shard = shard_of(&p.tenant_id, w.store.shards);
             let b = shards.entry(shard).or_default();
             let field = encode_field(&p.tenant_id, &p.product_sku, &p.use_unit);
@@ -496,9 +538,6 @@ fn answer(
                 let partial = outcomes[j].accepted + outcomes[j].duplicates > 0;
                 let e = match e {
                     CommitError::Unavailable(m) if partial => CommitError::Partial(m),
-                    CommitError::Overflow { .. } if partial => CommitError::Partial(
-                        "a key's window total would leave the exact range; the request's pulses of other shards were counted".into(),
-                    ),
                     e => e,
                 };
                 if job.reply.is_none() {

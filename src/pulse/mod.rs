@@ -280,6 +280,26 @@ impl Decoder {
     }
 }
 
+/// RFC 3339 text as Unix milliseconds. A leap second (`23:59:60`, which RFC 3339 allows) is the
+/// last millisecond of its minute (`23:59:59.999`), whatever fraction follows it.
+fn rfc3339_ms(s: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
+    // "YYYY-MM-DDTHH:MM:60…": seconds at bytes 17..19.
+    let leap = s.len() > 19 && s.get(16..19) == Some(":60");
+    let t = if leap {
+        let rest = s.get(19..)?;
+        let zone = rest.trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+        if rest.starts_with('.') && !rest[1..].starts_with(|c: char| c.is_ascii_digit()) {
+            return None;
+        }
+        let text = format!("{}59.999{zone}", s.get(..17)?);
+        time::OffsetDateTime::parse(&text, &Rfc3339).ok()?
+    } else {
+        time::OffsetDateTime::parse(s, &Rfc3339).ok()?
+    };
+    i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()
+}
+
 /// A timestamp's JSON text as Unix milliseconds (see [`Decoder::timestamp`]); `None` when it is
 /// neither form, negative, or past the year 9999.
 pub fn parse_timestamp(text: &str) -> Option<i64> {
@@ -294,9 +314,7 @@ pub fn parse_timestamp(text: &str) -> Option<i64> {
         return None;
     }
     let ms = if s.contains('T') || s.contains('t') {
-        let t =
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-        i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()?
+        rfc3339_ms(s)?
     } else {
         // Unix seconds: digits, an optional fraction; exact (no float), truncated to the ms.
         let (int, frac) = s.split_once('.').unwrap_or((s, ""));

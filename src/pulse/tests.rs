@@ -236,7 +236,13 @@ fn timestamps_in_every_form_read_to_the_millisecond() {
     assert_eq!(p("1796083199"), Some(base));
     assert_eq!(p("1796083199.2509"), Some(base + 250));
     assert_eq!(p("\"1796083199.25\""), Some(base + 250));
+    // A leap second (RFC 3339 allows :60) is the last millisecond of its minute.
+    assert_eq!(p("\"2026-11-30T23:59:60Z\""), Some(base + 999));
+    assert_eq!(p("\"2026-11-30T23:59:60.5Z\""), Some(base + 999));
+    assert_eq!(p("\"2026-12-01T00:59:60+01:00\""), Some(base + 999));
     for bad in [
+        "\"2026-11-30T23:59:60.Z\"",
+        "\"2026-11-30T23:59:61Z\"",
         "\"2026-11-30 23:59:59\"",
         "\"2026-11-30T23:59:59\"",
         "\"yesterday\"",

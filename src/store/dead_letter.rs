@@ -127,6 +127,7 @@ impl Store {
         inv.key(format!("{sealed}:hi"))
             .key(self.keys.dead(shard, w))
             .key(self.keys.dead_index(shard))
+            .key(format!("{sealed}:ts"))
             .arg(reason_json)
             .arg(&w.member)
             .arg(w.start);
@@ -160,6 +161,7 @@ impl Store {
             .key(format!("{sealed}:hi"))
             .key(self.keys.pending(shard))
             .key(self.keys.dead_index(shard))
+            .key(format!("{sealed}:ts"))
             .arg(&w.member)
             .arg(w.start);
         if let Some(f) = only {

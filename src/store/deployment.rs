@@ -3,8 +3,42 @@
 
 use super::{Conn, PendingWindow, Store, StoreError, scripts::REGISTER_SHARDS};
 
-/// Settings a deployment recorded: window, dedupe TTL, shards, window offset.
-pub type Recorded = (Option<u64>, Option<u64>, Option<u32>, Option<u64>);
+/// The settings that move money, as a deployment recorded them (`{prefix}:meta`, for replicas
+/// that leave them unset) or as a replica applies them (`Some`: set explicitly).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    pub window: Option<u64>,
+    pub dedupe_ttl: Option<u64>,
+    pub shards: Option<u32>,
+    pub window_offset: Option<u64>,
+    pub late_max_age: Option<u64>,
+    pub late_pulses: Option<String>,
+    pub max_future_skew: Option<u64>,
+}
+
+/// An optional setting as a script argument: '' when unset.
+fn arg<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
+/// The settings script's refusal, as a setting problem an operator can act on.
+fn settings_error(e: redis::RedisError) -> StoreError {
+    if e.code() != Some("TTLCHANGING") {
+        return e.into();
+    }
+    let d: Vec<u64> = e
+        .detail()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    StoreError::Setting(format!(
+        "DEDUPE_TTL changed from {}s less than twice that ago; until Redis time {} only the current ({}s) or that value may be set (the markers of both are consulted until then)",
+        d.first().copied().unwrap_or(0),
+        d.get(1).copied().unwrap_or(0),
+        d.get(2).copied().unwrap_or(0),
+    ))
+}
 
 impl Store {
     /// Records this deployment's shard count and returns the largest one ever used, so that
@@ -100,70 +134,88 @@ impl Store {
 
     /// Records the settings a replica starts with: the ones set explicitly (`Some`) replace the
     /// deployment's in every shard — a new window length from the next window on, a new dedupe
-    /// TTL with the previous one still consulted until its markers expire — and the values in
-    /// force are kept in `{prefix}:meta` for replicas that leave them unset.
-    pub async fn apply_settings(
-        &self,
-        window: Option<u64>,
-        window_offset: Option<u64>,
-        dedupe_ttl: Option<u64>,
-    ) -> Result<(), StoreError> {
+    /// TTL with the previous one still consulted until its markers expire, a new
+    /// `LATE_MAX_AGE` for windows that end from now on — and the values in force are kept in
+    /// `{prefix}:meta` for replicas that leave them unset. (`shards` is not applied here.)
+    pub async fn apply_settings(&self, set: &Recorded) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         for shard in 0..self.shards_to_drain().await? {
             let r: Result<String, redis::RedisError> = super::scripts::SETTINGS
                 .key(self.keys.conf(shard))
-                .arg(window.map(|w| w.to_string()).unwrap_or_default())
-                .arg(dedupe_ttl.map(|t| t.to_string()).unwrap_or_default())
+                .arg(arg(&set.window))
+                .arg(arg(&set.dedupe_ttl))
                 .arg(self.window_secs)
                 .arg(self.dedupe_ttl_secs)
                 .arg(self.shards)
-                .arg(window_offset.map(|o| o.to_string()).unwrap_or_default())
+                .arg(arg(&set.window_offset))
                 .arg(self.window_offset_secs)
+                .arg(arg(&set.late_max_age))
+                .arg(self.late_max_age_secs)
+                .arg(arg(&set.late_pulses))
+                .arg(self.late_pulses.as_str())
+                .arg(arg(&set.max_future_skew))
+                .arg(self.max_future_skew_secs)
                 .invoke_async(&mut c)
                 .await;
             if let Err(e) = r {
-                if e.code() == Some("TTLCHANGING") {
-                    let d: Vec<u64> = e
-                        .detail()
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .filter_map(|x| x.parse().ok())
-                        .collect();
-                    return Err(StoreError::Setting(format!(
-                        "DEDUPE_TTL changed from {}s less than twice that ago; until Redis time {} only the current ({}s) or that value may be set (the markers of both are consulted until then)",
-                        d.first().copied().unwrap_or(0),
-                        d.get(1).copied().unwrap_or(0),
-                        d.get(2).copied().unwrap_or(0),
-                    )));
-                }
-                return Err(e.into());
+                return Err(settings_error(e));
             }
         }
         redis::cmd("HSET")
             .arg(self.keys.meta())
             .arg("window")
-            .arg(window.unwrap_or(self.window_secs))
+            .arg(set.window.unwrap_or(self.window_secs))
             .arg("dedupe_ttl")
-            .arg(dedupe_ttl.unwrap_or(self.dedupe_ttl_secs))
+            .arg(set.dedupe_ttl.unwrap_or(self.dedupe_ttl_secs))
             .arg("window_offset")
-            .arg(window_offset.unwrap_or(self.window_offset_secs))
+            .arg(set.window_offset.unwrap_or(self.window_offset_secs))
+            .arg("late_max_age")
+            .arg(set.late_max_age.unwrap_or(self.late_max_age_secs))
+            .arg("late_pulses")
+            .arg(
+                set.late_pulses
+                    .as_deref()
+                    .unwrap_or(self.late_pulses.as_str()),
+            )
+            .arg("max_future_skew")
+            .arg(set.max_future_skew.unwrap_or(self.max_future_skew_secs))
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
     }
 
-    /// The settings the deployment recorded: (`window`, `dedupe_ttl`, `shards`,
-    /// `window_offset`), for a replica that leaves them unset.
+    /// The settings the deployment recorded, for a replica that leaves them unset.
     pub async fn recorded_settings(&self) -> Result<Recorded, StoreError> {
         let mut c = self.conn().await?;
-        Ok(redis::cmd("HMGET")
+        #[allow(clippy::type_complexity)]
+        let (window, dedupe_ttl, shards, window_offset, late_max_age, late_pulses, max_future_skew): (
+            Option<u64>,
+            Option<u64>,
+            Option<u32>,
+            Option<u64>,
+            Option<u64>,
+            Option<String>,
+            Option<u64>,
+        ) = redis::cmd("HMGET")
             .arg(self.keys.meta())
             .arg("window")
             .arg("dedupe_ttl")
             .arg("shards")
             .arg("window_offset")
+            .arg("late_max_age")
+            .arg("late_pulses")
+            .arg("max_future_skew")
             .query_async(&mut c)
-            .await?)
+            .await?;
+        Ok(Recorded {
+            window,
+            dedupe_ttl,
+            shards,
+            window_offset,
+            late_max_age,
+            late_pulses,
+            max_future_skew,
+        })
     }
 
     /// Removes this process from the live replicas (clean shutdown).

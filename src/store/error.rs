@@ -14,10 +14,10 @@ pub enum StoreError {
         "SHARDS={configured}, but this deployment's Redis uses SHARDS={deployment}; change it with `pulse-ingestor reshard --shards <n>` (README: Changing SHARDS)"
     )]
     ShardsChanged { configured: u32, deployment: u32 },
-    /// Stamped pulses (shard, item index in its section) whose windows are closed
-    /// (`LATE_PULSES=refuse`); nothing of the call was written.
-    #[error("a pulse's window is already delivered (LATE_PULSES=refuse)")]
-    Closed(Vec<(u32, usize)>),
+    /// Stamped pulses (shard, item index in its section) the write script would not place,
+    /// and why; nothing of the call was written.
+    #[error("a pulse's window is closed to it")]
+    Closed(Vec<(u32, usize, LateRefusal)>),
     /// A setting this replica was started with cannot be applied to the deployment now.
     #[error("{0}")]
     Setting(String),
@@ -33,6 +33,16 @@ pub enum StoreError {
         suspect: bool,
         transient: bool,
     },
+}
+
+/// Why the write script refused a stamped pulse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateRefusal {
+    /// Its window is delivered or being delivered, and `LATE_PULSES=refuse`.
+    Closed,
+    /// Older than its window's `LATE_MAX_AGE` as the deployment recorded it: the window is
+    /// final (its records' `final_at` has passed).
+    TooOld,
 }
 
 impl StoreError {

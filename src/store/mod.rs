@@ -33,9 +33,9 @@ pub mod write;
 pub use conn::Conn;
 use conn::{ClusterPool, Pools, SentinelPool};
 pub use dead_letter::{DeadLetter, dead_letter_total};
-pub use error::StoreError;
+pub use error::{LateRefusal, StoreError};
 pub use keys::{Keys, PendingWindow};
-pub use window::exact_total;
+pub use window::{LateLimits, exact_total};
 pub use write::{Placement, SealReply, WriteItem, WriteReply, commit_token_ttl};
 
 /// The Redis store of one deployment.
@@ -50,6 +50,7 @@ pub struct Store {
     dedupe_ttl_secs: u64,
     late_max_age_secs: u64,
     late_pulses: crate::config::LatePulses,
+    max_future_skew_secs: u64,
     /// Redis time minus local time (ms), as last seen: where the edge checks timestamps.
     clock_offset_ms: Arc<std::sync::atomic::AtomicI64>,
     timeout: Duration,
@@ -153,6 +154,7 @@ impl Store {
             window_offset_secs: cfg.window_offset.as_secs(),
             late_max_age_secs: cfg.late_max_age.as_secs(),
             late_pulses: cfg.late_pulses,
+            max_future_skew_secs: cfg.max_future_skew.as_secs(),
             clock_offset_ms: Default::default(),
             timeout: cfg.redis.timeout,
             epoch: Default::default(),

@@ -12,7 +12,50 @@ pub fn exact_total(lo: &str, hi: &str) -> Option<String> {
     crate::amount::Amount::from_limbs(hi, lo).map(|a| a.to_string())
 }
 
+/// A shard's recorded `LATE_MAX_AGE` and its last change: when a window becomes final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LateLimits {
+    /// `LATE_MAX_AGE` (s).
+    pub max: u64,
+    /// The smallest value it had before its last change (s).
+    pub prev: u64,
+    /// When it last changed (Redis seconds; 0: never).
+    pub changed: u64,
+}
+
+impl LateLimits {
+    /// When the window ending at `end` becomes final: `end` plus how old a pulse for it may
+    /// be — the smallest value `LATE_MAX_AGE` had for a window that ended before it last
+    /// changed (as `max_age` in write.lua, which refuses pulses older than that).
+    pub fn final_at(&self, end: u64) -> u64 {
+        let age = if end <= self.changed {
+            self.max.min(self.prev)
+        } else {
+            self.max
+        };
+        end + age
+    }
+}
+
 impl Store {
+    /// The shard's late-pulse limits as recorded (`conf`); this replica's `LATE_MAX_AGE` for a
+    /// shard that recorded none.
+    pub async fn late_limits(&self, conn: &mut Conn, shard: u32) -> Result<LateLimits, StoreError> {
+        let (max, prev, changed): (Option<u64>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.keys.conf(shard))
+            .arg("late_max")
+            .arg("late_prev")
+            .arg("late_changed")
+            .query_async(conn)
+            .await?;
+        let max = max.unwrap_or(self.late_max_age_secs);
+        Ok(LateLimits {
+            max,
+            prev: prev.unwrap_or(max),
+            changed: changed.unwrap_or(0),
+        })
+    }
+
     /// Sealed windows of a shard awaiting delivery, oldest first.
     pub async fn pending(
         &self,
@@ -143,7 +186,8 @@ impl Store {
     }
 
     /// Marks that the delivery of a window (or amendment) begins: from now on the write script
-    /// sends late pulses for it to its next amendment. Kept `LATE_MAX_AGE` plus a day.
+    /// sends late pulses for it to its next amendment. Kept the deployment's recorded
+    /// `LATE_MAX_AGE` plus a day (this replica's, for a shard that recorded none).
     pub async fn mark_drain(
         &self,
         conn: &mut Conn,
@@ -152,6 +196,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _: () = super::scripts::MARK_DRAIN
             .key(self.keys.late(shard, w.start))
+            .key(self.keys.conf(shard))
             .arg(w.amendment)
             .arg(self.late_max_age_secs + 86_400)
             .invoke_async(conn)

@@ -3,7 +3,7 @@
 
 use super::keys::marker_member;
 use super::scripts::{SEAL, WRITE};
-use super::{Conn, Store, StoreError};
+use super::{Conn, LateRefusal, Store, StoreError};
 
 /// One pulse (or a pre-aggregated group of pulses without ids) for the write script.
 #[derive(Debug, Clone)]
@@ -306,7 +306,8 @@ impl SectionLayout {
     }
 }
 
-/// The write script's refusal, `{"OVERFLOW", field...}` or `{"CLOSED", "<section>:<item>"...}`
+/// The write script's refusal, `{"OVERFLOW", field...}` or
+/// `{"CLOSED", "<section>:<item>:<closed|old>"...}`
 /// (nothing was written), as an error naming what it refused.
 fn refusal(
     items: Vec<redis::Value>,
@@ -320,16 +321,20 @@ fn refusal(
     match texts.split_first() {
         Some((tag, fields)) if tag == "OVERFLOW" => StoreError::Overflow(fields.to_vec()),
         Some((tag, refs)) if tag == "CLOSED" => {
-            // "<section>:<stamped item>", both from 1: as (shard, item index).
+            // "<section>:<stamped item>:<why>", both from 1: as (shard, item index, why).
             let closed = refs
                 .iter()
                 .map(|r| {
-                    let (s, n) = r.split_once(':')?;
-                    let s: usize = s.parse().ok()?;
-                    let n: usize = n.parse().ok()?;
+                    let mut parts = r.split(':');
+                    let s: usize = parts.next()?.parse().ok()?;
+                    let n: usize = parts.next()?.parse().ok()?;
+                    let why = match parts.next() {
+                        Some("old") => LateRefusal::TooOld,
+                        _ => LateRefusal::Closed,
+                    };
                     let shard = sections.get(s.checked_sub(1)?)?.0;
                     let i = *layouts.get(s - 1)?.stamped.get(n.checked_sub(1)?)?;
-                    Some((shard, i))
+                    Some((shard, i, why))
                 })
                 .collect::<Option<Vec<_>>>();
             match closed {

@@ -12,6 +12,7 @@ mod changes;
 mod cluster;
 mod contract;
 mod delivery;
+mod edges;
 mod event_time;
 mod faults;
 mod ingest;

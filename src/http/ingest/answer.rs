@@ -5,8 +5,9 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::ingest::Outcome;
+use crate::ingest::{Outcome, Refused};
 use crate::pulse::FieldError;
+use crate::store::LateRefusal;
 
 /// The answer to an accepted request.
 #[derive(Debug, Default, Serialize, ToSchema)]
@@ -36,7 +37,12 @@ pub struct Accepted {
     /// Stamped pulses counted ahead, in a window not yet open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ahead: Option<usize>,
-    /// `?detail=items` and the partial route: every item, in body order.
+    /// Pulses refused after others of the request were counted (a request committed shard by
+    /// shard on a cluster): each is named in `items`, which is then always present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<usize>,
+    /// `?detail=items`, the partial route, and any answer with `refused`: every item, in body
+    /// order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<Vec<ItemAnswer>>,
 }
@@ -91,6 +97,7 @@ impl Accepted {
             duplicates: Some(o.duplicates),
             window_start: o.window_start.filter(|_| !o.windows_mixed),
             items: shape.items(o),
+            refused: (!o.refused.is_empty()).then_some(o.refused.len()),
             ..Default::default()
         };
         if !o.stamped_windows.is_empty() {
@@ -144,24 +151,41 @@ impl Shape {
         }
     }
 
-    /// The `items` of the answer, in body order, when asked for.
+    /// The `items` of the answer, in body order, when asked for or when some were refused.
     fn items(&self, o: &Outcome) -> Option<Vec<ItemAnswer>> {
-        if !self.detail() {
+        if !self.detail() && o.refused.is_empty() {
             return None;
         }
+        let refused: std::collections::HashMap<usize, Refused> =
+            o.refused.iter().copied().collect();
         let mut items: Vec<ItemAnswer> = o
             .items
             .iter()
             .enumerate()
-            .map(|(i, it)| ItemAnswer {
-                index: self.original(i),
-                status: if it.counted {
-                    ItemStatus::Counted
-                } else {
-                    ItemStatus::Duplicate
+            .map(|(i, it)| match refused.get(&i) {
+                Some(&r) => {
+                    let (field, message) = refusal(r, Counted::Others);
+                    ItemAnswer {
+                        index: self.original(i),
+                        status: ItemStatus::Refused,
+                        window_start: None,
+                        errors: Some(vec![FieldError {
+                            index: None,
+                            field: field.into(),
+                            message,
+                        }]),
+                    }
+                }
+                None => ItemAnswer {
+                    index: self.original(i),
+                    status: if it.counted {
+                        ItemStatus::Counted
+                    } else {
+                        ItemStatus::Duplicate
+                    },
+                    window_start: Some(it.window_start),
+                    errors: None,
                 },
-                window_start: Some(it.window_start),
-                errors: None,
             })
             .collect();
         if let Shape::Partial { refused, .. } = self {
@@ -185,5 +209,43 @@ impl Shape {
         }
         items.sort_by_key(|it| it.index);
         Some(items)
+    }
+}
+
+/// Whether the other pulses of a request with a refused pulse were counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Nothing of the request was counted (a 422).
+    Nothing,
+    /// The request's other pulses were counted (a 202 naming the refused ones).
+    Others,
+}
+
+/// The field and message of a pulse the write script refused.
+pub fn refusal(r: Refused, counted: Counted) -> (&'static str, String) {
+    let tail = match counted {
+        Counted::Nothing => "nothing of this request was counted",
+        Counted::Others => "this pulse was not counted (the request's other pulses were)",
+    };
+    match r {
+        Refused::Overflow => (
+            "used_amount",
+            format!(
+                "would take this key's total for the window past {}, the largest exact total; {tail}",
+                crate::amount::MAX_TOTAL
+            ),
+        ),
+        Refused::Late(LateRefusal::Closed) => (
+            "timestamp",
+            format!(
+                "window closed: the window this timestamp falls in is already delivered (LATE_PULSES=refuse); {tail}"
+            ),
+        ),
+        Refused::Late(LateRefusal::TooOld) => (
+            "timestamp",
+            format!(
+                "too old: the window this timestamp falls in is final (older than the deployment's LATE_MAX_AGE for it); {tail}"
+            ),
+        ),
     }
 }

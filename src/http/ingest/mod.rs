@@ -12,15 +12,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 pub use answer::Accepted;
-use answer::Shape;
+use answer::{Counted, Shape, refusal};
 use checks::{
     authorise, body, decode_error, format, idempotency_key, rate_limit, timestamp_errors,
 };
 
 use super::error::{ApiError, IngestErrors};
 use super::{AppState, RequestStart};
-use crate::ingest::{CommitError, SubmitError};
+use crate::ingest::{CommitError, Refused, SubmitError};
 use crate::pulse::Pulse;
+use crate::store::LateRefusal;
 
 /// Queues the pulses and, in durable mode, waits for their commit.
 async fn submit(
@@ -67,6 +68,19 @@ async fn submit(
     }
 }
 
+/// Counts a stamped pulse the write script refused, by why.
+fn count_late_refusal(state: &AppState, why: LateRefusal) {
+    let label = match why {
+        LateRefusal::Closed => "window_closed",
+        LateRefusal::TooOld => "too_old",
+    };
+    state
+        .metrics
+        .timestamps_refused
+        .with_label_values(&[label])
+        .inc();
+}
+
 /// The answer to a durable request, from its commit's outcome.
 fn committed(
     state: &AppState,
@@ -81,6 +95,11 @@ fn committed(
     };
     match answer {
         Ok(o) => {
+            for (_, r) in &o.refused {
+                if let Refused::Late(why) = r {
+                    count_late_refusal(state, *why);
+                }
+            }
             if !o.stamped_windows.is_empty() {
                 let m = &state.metrics.late_pulses;
                 m.with_label_values(&["sealed_window"]).inc_by(o.late_joined as u64);
@@ -94,15 +113,16 @@ fn committed(
             "storage unavailable; nothing was counted, retry later".into(),
         )),
         Err(CommitError::Closed { items }) => {
-            state
-                .metrics
-                .timestamps_refused
-                .with_label_values(&["window_closed"])
-                .inc_by(items.len() as u64);
+            for (_, why) in &items {
+                count_late_refusal(state, *why);
+            }
             Err(ApiError::Invalid(
                 items
                     .into_iter()
-                    .map(|i| field_error(i, "timestamp", "window closed: the window this timestamp falls in is already delivered (LATE_PULSES=refuse); nothing of this request was counted".into()))
+                    .map(|(i, why)| {
+                        let (f, m) = refusal(Refused::Late(why), Counted::Nothing);
+                        field_error(i, f, m)
+                    })
                     .collect(),
             ))
         }
@@ -110,10 +130,8 @@ fn committed(
             items
                 .into_iter()
                 .map(|i| {
-                    field_error(i, "used_amount", format!(
-                        "would take this key's total for the window past {}, the largest exact total; nothing of this request was counted",
-                        crate::amount::MAX_TOTAL
-                    ))
+                    let (f, m) = refusal(Refused::Overflow, Counted::Nothing);
+                    field_error(i, f, m)
                 })
                 .collect(),
         )),

@@ -96,25 +96,74 @@ local function align(t, len, off)
   return t - ((t - off) % len)
 end
 
--- seal(base, now, c) brings the shard's generation up to date with Redis
--- time: if the current generation's window has ended — at its start plus the length it was
--- opened with, whatever WINDOW says now — the generation flips, the old hash is renamed to
--- `<ns>:sealed:<start>` and the window is added to `<base>:pending` as `<start>:<end>`.
--- The next window is aligned to `window_len`; after a change of WINDOW, a shorter window fills
--- the gap up to the first aligned boundary, so every window's label holds the time of every
--- pulse counted in it. Idempotent: for a given window only the first caller toggles.
--- Returns gen, start, toggled, end.
--- Adds every total of exact hash `from` (both limbs) into `into`, exactly, and deletes `from`.
+-- (hi1, lo1) > (hi2, lo2) for canonical decimal limb strings (lo < 10^15): exact, no doubles.
+local function greater(hi1, lo1, hi2, lo2)
+  if #hi1 ~= #hi2 then return #hi1 > #hi2 end
+  if hi1 ~= hi2 then return hi1 > hi2 end
+  if #lo1 ~= #lo2 then return #lo1 > #lo2 end
+  return lo1 > lo2
+end
+
+-- Sets one field of (h, h:hi) to an exact amount.
+local function put(h, f, lo, hi)
+  redis.call('HSET', h, f, lo)
+  if hi ~= '0' then
+    redis.call('HSET', key.hi(h), f, hi)
+  else
+    redis.call('HDEL', key.hi(h), f)
+  end
+end
+
+-- A field's aggregation, from its fourth element (meters.rs): sum when it has none. Decoded,
+-- not matched: a key whose unit is "max" ends like a max meter's field.
+local function aggregation_of(f)
+  local ok, v = pcall(cjson.decode, f)
+  if ok and type(v) == 'table' and #v == 4 then
+    return v[4]
+  end
+  return 'sum'
+end
+
+-- Combines one record's value (lo, hi limb strings; ts, a `latest` meter's event time in ms or
+-- nil) into field f of hash h by the field's aggregation (invariant 18): sums and counts add,
+-- a max or min keeps the larger or smaller, a latest keeps the later event time (a tie: the
+-- value combined last, which arrived later). Every path that moves a record into a hash that
+-- may already hold its field — a seal's merge, a replay — goes through here, so a max is never
+-- added.
+local function combine(h, f, lo, hi, ts)
+  local op = aggregation_of(f)
+  if op == 'sum' or op == 'count' then
+    add(h, key.hi(h), f, lo, hi)
+    return
+  end
+  local cl = redis.call('HGET', h, f)
+  if op == 'latest' then
+    local ct = tonumber(redis.call('HGET', key.ts(h), f))
+    if not cl or not ct or (ts and tonumber(ts) >= ct) then
+      put(h, f, lo, hi)
+      if ts then redis.call('HSET', key.ts(h), f, ts) end
+    end
+    return
+  end
+  local better = true
+  if cl then
+    local ch = redis.call('HGET', key.hi(h), f) or '0'
+    if op == 'max' then better = greater(hi, lo, ch, cl) else better = greater(ch, cl, hi, lo) end
+  end
+  if better then put(h, f, lo, hi) end
+end
+
+-- Combines every record of hash `from` (both limbs, and a latest meter's time) into `into` by
+-- its aggregation, then deletes `from`.
 local function merge_exact(from, into)
   local kv = redis.call('HGETALL', from)
   for i = 1, #kv, 2 do
-    add(into, key.hi(into), kv[i], kv[i + 1], '0')
+    local f = kv[i]
+    local hi = redis.call('HGET', key.hi(from), f) or '0'
+    local ts = redis.call('HGET', key.ts(from), f)
+    combine(into, f, kv[i + 1], hi, ts)
   end
-  local kh = redis.call('HGETALL', key.hi(from))
-  for i = 1, #kh, 2 do
-    redis.call('HINCRBY', key.hi(into), kh[i], kh[i + 1])
-  end
-  redis.call('DEL', from, key.hi(from))
+  redis.call('DEL', from, key.hi(from), key.ts(from))
 end
 
 -- Records the current window, in the conf hash and the plain keys.
@@ -125,6 +174,59 @@ local function keep(base, c, g, s, l)
   redis.call('HSET', c.key, 'gen', g, 'start', s, 'len', l)
 end
 
+-- Windows decided ahead (a pulse stamped ahead was placed in them) are in the window history;
+-- the release before listed them only in `futures`: adds any such (a handful of members).
+local function history_of_futures(base)
+  for _, m in ipairs(redis.call('ZRANGE', key.futures(base), 0, -1)) do
+    local fs, fe = string.match(m, '^(%d+):(%d+)$')
+    if fs then
+      redis.call('ZADD', key.wins(base), 'NX', fs, fs .. ':' .. (tonumber(fe) - tonumber(fs)))
+    end
+  end
+end
+
+-- The window that holds Redis second `t` (at or after `lo`, the end of the window written
+-- now) as it is or will be opened: the window already decided there — a pulse stamped ahead
+-- was placed in it, and it was recorded in the history (`wins`) then — or the window of length
+-- `len` aligned to `off`, starting no earlier than `lo` or the end of the decided window before
+-- it and ending no later than the start of the one after. So windows never overlap, no two
+-- share a start (a record id names one window, invariant 18), and a pulse's window always holds
+-- its time, whatever WINDOW was when it was placed (invariant 3). Returns start, end, and
+-- whether it was decided already.
+local function decided(base, t, lo, len, off)
+  local wins = key.wins(base)
+  local before = redis.call('ZREVRANGEBYSCORE', wins, t, '-inf', 'LIMIT', 0, 1)[1]
+  if before then
+    local s, wl = string.match(before, '^(%d+):(%d+)$')
+    s, wl = tonumber(s), tonumber(wl)
+    if t < s + wl then
+      return s, s + wl, true
+    end
+    if s + wl > lo then
+      lo = s + wl
+    end
+  end
+  local ws = align(t, len, off)
+  local we = ws + len
+  if ws < lo then
+    ws = lo
+  end
+  local after = redis.call('ZRANGEBYSCORE', wins, '(' .. t, '(' .. we, 'LIMIT', 0, 1)[1]
+  if after then
+    we = tonumber(string.match(after, '^(%d+):'))
+  end
+  return ws, we, false
+end
+
+-- seal(base, now, c) brings the shard's generation up to date with Redis
+-- time: if the current generation's window has ended — at its start plus the length it was
+-- opened with, whatever WINDOW says now — the generation flips, the old hash is renamed to
+-- `<ns>:sealed:<start>` and the window is added to `<base>:pending` as `<start>:<end>`.
+-- The next window is the one decided there (see `decided`): aligned to `window_len`; after a
+-- change of WINDOW, a shorter window fills the gap up to the first aligned boundary; a window
+-- a pulse stamped ahead was placed in is opened as it was placed. So every window's label
+-- holds the time of every pulse counted in it. Idempotent: for a given window only the first caller toggles.
+-- Returns gen, start, toggled, end.
 -- `c` is the shard's `conf`, which holds its generation state.
 local function seal(base, now, c)
   local window_len, offset = c.window, c.offset
@@ -172,21 +274,19 @@ local function seal(base, now, c)
     redis.call('DEL', key.hi(old), key.ts(old))
   end
   if gen == 'A' then gen = 'B' else gen = 'A' end
-  local aligned = align(now, window_len, offset)
-  local next_start, next_len = aligned, window_len
-  if aligned < stop then
-    -- WINDOW changed: the window up to the first boundary of the new length.
-    next_start, next_len = stop, aligned + window_len - stop
-  end
+  local wins = key.wins(base)
+  history_of_futures(base)
+  local next_start, next_stop = decided(base, now, stop, window_len, offset)
+  local next_len = next_stop - next_start
   keep(base, c, gen, next_start, next_len)
   -- The window history (for placing event-stamped pulses), kept as long as a late pulse
   -- may need it.
-  redis.call('ZADD', key.wins(base), next_start, next_start .. ':' .. next_len)
-  redis.call('ZREMRANGEBYSCORE', key.wins(base), '-inf', '(' .. (now - HISTORY_KEEP))
+  redis.call('ZADD', wins, next_start, next_start .. ':' .. next_len)
+  redis.call('ZREMRANGEBYSCORE', wins, '-inf', '(' .. (now - HISTORY_KEEP))
   -- Pulses stamped ahead of their window wait in `:future:<start>` hashes: the one for the
-  -- window opening now becomes its generation; one whose window was skipped (no write came
-  -- while it ran) or that no longer fits the windows (WINDOW changed) is sealed as it was
-  -- placed — its label holds its pulses' times either way.
+  -- window opening now becomes its generation (the seal opens the window they were placed
+  -- in); one whose window was skipped (no write came while it ran) is sealed as it was
+  -- placed — its own window, which holds its pulses' times.
   local futures = redis.call('ZRANGEBYSCORE', key.futures(base), '-inf', '(' .. (next_start + next_len))
   for _, m in ipairs(futures) do
     local fs, fe = string.match(m, '^(%d+):(%d+)$')
@@ -202,6 +302,7 @@ local function seal(base, now, c)
         end
       end
     else
+      -- Skipped: combined by aggregation (merge_exact), should a late pulse have reached it.
       merge_exact(fhash, key.sealed(base, fs))
       redis.call('ZADD', key.pending(base), fs, key.member(fs, fe))
     end

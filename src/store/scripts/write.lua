@@ -43,8 +43,8 @@ if done then
 end
 local now = redis_now()
 local shards = tonumber(ARGV[5])
-local late_keep = tonumber(ARGV[6]) + 86400
-local refuse_late = ARGV[7] == 'refuse'
+-- Shards whose `futures` were added to the window history in this call (see place).
+local synced = {}
 -- Until when the marker sets of the release before (one set per bucket) are consulted.
 local sets_until = tonumber(ARGV[8])
 local id_stride = 4
@@ -54,21 +54,6 @@ local now_ms = nil
 -- Meters (see meters.rs): the field of aggregation `name` of a key.
 local function suffixed(f, name)
   return string.sub(f, 1, -2) .. ',"' .. name .. '"]'
-end
--- (hi1, lo1) > (hi2, lo2) for canonical decimal limb strings (lo < 10^15): exact, no doubles.
-local function greater(hi1, lo1, hi2, lo2)
-  if #hi1 ~= #hi2 then return #hi1 > #hi2 end
-  if hi1 ~= hi2 then return hi1 > hi2 end
-  if #lo1 ~= #lo2 then return #lo1 > #lo2 end
-  return lo1 > lo2
-end
-local function put(h, f, lo, hi)
-  redis.call('HSET', h, f, lo)
-  if hi ~= '0' then
-    redis.call('HSET', key.hi(h), f, hi)
-  else
-    redis.call('HDEL', key.hi(h), f)
-  end
 end
 -- Applies one aggregation of a pulse to hash h; returns the field it wrote.
 local function apply(h, f, op, lo, hi, ts)
@@ -101,37 +86,67 @@ local function apply(h, f, op, lo, hi, ts)
   end
 end
 
+-- The shard's late-pulse settings (recorded by settings.lua, so every replica places alike;
+-- ARGV[6] and ARGV[7] stand in until a shard has them), read once per section and only when a
+-- stamped pulse is late: `max` LATE_MAX_AGE, `refuse` LATE_PULSES=refuse, and `changed`,
+-- `prev`: when LATE_MAX_AGE last changed and the smallest value it had before.
+local function late_conf(c)
+  if not c.late then
+    local v = redis.call('HMGET', c.key, 'late_max', 'late_mode', 'late_changed', 'late_prev')
+    local max = tonumber(v[1]) or tonumber(ARGV[6])
+    c.late = {max = max, refuse = (v[2] or ARGV[7]) == 'refuse', changed = tonumber(v[3]) or 0,
+      prev = tonumber(v[4]) or max}
+  end
+  return c.late
+end
+
+-- How old a pulse for the window ending at `we` may be: LATE_MAX_AGE, or — for a window that
+-- ended before it last changed — the smallest value it had, so a window is never reopened after
+-- the `final_at` its records carried (`final_at` in flush/deliver.rs computes the same).
+local function max_age(l, we)
+  if we <= l.changed then
+    return math.min(l.max, l.prev)
+  end
+  return l.max
+end
+
 -- Where a stamped pulse goes: {hash, window start (for the usage index), flag, then what
 -- writing there records: a pending-set member and its score, the future window's member,
--- the amendment number opened}, or nil when its window is closed (LATE_PULSES=refuse).
--- Nothing is written here: a commit refused as a whole leaves no trace.
+-- the amendment number opened, the window history's member}; or nil, why ('closed': its
+-- window is delivered and LATE_PULSES=refuse; 'old': older than its window's LATE_MAX_AGE),
+-- and the window's start. Nothing is written here: a commit refused as a whole leaves no trace.
 local function place(base, gen, start, stop, c, t)
   if t >= start and t < stop then
     return {key.agg(base, gen), start, '1'}
   end
   if t >= stop then
-    -- Ahead (within MAX_FUTURE_SKEW): the window it will be in, as the seal will open it.
-    local len = c.window
-    local fs = align(t, len, c.offset)
-    local fe = fs + len
-    if fs < stop then
-      fs = stop
+    -- Ahead (within MAX_FUTURE_SKEW): the window it will be in, decided now if it is not yet
+    -- (recorded in the history, so the seal opens it as placed, whatever WINDOW is then).
+    if not synced[base] then
+      history_of_futures(base)
+      synced[base] = true
     end
-    return {key.future(base, fs), fs, 'F', nil, nil, fs .. ':' .. fe}
+    local fs, fe = decided(base, t, stop, c.window, c.offset)
+    return {key.future(base, fs), fs, 'F', nil, nil, fs .. ':' .. fe, nil, fs .. ':' .. (fe - fs)}
   end
   local ws, we = window_at(base, t, c.window, c.offset)
+  local l = late_conf(c)
+  if t < now - max_age(l, we) then
+    return nil, 'old', ws
+  end
   local st = redis.call('HMGET', key.late(base, ws), 'drain', 'open')
   local drain, open = tonumber(st[1]), tonumber(st[2])
-  if not drain and (we <= c.since or we < now - late_keep) then
-    -- Possibly delivered with no mark (before marks existed, or the mark expired): amend.
+  if not drain and (we <= c.since or we <= l.changed or we < now - (l.max + 86400)) then
+    -- Possibly delivered with no mark (before marks existed, or its mark was kept for a
+    -- shorter LATE_MAX_AGE than now, or it expired): amend, never join.
     drain = 0
   end
   if not drain then
     -- Sealed (or never opened here) and not yet read by a drain: it joins the window.
     return {key.sealed(base, ws), ws, 'L', key.member(ws, we), ws}
   end
-  if refuse_late then
-    return nil
+  if l.refuse then
+    return nil, 'closed', ws
   end
   local opened = nil
   if not open or open <= drain then
@@ -144,17 +159,18 @@ local function place(base, gen, start, stop, c, t)
 end
 
 -- Records where a stamped pulse was written (see place).
-local function placed(base, tg)
+local function placed(base, tg, c)
   if tg[4] then
     redis.call('ZADD', key.pending(base), tg[5], tg[4])
   end
   if tg[6] then
     redis.call('ZADD', key.futures(base), tg[2], tg[6])
+    redis.call('ZADD', key.wins(base), 'NX', tg[2], tg[8])
   end
   if tg[7] then
     local late = key.late(base, tg[2])
     redis.call('HSET', late, 'open', tg[7])
-    redis.call('EXPIRE', late, late_keep)
+    redis.call('EXPIRE', late, late_conf(c).max + 86400)
   end
 end
 
@@ -234,6 +250,31 @@ local function marker_places(base, c)
   return m
 end
 
+-- Each section's marker places, found once (by `known` before writing, or when writing).
+local places = {}
+local function markers(s, base, c)
+  places[s] = places[s] or marker_places(base, c)
+  return places[s]
+end
+
+-- Whether a marker is remembered already (nothing is written).
+local function known(m, mk)
+  if redis.call('HEXISTS', m.cur .. slot(mk, m.slots), mk) == 1 then
+    return true
+  end
+  for _, h in ipairs(m.hashes) do
+    if redis.call('HEXISTS', h[1] .. slot(mk, h[2]), mk) == 1 then
+      return true
+    end
+  end
+  for _, set in ipairs(m.sets) do
+    if redis.call('SISMEMBER', set, mk) == 1 then
+      return true
+    end
+  end
+  return false
+end
+
 local sections = {}
 local full = {}
 local closed = {}
@@ -258,16 +299,20 @@ for s = 1, tonumber(ARGV[3]) do
   local n = 0
   for k = first_ts, after - 1, ts_stride do
     n = n + 1
-    local tg
+    local tg, why, ws
     if ARGV[k + 3] == '' then
       tg = {agg, start, '1'}
     else
-      tg = place(base, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
+      tg, why, ws = place(base, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
     end
     if tg then
       targets[k] = tg
+    elseif ARGV[k + 4] ~= '' and known(markers(s, base, c), ARGV[k + 4]) then
+      -- A re-send of a pulse already counted (the retry a 503 asks for) is a duplicate, even
+      -- when its window has closed since: never written (first_time says so), answered `0`.
+      targets[k] = {agg, ws, '0'}
     else
-      closed[#closed + 1] = s .. ':' .. n
+      closed[#closed + 1] = s .. ':' .. n .. ':' .. why
     end
   end
   -- Overflow guard: only pulses of 10^15 units (1,000 whole units) or more carry a hi part;
@@ -325,7 +370,7 @@ for s = 1, #sections do
   local flags, stamped = '', ''
   -- Pulse ids and rich items only: sections of plain pulses need none of this.
   if first_id < after then
-    local m = marker_places(base, c)
+    local m = markers(s, base, c)
     local added = 0
     -- Whether the pulse id with this marker is new (and remembered from now on).
     local function first_time(mk)
@@ -363,7 +408,7 @@ for s = 1, #sections do
       local tg = targets[k]
       local m = ARGV[k + 4]
       if m == '' or first_time(m) then
-        placed(base, tg)
+        placed(base, tg, c)
         local ops = ARGV[k + 5]
         if ops == '' then
           if add(tg[1], key.hi(tg[1]), ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
