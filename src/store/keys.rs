@@ -395,6 +395,21 @@ mod tests {
         );
     }
 
+    /// Record ids never change across releases: a new id for a record a Processor may hold is
+    /// a double charge. These are the ids every release since the exact layout has delivered.
+    #[test]
+    fn record_ids_are_what_earlier_releases_delivered() {
+        let f = encode_field("tenant-7", "SKU-1", "KB");
+        assert_eq!(
+            record_id(1_796_079_600, 3, &f, 0),
+            "a847a21501521fa997bc0df485c42109"
+        );
+        assert_eq!(
+            record_id(1_796_079_600, 3, &f, 2),
+            "a126177494f52748628eb9d0e426e9d8"
+        );
+    }
+
     proptest! {
         #[test]
         fn fields_round_trip(t in "\\PC*", s in "\\PC*", u in "\\PC*") {

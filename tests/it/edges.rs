@@ -147,11 +147,7 @@ fn books(p: &Processor) -> Books {
 }
 
 /// The one window of `key` in the books, which must hold Redis second-in-ms `at`.
-fn only_window(
-    b: &Books,
-    key: (&str, &str, &str),
-    at: i64,
-) -> Dec {
+fn only_window(b: &Books, key: (&str, &str, &str), at: i64) -> Dec {
     let k = (key.0.to_string(), key.1.to_string(), key.2.to_string());
     let ws = b
         .get(&k)
@@ -178,7 +174,11 @@ async fn flush_until(bases: &[&str], p: &Processor, done: impl Fn(&[Record]) -> 
 
 fn meters_file(dir: &tempfile::TempDir) -> String {
     let path = dir.path().join("meters.txt");
-    std::fs::write(&path, "sku:gauge max\nsku:level latest\n").unwrap();
+    std::fs::write(
+        &path,
+        "sku:gauge max\nsku:level latest\nsku:low min,count\n",
+    )
+    .unwrap();
     path.to_str().unwrap().to_string()
 }
 
@@ -230,16 +230,25 @@ async fn a_longer_window_opens_the_window_a_pulse_stamped_ahead_was_placed_in() 
             && rs.iter().any(|r| r.tenant_id == "t2")
     })
     .await;
+    // Late, after that window's delivery: an amendment of it, from the replica still at 4 s.
+    for (sku, v) in [("S", "2"), ("gauge", "9")] {
+        let (s, r) = post_raw(&c, &one_a, body("t", sku, v, Some(big_b + 1000), None)).await;
+        assert_eq!((s, &r["amended"]), (202, &serde_json::json!(1)), "{r}");
+    }
+    flush_until(&[&a.base, &b.base], &p, |rs| {
+        rs.iter().filter(|r| r.amends == Some(1)).count() == 2
+    })
+    .await;
     let books = books(&p);
     // The window the pulse stamped B+2 s was placed in, [B, B+4 s), is the window opened at B:
-    // the unstamped 7 joined it.
+    // the unstamped 7 joined it, the late 2 amended it.
     assert_eq!(
         only_window(&books, ("t", "S", "sum"), big_b + 2000),
-        dec(12.0)
+        dec(14.0)
     );
     assert_eq!(
         only_window(&books, ("t", "gauge", "max"), big_b + 2000),
-        dec(7.0),
+        dec(9.0),
         "a max is never added"
     );
     assert_eq!(
@@ -482,7 +491,7 @@ async fn a_backfill_never_holds_back_live_windows() {
 }
 
 /// Dead letters keep each aggregation's meaning: a refused `latest` comes back from a replay
-/// with its `latest_at`, a `max` as the max.
+/// with its `latest_at`, a `max` as the max, and `min`, `count` and `sum` as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_meter_keeps_its_meaning() {
     let redis = RedisServer::start();
@@ -511,6 +520,10 @@ async fn a_replayed_meter_keeps_its_meaning() {
         ("level", "9", w + 20),
         ("gauge", "4", w + 30),
         ("gauge", "6", w + 40),
+        ("low", "5", w + 30),
+        ("low", "2", w + 40),
+        ("S", "1.5", w + 30),
+        ("S", "2", w + 40),
     ] {
         let (s, r) = post_raw(&c, &one, body("refused", sku, v, Some(at), None)).await;
         assert_eq!(s, 202, "{r}");
@@ -526,7 +539,7 @@ async fn a_replayed_meter_keeps_its_meaning() {
             .json()
             .await
             .unwrap();
-        d.to_string().matches("record_id").count() >= 2
+        d.to_string().matches("record_id").count() >= 5
     })
     .await;
     assert!(ok, "dead-lettered");
@@ -537,7 +550,7 @@ async fn a_replayed_meter_keeps_its_meaning() {
         .await
         .unwrap();
     assert!(r.status().is_success());
-    flush_until(&[&app.base], &p, |rs| rs.len() == 2).await;
+    flush_until(&[&app.base], &p, |rs| rs.len() == 5).await;
     let records = p.records();
     let latest = records.iter().find(|r| r.product_sku == "level").unwrap();
     assert_eq!(latest.used_amount, dec(3.0));
@@ -553,6 +566,18 @@ async fn a_replayed_meter_keeps_its_meaning() {
     assert_eq!(
         only_window(&books, ("refused", "gauge", "max"), w + 30),
         dec(6.0)
+    );
+    assert_eq!(
+        only_window(&books, ("refused", "low", "min"), w + 30),
+        dec(2.0)
+    );
+    assert_eq!(
+        only_window(&books, ("refused", "low", "count"), w + 30),
+        dec(2.0)
+    );
+    assert_eq!(
+        only_window(&books, ("refused", "S", "sum"), w + 30),
+        dec(3.5)
     );
     app.stop().await.unwrap();
 }
