@@ -169,24 +169,15 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
             .to_string(),
         )),
         Ok(_) => {
-            let e = cfg.explicit;
-            let set = crate::store::deployment::Recorded {
-                window: e.window.then(|| cfg.window_secs()),
-                window_offset: e.window_offset.then_some(cfg.window_offset.as_secs()),
-                dedupe_ttl: e.dedupe_ttl.then(|| cfg.dedupe_ttl.as_secs().max(1)),
-                shards: None,
-                late_max_age: e.late_max_age.then_some(cfg.late_max_age.as_secs()),
-                late_pulses: e.late_pulses.then(|| cfg.late_pulses.as_str().to_string()),
-                max_future_skew: e.max_future_skew.then_some(cfg.max_future_skew.as_secs()),
-            };
+            let set = crate::store::deployment::Recorded::explicit_in(cfg);
             match store.apply_settings(&set).await {
                 Err(StoreError::Setting(m)) => return Err(AppError::Config(m)),
                 Err(e) => {
-                    warn!(error = %e, "could not record the settings; will write by the recorded ones")
+                    // Nothing is written until the scheduler has recorded them (Store::prepare).
+                    warn!(error = %e, "could not record the settings yet; nothing is written until they are");
                 }
-                Ok(()) => {}
+                Ok(()) => refuse_float_layout(store).await?,
             }
-            refuse_float_layout(store).await?;
             if let Err(e) = store.init_markers().await {
                 warn!(error = %e, "could not read the dedupe marker layout; will retry");
             }

@@ -285,7 +285,8 @@ impl Processor {
                         || old.window_start != r.window_start
                         || old.window_end != r.window_end
                         || old.aggregation != r.aggregation
-                        || old.amends != r.amends)
+                        || old.amends != r.amends
+                        || old.final_at != r.final_at)
                 {
                     let old = old.clone();
                     b.conflicts.push((old, r.clone()));

@@ -205,7 +205,8 @@ impl Config {
         let metrics_addr = read_metrics_addr(r);
         let redis = RedisConfig::read(r);
         let key_prefix = read_key_prefix(r);
-        let shards = r.count(env::SHARDS, 1, 16_384) as u32;
+        let shards_default = if redis.cluster_urls.is_some() { 16 } else { 1 };
+        let shards = r.count_or(env::SHARDS, shards_default, 1, 16_384) as u32;
         let (window, window_offset) = read_window(r);
         let late_max_age = r.duration_within(
             env::LATE_MAX_AGE,
@@ -337,7 +338,13 @@ mod tests {
     fn defaults_apply_when_nothing_is_set() {
         let c = Config::from_map(&HashMap::new()).unwrap();
         assert_eq!(c.window, Duration::from_secs(3600));
-        assert_eq!(c.shards, 16);
+        assert_eq!(c.shards, 1, "one Redis: one shard");
+        let cluster = Config::from_map(&map(&[("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000")]));
+        assert_eq!(
+            cluster.unwrap().shards,
+            16,
+            "a cluster: spread over its masters"
+        );
         assert_eq!(c.delivery.batch_size, 500);
         assert_eq!(c.ack_mode, AckMode::Durable);
         assert_eq!(c.listen_addr.port(), 8070);
@@ -389,7 +396,7 @@ mod tests {
         assert_eq!(
             explicit.explicit,
             Explicit {
-                shards: true,
+                shards: false,
                 window: true,
                 window_offset: true,
                 dedupe_ttl: true,

@@ -57,8 +57,11 @@ settings! {
     REDIS_ALLOW_EVICTION = "false", "Become ready although Redis' maxmemory-policy may evict keys (breaks exactly-once)";
     REDIS_COMMIT = "one-call", "one-call: a commit's shards in one script call (one Redis); per-shard: one call per shard (always so on a cluster)";
     KEY_PREFIX = "pulses", "Key namespace";
-    /// 16 shards spread one Redis Cluster's masters evenly and keep each drain small.
-    SHARDS = "16", "Shards (hash tags); must match the deployment's (see `reshard`)";
+    /// One Redis: one shard, so a commit is one script section whatever tenants it carries,
+    /// and a window's hash is large enough to be a hash table, where HINCRBY is cheapest (a
+    /// mid-size listpack costs twice as much). A cluster: 16, which spread its masters evenly.
+    /// Only a new deployment takes the default: an existing one keeps its recorded count.
+    SHARDS = "1 (16 on a cluster)", "Shards (hash tags); must match the deployment's (see `reshard`)";
     /// Billing is hourly.
     WINDOW = "1h", "Aggregation window";
     /// UTC-aligned windows, as billing periods usually are.

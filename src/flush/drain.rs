@@ -232,9 +232,11 @@ impl Drainer {
             }
             // From here on, late pulses for this window go to its next amendment: what this
             // drain reads is all the window (or amendment) will ever hold.
-            self.store.mark_drain(conn, shard, &w).await?;
+            let final_at = self.store.mark_drain(conn, shard, &w).await?;
             self.replicas_hold(conn, shard).await?;
-            let (delivered, dead) = self.drain_window(processor, conn, shard, &w, stop).await?;
+            let (delivered, dead) = self
+                .drain_window(processor, conn, shard, &w, final_at, stop)
+                .await?;
             report.records_delivered += delivered;
             report.records_dead_lettered += dead;
             if self.store.finish_window(conn, shard, &w).await? {
@@ -264,9 +266,9 @@ impl Drainer {
         conn: &mut Conn,
         shard: u32,
         w: &PendingWindow,
+        final_at: u64,
         stop: &CancellationToken,
     ) -> Result<(u64, u64), StoreError> {
-        let final_at = self.store.late_limits(conn, shard).await?.final_at(w.end);
         let courier = Courier {
             store: &self.store,
             processor,

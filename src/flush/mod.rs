@@ -141,8 +141,9 @@ impl Scheduler {
         }
         let shards = max_shards.max(self.store.shards);
         if !self.store.layout_checked() {
-            // Redis was unreachable at start: nothing is written until this has passed.
-            self.store.check_layout().await?;
+            // Redis was unreachable at start: nothing is written until this replica's explicit
+            // settings are recorded and the layout checked.
+            self.store.prepare().await?;
         }
         if self.store.marker_sets_until() == u64::MAX {
             // Until it is known whether the release before's marker sets matter.

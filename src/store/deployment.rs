@@ -16,6 +16,22 @@ pub struct Recorded {
     pub max_future_skew: Option<u64>,
 }
 
+impl Recorded {
+    /// The settings `cfg` sets explicitly (`SHARDS` is applied by `reshard`, not here).
+    pub fn explicit_in(cfg: &crate::config::Config) -> Self {
+        let e = cfg.explicit;
+        Recorded {
+            window: e.window.then(|| cfg.window_secs()),
+            window_offset: e.window_offset.then_some(cfg.window_offset.as_secs()),
+            dedupe_ttl: e.dedupe_ttl.then(|| cfg.dedupe_ttl.as_secs().max(1)),
+            shards: None,
+            late_max_age: e.late_max_age.then_some(cfg.late_max_age.as_secs()),
+            late_pulses: e.late_pulses.then(|| cfg.late_pulses.as_str().to_string()),
+            max_future_skew: e.max_future_skew.then_some(cfg.max_future_skew.as_secs()),
+        }
+    }
+}
+
 /// An optional setting as a script argument: '' when unset.
 fn arg<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(ToString::to_string).unwrap_or_default()
@@ -130,6 +146,15 @@ impl Store {
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// Applies this replica's explicit settings ([`Store::apply_settings`]) and checks the key
+    /// layout ([`Store::check_layout`]): what a replica must have done before it writes. At
+    /// start, or by the scheduler once Redis answers for a replica that started without it —
+    /// so no shard's settings are ever first recorded by a write, from defaults.
+    pub async fn prepare(&self) -> Result<(), StoreError> {
+        self.apply_settings(&self.explicit.clone()).await?;
+        self.check_layout().await
     }
 
     /// Records the settings a replica starts with: the ones set explicitly (`Some`) replace the

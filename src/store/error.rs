@@ -43,6 +43,9 @@ pub enum LateRefusal {
     /// Older than its window's `LATE_MAX_AGE` as the deployment recorded it: the window is
     /// final (its records' `final_at` has passed).
     TooOld,
+    /// A pulse with an id stamped too long ago for a re-send of it to be recognised (the
+    /// deployment's `DEDUPE_TTL` less its `MAX_FUTURE_SKEW`).
+    OlderThanDedupe,
 }
 
 impl StoreError {

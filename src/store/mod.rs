@@ -68,6 +68,9 @@ pub struct Store {
     /// Dedupe markers per slot hash (`scripts/write.lua`, MARKS_PER_SLOT).
     marks_per_slot: Arc<std::sync::atomic::AtomicU32>,
     commit_per_shard: bool,
+    /// The settings this replica was started with explicitly: applied at start, or — when Redis
+    /// was unreachable then — by the scheduler before anything is written.
+    explicit: Arc<deployment::Recorded>,
     /// One Redis: its client, for connections of their own ([`Store::dedicated_conn`]).
     direct: Option<redis::Client>,
 }
@@ -164,6 +167,7 @@ impl Store {
             layout_checked: Default::default(),
             marks_per_slot: Arc::new(64.into()),
             commit_per_shard: cfg.redis.commit == crate::config::CommitMode::PerShard,
+            explicit: Arc::new(deployment::Recorded::explicit_in(cfg)),
         })
     }
 }

@@ -187,21 +187,24 @@ impl Store {
 
     /// Marks that the delivery of a window (or amendment) begins: from now on the write script
     /// sends late pulses for it to its next amendment. Kept the deployment's recorded
-    /// `LATE_MAX_AGE` plus a day (this replica's, for a shard that recorded none).
+    /// `LATE_MAX_AGE` plus a day (this replica's, for a shard that recorded none). Returns the
+    /// window's `final_at` (Redis seconds), fixed by its first mark: every delivery of every
+    /// record of the window carries the same.
     pub async fn mark_drain(
         &self,
         conn: &mut Conn,
         shard: u32,
         w: &PendingWindow,
-    ) -> Result<(), StoreError> {
-        let _: () = super::scripts::MARK_DRAIN
+    ) -> Result<u64, StoreError> {
+        Ok(super::scripts::MARK_DRAIN
             .key(self.keys.late(shard, w.start))
             .key(self.keys.conf(shard))
             .arg(w.amendment)
             .arg(self.late_max_age_secs + 86_400)
+            .arg(w.end)
+            .arg(self.late_max_age_secs)
             .invoke_async(conn)
-            .await?;
-        Ok(())
+            .await?)
     }
 
     /// The event times (Unix ms) of `latest` meter fields of a window, as the write script kept

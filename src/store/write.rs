@@ -307,7 +307,7 @@ impl SectionLayout {
 }
 
 /// The write script's refusal, `{"OVERFLOW", field...}` or
-/// `{"CLOSED", "<section>:<item>:<closed|old>"...}`
+/// `{"CLOSED", "<section>:<item>:<closed|old|dedupe>"...}`
 /// (nothing was written), as an error naming what it refused.
 fn refusal(
     items: Vec<redis::Value>,
@@ -330,6 +330,7 @@ fn refusal(
                     let n: usize = parts.next()?.parse().ok()?;
                     let why = match parts.next() {
                         Some("old") => LateRefusal::TooOld,
+                        Some("dedupe") => LateRefusal::OlderThanDedupe,
                         _ => LateRefusal::Closed,
                     };
                     let shard = sections.get(s.checked_sub(1)?)?.0;

@@ -256,3 +256,40 @@ async fn reshard_never_runs_beside_a_writing_replica() {
     assert_eq!(total, dec(40.0), "each id counted once");
     new.stop().await.unwrap();
 }
+
+/// The default SHARDS is 1 on one Redis (16 before): a deployment recorded with 16 keeps 16
+/// when a replica of this release starts with SHARDS unset — every pulse id is still found, and
+/// the books balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_deployment_keeps_its_shard_count_under_the_new_default() {
+    let redis = RedisServer::start();
+    let old = settings(&redis, &[("SHARDS", "16")]);
+    let app = TestApp::spawn(old).await;
+    assert_eq!(send_ids(&app, "u", 100).await, (100, 0));
+    app.stop().await.unwrap();
+    let mut unset = settings(&redis, &[]);
+    unset.remove("SHARDS");
+    let app = TestApp::spawn(unset.clone()).await;
+    assert_eq!(
+        send_ids(&app, "u", 100).await,
+        (0, 100),
+        "ids found in their 16 shards"
+    );
+    assert_eq!(send_ids(&app, "v", 50).await, (50, 0));
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..10 {
+        expected.insert(
+            (format!("t{i}"), "S".to_string(), "u".to_string()),
+            dec(15.0),
+        );
+    }
+    assert_books(&expected, &redis.totals("pulses"));
+    app.stop().await.unwrap();
+    // A fresh deployment (another prefix) takes the new default: one shard.
+    unset.insert("KEY_PREFIX".into(), "fresh".into());
+    let app = TestApp::spawn(unset).await;
+    assert_eq!(send_ids(&app, "w", 10).await, (10, 0));
+    let shards: Option<String> = redis.cmd(&["HGET", "{fresh}:meta", "shards"]);
+    assert_eq!(shards.as_deref(), Some("1"));
+    app.stop().await.unwrap();
+}

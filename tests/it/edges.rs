@@ -700,3 +700,220 @@ async fn records_and_usage_say_when_a_window_is_final() {
     );
     app.stop().await.unwrap();
 }
+
+/// Review finding: pulses stamped in a stretch no window was opened for (a backfill from before
+/// the shard's first window) are placed in a window decided and recorded at the first such
+/// pulse, so a later WINDOW or WINDOW_OFFSET never gives its start a second end: each record's
+/// window holds its pulses' times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfilled_window_keeps_its_bounds_across_window_changes() {
+    let redis = RedisServer::start();
+    let (p, purl) = processor(Faults::default()).await;
+    let url = format!("{purl}/batches");
+    let vars = |w: &str, off: &str| {
+        settings(
+            &redis,
+            &[
+                ("WINDOW", w),
+                ("WINDOW_OFFSET", off),
+                ("PROCESSOR_URL", &url),
+                ("DRAIN_INTERVAL", "100ms"),
+            ],
+        )
+    };
+    let c = http();
+    let a = TestApp::spawn(vars("4s", "0s")).await;
+    let x = (redis_ms(&redis) - 600_000) / 12_000 * 12_000;
+    let (s, r) = post_raw(
+        &c,
+        &format!("{}/ingest", a.base),
+        body("t", "S", "1", Some(x + 1000), None),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    let b = TestApp::spawn(vars("6s", "1s")).await;
+    let (s, r) = post_raw(
+        &c,
+        &format!("{}/ingest", b.base),
+        body("t", "S", "10", Some(x + 5000), None),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    let (s, r) = post_raw(
+        &c,
+        &format!("{}/ingest", b.base),
+        body("t", "S", "100", Some(x + 3000), None),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    flush_until(&[&a.base, &b.base], &p, |rs| {
+        rs.iter()
+            .map(|r| r.used_amount.clone())
+            .fold(Dec::from(0), |a, b| a + b)
+            == dec(111.0)
+    })
+    .await;
+    let books = books(&p);
+    let windows = &books[&("t".to_string(), "S".to_string(), "sum".to_string())];
+    for (at, amount) in [(x + 1000, 101.0), (x + 5000, 10.0)] {
+        let holding: Vec<_> = windows
+            .iter()
+            .filter(|(s, e, _)| *s * 1000 <= at && at < *e * 1000)
+            .collect();
+        assert_eq!(holding.len(), 1, "{at}: {windows:?}");
+        assert_eq!(holding[0].2, dec(amount), "{at}: {windows:?}");
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+/// Review finding: DEDUPE_TTL raised by a rolling restart. A stamped pulse with an id counted
+/// under the old TTL and re-sent once that TTL has passed is not counted again: the write
+/// script checks the id's age by the deployment's TTL (the old, smaller one while its markers
+/// are consulted) — refused if no longer recognisable, a duplicate if still recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_dedupe_ttl_never_counts_a_resent_stamped_pulse_twice() {
+    let redis = RedisServer::start();
+    let vars = |ttl: &str| {
+        settings(
+            &redis,
+            &[
+                ("DEDUPE_TTL", ttl),
+                ("MAX_FUTURE_SKEW", "0s"),
+                ("WINDOW", "1h"),
+            ],
+        )
+    };
+    let c = http();
+    let a = TestApp::spawn(vars("2s")).await;
+    let t = redis_ms(&redis);
+    let pulse = body("t", "S", "1", Some(t), Some("p-1"));
+    let (s, r) = post_raw(&c, &format!("{}/ingest", a.base), pulse.clone()).await;
+    assert_eq!((s, &r["accepted"]), (202, &serde_json::json!(1)), "{r}");
+    a.stop().await.unwrap();
+    let b = TestApp::spawn(vars("60s")).await;
+    until_ms(&redis, t + 7000).await;
+    let (s, r) = post_raw(&c, &format!("{}/ingest", b.base), pulse).await;
+    assert_ne!(r["accepted"], serde_json::json!(1), "counted twice: {r}");
+    assert_eq!(s, 422, "{r}");
+    let totals = redis.totals("pulses");
+    assert_eq!(totals[&("t".into(), "S".into(), "u".into())], dec(1.0));
+    b.stop().await.unwrap();
+}
+
+/// Review finding: replicas that start while Redis is unreachable record their explicit
+/// settings before anything is written — so the late-pulse settings are the deployment's
+/// (never each writer's own) and a window never changes after its `final_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_without_redis_record_their_settings_before_writing() {
+    let mut redis = RedisServer::start();
+    redis.crash();
+    let (p, purl) = processor(Faults::default()).await;
+    let url = format!("{purl}/batches");
+    let a = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "2s"),
+            ("LATE_MAX_AGE", "3s"),
+            ("PROCESSOR_URL", &url),
+            ("DRAIN_INTERVAL", "100ms"),
+        ],
+    ))
+    .await;
+    let b = TestApp::spawn(settings(
+        &redis,
+        &[("WINDOW", "2s"), ("LATE_MAX_AGE", "3s")],
+    ))
+    .await;
+    redis.restart();
+    let c = http();
+    let ok = eventually(Duration::from_secs(20), || async {
+        post_raw(
+            &c,
+            &format!("{}/ingest", b.base),
+            body("t", "S", "1", None, None),
+        )
+        .await
+        .0 == 202
+    })
+    .await;
+    assert!(ok, "ingest resumes once Redis answers");
+    let shard = shard_of("t", 8);
+    let late: Option<String> =
+        redis.cmd(&["HGET", &format!("{{pulses:{shard}}}:x:conf"), "late_max"]);
+    assert_eq!(
+        late.as_deref(),
+        Some("3"),
+        "recorded before the first write"
+    );
+    let w = redis_ms(&redis) / 2000 * 2000;
+    until_ms(&redis, w + 2300).await;
+    flush_until(&[&a.base], &p, |rs| !rs.is_empty()).await;
+    until_ms(&redis, w + 2000 + 3500).await;
+    for base in [&a.base, &b.base] {
+        let (s, r) = post_raw(
+            &c,
+            &format!("{base}/ingest"),
+            body("t", "S", "1", Some(w + 1500), None),
+        )
+        .await;
+        assert_eq!(s, 422, "the window is final on every replica: {r}");
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+/// Review finding: every delivery of a record carries the same `final_at`, fixed when its
+/// window's delivery began — also when LATE_MAX_AGE changes before a re-delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_record_keeps_its_final_at() {
+    let redis = RedisServer::start();
+    let (p, purl) = processor(Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    })
+    .await;
+    let url = format!("{purl}/batches");
+    let vars = |age: &str| {
+        settings(
+            &redis,
+            &[
+                ("WINDOW", "2s"),
+                ("LATE_MAX_AGE", age),
+                ("PROCESSOR_URL", &url),
+                ("DRAIN_INTERVAL", "100ms"),
+            ],
+        )
+    };
+    let a = TestApp::spawn(vars("1h")).await;
+    let c = http();
+    let w = redis_ms(&redis) / 2000 * 2000;
+    let (s, r) = post_raw(
+        &c,
+        &format!("{}/ingest", a.base),
+        body("t", "S", "1", None, None),
+    )
+    .await;
+    assert_eq!(s, 202, "{r}");
+    let w = r["window_start"].as_i64().map_or(w, |s| s * 1000);
+    // Stored, then the connection dropped: it stays in Redis and is delivered again.
+    flush_until(&[&a.base], &p, |rs| !rs.is_empty()).await;
+    let first = p.records()[0].final_at.clone().unwrap();
+    assert_eq!(secs(&first), w / 1000 + 2 + 3600);
+    a.stop().await.unwrap();
+    let b = TestApp::spawn(vars("30s")).await;
+    p.set_faults(Faults::default());
+    let ok = eventually(Duration::from_secs(20), || async {
+        flush_now(&b.base).await;
+        pending(&b.base).await["pending_windows"] == 0
+    })
+    .await;
+    assert!(ok);
+    assert!(p.conflicts().is_empty(), "{:?}", p.conflicts());
+    assert_eq!(
+        p.records()[0].final_at.as_deref(),
+        Some(first.as_str()),
+        "the same final_at"
+    );
+    b.stop().await.unwrap();
+}

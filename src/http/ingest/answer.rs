@@ -241,6 +241,12 @@ pub fn refusal(r: Refused, counted: Counted) -> (&'static str, String) {
                 "window closed: the window this timestamp falls in is already delivered (LATE_PULSES=refuse); {tail}"
             ),
         ),
+        Refused::Late(LateRefusal::OlderThanDedupe) => (
+            "timestamp",
+            format!(
+                "of a pulse with an id must be within the deployment's DEDUPE_TTL less MAX_FUTURE_SKEW of now: a re-send could not be recognised; {tail}"
+            ),
+        ),
         Refused::Late(LateRefusal::TooOld) => (
             "timestamp",
             format!(

@@ -114,8 +114,8 @@ pub(super) fn authorise(
 /// Takes each tenant's pulses from its bucket; the first tenant over its limit answers 429.
 /// Stamped pulses must fall in `[now - LATE_MAX_AGE, now + MAX_FUTURE_SKEW]` by the Redis clock
 /// (as last seen: seconds of error do not matter for these bounds), and one with an id within
-/// `DEDUPE_TTL` of now: a re-send of a pulse stamped earlier could arrive after its id is
-/// forgotten. Any pulse outside refuses the whole request (422), each named.
+/// `DEDUPE_TTL` less `MAX_FUTURE_SKEW` of now: a re-send of a pulse stamped earlier could
+/// arrive after its id is forgotten. Any pulse outside refuses the whole request (422), each named.
 pub(super) fn timestamp_errors(
     state: &AppState,
     pulses: &[Pulse],
@@ -127,7 +127,15 @@ pub(super) fn timestamp_errors(
     let ms = |d: std::time::Duration| d.as_millis() as i64;
     let oldest = now - ms(state.cfg.late_max_age);
     let newest = now + ms(state.cfg.max_future_skew);
-    let oldest_with_id = now - ms(state.cfg.dedupe_ttl);
+    // A pulse's marker lives DEDUPE_TTL from its first arrival, which may have been up to
+    // MAX_FUTURE_SKEW before its time: a re-send is recognised if it comes within DEDUPE_TTL
+    // less the skew of the pulse's time (the write script checks the same by the deployment's
+    // recorded settings).
+    let id_window = state
+        .cfg
+        .dedupe_ttl
+        .saturating_sub(state.cfg.max_future_skew);
+    let oldest_with_id = now - ms(id_window);
     let rfc = |t: i64| crate::processor::rfc3339((t.max(0) / 1000) as u64);
     let mut errors = Vec::new();
     for (i, p) in pulses.iter().enumerate() {
@@ -156,8 +164,8 @@ pub(super) fn timestamp_errors(
             (
                 "older_than_dedupe",
                 format!(
-                    "of a pulse with an id must be within DEDUPE_TTL ({}) of now (from {}): a re-send could not be recognised",
-                    humantime::format_duration(state.cfg.dedupe_ttl),
+                    "of a pulse with an id must be within DEDUPE_TTL less MAX_FUTURE_SKEW ({}) of now (from {}): a re-send could not be recognised",
+                    humantime::format_duration(id_window),
                     rfc(oldest_with_id)
                 ),
             )

@@ -73,6 +73,7 @@ fn count_late_refusal(state: &AppState, why: LateRefusal) {
     let label = match why {
         LateRefusal::Closed => "window_closed",
         LateRefusal::TooOld => "too_old",
+        LateRefusal::OlderThanDedupe => "older_than_dedupe",
     };
     state
         .metrics

@@ -311,23 +311,26 @@ local function seal(base, now, c)
   return gen, next_start, 1, next_start + next_len
 end
 
--- window_at(base, t, len, off): the window [start, end) that holds Redis second t, from the shard's
--- window history: the recorded window containing t, or — in a stretch with no recorded window
--- (no write came) — the window of the length then in force aligned like the seal aligns,
--- clipped to its recorded neighbours.
+-- window_at(base, t, len, off): the window [start, end) that holds Redis second t, from the
+-- shard's window history, and whether it is recorded there: the recorded window containing t,
+-- or — in a stretch with no recorded window (no write came, or before the shard's first) — the
+-- window of length `len` aligned to `off`, clipped to its recorded neighbours. A caller that
+-- writes into a window not yet recorded records it (write.lua `placed`), so every later pulse
+-- of that time finds the same window, whatever WINDOW or WINDOW_OFFSET are by then: a start
+-- never gets two ends.
 local function window_at(base, t, len, off)
   local before = redis.call('ZREVRANGEBYSCORE', key.wins(base), t, '-inf', 'LIMIT', 0, 1)[1]
-  local lo, l = nil, len
+  local lo = nil
   if before then
     local s, wl = string.match(before, '^(%d+):(%d+)$')
     s, wl = tonumber(s), tonumber(wl)
     if t < s + wl then
-      return s, s + wl
+      return s, s + wl, true
     end
-    lo, l = s + wl, wl
+    lo = s + wl
   end
-  local ws = align(t, l, off)
-  local we = ws + l
+  local ws = align(t, len, off)
+  local we = ws + len
   if lo and ws < lo then
     ws = lo
   end
@@ -338,7 +341,7 @@ local function window_at(base, t, len, off)
       we = s
     end
   end
-  return ws, we
+  return ws, we, false
 end
 
 local function redis_now()

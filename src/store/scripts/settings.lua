@@ -18,7 +18,7 @@ local function pick(explicit, default)
   return default
 end
 local c = redis.call('HMGET', KEYS[1], 'window', 'ttl', 'prev_ttl', 'prev_until', 'late_max',
-  'late_prev', 'late_mode', 'skew')
+  'late_prev', 'late_mode', 'skew', 'ttl_floor')
 if not c[1] then
   redis.call('HSET', KEYS[1], 'window', pick(ARGV[1], ARGV[3]), 'ttl', pick(ARGV[2], ARGV[4]),
     'shards', ARGV[5], 'offset', pick(ARGV[6], ARGV[7]), 'since', now,
@@ -55,6 +55,10 @@ if new and ttl and new ~= ttl then
   if prev_until > now and prev_ttl ~= new then
     return redis.error_reply('TTLCHANGING ' .. prev_ttl .. ' ' .. prev_until .. ' ' .. ttl)
   end
-  redis.call('HSET', KEYS[1], 'ttl', new, 'prev_ttl', ttl, 'prev_until', now + 2 * ttl)
+  -- Pulses with ids that may have first arrived before now are held to the smallest TTL they
+  -- had (write.lua `too_old_for_its_id`): their markers may be kept no longer than that.
+  local floor = math.min(ttl, tonumber(c[9]) or ttl)
+  redis.call('HSET', KEYS[1], 'ttl', new, 'prev_ttl', ttl, 'prev_until', now + 2 * ttl,
+    'ttl_changed', now, 'ttl_floor', floor)
 end
 return 'ok'

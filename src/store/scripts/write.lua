@@ -92,12 +92,34 @@ end
 -- `prev`: when LATE_MAX_AGE last changed and the smallest value it had before.
 local function late_conf(c)
   if not c.late then
-    local v = redis.call('HMGET', c.key, 'late_max', 'late_mode', 'late_changed', 'late_prev')
+    local v = redis.call('HMGET', c.key, 'late_max', 'late_mode', 'late_changed', 'late_prev',
+      'skew', 'ttl_changed', 'ttl_floor')
     local max = tonumber(v[1]) or tonumber(ARGV[6])
+    -- A shard whose last DEDUPE_TTL change predates ttl_changed/ttl_floor: from prev_*.
+    local ttl_changed = tonumber(v[6])
+    if not ttl_changed and c.prev_ttl > 0 then
+      ttl_changed = c.prev_until - 2 * c.prev_ttl
+    end
     c.late = {max = max, refuse = (v[2] or ARGV[7]) == 'refuse', changed = tonumber(v[3]) or 0,
-      prev = tonumber(v[4]) or max}
+      prev = tonumber(v[4]) or max, skew = tonumber(v[5]) or 0, ttl_changed = ttl_changed or 0,
+      ttl_floor = tonumber(v[7]) or (c.prev_ttl > 0 and c.prev_ttl) or c.ttl}
   end
   return c.late
+end
+
+-- Whether a stamped pulse with an id is stamped too long ago for a re-send of it to be
+-- recognised: its marker is kept at least the dedupe TTL in force at its first arrival, which
+-- may have been up to MAX_FUTURE_SKEW before its time; so its time must be within that TTL
+-- less the skew of now. A pulse that may have first arrived before DEDUPE_TTL last changed
+-- is held to the smallest TTL it had (`ttl_floor`). The edge checks the same with this
+-- replica's settings (`timestamp_errors`); this is the deployment's.
+local function too_old_for_its_id(c, t)
+  local l = late_conf(c)
+  local ttl = c.ttl
+  if t <= l.ttl_changed + l.skew then
+    ttl = math.min(ttl, l.ttl_floor)
+  end
+  return t < now - (ttl - l.skew)
 end
 
 -- How old a pulse for the window ending at `we` may be: LATE_MAX_AGE, or — for a window that
@@ -129,7 +151,11 @@ local function place(base, gen, start, stop, c, t)
     local fs, fe = decided(base, t, stop, c.window, c.offset)
     return {key.future(base, fs), fs, 'F', nil, nil, fs .. ':' .. fe, nil, fs .. ':' .. (fe - fs)}
   end
-  local ws, we = window_at(base, t, c.window, c.offset)
+  local ws, we, known = window_at(base, t, c.window, c.offset)
+  local recorded = nil
+  if not known then
+    recorded = ws .. ':' .. (we - ws)
+  end
   local l = late_conf(c)
   if t < now - max_age(l, we) then
     return nil, 'old', ws
@@ -143,7 +169,7 @@ local function place(base, gen, start, stop, c, t)
   end
   if not drain then
     -- Sealed (or never opened here) and not yet read by a drain: it joins the window.
-    return {key.sealed(base, ws), ws, 'L', key.member(ws, we), ws}
+    return {key.sealed(base, ws), ws, 'L', key.member(ws, we), ws, nil, nil, recorded}
   end
   if l.refuse then
     return nil, 'closed', ws
@@ -155,7 +181,7 @@ local function place(base, gen, start, stop, c, t)
   end
   -- Due with the current window: late pulses of one hour gather in one amendment.
   return {key.amend(base, ws, open), ws, 'A', key.amend_member(ws, we, open, stop), ws, nil,
-    opened}
+    opened, recorded}
 end
 
 -- Records where a stamped pulse was written (see place).
@@ -165,6 +191,10 @@ local function placed(base, tg, c)
   end
   if tg[6] then
     redis.call('ZADD', key.futures(base), tg[2], tg[6])
+  end
+  if tg[8] then
+    -- A window decided now (ahead, or in a stretch no write opened): recorded, so every later
+    -- pulse of that time finds it.
     redis.call('ZADD', key.wins(base), 'NX', tg[2], tg[8])
   end
   if tg[7] then
@@ -305,9 +335,14 @@ for s = 1, tonumber(ARGV[3]) do
     else
       tg, why, ws = place(base, gen, start, stop, c, math.floor(tonumber(ARGV[k + 3]) / 1000))
     end
+    local mk = ARGV[k + 4]
+    if tg and mk ~= '' and ARGV[k + 3] ~= ''
+        and too_old_for_its_id(c, math.floor(tonumber(ARGV[k + 3]) / 1000)) then
+      tg, why, ws = nil, 'dedupe', tg[2]
+    end
     if tg then
       targets[k] = tg
-    elseif ARGV[k + 4] ~= '' and known(markers(s, base, c), ARGV[k + 4]) then
+    elseif mk ~= '' and known(markers(s, base, c), mk) then
       -- A re-send of a pulse already counted (the retry a 503 asks for) is a duplicate, even
       -- when its window has closed since: never written (first_time says so), answered `0`.
       targets[k] = {agg, ws, '0'}
