@@ -738,17 +738,24 @@ def callgrind(count=1000):
                           log=os.path.join(tmp, "ingestor.log"))
         wait_port(port, 120)
         log = os.path.join(tmp, "producer.log")
+        limit = hincrby_limit(redis, rport, tmp)
         scenarios = [("single pulses, no ids", [], 1), ("single pulses with ids", ["--ids"], 1),
-                     ("batches of 100 with ids", ["--ids", "--batch", "100"], 100)]
+                     ("batches of 100 with ids", ["--ids", "--batch", "100"], 100),
+                     ("batches of 1,000 over 30,000 keys", ["--batch", "1000"], 1000)]
         for name, args, per in scenarios:
             # 64 connections, as the throughput scenarios: commits gather what is queued.
             send = lambda n: producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max",
                                        "--concurrency", "64", "--count", str(n), "--tenants",
                                        "3000", "--duration", "600s"] + args, log)
+            if per >= 1000:
+                send = lambda n: producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max",
+                                           "--concurrency", "8", "--count", str(n),
+                                           "--duration", "600s"] + args, log)
             send(100)  # warm-up
             for p in (ing, redis):
                 subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True)
-            send(count)
+            n = count * 10 if per >= 1000 else count
+            send(n)
             ir = []
             for p, stem in ((ing, "ingestor"), (redis, "redis")):
                 for f in glob.glob(f"{tmp}/{stem}.{p.pid}*"):
@@ -763,18 +770,46 @@ def callgrind(count=1000):
                     # Kept per scenario for callgrind_annotate.
                     os.rename(f, f"{tmp}/{stem}-{len(rows) + 1}.out")
                 ir.append(total)
-            requests = count // per if per > 1 else count
-            rows.append((name, ir[0] / requests, ir[1] / count))
+            requests = n // per if per > 1 else n
+            rows.append((name, ir[0] / requests, ir[1] / n))
             print(f"{name}: {ir[0] / requests:,.0f} ingestor instructions per request, "
-                  f"{ir[1] / count:,.0f} Redis instructions per pulse", file=sys.stderr)
+                  f"{ir[1] / n:,.0f} Redis instructions per pulse", file=sys.stderr)
     finally:
         procs.stop_all()
     print(f"callgrind files: {tmp}", file=sys.stderr)
-    print("| replay (callgrind) | ingestor instructions / request | Redis instructions / pulse |")
-    print("|---|---|---|")
+    print(f"limit: one pipelined HINCRBY into a 3,000-field hash = {limit:,.0f} Redis "
+          "instructions (same run)")
+    print("| replay (callgrind) | ingestor instructions / request | Redis instructions / pulse "
+          "| ÷ one HINCRBY |")
+    print("|---|---|---|---|")
     for name, a, b in rows:
-        print(f"| {name} | {a:,.0f} | {b:,.0f} |")
+        print(f"| {name} | {a:,.0f} | {b:,.0f} | {b / limit:.2f}× |")
     return 0
+
+
+def hincrby_limit(redis, rport, tmp, n=200_000):
+    """The limit a pulse's Redis cost is compared with, measured on the same Redis in the same
+    run: one pipelined HINCRBY into a 3,000-field hash (a hash table, as a deployment's
+    generation hash is), in callgrind instructions per command."""
+    def run(count):
+        subprocess.run(["redis-benchmark", "-p", str(rport), "-P", "32", "-c", "4", "-n",
+                        str(count), "-r", "3000", "-q", "HINCRBY", "bench:limit", "__rand_int__",
+                        "1"], capture_output=True, check=True)
+    run(20_000)  # warm-up: the hash reaches its 3,000 fields
+    subprocess.run(["callgrind_control", "-z", str(redis.pid)], capture_output=True)
+    run(n)
+    for f in glob.glob(f"{tmp}/redis.{redis.pid}*"):
+        os.remove(f)
+    subprocess.run(["callgrind_control", "-d", str(redis.pid)], capture_output=True)
+    total = 0
+    for f in glob.glob(f"{tmp}/redis.{redis.pid}*"):
+        with open(f) as fh:
+            for line in fh:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    total = max(total, int(line.split()[1]))
+        os.rename(f, f"{tmp}/redis-limit.out")
+    subprocess.run(["redis-cli", "-p", str(rport), "DEL", "bench:limit"], capture_output=True)
+    return total / n
 
 
 if __name__ == "__main__":
