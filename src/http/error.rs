@@ -300,9 +300,10 @@ impl IntoResponses for DeadLetterErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
         refusals(&[
             (400, "Not the expected JSON body", false),
+            (401, "The bearer token is missing or wrong", false),
             (
-                401,
-                "The bearer token is missing or wrong (setting aside: also when ADMIN_TOKEN is not set)",
+                403,
+                "Setting aside while ADMIN_TOKEN is not configured (it always needs the token); replay: not a loopback client while ADMIN_TOKEN is not set",
                 false,
             ),
             (404, "No dead letter with that record_id", false),
@@ -316,13 +317,25 @@ impl IntoResponses for DeadLetterErrors {
     }
 }
 
+/// Why a request was answered 503 (a response extension the request middleware logs).
+#[derive(Debug, Clone)]
+pub struct Unavailable(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Storage(e) = &self {
-            // Logged here, once; the client sees no internals.
-            tracing::warn!(error = %e, "request failed on redis");
-        }
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        match &self {
+            // The reason of a 503, for the one log line the request middleware writes (with
+            // the route); the client sees no internals.
+            ApiError::Storage(e) => {
+                resp.extensions_mut()
+                    .insert(Unavailable(format!("redis: {e}")));
+            }
+            ApiError::Unavailable(m) | ApiError::Ambiguous(m) => {
+                resp.extensions_mut().insert(Unavailable(m.clone()));
+            }
+            _ => {}
+        }
         if let Some(r) = self.rejection() {
             resp.extensions_mut().insert(r);
         }

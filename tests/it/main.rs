@@ -19,6 +19,7 @@ mod isolation;
 mod layout;
 mod meters;
 mod money;
+mod operator;
 mod producer;
 mod safety;
 mod sentinel;
