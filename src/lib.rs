@@ -34,6 +34,8 @@ pub mod amount;
 pub mod app;
 pub mod config;
 pub(crate) mod delivery_health;
+#[cfg(test)]
+mod docs_tables;
 pub(crate) mod flush;
 pub mod http;
 pub(crate) mod ingest;
