@@ -39,18 +39,9 @@ pub fn is_placeholder(secret: &str) -> bool {
 
 /// The word whose SHA-256 `hash` is, if it is one anyone would try (the examples' `test`).
 fn well_known_key(hash: &[u8; 32]) -> Option<&'static str> {
-    [
-        "test",
-        "",
-        "password",
-        "secret",
-        "changeme",
-        "change-me",
-        "admin",
-        "key",
-    ]
-    .into_iter()
-    .find(|w| Sha256::digest(w.as_bytes()).as_slice() == hash)
+    ["test", "", "password", "secret", "changeme", "change-me"]
+        .into_iter()
+        .find(|w| Sha256::digest(w.as_bytes()).as_slice() == hash)
 }
 
 /// The loaded key set.
