@@ -173,8 +173,8 @@ pub struct SetAside {
 
 /// `POST /admin/dead-letters/set-aside`: removes one dead-lettered record for good — the only
 /// way a record leaves without a delivery — leaving an audit entry (who, when, why, the exact
-/// amount) in Redis and in the log. Always requires `ADMIN_TOKEN` (401 without it; 403, saying
-/// so, when none is configured).
+/// amount) in Redis and in the log. Always requires `ADMIN_TOKEN` (401 without it, saying so
+/// when none is configured).
 #[utoipa::path(
     post, path = "/admin/dead-letters/set-aside", tag = "admin",
     request_body(content = SetAside, content_type = "application/json"),
@@ -191,9 +191,7 @@ pub async fn set_aside(
 ) -> Result<Response, ApiError> {
     // Never without a token: with ADMIN_TOKEN unset, nobody may set a record aside.
     if state.cfg.security.admin_token.is_none() {
-        return Err(ApiError::Forbidden(
-            "setting a dead letter aside needs ADMIN_TOKEN, which is not configured on this replica: set it (and send it as a bearer token)".into(),
-        ));
+        return Err(ApiError::AdminTokenNotConfigured);
     }
     if !has_admin_token(&state, &headers) {
         return Err(ApiError::Unauthorized);

@@ -141,7 +141,7 @@ async fn the_messages_an_operator_reads_say_what_happened() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.status().as_u16(), 401);
     let body = r.text().await.unwrap();
     assert!(body.contains("not configured"), "{body}");
     tokio::time::sleep(Duration::from_secs(3)).await;
