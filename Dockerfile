@@ -1,4 +1,6 @@
-# Multi-stage build of the workspace binaries: pulse-ingestor, pulse-producer, pulse-processor.
+# Multi-stage build of the workspace binaries: pulse-ingestor, pulse-producer, pulse-processor
+# (--workspace: the producer package holds the last two; scripts/check_deploy.py checks that
+# this command builds every binary copied below).
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # The commit for --version and ingestor_build_info (no .git in the build context):
@@ -8,7 +10,7 @@ ENV GIT_COMMIT=$GIT_COMMIT
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY producer ./producer
-RUN cargo build --release --locked --bins \
+RUN cargo build --release --locked --workspace --bins \
  && cp target/release/pulse-ingestor target/release/pulse-producer target/release/pulse-processor /usr/local/bin/
 
 FROM debian:bookworm-slim

@@ -154,7 +154,8 @@ def compose(bins):
         check(env.get("REDIS_URL") == "redis://redis:6379", f"{name} REDIS_URL points at the redis service")
         check(env.get("PROCESSOR_URL", "").startswith("http://processor:8090"), f"{name} PROCESSOR_URL points at the processor")
         check(env.get("LISTEN_ADDR", "").endswith(":8070"), f"{name} listens on 8070")
-        check("WINDOW" in env and "ACK_MODE" in env, f"{name} gets WINDOW and ACK_MODE from example.env")
+        check("ACK_MODE" in env and not {"WINDOW", "SHARDS", "DEDUPE_TTL"} & set(env),
+              f"{name} gets ACK_MODE from example.env and leaves the recorded settings (WINDOW, SHARDS, DEDUPE_TTL) to the deployment")
     # Every variable the ingestor reads (as its --help lists them) is in example.env, and the
     # compose file sets none the binary does not know.
     helptext = subprocess.run([os.path.join(bins, "pulse-ingestor"), "--help"], capture_output=True,

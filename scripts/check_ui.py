@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """The /ui page in a real browser (headless Chromium driven by Selenium): against a running
-instance with real Redis, real pulses and the reference Processor, the page shows the window,
-the pending windows, a tenant's exact usage and the dead letters, and its Replay button replays
-them; its charts (ingest rate, backlog, a tenant's usage per window) are drawn, checked in the
-element screenshots. No JavaScript console errors. Screenshots are kept in target/ui-test/."""
+instance with real Redis, real pulses and the reference Processor, the page shows the window in
+force, whether delivery and Redis work, the pending windows (an amendment not yet due says
+"waiting"), a tenant's exact usage — a dead-lettered tenant's amount too — and the dead letters
+with their aggregation and the Processor's reason, paged; its Replay button asks first, then
+replays them; its charts (ingest rate, backlog, a tenant's usage per window, one chart per unit)
+are drawn with a time axis, checked in the element screenshots. No JavaScript console errors.
+Screenshots are kept in target/ui-test/."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,9 +81,11 @@ try:
     start([os.path.join(BIN, "pulse-ingestor")], env=env, log=open(os.path.join(tmp, "ingestor.log"), "w"))
     wait_port(port)
     base = f"http://127.0.0.1:{port}"
-    # A window with a tenant the Processor refuses: dead letters.
+    # A window with a tenant the Processor refuses: dead letters, more than a page of them.
     pulse(base, "bad", "SKU-9", "7.5")
-    until("dead letters", lambda: req("GET", base + "/admin/dead-letters", token="adm")["records"])
+    for i in range(11):
+        pulse(base, "bad", f"SKU-{10 + i}", "1")
+    until("dead letters", lambda: len(req("GET", base + "/admin/dead-letters", token="adm")["records"]) == 12)
     # The Processor is fixed (restarted without the rejection) before the replay.
     processor.send_signal(signal.SIGTERM)
     processor.wait(10)
@@ -90,9 +96,12 @@ try:
     tenant = 'ui "tenant" | 東京'
     for amount in ("0.1", "0.2", "1234.567890123"):
         pulse(base, tenant, "SKU-1", amount)
+    # Another unit: a chart of its own.
+    body = '{"tenant_id":%s,"product_sku":"SKU-2","use_unit":"GB","used_amount":3}' % json.dumps(tenant)
+    req("POST", base + "/ingest", body.encode())
 
     opts = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1400"):
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,2600"):
         opts.add_argument(a)
     opts.binary_location = "/usr/bin/chromium"
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -104,10 +113,16 @@ try:
     driver.get(base + "/ui")
     wait = WebDriverWait(driver, 20)
     text = lambda i: driver.find_element(By.ID, i).text
-    wait.until(lambda d: text("window").endswith("Z"))
+    wait.until(lambda d: "Z" in text("window"))
     status = req("GET", base + "/v1/status")
     print("ok   window", text("window"), "sealed in", text("seal-in"), "queue", text("queue"))
     assert text("seal-in").endswith(" s"), text("seal-in")
+    assert text("window").endswith("· 2 s"), text("window")
+    # Delivery (the Processor answers 503 now) and Redis health are shown.
+    wait.until(lambda d: text("delivery") == "failing" and "status_5xx" in text("delivery-detail"))
+    print("ok   delivery:", text("delivery"), "|", text("delivery-detail"))
+    wait.until(lambda d: text("redis") == "ready")
+    print("ok   redis:", text("redis"))
     wait.until(lambda d: "pulses/s" in text("rate"))
     print("ok   ingest rate", text("rate"))
     # Pending: the window sealed from the pulses above waits for a Processor that fails (503).
@@ -115,36 +130,89 @@ try:
     pending = req("GET", base + "/admin/pending", token="adm")
     print("ok   pending windows on the page:", text("pending").replace("\n", " | "))
     assert str(pending["windows"][0]["records"]) in text("pending")
-    # Dead letters with their exact amount.
-    wait.until(lambda d: "bad" in text("dead") and "7.5" in text("dead"))
-    print("ok   dead letters:", text("dead").replace("\n", " | "))
+    # Dead letters with their exact amount, aggregation and the Processor's reason, paged.
+    wait.until(lambda d: "bad" in text("dead") and "1–10 of 12" in text("dead-pager"))
+    dead_text = text("dead")
+    assert "tenant bad is not billable" in dead_text and "422" in dead_text and " sum " in dead_text, dead_text
+    print("ok   dead letters:", dead_text.replace("\n", " | "))
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#dead tbody tr")) == 10
+    assert "1–10 of 12" in text("dead-pager"), text("dead-pager")
+    driver.find_element(By.CSS_SELECTOR, "#dead-pager .next").click()
+    wait.until(lambda d: "11–12 of 12" in text("dead-pager"))
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#dead tbody tr")) == 2
+    assert "7.5" in dead_text + text("dead"), "the exact amount of the 7.5 KB dead letter"
+    driver.find_element(By.CSS_SELECTOR, "#dead-pager .prev").click()
+    wait.until(lambda d: "1–10 of 12" in text("dead-pager"))
+    print("ok   dead letters paged:", text("dead-pager"))
+    # A pending part before its due time is waiting (as /v1/usage says), not "due".
+    now = status["redis_time"]
+    state = driver.execute_script("return pendingState({due: arguments[0] + 518400}, arguments[0], null)", now)
+    assert state.startswith("waiting"), state
+    print("ok   an amendment due later:", state)
+    # A dead-lettered tenant's usage is its dead-lettered amount, not 0 / nothing yet.
+    driver.find_element(By.ID, "tenant").send_keys("bad")
+    driver.find_element(By.ID, "lookup").click()
+    # Read in one script call: the page redraws every 2 s, so elements held across calls go stale.
+    bars_of = lambda d: d.execute_script("return [...document.querySelectorAll('.usage-chart rect')].map(r => +r.dataset.value)")
+    wait.until(lambda d: 7.5 in bars_of(d))
+    rows = driver.execute_script("return [...document.querySelectorAll('#usage tbody tr')].map(tr => [...tr.cells].map(c => c.textContent))")
+    assert rows and all(r[1] == "dead-lettered" and r[6] in ("1", "7.5") for r in rows), rows
+    assert "of 12" in text("usage-pager"), text("usage-pager")
+    assert "nothing yet" not in text("usage-charts")
+    print("ok   dead-lettered usage:", text("usage").replace("\n", " | ")[:200])
+    driver.save_screenshot(os.path.join(OUT, "ui-dead-lettered-tenant.png"))
+    driver.find_element(By.ID, "usage-charts").screenshot(os.path.join(OUT, "usage-dead-lettered-tenant.png"))
+    driver.find_element(By.ID, "tenant").clear()
     # Tenant lookup: exact sums of the live (or just sealed) window.
     driver.find_element(By.ID, "tenant").send_keys(tenant)
     driver.find_element(By.ID, "lookup").click()
     wait.until(lambda d: "1234.867890123" in text("usage"))
     print("ok   usage:", text("usage").replace("\n", " | "))
     driver.save_screenshot(os.path.join(OUT, "ui.png"))
+    driver.find_element(By.ID, "usage-charts").screenshot(os.path.join(OUT, "usage-charts.png"))
     # The charts are drawn, and visibly so: the rate line, the backlog bars, the usage bars
     # (one per key and window), each element's screenshot holding its colour.
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rate-chart polyline"))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#backlog-chart rect"))
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#usage-chart rect"))
-    usage_bars = driver.find_elements(By.CSS_SELECTOR, "#usage-chart rect")
-    values = [float(b.get_attribute("data-value")) for b in usage_bars]
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".usage-chart")) == 2)
+    units = sorted(driver.execute_script("return [...document.querySelectorAll('.usage-chart')].map(c => c.dataset.unit)"))
+    assert units == ["GB", "KB"], units
+    values = driver.execute_script("return [...document.querySelectorAll(\".usage-chart[data-unit='KB'] rect\")].map(r => +r.dataset.value)")
     assert any(abs(v - 1234.867890123) < 1e-6 for v in values), values
+    # Every chart: a time axis with ticks, and its one unit.
+    charts = driver.execute_script("""return [...document.querySelectorAll('svg.chart')].map(s => ({
+        id: s.id || s.dataset.unit, unit: (s.querySelector('text.unit') || {}).textContent,
+        ticks: [...s.querySelectorAll('text.tick')].map(t => t.textContent)}))""")
+    for c in charts:
+        assert c["unit"] and c["ticks"] and all(re.fullmatch(r"\d\d:\d\d:\d\d( \+\d+)?", t) for t in c["ticks"]), c
+        print(f"ok   chart {c['id']} in {c['unit']}, time axis {c['ticks']}")
+    series = driver.execute_script("return [...Array(40).keys()].map(colour)")
+    assert len(set(series)) == 40, "colours repeat"
     for chart, colour in (("rate-chart", (0x3b, 0x7d, 0xd8)), ("backlog-chart", (0x3b, 0x7d, 0xd8)),
                           ("usage-chart", (0x3b, 0x7d, 0xd8))):
         path = os.path.join(OUT, chart + ".png")
-        driver.find_element(By.ID, chart).screenshot(path)
+        css = "#" + chart if chart != "usage-chart" else ".usage-chart[data-unit='KB']"
+        driver.find_element(By.CSS_SELECTOR, css).screenshot(path)
         with Image.open(path) as img:
             raw = img.convert("RGB").tobytes()
         px = (raw[i:i + 3] for i in range(0, len(raw), 3))
         drawn = sum(1 for p in px if all(abs(a - b) < 40 for a, b in zip(p, colour)))
         assert drawn > 30, f"{chart}: only {drawn} pixels of the chart colour in {path}"
         print(f"ok   {chart} drawn ({drawn} coloured pixels, {path})")
-    # Replay: the dead letters go back for delivery.
+    # Replay asks first: cancelled, nothing moves.
     driver.find_element(By.ID, "replay").click()
-    wait.until(lambda d: "replayed 1 records" in text("replay-result"))
+    wait.until(lambda d: d.find_element(By.ID, "replay-confirm").is_displayed())
+    assert "12 dead-lettered records" in text("replay-question"), text("replay-question")
+    driver.save_screenshot(os.path.join(OUT, "ui-replay-confirm.png"))
+    driver.find_element(By.ID, "replay-no").click()
+    time.sleep(1)
+    assert len(req("GET", base + "/admin/dead-letters", token="adm")["records"]) == 12
+    print("ok   replay asks first; cancelled, nothing replayed")
+    # Confirmed: the dead letters go back for delivery.
+    driver.find_element(By.ID, "replay").click()
+    wait.until(lambda d: d.find_element(By.ID, "replay-confirm").is_displayed())
+    driver.find_element(By.ID, "replay-yes").click()
+    wait.until(lambda d: "replayed 12 records" in text("replay-result"))
     until("dead letters replayed", lambda: not req("GET", base + "/admin/dead-letters", token="adm")["records"])
     wait.until(lambda d: "bad" not in text("dead"))
     print("ok   replay:", text("replay-result"))

@@ -31,3 +31,23 @@ wait_port() {
   echo "error: nothing listens on port $port" >&2
   return 1
 }
+
+# Exports the NAME=value lines of an env file (such as .env) — only the variables the
+# environment does not already set, as the binary (dotenvy) does: `WINDOW=10s script` wins over
+# a WINDOW in .env. Comments and blank lines are skipped; values may be quoted.
+load_env_file() {
+  local file=$1 line name value
+  [ -f "$file" ] || return 0
+  while IFS= read -r line || [ -n "$line" ]; do
+    line="${line#"${line%%[![:space:]]*}"}"
+    case "$line" in ''|'#'*) continue ;; esac
+    line="${line#export }"
+    name="${line%%=*}"
+    [ "$name" = "$line" ] && continue
+    [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
+    value="${line#*=}"
+    case "$value" in \"*\") value="${value:1:${#value}-2}" ;; \'*\') value="${value:1:${#value}-2}" ;; esac
+    [ -n "${!name+x}" ] && continue
+    export "$name=$value"
+  done <"$file"
+}

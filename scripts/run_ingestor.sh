@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs pulse-ingestor (release build). With no REDIS_URL configured (environment or .env), it
-# starts a local redis-server with AOF persistence, data under .data/redis, and stops it on exit.
+# starts a local redis-server with AOF persistence, data under .data/redis (LOCAL_REDIS_PORT,
+# default 6379), and stops it on exit. .env (in the repository root, the working directory the
+# binary reads it from) fills in only what the environment leaves unset: the command line wins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-if [ -f .env ]; then set -a; . ./.env; set +a; fi
+load_env_file .env
 
 redis_pid=""
 cleanup() { [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true; }

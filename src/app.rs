@@ -134,6 +134,32 @@ async fn adopt_recorded(cfg: &mut Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Says which window is in force when it is not what this replica's `WINDOW` says: a new
+/// length recorded by this replica applies from the next boundary (invariant 15), and until
+/// then nothing of the new length is sealed or delivered.
+async fn log_window_in_force(cfg: &Config, store: &Store) {
+    let Ok(mut conn) = store.conn().await else {
+        return;
+    };
+    let (Ok(now), Ok(Some(w))) = (
+        store.time(&mut conn).await,
+        store.window_in_force(&mut conn, 0).await,
+    ) else {
+        return;
+    };
+    if w.end > now && w.secs() != cfg.window_secs() {
+        warn!(
+            window_start = w.start,
+            window_end = w.end,
+            window_secs = w.secs(),
+            configured_window_secs = cfg.window_secs(),
+            recorded_window_secs = w.recorded_secs,
+            takes_over_in_s = w.end - now,
+            "the window in force was opened with another length: it runs until window_end, and the recorded WINDOW takes over from then (until then nothing of this length is sealed or delivered; a demo wants a KEY_PREFIX of its own)"
+        );
+    }
+}
+
 /// Refuses to start while Redis holds data of the float layout, which this release no longer
 /// reads: the release before it drains it (and its markers expire); nothing is stranded.
 async fn refuse_float_layout(store: &Store) -> Result<(), AppError> {
@@ -155,7 +181,7 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
     if let Ok((engine, version)) = store.engine().await {
         if !crate::store::deployment::engine_supported(&engine, &version) {
             return Err(AppError::Config(format!(
-                "{engine} {version} is too old: pulse-ingestor's scripts need Redis 7.0 or newer, or Valkey (README: Supported engines)"
+                "{engine} {version} is too old: pulse-ingestor's scripts need Redis 7.0 or newer, or Valkey (docs/redis.md: Supported engines)"
             )));
         }
         info!(%engine, %version, "redis engine");
@@ -178,6 +204,7 @@ async fn check_redis(cfg: &Config, store: &Store) -> Result<(), AppError> {
                 }
                 Ok(()) => refuse_float_layout(store).await?,
             }
+            log_window_in_force(cfg, store).await;
             if let Err(e) = store.init_markers().await {
                 warn!(error = %e, "could not read the dedupe marker layout; will retry");
             }
@@ -275,6 +302,13 @@ impl App {
         start_tasks(&state, &supervisor, metrics_listener);
         stop_on(signal, &state, hard_stop.clone(), deadline);
         let started = Instant::now();
+        let began_stopping = {
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                s.cancelled().await;
+                Instant::now()
+            })
+        };
         let ingest = state.ingest.clone();
         let serve = crate::http::serve(
             listener,
@@ -308,8 +342,14 @@ impl App {
             );
             return Err(AppError::ShutdownTimeout(deadline));
         }
+        // Measured from the request to stop, not from the start of the process.
+        let stopping_since = match began_stopping.is_finished() {
+            true => began_stopping.await.unwrap_or(started),
+            false => started,
+        };
         info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            shutdown_ms = stopping_since.elapsed().as_millis() as u64,
+            uptime_s = started.elapsed().as_secs(),
             "shutdown complete"
         );
         Ok(())
@@ -341,6 +381,14 @@ fn start_tasks(state: &AppState, sup: &Supervisor, metrics_listener: Option<TcpL
     if let Some(keys) = &state.api_keys {
         sup.spawn("api_key_watcher", keys.clone().watch(shutdown.clone()));
     }
+    match &state.scheduler.drainer.processor {
+        Some(p) => {
+            tokio::spawn(check_processor_url(p.clone()));
+        }
+        None => warn!(
+            "PROCESSOR_URL is not set: windows are sealed and kept in Redis, nothing is delivered"
+        ),
+    }
     sup.spawn(
         "heartbeat",
         state.store.clone().heartbeats(shutdown.clone()),
@@ -350,6 +398,24 @@ fn start_tasks(state: &AppState, sup: &Supervisor, metrics_listener: Option<TcpL
             "rate_limit_cleanup",
             limits.clone().clean_up(shutdown.clone()),
         );
+    }
+}
+
+/// Checks the Processor URL once at start (a GET: a Processor takes POST only) and says so
+/// when it looks wrong — a path with nothing behind it, a host that does not resolve, TLS that
+/// fails — instead of letting the first window find out. Deliveries check on their own.
+async fn check_processor_url(p: crate::processor::ProcessorClient) {
+    let url = crate::delivery_health::display_url(p.url());
+    match crate::flush::policy::probe_verdict(p.probe().await) {
+        Err(why) => {
+            p.health().endpoint_wrong(&why);
+            error!(processor_url = %url, reason = %why, "the Processor URL looks wrong: deliveries will be retried, never dead-lettered, until it is fixed");
+        }
+        Ok(Some(why)) => {
+            p.health().failed(&why);
+            warn!(processor_url = %url, reason = %why, "the Processor is not reachable yet; deliveries will be retried");
+        }
+        Ok(None) => info!(processor_url = %url, "the Processor URL answers"),
     }
 }
 

@@ -19,7 +19,8 @@
 //! - `flush`: the scheduler (seal at each boundary, drain after the stabilisation delay), the
 //!   drain that deletes a record only after the Processor accepted it (5, 6), and the delivery
 //!   policy (`flush::policy`: what each answer means, retries, narrowing a refusal down).
-//! - `processor`: the record format and the Processor HTTP client.
+//! - `processor`: the record format and the Processor HTTP client; `delivery_health`: whether
+//!   delivery works (last success, last failure, a URL that looks wrong), as shown to operators.
 //! - `metrics`: every Prometheus metric, defined in one place.
 //! - `tenancy`: API keys bound to tenants and per-tenant rate limits.
 //! - `supervise`: every long-lived task runs under a `Supervisor`; a dead one stops the process
@@ -32,6 +33,9 @@
 pub mod amount;
 pub mod app;
 pub mod config;
+pub(crate) mod delivery_health;
+#[cfg(test)]
+mod docs_tables;
 pub(crate) mod flush;
 pub mod http;
 pub(crate) mod ingest;

@@ -130,7 +130,7 @@ async fn run(cli: Cli) -> ExitCode {
     let _log = telemetry::init(cfg.log_format);
     let app = match App::build(cfg).await {
         Ok(a) => a,
-        Err(e @ AppError::Config(_)) => {
+        Err(e @ (AppError::Config(_) | AppError::ApiKeys(_))) => {
             tracing::error!(error = %e, "cannot start");
             // Also straight to stderr: a configuration error must be seen whatever RUST_LOG is.
             eprint_quiet(&format!("{e}\n"));

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub handler_panics: IntCounter,
     /// Processor answers that mean our credentials are wrong (401/403): retried, alert-worthy.
     pub processor_auth_failures: IntCounter,
+    pub processor_endpoint_errors: IntCounter,
     /// Commits that fewer than REDIS_WAIT_REPLICAS replicas confirmed in time (answered 503).
     pub redis_wait_short: IntCounter,
     /// The two ingest routes' series for their usual answer (202), bound once so that the
@@ -151,6 +152,7 @@ impl Metrics {
             task_failures: r.counter_vec("ingestor_task_failures_total", "Long-lived tasks that panicked or ended unexpectedly, by task; the process then exits", &["task"]),
             handler_panics: r.counter("ingestor_handler_panics_total", "Request handlers that panicked; each was answered 500"),
             processor_auth_failures: r.counter("ingestor_processor_auth_failures_total", "Processor answers 401/403 (credentials rejected); batches are retried"),
+            processor_endpoint_errors: r.counter("ingestor_processor_endpoint_errors_total", "Processor requests whose answer says PROCESSOR_URL is wrong (404/405, DNS, TLS); retried, never dead-lettered"),
             redis_wait_short: r.counter("ingestor_redis_wait_short_total", "Commits fewer than REDIS_WAIT_REPLICAS replicas confirmed in time (answered 503)"),
             ingest_one: BoundRoute::new(&requests, &duration, "/ingest"),
             ingest_batch: BoundRoute::new(&requests, &duration, "/ingest/batch"),
@@ -192,6 +194,7 @@ impl Metrics {
                     "status_3xx",
                     "status_auth",
                     "status_5xx",
+                    "endpoint",
                     "rejected",
                 ],
             ),

@@ -117,6 +117,8 @@ pub struct ProcessorClient {
     http: reqwest::Client,
     url: String,
     token: Option<String>,
+    /// What the deliveries through this client last saw (shown to operators).
+    health: std::sync::Arc<crate::delivery_health::DeliveryHealth>,
 }
 
 impl ProcessorClient {
@@ -140,7 +142,33 @@ impl ProcessorClient {
             http,
             url: url.to_string(),
             token,
+            health: std::sync::Arc::new(crate::delivery_health::DeliveryHealth::new(url)),
         })
+    }
+
+    /// Whether delivery works, as this replica last saw it.
+    pub fn health(&self) -> &crate::delivery_health::DeliveryHealth {
+        &self.health
+    }
+
+    /// The configured URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A GET of the URL at start-up, to tell an operator early when it looks wrong: nothing
+    /// answers there (DNS, TLS, connection), or 404/410 (no such path). A Processor takes POST
+    /// only, so a 405 (or any other answer) says the path exists.
+    pub async fn probe(&self) -> Reply {
+        match self.http.get(&self.url).send().await {
+            Ok(r) => Reply::Answered {
+                status: r.status().as_u16(),
+                retry_after: None,
+                location: None,
+                body: String::new(),
+            },
+            Err(e) => no_answer(&e),
+        }
     }
 
     /// POSTs one serialised batch; reads at most `body_limit(status)` bytes of an answer
@@ -163,19 +191,7 @@ impl ProcessorClient {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => {
-                let reason = if e.is_timeout() {
-                    "timeout"
-                } else if e.is_connect() {
-                    "connect"
-                } else {
-                    "transport"
-                };
-                return Reply::NoAnswer {
-                    reason,
-                    detail: e.to_string(),
-                };
-            }
+            Err(e) => return no_answer(&e),
         };
         let status = resp.status().as_u16();
         if resp.status().is_success() {
@@ -225,6 +241,32 @@ pub enum Reply {
         reason: &'static str,
         detail: String,
     },
+}
+
+/// Why a request got no answer: `dns` or `tls` (the endpoint is wrong), `timeout`, `connect`,
+/// `transport`; the detail is the whole error chain.
+fn no_answer(e: &reqwest::Error) -> Reply {
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    let lower = detail.to_lowercase();
+    let reason = if lower.contains("dns error") || lower.contains("failed to lookup address") {
+        "dns"
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+    {
+        "tls"
+    } else if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    };
+    Reply::NoAnswer { reason, detail }
 }
 
 /// The body as text, at most `limit` bytes of it (the rest is not read).

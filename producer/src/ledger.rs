@@ -182,6 +182,27 @@ pub struct Diff {
     pub extra: Vec<KeyTotal>,
     /// Present on both sides with different totals: (expected, found).
     pub off: Vec<(KeyTotal, KeyTotal)>,
+    /// Who holds the found side, as the report names it: the Processor (`verify`) or the
+    /// ingestor (`verify --ingestor`, what the service still holds).
+    #[serde(skip)]
+    pub holder: Holder,
+}
+
+/// The side a ledger is compared with.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    #[default]
+    Processor,
+    Ingestor,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Holder::Processor => "Processor has",
+            Holder::Ingestor => "ingestor holds",
+        })
+    }
 }
 
 impl Diff {
@@ -253,25 +274,28 @@ impl fmt::Display for Diff {
         for k in self.missing.iter().take(20) {
             writeln!(
                 f,
-                "  missing {}: acknowledged {}, Processor has nothing",
+                "  missing {}: acknowledged {}, {} nothing",
                 name(k),
-                canonical(&k.used_amount)
+                canonical(&k.used_amount),
+                self.holder
             )?;
         }
         for k in self.extra.iter().take(20) {
             writeln!(
                 f,
-                "  extra   {}: Processor has {}, never acknowledged",
+                "  extra   {}: {} {}, never acknowledged",
                 name(k),
+                self.holder,
                 canonical(&k.used_amount)
             )?;
         }
         for (k, v) in self.off.iter().take(20) {
             writeln!(
                 f,
-                "  off     {}: acknowledged {}, Processor has {} (diff {})",
+                "  off     {}: acknowledged {}, {} {} (diff {})",
                 name(k),
                 canonical(&k.used_amount),
+                self.holder,
                 canonical(&v.used_amount),
                 canonical(&(&v.used_amount - &k.used_amount))
             )?;
@@ -346,6 +370,16 @@ mod tests {
                 && text.contains("extra   (\"d\"")
                 && text.contains("off     (\"c\""),
             "{text}"
+        );
+        assert!(text.contains("Processor has nothing"), "{text}");
+        let of_ingestor = Diff {
+            holder: Holder::Ingestor,
+            ..d
+        }
+        .to_string();
+        assert!(
+            of_ingestor.contains("ingestor holds nothing") && !of_ingestor.contains("Processor"),
+            "{of_ingestor}"
         );
         // Exact: equal values in any notation balance; one unit in the 18th digit does not.
         assert!(compare(&[kt("a", "0.30")], &[kt("a", "0.3")]).balanced());

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use pulse_producer::ledger::{Ledger, compare};
+use pulse_producer::ledger::{Diff, Holder, Ledger, compare};
 use pulse_producer::load::{LoadConfig, Mode, run};
 use pulse_producer::processor::{KeyTotal, Totals};
 use pulse_producer::traffic::{Amounts, Skew, Traffic};
@@ -263,7 +263,7 @@ async fn verify_usage(
     let found: Vec<KeyTotal> = found.into_iter().flatten().collect();
     report_diff(
         &expected,
-        &found,
+        (&found, Holder::Ingestor),
         &format!(
             "ingestor: {} keys of {} tenants",
             found.len(),
@@ -320,10 +320,13 @@ impl Usage {
 /// Prints the diff and a summary line; exit 1 unless the books balance.
 fn report_diff(
     expected: &[KeyTotal],
-    found: &[KeyTotal],
+    (found, holder): (&[KeyTotal], Holder),
     summary: &str,
 ) -> anyhow::Result<ExitCode> {
-    let diff = compare(expected, found);
+    let diff = Diff {
+        holder,
+        ..compare(expected, found)
+    };
     print!("{diff}");
     println!("{summary}");
     Ok(if diff.balanced() {
@@ -352,7 +355,7 @@ async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode
     }
     report_diff(
         &expected.totals(),
-        &totals.totals,
+        (&totals.totals, Holder::Processor),
         &format!(
             "processor: {} records, {} deliveries, {} re-delivered record ids",
             totals.records, totals.deliveries, totals.redelivered

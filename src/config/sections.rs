@@ -142,7 +142,11 @@ impl DeliveryConfig {
         }
         DeliveryConfig {
             processor_url,
-            processor_token: r.string(env::PROCESSOR_TOKEN),
+            processor_token: {
+                let t = r.string(env::PROCESSOR_TOKEN);
+                refuse_placeholder(r, env::PROCESSOR_TOKEN.name, t.as_deref());
+                t
+            },
             processor_timeout: r.duration(env::PROCESSOR_TIMEOUT, Duration::from_millis(10)),
             batch_size: r.count(env::BATCH_SIZE, 1, 100_000),
             concurrency: r.count(env::DELIVERY_CONCURRENCY, 1, 256),
@@ -207,6 +211,15 @@ impl LimitsConfig {
     }
 }
 
+fn refuse_placeholder(r: &mut Reader<'_>, name: &str, secret: Option<&str>) {
+    if secret.is_some_and(crate::tenancy::is_placeholder) {
+        r.fail(
+            name,
+            "is the placeholder shipped in the manifests: set a secret of your own (e.g. `openssl rand -hex 32`), or leave it unset",
+        );
+    }
+}
+
 /// Who may do what: the admin token, API keys, per-tenant rate limits.
 #[derive(Debug, Clone)]
 pub struct SecurityConfig {
@@ -225,6 +238,7 @@ pub struct SecurityConfig {
 impl SecurityConfig {
     pub(super) fn read(r: &mut Reader<'_>) -> Self {
         let admin_token = r.string(env::ADMIN_TOKEN);
+        refuse_placeholder(r, env::ADMIN_TOKEN.name, admin_token.as_deref());
         let api_keys_file = r.string(env::API_KEYS_FILE).map(std::path::PathBuf::from);
         let rate = r.raw(env::RATE_LIMIT.name).map(str::to_string);
         let burst = r.count_or(env::RATE_LIMIT_BURST, 0, 0, 10_000_000) as u32;

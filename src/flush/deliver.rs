@@ -11,7 +11,8 @@
 //!   each half POSTed, recursively, within `policy::ISOLATION_BUDGET` extra POSTs per batch. When the
 //!   two halves of the whole batch are refused alike (same status, same body), the refusal is
 //!   about the batch: it is dead-lettered whole, as is whatever the budget could not settle;
-//! - any other status (a wrong URL's 404, a 413): the batch is dead-lettered whole.
+//! - any other permanent status (a 410, a 413): the batch is dead-lettered whole. (A wrong
+//!   URL's 404/405 is not a refusal: it is retried, `policy::classify`.)
 //!
 //! Dead letters stay inspectable and replayable record by record (`/admin/dead-letters`).
 
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::policy::{
-    ISOLATION_BUDGET, ProcessorError, backoff, body_limit, classify, may_be_per_record,
+    ENDPOINT, ISOLATION_BUDGET, ProcessorError, backoff, body_limit, classify, may_be_per_record,
     named_rejections,
 };
 use crate::metrics::Metrics;
@@ -311,9 +312,14 @@ impl Courier<'_> {
                 .processor
                 .send(&batch_id, body.clone(), body_limit)
                 .await;
+            let health = self.processor.health();
             let (reason, detail, retry_after) = match classify(reply) {
-                Ok(()) => return Posted::Delivered,
+                Ok(()) => {
+                    health.succeeded();
+                    return Posted::Delivered;
+                }
                 Err(ProcessorError::Rejected { status, body }) => {
+                    health.failed(&format!("refused records with {status}: {body}"));
                     return Posted::Refused { status, body };
                 }
                 Err(ProcessorError::Retryable {
@@ -326,8 +332,13 @@ impl Courier<'_> {
                 .delivery_failures
                 .with_label_values(&[reason])
                 .inc();
-            if reason == "status_auth" {
-                self.metrics.processor_auth_failures.inc();
+            match reason {
+                "status_auth" => self.metrics.processor_auth_failures.inc(),
+                ENDPOINT => {
+                    self.metrics.processor_endpoint_errors.inc();
+                    health.endpoint_wrong(&detail);
+                }
+                _ => health.failed(&format!("{reason}: {detail}")),
             }
             attempt += 1;
             if attempt >= self.max_attempts {

@@ -184,9 +184,11 @@ impl Scheduler {
         self.metrics.seals.inc_by(u64::from(summary.toggled));
         if summary.toggled > 0 {
             info!(
-                window_start = summary.window_start,
+                new_window_start = summary.window_start,
+                new_window_end = summary.window_end,
+                window_secs = summary.window_end - summary.window_start,
                 shards = summary.toggled,
-                "sealed ended window"
+                "sealed the ended window; a new one opened"
             );
         }
         Ok(summary)

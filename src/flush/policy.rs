@@ -6,8 +6,10 @@
 //!
 //! 2xx from the URL itself: delivered. Connection errors, timeouts, 3xx, 401/403 (credentials
 //! being rotated), 408, 429 and 5xx: retryable (`Retry-After` is honoured, capped); the records
-//! stay in Redis. Any other status: a permanent refusal, whose records are dead-lettered
-//! (invariant 5). A Processor that already holds a `record_id` should answer 2xx (upsert).
+//! stay in Redis. 404 and 405, and a DNS or TLS failure, say the endpoint is wrong, not the
+//! records: retried too (reason `endpoint`, never dead-lettered), counted in
+//! `ingestor_processor_endpoint_errors_total` and shown on `/readyz` and the page. Any other
+//! status: a permanent refusal, whose records are dead-lettered (invariant 5). A Processor that already holds a `record_id` should answer 2xx (upsert).
 
 use std::time::Duration;
 
@@ -62,9 +64,11 @@ pub fn body_limit(status: u16) -> usize {
         (status = 200, description = "Stored (any 2xx): the records are deleted from Redis"),
         (status = 401, description = "Credentials refused (a token being rotated): retried later, counted in ingestor_processor_auth_failures_total"),
         (status = 403, description = "As 401"),
+        (status = 404, description = "No such endpoint: PROCESSOR_URL looks wrong. Retried with backoff, never dead-lettered (as a DNS or TLS failure); counted in ingestor_processor_endpoint_errors_total and shown on /readyz and /ui"),
+        (status = 405, description = "As 404: the URL does not take POST"),
         (status = 408, description = "Retried with backoff"),
         (status = 409, description = "Permanent refusal, treated as 422. Answer 2xx for a duplicate instead"),
-        (status = 422, description = "Permanent refusal of some records. Name them with a Rejected body: those are dead-lettered with your reasons and the rest of the batch is POSTed again as a batch of its own. An unstructured 400/409/422 (or one naming ids not in the batch) is narrowed down by halving the batch, within 64 extra POSTs; both halves refused alike means the whole batch is refused. Any other permanent status (404, 410, 413...) dead-letters the whole batch. Dead letters are kept and replayable record by record", body = Rejected),
+        (status = 422, description = "Permanent refusal of some records. Name them with a Rejected body: those are dead-lettered with your reasons and the rest of the batch is POSTed again as a batch of its own. An unstructured 400/409/422 (or one naming ids not in the batch) is narrowed down by halving the batch, within 64 extra POSTs; both halves refused alike means the whole batch is refused. Any other permanent status (410, 413...) dead-letters the whole batch. Dead letters are kept and replayable record by record", body = Rejected),
         (status = 429, description = "Retried after Retry-After (capped by DELIVERY_MAX_BACKOFF)",
             headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "Any 5xx (or no answer, or a 3xx, which is never followed): retried with capped exponential backoff; the records stay in Redis"),
@@ -72,6 +76,13 @@ pub fn body_limit(status: u16) -> usize {
 )]
 pub fn classify(reply: Reply) -> Result<(), ProcessorError> {
     let (code, retry_after, location, body) = match reply {
+        Reply::NoAnswer { reason, detail } if matches!(reason, "dns" | "tls") => {
+            return Err(ProcessorError::Retryable {
+                reason: ENDPOINT,
+                detail: format!("the Processor URL looks wrong ({reason} failure): {detail}"),
+                retry_after: None,
+            });
+        }
         Reply::NoAnswer { reason, detail } => {
             return Err(ProcessorError::Retryable {
                 reason,
@@ -108,6 +119,14 @@ pub fn classify(reply: Reply) -> Result<(), ProcessorError> {
             detail: body,
             retry_after,
         }),
+        // The URL is wrong, not the records: they wait for it to be fixed.
+        404 | 405 => Err(ProcessorError::Retryable {
+            reason: ENDPOINT,
+            detail: format!(
+                "the Processor URL looks wrong: it answered {code} (no such endpoint for POST); check PROCESSOR_URL's path"
+            ),
+            retry_after,
+        }),
         408 => Err(ProcessorError::Retryable {
             reason: "status_408",
             detail: body,
@@ -127,13 +146,34 @@ pub fn classify(reply: Reply) -> Result<(), ProcessorError> {
     }
 }
 
+/// The retry reason of an answer that says the endpoint is wrong (404, 405, DNS, TLS).
+pub const ENDPOINT: &str = "endpoint";
+
+/// What the start-up probe of the URL (a GET; a Processor takes POST only) says: `Err` when
+/// the URL looks wrong (no such host, TLS, 404/410), `Ok(Some)` when nothing answers yet (a
+/// Processor not up: deliveries are retried), `Ok(None)` when something answers there.
+pub fn probe_verdict(reply: Reply) -> Result<Option<String>, String> {
+    match reply {
+        Reply::NoAnswer { reason, detail } if matches!(reason, "dns" | "tls") => Err(format!(
+            "the Processor URL looks wrong ({reason} failure): {detail}"
+        )),
+        Reply::NoAnswer { detail, .. } => {
+            Ok(Some(format!("the Processor does not answer yet: {detail}")))
+        }
+        Reply::Answered { status, .. } if matches!(status, 404 | 410) => Err(format!(
+            "the Processor URL looks wrong: a GET of it answered {status} (no such path); check PROCESSOR_URL's path"
+        )),
+        Reply::Answered { .. } => Ok(None),
+    }
+}
+
 /// How much of a refusal's body is read: enough for a `{"rejected": [...]}` naming every record
 /// of a large batch.
 pub const MAX_REJECTION_BODY: usize = 1 << 20;
 
 /// Whether a status is a permanent refusal (see [`classify`]).
 fn is_permanent(code: u16) -> bool {
-    !matches!(code, 200..=399 | 401 | 403 | 408 | 429 | 500..=599)
+    !matches!(code, 200..=399 | 401 | 403 | 404 | 405 | 408 | 429 | 500..=599)
 }
 
 /// A refusal naming the records it is about (at most 1 MiB of it is read).
@@ -170,7 +210,7 @@ pub fn named_rejections(body: &str) -> Option<Vec<(String, serde_json::Value)>> 
 
 /// Statuses a Processor may use for a refusal of some records only: an unstructured refusal
 /// with one of these is narrowed down by halving the batch. Any other permanent status (a
-/// wrong URL's 404, a 413, 410...) is about the batch and dead-letters it whole.
+/// 413, 410...) is about the batch and dead-letters it whole.
 pub fn may_be_per_record(status: u16) -> bool {
     matches!(status, 400 | 409 | 422)
 }
@@ -188,6 +228,61 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn answered(status: u16) -> Reply {
+        Reply::Answered {
+            status,
+            retry_after: None,
+            location: None,
+            body: "Not Found".into(),
+        }
+    }
+
+    #[test]
+    fn a_wrong_endpoint_is_retried_never_dead_lettered() {
+        for status in [404, 405] {
+            match classify(answered(status)) {
+                Err(ProcessorError::Retryable { reason, detail, .. }) => {
+                    assert_eq!(reason, ENDPOINT);
+                    assert!(detail.contains("looks wrong"), "{detail}");
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        for reason in ["dns", "tls"] {
+            let r = classify(Reply::NoAnswer {
+                reason,
+                detail: "x".into(),
+            });
+            assert!(
+                matches!(
+                    r,
+                    Err(ProcessorError::Retryable {
+                        reason: ENDPOINT,
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+        }
+        assert!(matches!(
+            classify(answered(410)),
+            Err(ProcessorError::Rejected { status: 410, .. })
+        ));
+    }
+
+    #[test]
+    fn the_start_probe_tells_a_wrong_path_from_a_processor_not_up() {
+        assert!(probe_verdict(answered(404)).is_err());
+        assert_eq!(probe_verdict(answered(405)), Ok(None));
+        assert!(matches!(
+            probe_verdict(Reply::NoAnswer {
+                reason: "connect",
+                detail: "refused".into()
+            }),
+            Ok(Some(_))
+        ));
+    }
 
     proptest! {
         #[test]

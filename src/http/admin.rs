@@ -173,8 +173,8 @@ pub struct SetAside {
 
 /// `POST /admin/dead-letters/set-aside`: removes one dead-lettered record for good — the only
 /// way a record leaves without a delivery — leaving an audit entry (who, when, why, the exact
-/// amount) in Redis and in the log. Always requires `ADMIN_TOKEN` (401 without it, also when
-/// none is configured).
+/// amount) in Redis and in the log. Always requires `ADMIN_TOKEN` (401 without it, saying so
+/// when none is configured).
 #[utoipa::path(
     post, path = "/admin/dead-letters/set-aside", tag = "admin",
     request_body(content = SetAside, content_type = "application/json"),
@@ -190,6 +190,9 @@ pub async fn set_aside(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     // Never without a token: with ADMIN_TOKEN unset, nobody may set a record aside.
+    if state.cfg.security.admin_token.is_none() {
+        return Err(ApiError::AdminTokenNotConfigured);
+    }
     if !has_admin_token(&state, &headers) {
         return Err(ApiError::Unauthorized);
     }
@@ -325,6 +328,8 @@ pub async fn dead_letters(State(state): State<AppState>) -> Result<Response, Api
                     tenant_id: key.as_ref().map(|k| k.tenant.clone()),
                     product_sku: key.as_ref().map(|k| k.sku.clone()),
                     use_unit: key.as_ref().map(|k| k.unit.clone()),
+                    aggregation: key.as_ref().map(|k| k.aggregation.clone()),
+                    amends: (w.amendment > 0).then_some(w.amendment),
                     used_amount: amount.as_deref().map(crate::processor::ExactNumber::new),
                     used_amount_text: amount,
                     reason: value["reason"].clone(),
@@ -350,6 +355,12 @@ struct DeadLetter {
     tenant_id: Option<String>,
     product_sku: Option<String>,
     use_unit: Option<String>,
+    /// `sum`, or a meter's `count`, `max`, `min`, `latest`: a key's aggregations are records
+    /// of their own, each possibly dead-lettered.
+    aggregation: Option<String>,
+    /// The amendment the record belongs to, if not the window itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amends: Option<u32>,
     /// Exact: a JSON number in canonical decimal form.
     used_amount: Option<crate::processor::ExactNumber>,
     /// The same amount as text.

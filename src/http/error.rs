@@ -27,6 +27,8 @@ pub enum ApiError {
     Malformed(String),
     /// 401: admin token missing or wrong.
     Unauthorized,
+    /// 401: the route always needs the admin token and none is configured (setting aside).
+    AdminTokenNotConfigured,
     /// 401: `X-API-Key` missing or unknown.
     NoApiKey(&'static str),
     /// 403: the key may not send for this tenant.
@@ -80,7 +82,9 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized | ApiError::NoApiKey(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::AdminTokenNotConfigured | ApiError::NoApiKey(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -113,6 +117,7 @@ impl ApiError {
                 ("rate limit exceeded".into(), tenant.clone())
             }
             ApiError::Unauthorized
+            | ApiError::AdminTokenNotConfigured
             | ApiError::NotFound(_)
             | ApiError::Unavailable(_)
             | ApiError::Ambiguous(_)
@@ -138,6 +143,7 @@ impl ApiError {
                 };
             }
             ApiError::Unauthorized => "missing or invalid admin token".into(),
+            ApiError::AdminTokenNotConfigured => "setting a dead letter aside needs ADMIN_TOKEN, which is not configured on this replica: set it, restart, and send it as a bearer token".into(),
             ApiError::NoApiKey(m) => (*m).into(),
             ApiError::TooManyRequests { tenant, .. } => {
                 format!("rate limit of tenant {tenant:?} exceeded; retry later").into()
@@ -302,7 +308,7 @@ impl IntoResponses for DeadLetterErrors {
             (400, "Not the expected JSON body", false),
             (
                 401,
-                "The bearer token is missing or wrong (setting aside: also when ADMIN_TOKEN is not set)",
+                "The bearer token is missing or wrong; setting aside: also when ADMIN_TOKEN is not configured (the body says so)",
                 false,
             ),
             (404, "No dead letter with that record_id", false),
@@ -316,13 +322,25 @@ impl IntoResponses for DeadLetterErrors {
     }
 }
 
+/// Why a request was answered 503 (a response extension the request middleware logs).
+#[derive(Debug, Clone)]
+pub struct Unavailable(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Storage(e) = &self {
-            // Logged here, once; the client sees no internals.
-            tracing::warn!(error = %e, "request failed on redis");
-        }
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        match &self {
+            // The reason of a 503, for the one log line the request middleware writes (with
+            // the route); the client sees no internals.
+            ApiError::Storage(e) => {
+                resp.extensions_mut()
+                    .insert(Unavailable(format!("redis: {e}")));
+            }
+            ApiError::Unavailable(m) | ApiError::Ambiguous(m) => {
+                resp.extensions_mut().insert(Unavailable(m.clone()));
+            }
+            _ => {}
+        }
         if let Some(r) = self.rejection() {
             resp.extensions_mut().insert(r);
         }

@@ -27,7 +27,9 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Ready: Redis answers a PING and the queue has room (below 90 % of its capacity).
+/// Ready: Redis answers a PING and the queue has room (below 90 % of its capacity). The body
+/// also says which window is in force and whether delivery works (a Processor URL that looks
+/// wrong does not make a replica unready: ingest still counts, and the records wait).
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
     responses(
@@ -52,6 +54,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         _ => None,
     };
     let failure = state.health.failure();
+    let window = match &redis {
+        Ok(()) => super::status::window_now(&state).await.ok().map(|(now, w)| {
+            json!({
+                "start": w.start, "end": w.end, "secs": w.secs(), "seconds_to_seal": w.end.saturating_sub(now),
+                "recorded_secs": w.recorded_secs, "recorded_from": w.recorded_from(),
+            })
+        }),
+        Err(_) => None,
+    };
     let ready = redis.is_ok()
         && queue_ok
         && eviction.is_none()
@@ -62,6 +73,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         "redis": match &redis { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
         "eviction": eviction,
         "failure": failure,
+        "window": window,
+        "delivery": super::status::delivery(&state),
         "queue_depth": depth,
         "queue_capacity": capacity,
         "shutting_down": state.shutdown.is_cancelled(),

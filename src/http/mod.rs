@@ -18,6 +18,7 @@ mod admin;
 pub(crate) mod error;
 mod serve;
 pub(crate) use serve::serve;
+mod status;
 
 mod health;
 mod ingest;
@@ -99,7 +100,7 @@ pub(crate) fn api_routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/readyz", get(health::readyz)),
         ("/openapi.json", get(openapi::openapi_json)),
         ("/v1/usage", get(usage::usage)),
-        ("/v1/status", get(usage::status)),
+        ("/v1/status", get(status::status)),
         ("/ui", get(usage::ui)),
     ]
 }
@@ -143,7 +144,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(panic_response(
             state.metrics.clone(),
         )))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Failures are logged by `recorded` with their route and reason, not as TraceLayer's
+        // bare ERROR "response failed".
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(()),
+        )
         .with_state(state)
 }
 
@@ -247,10 +254,15 @@ fn recorded(
     }
     // Overload and unavailability answer 503 with Retry-After, always: here, once, for every
     // route (a 503 that carries its own is left alone).
-    if resp.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE
-        && !resp.headers().contains_key(axum::http::header::RETRY_AFTER)
-    {
-        error::set_retry_after(&mut resp, state.cfg.retry_after);
+    if resp.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE {
+        let why = resp.extensions_mut().remove::<error::Unavailable>();
+        // A probe's 503 says why in its body, and probes poll: not logged.
+        if !matches!(route, "/readyz" | "/healthz") {
+            log_unavailable(route, why);
+        }
+        if !resp.headers().contains_key(axum::http::header::RETRY_AFTER) {
+            error::set_retry_after(&mut resp, state.cfg.retry_after);
+        }
     }
     // A body refused for its size was not read to its end, so the connection cannot carry
     // another request: say so, or a client reuses it and loses its next request.
@@ -264,6 +276,28 @@ fn recorded(
         .metrics
         .observe_request(route, resp.status(), started.elapsed());
     resp
+}
+
+/// One WARN line per 503 with its route and reason — at most one a second, with how many
+/// were not logged (a full queue answers thousands).
+fn log_unavailable(route: &str, why: Option<error::Unavailable>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static QUIET: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST.swap(now, Ordering::Relaxed) == now {
+        QUIET.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let reason = why.map_or_else(|| "unavailable".to_string(), |u| u.0);
+    tracing::warn!(
+        route,
+        %reason,
+        not_logged_since = QUIET.swap(0, Ordering::Relaxed),
+        "answered 503"
+    );
 }
 
 /// Records a refused request in the capped rejections stream, off the request path; under a

@@ -53,7 +53,7 @@ impl Modify for Security {
         super::admin::rejections,
         openapi_json,
         super::usage::usage,
-        super::usage::status,
+        super::status::status,
         super::usage::ui,
     ),
     components(schemas(Pulse, Batch, Accepted, ErrorBody, FieldError, Report)),

@@ -190,58 +190,6 @@ pub async fn usage(
         .into_response())
 }
 
-/// This replica at a glance (the page polls it).
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct Status {
-    redis_time: u64,
-    window_start: u64,
-    window_end: u64,
-    /// Seconds until the current window is sealed.
-    seconds_to_seal: u64,
-    queue_depth: usize,
-    queue_capacity: usize,
-    /// Pulses accepted by this replica since it started (the page derives a rate).
-    pulses_accepted_total: u64,
-    shards: u32,
-    ack_mode: String,
-    version: String,
-}
-
-/// This replica's window, queue and counters.
-#[utoipa::path(
-    get, path = "/v1/status", tag = "usage",
-    responses(
-        (status = 200, description = "Status", body = Status),
-        (status = 503, description = "Redis unavailable", body = super::error::ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds"))),
-    )
-)]
-pub async fn status(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let mut conn = state.store.conn().await?;
-    let now = state.store.time(&mut conn).await?;
-    let len = state.store.window_secs;
-    let start = now - now % len;
-    Ok(Json(Status {
-        redis_time: now,
-        window_start: start,
-        window_end: start + len,
-        seconds_to_seal: start + len - now,
-        queue_depth: state.ingest.depth(),
-        queue_capacity: state.ingest.capacity(),
-        pulses_accepted_total: state.metrics.pulses.with_label_values(&["accepted"]).get(),
-        shards: state.store.shards,
-        ack_mode: format!("{:?}", state.cfg.ack_mode).to_lowercase(),
-        version: concat!(
-            env!("CARGO_PKG_VERSION"),
-            " (",
-            env!("PULSE_GIT_COMMIT"),
-            ")"
-        )
-        .into(),
-    })
-    .into_response())
-}
-
 /// The operator and tenant page: one self-contained HTML file that calls the API above.
 #[utoipa::path(
     get, path = "/ui", tag = "usage",

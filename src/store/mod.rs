@@ -7,6 +7,7 @@
 //! - [`window`], [`dead_letter`], [`lock`]: draining sealed windows.
 //! - [`deployment`]: the shard count in use, live replicas, eviction policy, rejections.
 //! - [`usage`], [`reshard`]: live usage of one tenant; changing `SHARDS`.
+//! - [`in_force`]: the window the scripts are writing into, and the recorded one after it.
 //!
 //! Every key of shard `s` starts with the hash tag `{<prefix>:<s>}` (invariant 10), so each
 //! script touches one slot and the same code runs on Redis Cluster.
@@ -22,6 +23,7 @@ pub mod conn;
 pub mod dead_letter;
 pub mod deployment;
 pub mod error;
+pub mod in_force;
 pub mod keys;
 pub mod lock;
 pub mod reshard;
@@ -34,6 +36,7 @@ pub use conn::Conn;
 use conn::{ClusterPool, Pools, SentinelPool};
 pub use dead_letter::{DeadLetter, dead_letter_total};
 pub use error::{LateRefusal, StoreError};
+pub use in_force::WindowInForce;
 pub use keys::{Keys, PendingWindow};
 pub use window::{LateLimits, exact_total};
 pub use write::{Placement, SealReply, WriteItem, WriteReply, commit_token_ttl};

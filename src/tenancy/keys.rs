@@ -26,6 +26,24 @@ struct Entry {
     label: String,
 }
 
+/// Whether a secret is a shipped placeholder (`change-me…`, `REPLACE-ME…`, `<…>`), which must
+/// never work as a credential: the manifests ship such values, and a deployment that forgot
+/// to replace them is refused at start rather than opened to anyone who read them.
+pub fn is_placeholder(secret: &str) -> bool {
+    let s = secret.to_ascii_lowercase().replace('_', "-");
+    s.contains("change-me")
+        || s.contains("changeme")
+        || s.contains("replace-me")
+        || s.starts_with('<')
+}
+
+/// The word whose SHA-256 `hash` is, if it is one anyone would try (the examples' `test`).
+fn well_known_key(hash: &[u8; 32]) -> Option<&'static str> {
+    ["test", "", "password", "secret", "changeme", "change-me"]
+        .into_iter()
+        .find(|w| Sha256::digest(w.as_bytes()).as_slice() == hash)
+}
+
 /// The loaded key set.
 #[derive(Debug, Default)]
 pub struct KeySet {
@@ -51,8 +69,22 @@ impl KeySet {
                 continue;
             };
             let mut hash = [0u8; 32];
+            if is_placeholder(h) {
+                errors.push(format!(
+                    "line {}: a placeholder, not a key's hash: put the SHA-256 of a random key there (printf %s \"$KEY\" | sha256sum)",
+                    n + 1
+                ));
+                continue;
+            }
             if hex::decode_to_slice(h, &mut hash).is_err() {
                 errors.push(format!("line {}: not a 64-hex-digit SHA-256", n + 1));
+                continue;
+            }
+            if let Some(word) = well_known_key(&hash) {
+                errors.push(format!(
+                    "line {}: the SHA-256 of {word:?}, a key anyone would guess: use a random key",
+                    n + 1
+                ));
                 continue;
             }
             let grant = if who == "*" {
@@ -206,6 +238,16 @@ mod tests {
         assert_eq!(set.lookup("secret-svc").map(|g| g.0), Some(&Grant::Trusted));
         assert_eq!(set.lookup("nope"), None);
         assert!(KeySet::parse("zz t-1\n").unwrap_err().contains("line 1"));
+    }
+
+    /// The manifests' placeholder line, and the hash of a word anyone would try (the old
+    /// manifest shipped SHA-256 of `test` as a trusted key), are refused with what to do.
+    #[test]
+    fn a_placeholder_or_a_guessable_key_is_refused() {
+        let err = KeySet::parse("REPLACE-ME-with-the-sha256-of-a-random-key * svc\n").unwrap_err();
+        assert!(err.contains("placeholder"), "{err}");
+        let err = KeySet::parse(&format!("{} * svc\n", hash("test"))).unwrap_err();
+        assert!(err.contains("\"test\""), "{err}");
     }
 
     #[test]

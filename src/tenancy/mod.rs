@@ -18,5 +18,5 @@
 pub mod keys;
 pub mod limits;
 
-pub use keys::{ApiKeys, Grant};
+pub use keys::{ApiKeys, Grant, is_placeholder};
 pub use limits::{Limit, LimitExceeded, RateLimits, Taken, parse_overrides};

@@ -20,6 +20,7 @@ mod isolation;
 mod layout;
 mod meters;
 mod money;
+mod operator;
 mod producer;
 mod safety;
 mod sentinel;

@@ -346,6 +346,56 @@ async fn accept(
     started: Option<RequestStart>,
     headers: &HeaderMap,
     raw: Result<Bytes, BytesRejection>,
+    shape: Shape,
+) -> Result<Response, ApiError> {
+    let body = raw.as_ref().ok().cloned();
+    match count(state, started, headers, raw, shape).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // The rejections stream names the tenant the request named, also when the
+            // refusal is about another field (a 422 on the amount, a 413).
+            let mut resp = e.into_response();
+            if let Some(r) = resp.extensions_mut().get_mut::<super::error::Rejection>()
+                && r.tenant.is_empty()
+            {
+                r.tenant = body.as_deref().map(named_tenants).unwrap_or_default();
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// The tenants a request body names (`tenant_id` of the object, or of a batch's items: at
+/// most a few, comma-separated), as far as it parses: for the rejections stream.
+fn named_tenants(body: &[u8]) -> String {
+    let items: Vec<serde_json::Value> = match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Array(a)) => a,
+        Ok(v) => vec![v],
+        Err(_) => body
+            .split(|&b| b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect(),
+    };
+    let mut names: Vec<&str> = Vec::new();
+    for t in items.iter().filter_map(|i| i.get("tenant_id")?.as_str()) {
+        if !t.is_empty() && !names.contains(&t) {
+            names.push(t);
+        }
+    }
+    let more = names.len() > 3;
+    let mut s: String = names.iter().take(3).copied().collect::<Vec<_>>().join(",");
+    if more {
+        s.push_str(",…");
+    }
+    s.chars().take(300).collect()
+}
+
+/// Decodes, authorises, rate-limits and counts one request.
+async fn count(
+    state: &AppState,
+    started: Option<RequestStart>,
+    headers: &HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
     mut shape: Shape,
 ) -> Result<Response, ApiError> {
     let fmt = format(headers, &shape)?;
