@@ -2,7 +2,9 @@
 """Checks deploy/kubernetes offline: every manifest against the Kubernetes schemas
 (kubernetes-validate, strict: unknown fields are errors), and against the service itself —
 the ConfigMap names only settings `pulse-ingestor --help` lists, the grace period outlasts
-SHUTDOWN_TIMEOUT, RATE_LIMIT_REPLICAS equals the replica count, probes use /readyz and /healthz."""
+SHUTDOWN_TIMEOUT, RATE_LIMIT_REPLICAS equals the replica count, probes use /readyz and /healthz;
+the Processor's DATABASE_URL comes from a Secret that ships only the placeholder REPLACE_ME (which
+the Processor refuses)."""
 
 import os
 import re
@@ -35,10 +37,11 @@ check(out.returncode == 0, f"kubernetes-validate --strict: {', '.join(files)} {o
 kust = yaml.safe_load(open(os.path.join(DIR, "kustomization.yaml")))
 check(sorted(kust["resources"]) == files, "kustomization.yaml lists every manifest")
 
-docs = {}
+docs = {}  # the ingestor's objects by kind; the Processor's by kind in `processor`
+processor = {}
 for f in files:
     for d in yaml.safe_load_all(open(os.path.join(DIR, f))):
-        docs[d["kind"]] = d
+        (processor if d["metadata"]["name"] == "pulse-processor" else docs)[d["kind"]] = d
 help_text = subprocess.run([os.path.join(BIN, "pulse-ingestor"), "--help"], capture_output=True,
                            text=True, check=True).stdout
 settings = set(re.findall(r"^  ([A-Z][A-Z_]+) ", help_text, re.M))
@@ -64,4 +67,17 @@ check(docs["PodDisruptionBudget"]["spec"]["selector"] == dep["selector"], "PDB s
 metrics_port = cm["METRICS_ADDR"].rsplit(":", 1)[1]
 check(dep["template"]["metadata"]["annotations"]["prometheus.io/port"] == metrics_port,
       "the scrape annotation points at METRICS_ADDR")
+
+ppod = processor["Deployment"]["spec"]["template"]["spec"]
+pc = ppod["containers"][0]
+check(pc["readinessProbe"]["httpGet"]["path"] == "/readyz" and pc["livenessProbe"]["httpGet"]["path"] == "/healthz",
+      "Processor: readiness on /readyz (the database answers), liveness on /healthz")
+db_ref = [e["valueFrom"]["secretKeyRef"] for e in pc["env"] if e["name"] == "DATABASE_URL"]
+check(db_ref == [{"name": "pulse-processor", "key": "DATABASE_URL"}], "Processor: DATABASE_URL comes from its Secret")
+check("REPLACE_ME" in processor["Secret"]["stringData"]["DATABASE_URL"],
+      "Processor: the Secret ships the placeholder password only")
+check(ppod["securityContext"]["runAsNonRoot"] and pc["securityContext"]["readOnlyRootFilesystem"],
+      "Processor: non-root, read-only root filesystem")
+check(cm["PROCESSOR_URL"].startswith(f"http://{processor['Service']['metadata']['name']}:"),
+      "the ingestor delivers to the Processor's Service")
 sys.exit(1 if failures else 0)
