@@ -390,3 +390,39 @@ pub fn invalid(r: &Record) -> Option<String> {
             .then(|| format!("{name} is not an RFC 3339 time: {t:?}"))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(json: &str) -> Record {
+        let base = r#"{"record_id":"r","tenant_id":"t","product_sku":"s","use_unit":"u",
+            "used_amount":1,"window_start":"2026-01-01T10:00:00Z",
+            "window_end":"2026-01-01T11:00:00Z""#;
+        serde_json::from_str(&format!("{base}{json}}}")).unwrap()
+    }
+
+    #[test]
+    fn only_records_the_schema_can_hold_are_stored() {
+        assert_eq!(invalid(&record("")), None, "no aggregation is a sum");
+        assert_eq!(
+            invalid(&record(
+                r#","aggregation":"latest","latest_at":"2026-01-01T10:59:59.250Z","final_at":"2026-01-02T11:00:00+02:00""#
+            )),
+            None,
+            "any RFC 3339 offset"
+        );
+        let why = |extra: &str| invalid(&record(extra)).unwrap_or_default();
+        assert!(why(r#","aggregation":"average""#).contains("unknown aggregation"));
+        assert!(why(r#","final_at":"tomorrow""#).contains("final_at"));
+        assert!(why(r#","latest_at":"2026-01-01 10:00""#).contains("latest_at"));
+    }
+
+    #[test]
+    fn the_placeholder_password_is_refused() {
+        let err = PgStore::new("postgres://p:REPLACE_ME@db/usage", 1)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("REPLACE_ME"), "{err}");
+    }
+}
