@@ -3,7 +3,9 @@
 (kubernetes-validate, strict: unknown fields are errors), and against the service itself —
 the ConfigMap names only settings `pulse-ingestor --help` lists, the grace period outlasts
 SHUTDOWN_TIMEOUT, RATE_LIMIT_REPLICAS equals the replica count, probes use /readyz and /healthz,
-the Secret's placeholders are refused by the binary (no credential works out of the box).
+the Secret's placeholders are refused by the binary (no credential works out of the box); the
+Processor's DATABASE_URL comes from a Secret that ships only the placeholder REPLACE_ME (which the
+Processor refuses).
 Then the Dockerfile (no Docker engine here): its build context, as its COPY lines make it, is a
 valid locked workspace, and its own `cargo build` command builds every binary it copies. And
 the first-hour traps: example.env, Compose and the ConfigMap change no setting the deployment
@@ -45,10 +47,11 @@ check(out.returncode == 0, f"kubernetes-validate --strict: {', '.join(files)} {o
 kust = yaml.safe_load(open(os.path.join(DIR, "kustomization.yaml")))
 check(sorted(kust["resources"]) == files, "kustomization.yaml lists every manifest")
 
-docs = {}
+docs = {}  # the ingestor's objects by kind; the Processor's by kind in `processor`
+processor = {}
 for f in files:
     for d in yaml.safe_load_all(open(os.path.join(DIR, f))):
-        docs[d["kind"]] = d
+        (processor if d["metadata"]["name"] == "pulse-processor" else docs)[d["kind"]] = d
 help_text = subprocess.run([os.path.join(BIN, "pulse-ingestor"), "--help"], capture_output=True,
                            text=True, check=True).stdout
 settings = set(re.findall(r"^  ([A-Z][A-Z_]+) ", help_text, re.M))
@@ -75,6 +78,18 @@ metrics_port = cm["METRICS_ADDR"].rsplit(":", 1)[1]
 check(dep["template"]["metadata"]["annotations"]["prometheus.io/port"] == metrics_port,
       "the scrape annotation points at METRICS_ADDR")
 
+ppod = processor["Deployment"]["spec"]["template"]["spec"]
+pc = ppod["containers"][0]
+check(pc["readinessProbe"]["httpGet"]["path"] == "/readyz" and pc["livenessProbe"]["httpGet"]["path"] == "/healthz",
+      "Processor: readiness on /readyz (the database answers), liveness on /healthz")
+db_ref = [e["valueFrom"]["secretKeyRef"] for e in pc["env"] if e["name"] == "DATABASE_URL"]
+check(db_ref == [{"name": "pulse-processor", "key": "DATABASE_URL"}], "Processor: DATABASE_URL comes from its Secret")
+check("REPLACE_ME" in processor["Secret"]["stringData"]["DATABASE_URL"],
+      "Processor: the Secret ships the placeholder password only")
+check(ppod["securityContext"]["runAsNonRoot"] and pc["securityContext"]["readOnlyRootFilesystem"],
+      "Processor: non-root, read-only root filesystem")
+check(cm["PROCESSOR_URL"].startswith(f"http://{processor['Service']['metadata']['name']}:"),
+      "the ingestor delivers to the Processor's Service")
 # Settings the deployment records in Redis: setting one explicitly changes the deployment.
 RECORDED = {"SHARDS", "WINDOW", "WINDOW_OFFSET", "DEDUPE_TTL", "LATE_MAX_AGE", "MAX_FUTURE_SKEW",
             "LATE_PULSES"}

@@ -130,7 +130,7 @@ def compose(bins):
     services = doc["services"]
     check(set(services) == {"redis", "processor", "ingestor-1", "ingestor-2", "prometheus",
                             "grafana", "producer", "redis-s", "redis-s-replica", "sentinel-1",
-                            "sentinel-2", "sentinel-3", "ingestor-sentinel"},
+                            "sentinel-2", "sentinel-3", "ingestor-sentinel", "postgres"},
           f"service set: {sorted(services)}")
     ports = {name: [str(p) for p in s.get("ports", [])] for name, s in services.items()}
     check(ports["ingestor-1"] == ["8070:8070"] and ports["ingestor-2"] == ["8071:8070"],
@@ -172,6 +172,10 @@ def compose(bins):
     sentinel_profile(services)
     proc_cmd = services["processor"]["command"]
     check("0.0.0.0:8090" in proc_cmd, "processor listens on 8090 inside the network")
+    db_url = services["processor"].get("environment", {}).get("DATABASE_URL", "")
+    check(db_url.startswith("postgres://") and "@postgres:5432/" in db_url
+          and "healthcheck" in services["postgres"],
+          "the processor stores into the postgres service, which has a health check")
     mounts = " ".join(services["prometheus"].get("volumes", []))
     check("prometheus.yml" in mounts and "prometheus.rules.yml" in mounts, "prometheus gets config and rules")
     check("./grafana-provisioning:/etc/grafana/provisioning" in " ".join(services["grafana"]["volumes"]),

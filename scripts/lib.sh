@@ -16,6 +16,26 @@ ensure_cmd() {
   command -v "$cmd" >/dev/null 2>&1
 }
 
+# Prints the directory of PostgreSQL's server programs (initdb, postgres, pg_isready, psql):
+# $PG_BIN, else the newest /usr/lib/postgresql/<version>/bin (Debian keeps them off PATH), else
+# `pg_config --bindir`. Fails when there is none.
+pg_bindir() {
+  local d
+  for d in "${PG_BIN:-}" $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1) \
+           "$(command -v pg_config >/dev/null 2>&1 && pg_config --bindir)"; do
+    [ -n "$d" ] && [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+  done
+  return 1
+}
+
+# Like ensure_cmd for PostgreSQL's server (Debian package postgresql); prints its bin directory.
+ensure_postgres() {
+  pg_bindir && return 0
+  echo "==> PostgreSQL not found; installing Debian package postgresql" >&2
+  ensure_cmd initdb postgresql >/dev/null 2>&1 || true
+  pg_bindir
+}
+
 # Prints a free loopback TCP port.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit and property tests, and the integration
-# and end-to-end tests against real redis-server processes. Installs redis-server when missing.
+# and end-to-end tests against real redis-server and PostgreSQL processes. Installs redis-server
+# and postgresql when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -26,6 +27,9 @@ fi
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
 "$PY" -c 'import jsonschema, yaml' 2>/dev/null || "$PY" -m pip install -q jsonschema pyyaml
+# The Processor's PostgreSQL tests (tests/it/postgres.rs) start their own server from here.
+PG_BIN=$(ensure_postgres)
+export PG_BIN
 # A real browser for the /ui page: Debian's chromium and its driver, Selenium from PyPI.
 ensure_cmd chromium chromium
 ensure_cmd chromedriver chromium-driver

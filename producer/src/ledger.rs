@@ -28,8 +28,14 @@ pub struct Ledger {
     /// The window length the producer placed stamped pulses with (`--window`).
     #[serde(default)]
     pub window_secs: u64,
+    /// Per key: the count, max and min of its pulses — what a meter of the key bills (the
+    /// ledger does not know which keys are metered, nor the ingestor's order for `latest`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub meters: Vec<KeyTotal>,
     #[serde(skip)]
     map: BTreeMap<Key, Dec>,
+    #[serde(skip)]
+    stats: BTreeMap<Key, Stats>,
     #[serde(skip)]
     windows: BTreeMap<(u64, String, String, String), Dec>,
     #[serde(skip)]
@@ -57,14 +63,37 @@ impl Ledger {
                 ))
                 .or_default() += &p.used_amount;
         }
-        *self
-            .map
-            .entry((
-                p.tenant_id.clone(),
-                p.product_sku.clone(),
-                p.use_unit.clone(),
-            ))
-            .or_default() += &p.used_amount;
+        let key = (
+            p.tenant_id.clone(),
+            p.product_sku.clone(),
+            p.use_unit.clone(),
+        );
+        let one = Stats::of(&p.used_amount);
+        match self.stats.get_mut(&key) {
+            Some(s) => s.add(&one),
+            None => {
+                self.stats.insert(key.clone(), one);
+            }
+        }
+        *self.map.entry(key).or_default() += &p.used_amount;
+    }
+
+    /// Per key, its pulses' count, max and min (`KeyTotal::aggregation` says which).
+    pub fn meters(&self) -> Vec<KeyTotal> {
+        if self.stats.is_empty() {
+            return self.meters.clone();
+        }
+        let mut out = Vec::new();
+        for (k, s) in &self.stats {
+            for (agg, v) in [
+                ("count", Dec::from(s.count)),
+                ("max", s.max.clone()),
+                ("min", s.min.clone()),
+            ] {
+                out.push(KeyTotal::new(k.clone(), agg, v));
+            }
+        }
+        out
     }
 
     /// The per-key totals.
@@ -80,6 +109,7 @@ impl Ledger {
                 use_unit: u.clone(),
                 used_amount: a.clone(),
                 window_start: None,
+                aggregation: None,
             })
             .collect()
     }
@@ -105,6 +135,7 @@ impl Ledger {
                 use_unit: u.clone(),
                 used_amount: a.clone(),
                 window_start: Some(*w),
+                aggregation: None,
             })
             .collect()
     }
@@ -119,6 +150,7 @@ impl Ledger {
             totals: self.totals(),
             window_totals: self.window_totals(),
             window_secs: self.window_secs,
+            meters: self.meters(),
             ..Default::default()
         };
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)
@@ -151,6 +183,17 @@ impl Ledger {
                 );
             }
         }
+        if self.stats.is_empty() {
+            self.stats = Stats::read(&std::mem::take(&mut self.meters));
+        }
+        for (k, s) in Stats::read(&other.meters()) {
+            match self.stats.get_mut(&k) {
+                Some(held) => held.add(&s),
+                None => {
+                    self.stats.insert(k, s);
+                }
+            }
+        }
         self.window_secs = self.window_secs.max(other.window_secs);
         for k in other.window_totals() {
             *self
@@ -169,6 +212,54 @@ impl Ledger {
                 .entry((k.tenant_id, k.product_sku, k.use_unit))
                 .or_default() += &k.used_amount;
         }
+    }
+}
+
+/// A key's pulses: how many, the largest, the smallest.
+#[derive(Debug, Clone)]
+struct Stats {
+    count: u64,
+    max: Dec,
+    min: Dec,
+}
+
+impl Stats {
+    fn of(amount: &Dec) -> Self {
+        Stats {
+            count: 1,
+            max: amount.clone(),
+            min: amount.clone(),
+        }
+    }
+
+    fn add(&mut self, o: &Stats) {
+        self.count += o.count;
+        if o.max > self.max {
+            self.max = o.max.clone();
+        }
+        if o.min < self.min {
+            self.min = o.min.clone();
+        }
+    }
+
+    /// Back from [`Ledger::meters`] (a saved ledger).
+    fn read(meters: &[KeyTotal]) -> BTreeMap<Key, Stats> {
+        let mut out: BTreeMap<Key, Stats> = BTreeMap::new();
+        for m in meters {
+            let key = (
+                m.tenant_id.clone(),
+                m.product_sku.clone(),
+                m.use_unit.clone(),
+            );
+            let s = out.entry(key).or_insert_with(|| Stats::of(&m.used_amount));
+            match m.aggregation() {
+                "count" => s.count = canonical(&m.used_amount).parse().unwrap_or(0),
+                "max" => s.max = m.used_amount.clone(),
+                "min" => s.min = m.used_amount.clone(),
+                _ => {}
+            }
+        }
+        out
     }
 }
 
@@ -194,6 +285,7 @@ pub enum Holder {
     #[default]
     Processor,
     Ingestor,
+    Database,
 }
 
 impl fmt::Display for Holder {
@@ -201,6 +293,7 @@ impl fmt::Display for Holder {
         f.write_str(match self {
             Holder::Processor => "Processor has",
             Holder::Ingestor => "ingestor holds",
+            Holder::Database => "database holds",
         })
     }
 }
@@ -211,17 +304,20 @@ impl Diff {
     }
 }
 
-/// Compares expected totals with the Processor's.
+/// Compares expected totals with the Processor's, per (window, key, aggregation). A key's
+/// total for an aggregation appears once on either side (the Processor combines them).
 pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
+    type Slot = (Option<u64>, String, String, String, Option<String>);
     let key = |k: &KeyTotal| {
         (
             k.window_start,
             k.tenant_id.clone(),
             k.product_sku.clone(),
             k.use_unit.clone(),
+            k.aggregation.clone(),
         )
     };
-    let mut found_map: BTreeMap<(Option<u64>, String, String, String), Dec> = BTreeMap::new();
+    let mut found_map: BTreeMap<Slot, Dec> = BTreeMap::new();
     for k in found {
         *found_map.entry(key(k)).or_default() += &k.used_amount;
     }
@@ -239,13 +335,14 @@ pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
             )),
         }
     }
-    for ((window_start, tenant_id, product_sku, use_unit), used_amount) in found_map {
+    for ((window_start, tenant_id, product_sku, use_unit, aggregation), used_amount) in found_map {
         d.extra.push(KeyTotal {
             tenant_id,
             product_sku,
             use_unit,
             used_amount,
             window_start,
+            aggregation,
         });
     }
     d
@@ -253,12 +350,18 @@ pub fn compare(expected: &[KeyTotal], found: &[KeyTotal]) -> Diff {
 
 impl fmt::Display for Diff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = |k: &KeyTotal| match k.window_start {
-            Some(w) => format!(
-                "window {w} ({:?}, {:?}, {:?})",
-                k.tenant_id, k.product_sku, k.use_unit
-            ),
-            None => format!("({:?}, {:?}, {:?})", k.tenant_id, k.product_sku, k.use_unit),
+        let name = |k: &KeyTotal| {
+            let key = match &k.aggregation {
+                Some(a) => format!(
+                    "({:?}, {:?}, {:?}) {a}",
+                    k.tenant_id, k.product_sku, k.use_unit
+                ),
+                None => format!("({:?}, {:?}, {:?})", k.tenant_id, k.product_sku, k.use_unit),
+            };
+            match k.window_start {
+                Some(w) => format!("window {w} {key}"),
+                None => key,
+            }
         };
         if self.balanced() {
             return writeln!(f, "books balance: {} keys match", self.matched);
@@ -322,6 +425,7 @@ mod tests {
     fn kt(t: &str, a: &str) -> KeyTotal {
         KeyTotal {
             window_start: None,
+            aggregation: None,
             tenant_id: t.into(),
             product_sku: "S".into(),
             use_unit: "KB".into(),

@@ -1,7 +1,9 @@
 //! pulse-producer: the load simulator, the books check, and the reference Processor.
 //!
-//! - [`processor`]: the reference Processor — upserts records by `record_id`, keeps a JSONL
-//!   journal, serves `/totals`, and fails on purpose when asked to.
+//! - [`processor`]: the Processor — upserts records by `record_id`: in memory (a JSONL journal,
+//!   `/totals` per key and aggregation, failures on purpose) or into PostgreSQL
+//!   ([`processor::postgres`]: one transaction per batch, conflicting records refused by name,
+//!   billing periods in a time zone).
 //! - [`ledger`]: what the producer got a 2xx for, per (tenant, sku, unit), and the comparison
 //!   with the Processor's totals that `verify` prints.
 //! - [`traffic`]: tenant/SKU/unit distributions, pulse bodies, duplicates and malformed input.

@@ -29,8 +29,9 @@ struct Cli {
 enum Cmd {
     /// Send pulses (the default).
     Run(RunArgs),
-    /// Compare a ledger with the reference Processor's totals — or, with `--ingestor`, with what
-    /// the service holds (its live usage API); exit 1 with a diff if they differ.
+    /// Compare a ledger with the reference Processor's totals — or, with `--database-url`, with
+    /// what the Processor stored in PostgreSQL, or with `--ingestor`, with what the service
+    /// holds (its live usage API); exit 1 with a diff if they differ.
     Verify {
         #[arg(long, num_args = 1.., required = true)]
         ledger: Vec<PathBuf>,
@@ -45,6 +46,10 @@ enum Cmd {
         /// what is not delivered yet (live, sealed and dead-lettered windows), exactly.
         #[arg(long, conflicts_with = "processor")]
         ingestor: Option<String>,
+        /// Compare with the Processor's PostgreSQL instead (`window_usage`: per window, key and
+        /// aggregation, exactly).
+        #[arg(long, conflicts_with_all = ["processor", "ingestor"])]
+        database_url: Option<String>,
         /// `ADMIN_TOKEN` of that ingestor, when API keys are on.
         #[arg(long, env = "ADMIN_TOKEN", requires = "ingestor")]
         admin_token: Option<String>,
@@ -148,6 +153,11 @@ async fn main() -> ExitCode {
             api_key,
             ..
         }) => verify_usage(&ledger, &url, admin_token.as_deref(), api_key.as_deref()).await,
+        Some(Cmd::Verify {
+            ledger,
+            database_url: Some(url),
+            ..
+        }) => verify_database(&ledger, &url).await,
         Some(Cmd::Verify {
             ledger, processor, ..
         }) => verify(&ledger, &processor).await,
@@ -289,6 +299,9 @@ struct KeyUsage {
     use_unit: String,
     used_amount_text: String,
     dead_lettered_text: Option<String>,
+    /// A meter's other aggregations are not in the ledger (it keeps sums).
+    #[serde(default)]
+    aggregation: Option<String>,
 }
 
 impl Usage {
@@ -297,7 +310,13 @@ impl Usage {
         use pulse_producer::money::{Dec, parse};
         let exact = |t: &str| parse(t).ok_or_else(|| anyhow::anyhow!("not a decimal: {t:?}"));
         let mut sums: std::collections::BTreeMap<(String, String), Dec> = Default::default();
-        for k in self.windows.into_iter().flat_map(|w| w.usage) {
+        let sums_only = |k: &KeyUsage| k.aggregation.as_deref().unwrap_or("sum") == "sum";
+        for k in self
+            .windows
+            .into_iter()
+            .flat_map(|w| w.usage)
+            .filter(sums_only)
+        {
             let mut amount = exact(&k.used_amount_text)?;
             if let Some(dead) = &k.dead_lettered_text {
                 amount += exact(dead)?;
@@ -312,6 +331,7 @@ impl Usage {
                 use_unit,
                 used_amount,
                 window_start: None,
+                aggregation: None,
             })
             .collect())
     }
@@ -343,22 +363,106 @@ async fn verify(ledgers: &[PathBuf], processor: &str) -> anyhow::Result<ExitCode
         .error_for_status()?
         .json()
         .await?;
-    let per_window = expected.window_totals();
-    if !per_window.is_empty() {
-        // Stamped pulses: every window's records (amendments included) against the ledger's
-        // totals for that window, key by key.
-        let diff = pulse_producer::ledger::compare(&per_window, &totals.window_totals);
-        print!("per event window: {diff}");
-        if !diff.balanced() {
-            return Ok(ExitCode::from(1));
-        }
-    }
-    report_diff(
-        &expected.totals(),
+    check_books(
+        &expected,
+        &totals.window_totals,
         (&totals.totals, Holder::Processor),
         &format!(
             "processor: {} records, {} deliveries, {} re-delivered record ids",
             totals.records, totals.deliveries, totals.redelivered
         ),
     )
+}
+
+/// The ledger against the Processor's database: the same check, on `window_usage`.
+async fn verify_database(ledgers: &[PathBuf], url: &str) -> anyhow::Result<ExitCode> {
+    use pulse_producer::processor::postgres::{OwedRow, PgStore};
+    let expected = merged(ledgers)?;
+    let owed = PgStore::new(url, 1)?.owed().await?;
+    let totals = |rows: Vec<OwedRow>, windowed: bool| -> anyhow::Result<Vec<KeyTotal>> {
+        rows.into_iter()
+            .map(|r| {
+                let amount = pulse_producer::money::parse(&r.used_amount)
+                    .ok_or_else(|| anyhow::anyhow!("not a decimal: {:?}", r.used_amount))?;
+                let key = (r.tenant_id, r.product_sku, r.use_unit);
+                Ok(KeyTotal {
+                    window_start: windowed.then_some(r.window_start as u64),
+                    ..KeyTotal::new(key, &r.aggregation, amount)
+                })
+            })
+            .collect()
+    };
+    let windows = totals(owed.windows, true)?;
+    let keys = totals(owed.keys, false)?;
+    let summary = format!(
+        "database: {} window totals, {} key totals",
+        windows.len(),
+        keys.len()
+    );
+    check_books(&expected, &windows, (&keys, Holder::Database), &summary)
+}
+
+/// The ledger against the Processor's totals: sums per event window (stamped pulses: every
+/// window's records, amendments included, key by key), meters per key, sums per key.
+fn check_books(
+    expected: &Ledger,
+    window_totals: &[KeyTotal],
+    (totals, holder): (&[KeyTotal], Holder),
+    summary: &str,
+) -> anyhow::Result<ExitCode> {
+    let sums = |v: &[KeyTotal]| -> Vec<KeyTotal> {
+        v.iter()
+            .filter(|k| k.aggregation.is_none())
+            .cloned()
+            .collect()
+    };
+    let per_window = expected.window_totals();
+    if !per_window.is_empty() {
+        let diff = compare(&per_window, &sums(window_totals));
+        print!("per event window: {diff}");
+        if !diff.balanced() {
+            return Ok(ExitCode::from(1));
+        }
+    }
+    if !meters_balance(expected, totals) {
+        return Ok(ExitCode::from(1));
+    }
+    report_diff(&expected.totals(), (&sums(totals), holder), summary)
+}
+
+/// A meter's `count`, `max` and `min` per key against the ledger's (which keys are metered is
+/// the ingestor's meters file: the ledger judges those the Processor reports). `latest` is
+/// counted, not checked: the ledger does not know the ingestor's order of measurements.
+fn meters_balance(expected: &Ledger, totals: &[KeyTotal]) -> bool {
+    let judged = |k: &&KeyTotal| matches!(k.aggregation(), "count" | "max" | "min");
+    let found: Vec<KeyTotal> = totals.iter().filter(judged).cloned().collect();
+    if found.is_empty() {
+        return true;
+    }
+    let slot = |k: &KeyTotal| {
+        (
+            k.tenant_id.clone(),
+            k.product_sku.clone(),
+            k.use_unit.clone(),
+            k.aggregation.clone(),
+        )
+    };
+    let wanted: std::collections::BTreeSet<_> = found.iter().map(slot).collect();
+    let known: Vec<KeyTotal> = expected
+        .meters()
+        .into_iter()
+        .filter(|k| wanted.contains(&slot(k)))
+        .collect();
+    let diff = compare(&known, &found);
+    print!("meters (count, max, min): {diff}");
+    let latest = totals
+        .iter()
+        .filter(|k| k.aggregation() == "latest")
+        .count();
+    if latest > 0 {
+        println!(
+            "{latest} latest-value totals not checked: the ledger does not order measurements"
+        );
+    }
+    diff.balanced()
 }

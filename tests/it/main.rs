@@ -2,8 +2,9 @@
 //!
 //! Everything runs against real processes: `redis-server` (single, Sentinel, a 3-master
 //! Cluster) on free loopback ports, the service in-process or as its real binary, the reference
-//! Processor and the producer. Nothing mocks Redis. Each module reads as a specification of one
-//! area; the books must balance exactly at the end of every scenario.
+//! Processor (in memory, or as its binary on a real PostgreSQL) and the producer. Nothing mocks
+//! Redis or PostgreSQL. Each module reads as a specification of one area; the books must
+//! balance exactly at the end of every scenario.
 
 mod common;
 
@@ -21,6 +22,7 @@ mod layout;
 mod meters;
 mod money;
 mod operator;
+mod postgres;
 mod producer;
 mod safety;
 mod sentinel;

@@ -159,6 +159,25 @@ async fn gauges_counts_and_sums_are_each_billed_right() {
         "999999999999999999.999999999"
     );
     assert_eq!(x[&("storage-big".into(), "min".into())], "0.000000001");
+    // `/totals` combines per key and aggregation by the same rules, never adding a max to a sum.
+    let totals = p.totals();
+    let total = |sku: &str, a: Option<&str>| {
+        let k = totals
+            .totals
+            .iter()
+            .find(|k| k.tenant_id == "t" && k.product_sku == sku && k.aggregation.as_deref() == a);
+        k.map(|k| money::canonical(&k.used_amount))
+    };
+    assert_eq!(total("storage-hot", Some("max")).as_deref(), Some("59"));
+    assert_eq!(total("storage-hot", Some("latest")).as_deref(), Some("30"));
+    assert_eq!(total("storage-hot", Some("min")).as_deref(), Some("1"));
+    assert_eq!(total("storage-hot", None), None, "no sum of a gauge");
+    assert_eq!(total("api", Some("count")).as_deref(), Some("3"));
+    assert_eq!(
+        total("api", None).as_deref(),
+        Some("8"),
+        "a sum is carried as before"
+    );
     let ids: std::collections::HashSet<&str> = recs.iter().map(|r| r.record_id.as_str()).collect();
     assert_eq!(
         ids.len(),

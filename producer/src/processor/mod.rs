@@ -1,11 +1,19 @@
-//! The reference Processor: what the demo, the end-to-end tests and the benchmarks deliver to.
+//! The Processor: what the demo, the end-to-end tests and the benchmarks deliver to, and with a
+//! database (`DATABASE_URL`, [`postgres`]) the last mile of the service itself.
 //!
 //! `POST /` (or `/batches`) takes a JSON array of records and upserts each by `record_id`, so a
-//! re-delivered record replaces itself instead of adding up. Every accepted batch is appended to
-//! an optional JSONL journal. `GET /totals` sums the stored records per (tenant, sku, unit) and
-//! per window; `GET /records` lists them. Failure injection: an error rate, a status to answer,
-//! latency, failing the first N batches, accepting and then dropping the connection, and
-//! rejecting batches that hold a given tenant.
+//! re-delivered record replaces itself instead of adding up. In memory (tests, demos) every
+//! accepted batch is appended to an optional JSONL journal; `GET /totals` combines the stored
+//! records per (tenant, sku, unit) and aggregation, over all windows and per window, by the
+//! contract's rules ([`combine`]); `GET /records` lists them. In PostgreSQL a batch is one
+//! transaction, a conflicting record is refused by name, and `GET /usage` answers what a tenant
+//! owes over a billing period in a time zone. Failure injection: an error rate, a status to
+//! answer, latency, failing the first N batches, accepting and then dropping the connection,
+//! rejecting batches that hold a given tenant, holding a transaction open before `COMMIT`.
+
+pub mod combine;
+pub mod metrics;
+pub mod postgres;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -25,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::money::Dec;
+use combine::Combined;
 
 /// A record as the ingestor delivers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,7 +60,8 @@ pub struct Record {
     /// For `latest`: the event time of its value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_at: Option<String>,
-    /// When the window becomes final (no pulse is counted in it after this).
+    /// RFC 3339: after this no pulse is counted in this window any more (absent from
+    /// ingestors that do not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_at: Option<String>,
 }
@@ -89,6 +99,10 @@ pub struct Faults {
     /// Require this bearer token.
     #[arg(long, env = "PROCESSOR_TOKEN")]
     pub token: Option<String>,
+    /// With a database: hold each batch's transaction open this long before `COMMIT` (to kill
+    /// the Processor mid-delivery in a test).
+    #[arg(long, env = "PROCESSOR_HOLD_COMMIT", value_parser = humantime::parse_duration)]
+    pub hold_commit: Option<Duration>,
 }
 
 /// How the reference Processor words a refusal of some records.
@@ -123,6 +137,9 @@ pub struct Processor {
     batches_seen: AtomicU64,
     batches_accepted: AtomicU64,
     journal: Option<Mutex<std::fs::File>>,
+    /// Where records are kept when there is a database (the books stay empty then).
+    db: Option<postgres::PgStore>,
+    metrics: metrics::Metrics,
 }
 
 /// Totals as `GET /totals` reports them.
@@ -134,11 +151,11 @@ pub struct Totals {
     pub redelivered: usize,
     pub batches_accepted: u64,
     pub batches_seen: u64,
-    /// Per (tenant, sku, unit), summed over windows.
+    /// Per (tenant, sku, unit) and aggregation, combined over windows ([`combine`]).
     pub totals: Vec<KeyTotal>,
-    /// Per window start, summed over keys (canonical decimal text).
+    /// Per window start, the `sum` records summed over keys (canonical decimal text).
     pub windows: BTreeMap<String, String>,
-    /// Per window and key: every record of the window (amendments included) summed.
+    /// Per window, key and aggregation: the window's records (amendments included) combined.
     #[serde(default)]
     pub window_totals: Vec<KeyTotal>,
 }
@@ -154,6 +171,37 @@ pub struct KeyTotal {
     /// The window (Unix seconds) for totals per window and key; absent for totals per key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_start: Option<u64>,
+    /// A meter's aggregation (`count`, `max`, `min`, `latest`); absent for `sum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<String>,
+}
+
+impl KeyTotal {
+    /// A key's total for `aggregation` (`sum` is carried as `None`).
+    pub fn new(key: (String, String, String), aggregation: &str, used_amount: Dec) -> Self {
+        let (tenant_id, product_sku, use_unit) = key;
+        KeyTotal {
+            tenant_id,
+            product_sku,
+            use_unit,
+            used_amount,
+            window_start: None,
+            aggregation: combine::label(aggregation),
+        }
+    }
+
+    /// The aggregation's name (`sum` when absent).
+    pub fn aggregation(&self) -> &str {
+        combine::aggregation_of(self.aggregation.as_deref())
+    }
+}
+
+/// Unix seconds of an RFC 3339 window start (0 when it does not parse).
+fn unix_secs(t: &str) -> u64 {
+    humantime::parse_rfc3339_weak(t)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Processor {
@@ -173,7 +221,20 @@ impl Processor {
             batches_seen: AtomicU64::new(0),
             batches_accepted: AtomicU64::new(0),
             journal,
+            db: None,
+            metrics: metrics::Metrics::default(),
         }))
+    }
+
+    /// A Processor that keeps its records in PostgreSQL (migrated already).
+    pub fn with_database(
+        faults: Faults,
+        journal: Option<std::path::PathBuf>,
+        db: postgres::PgStore,
+    ) -> std::io::Result<Arc<Self>> {
+        let mut p = Self::new(faults, journal)?;
+        Arc::get_mut(&mut p).expect("not shared yet").db = Some(db);
+        Ok(p)
     }
 
     /// Replaces the fault settings (tests turn an outage off this way).
@@ -209,67 +270,56 @@ impl Processor {
         before - b.records.len()
     }
 
+    /// The stored records combined per key and aggregation ([`combine`]): over all windows,
+    /// and per window.
     pub fn totals(&self) -> Totals {
+        type Agg = (String, String, String, String);
         let b = self.books.lock().unwrap();
-        let mut per_key: BTreeMap<(String, String, String), Dec> = BTreeMap::new();
+        let mut per_key: BTreeMap<Agg, Combined> = BTreeMap::new();
+        let mut per_window: BTreeMap<(u64, Agg), Combined> = BTreeMap::new();
         let mut windows: BTreeMap<String, Dec> = BTreeMap::new();
-        let mut per_window: BTreeMap<(u64, String, String, String), Dec> = BTreeMap::new();
         for r in b.records.values() {
-            let start = humantime::parse_rfc3339(&r.window_start)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
-            *per_window
-                .entry((
+            let start = unix_secs(&r.window_start);
+            let agg = combine::aggregation_of(r.aggregation.as_deref());
+            let key = (
+                r.tenant_id.clone(),
+                r.product_sku.clone(),
+                r.use_unit.clone(),
+                agg.to_string(),
+            );
+            let add = |c: &mut Combined| {
+                c.add(
+                    agg,
+                    &r.used_amount,
+                    r.latest_at.as_deref(),
                     start,
-                    r.tenant_id.clone(),
-                    r.product_sku.clone(),
-                    r.use_unit.clone(),
-                ))
-                .or_default() += &r.used_amount;
-            *per_key
-                .entry((
-                    r.tenant_id.clone(),
-                    r.product_sku.clone(),
-                    r.use_unit.clone(),
-                ))
-                .or_default() += &r.used_amount;
-            *windows.entry(r.window_start.clone()).or_default() += &r.used_amount;
+                    r.amends.unwrap_or(0),
+                )
+            };
+            add(per_window.entry((start, key.clone())).or_default());
+            add(per_key.entry(key).or_default());
+            if agg == "sum" {
+                *windows.entry(r.window_start.clone()).or_default() += &r.used_amount;
+            }
         }
-        let windows = windows
-            .into_iter()
-            .map(|(w, a)| (w, crate::money::canonical(&a)))
-            .collect();
+        let total = |(t, s, u, a): Agg, c: Combined| KeyTotal::new((t, s, u), &a, c.value());
         Totals {
             records: b.records.len(),
             deliveries: b.delivered,
             redelivered: b.deliveries.values().filter(|&&n| n > 1).count(),
             batches_accepted: self.batches_accepted.load(Ordering::Relaxed),
             batches_seen: self.batches_seen.load(Ordering::Relaxed),
-            totals: per_key
+            totals: per_key.into_iter().map(|(k, c)| total(k, c)).collect(),
+            windows: windows
                 .into_iter()
-                .map(
-                    |((tenant_id, product_sku, use_unit), used_amount)| KeyTotal {
-                        tenant_id,
-                        product_sku,
-                        use_unit,
-                        used_amount,
-                        window_start: None,
-                    },
-                )
+                .map(|(w, a)| (w, crate::money::canonical(&a)))
                 .collect(),
-            windows,
             window_totals: per_window
                 .into_iter()
-                .map(
-                    |((w, tenant_id, product_sku, use_unit), used_amount)| KeyTotal {
-                        tenant_id,
-                        product_sku,
-                        use_unit,
-                        used_amount,
-                        window_start: Some(w),
-                    },
-                )
+                .map(|((w, k), c)| KeyTotal {
+                    window_start: Some(w),
+                    ..total(k, c)
+                })
                 .collect(),
         }
     }
@@ -278,6 +328,10 @@ impl Processor {
         {
             let mut b = self.books.lock().unwrap();
             b.delivered += records.len() as u64;
+            self.metrics
+                .records
+                .with_label_values(&["inserted"])
+                .inc_by(records.len() as u64);
             for r in records {
                 *b.deliveries.entry(r.record_id.clone()).or_default() += 1;
                 if let Some(old) = b.records.get(&r.record_id)
@@ -294,6 +348,12 @@ impl Processor {
                 b.records.insert(r.record_id.clone(), r);
             }
         }
+        self.metrics.batches.with_label_values(&["stored"]).inc();
+        self.journal(raw);
+    }
+
+    /// Appends an accepted batch to the journal, if there is one.
+    fn journal(&self, raw: &[u8]) {
         self.batches_accepted.fetch_add(1, Ordering::Relaxed);
         if let Some(j) = &self.journal {
             let mut f = j.lock().unwrap();
@@ -357,48 +417,189 @@ async fn batches(State(p): State<Arc<Processor>>, headers: HeaderMap, body: Byte
     if fail {
         return status(f.fail_status, "failing on purpose", f.retry_after);
     }
-    if let Some(t) = &f.reject_tenant
-        && records.iter().any(|r| &r.tenant_id == t)
-    {
-        let reason = format!("tenant {t} is not billable");
-        let named = |ids: Vec<String>| {
-            let rejected: Vec<_> = ids
-                .into_iter()
-                .map(|id| serde_json::json!({"record_id": id, "reason": reason}))
-                .collect();
-            (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Json(serde_json::json!({"rejected": rejected})),
-            )
-                .into_response()
-        };
-        return match f.reject_style {
-            RejectStyle::Named => named(
-                records
-                    .iter()
-                    .filter(|r| &r.tenant_id == t)
-                    .map(|r| r.record_id.clone())
-                    .collect(),
-            ),
-            RejectStyle::Foreign => named(vec!["not-a-record-of-this-batch".into()]),
-            RejectStyle::Plain => status(422, &reason, None),
-        };
+    if let Some(refusal) = refuse_tenant(&f, &records) {
+        return refusal;
     }
-    let count = records.len();
-    p.accept(records, &body);
-    if f.drop_rate > 0.0 && rand::rng().random_bool(f.drop_rate.min(1.0)) {
+    let answer = match &p.db {
+        Some(db) => store_in_database(&p, db, records, &body, f.hold_commit).await,
+        None => {
+            let count = records.len();
+            p.accept(records, &body);
+            (StatusCode::OK, Json(serde_json::json!({"accepted": count}))).into_response()
+        }
+    };
+    if answer.status().is_success()
+        && f.drop_rate > 0.0
+        && rand::rng().random_bool(f.drop_rate.min(1.0))
+    {
         // Stored, but the answer is lost: the connection task ends without a response.
         panic!("{DROP_MARKER}");
     }
-    (StatusCode::OK, Json(serde_json::json!({"accepted": count}))).into_response()
+    answer
+}
+
+/// `--reject-tenant`: the refusal of a batch holding that tenant, worded as `--reject-style`.
+fn refuse_tenant(f: &Faults, records: &[Record]) -> Option<Response> {
+    let t = f.reject_tenant.as_ref()?;
+    if !records.iter().any(|r| &r.tenant_id == t) {
+        return None;
+    }
+    let reason = format!("tenant {t} is not billable");
+    let named = |ids: Vec<String>| {
+        let rejected: Vec<_> = ids
+            .into_iter()
+            .map(|id| serde_json::json!({"record_id": id, "reason": reason}))
+            .collect();
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(serde_json::json!({"rejected": rejected})),
+        )
+            .into_response()
+    };
+    Some(match f.reject_style {
+        RejectStyle::Named => named(
+            records
+                .iter()
+                .filter(|r| &r.tenant_id == t)
+                .map(|r| r.record_id.clone())
+                .collect(),
+        ),
+        RejectStyle::Foreign => named(vec!["not-a-record-of-this-batch".into()]),
+        RejectStyle::Plain => status(422, &reason, None),
+    })
+}
+
+/// Stores a batch in the database: 2xx once committed; the records it cannot take are named in
+/// a 422 (the rest is committed, so the ingestor's re-send of it is a no-op); 503 when the
+/// database cannot be reached (the ingestor keeps the records and retries).
+async fn store_in_database(
+    p: &Processor,
+    db: &postgres::PgStore,
+    records: Vec<Record>,
+    raw: &[u8],
+    hold: Option<Duration>,
+) -> Response {
+    let mut invalid = Vec::new();
+    let records: Vec<Record> = records
+        .into_iter()
+        .filter(|r| match postgres::invalid(r) {
+            Some(reason) => {
+                invalid.push((r.record_id.clone(), reason));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let timer = p.metrics.transaction.start_timer();
+    let stored = match db.store(&records, hold).await {
+        Ok(s) => s,
+        Err(e) => {
+            timer.stop_and_discard();
+            p.metrics.batches.with_label_values(&["failed"]).inc();
+            tracing::warn!(error = %e, records = records.len(), "batch not stored; the ingestor retries it");
+            return status(503, "database unavailable; retry", Some(1));
+        }
+    };
+    timer.observe_duration();
+    let m = &p.metrics;
+    m.records
+        .with_label_values(&["inserted"])
+        .inc_by(stored.inserted);
+    m.records
+        .with_label_values(&["duplicate"])
+        .inc_by(stored.duplicates);
+    let refused: Vec<_> = [("conflict", stored.refused), ("invalid", invalid)]
+        .into_iter()
+        .flat_map(|(kind, list)| list.into_iter().map(move |(id, why)| (kind, id, why)))
+        .collect();
+    if refused.is_empty() {
+        m.batches.with_label_values(&["stored"]).inc();
+        p.journal(raw);
+        let body = serde_json::json!({"accepted": records.len(), "inserted": stored.inserted});
+        return (StatusCode::OK, Json(body)).into_response();
+    }
+    m.batches.with_label_values(&["refused"]).inc();
+    let named: Vec<_> = refused
+        .into_iter()
+        .map(|(kind, record_id, reason)| {
+            m.records.with_label_values(&["refused"]).inc();
+            m.refused.with_label_values(&[kind]).inc();
+            tracing::error!(%record_id, %reason, "record refused, the stored one is kept");
+            serde_json::json!({"record_id": record_id, "reason": reason})
+        })
+        .collect();
+    let body = serde_json::json!({"rejected": named});
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+}
+
+/// `GET /usage`: a billing period of one tenant.
+#[derive(Deserialize)]
+struct UsageQuery {
+    tenant_id: String,
+    /// First day, `YYYY-MM-DD`, local time of `tz`.
+    from: String,
+    /// The day after the last one (exclusive).
+    to: String,
+    /// An IANA time zone (`America/Sao_Paulo`); UTC when absent.
+    #[serde(default = "utc")]
+    tz: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// What a tenant owes over `[from, to)` local time of `tz`, per (sku, unit, aggregation), the
+/// amounts as exact decimal text (`billing_usage` in the database).
+async fn usage(
+    State(p): State<Arc<Processor>>,
+    axum::extract::Query(q): axum::extract::Query<UsageQuery>,
+) -> Response {
+    let Some(db) = &p.db else {
+        return status(404, "GET /usage needs a database (DATABASE_URL)", None);
+    };
+    match db.usage(&q.tenant_id, &q.from, &q.to, &q.tz).await {
+        Ok(lines) => Json(serde_json::json!({
+            "tenant_id": q.tenant_id, "from": q.from, "to": q.to, "tz": q.tz, "usage": lines,
+        }))
+        .into_response(),
+        // Class 22, data exception: a date or time zone that does not parse.
+        Err(postgres::StoreError::Db(e))
+            if e.code().is_some_and(|c| c.code().starts_with("22")) =>
+        {
+            let detail = e.as_db_error().map(|d| d.message().to_string());
+            status(400, &detail.unwrap_or_else(|| e.to_string()), None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "usage query failed");
+            status(503, "database unavailable; retry", Some(1))
+        }
+    }
+}
+
+/// Ready when the database answers (always, in memory).
+async fn readyz(State(p): State<Arc<Processor>>) -> Response {
+    match &p.db {
+        Some(db) if !db.ready().await => status(503, "database does not answer", None),
+        _ => "ok".into_response(),
+    }
+}
+
+async fn metrics_text(State(p): State<Arc<Processor>>) -> String {
+    p.metrics.render()
 }
 
 /// The panic message that means "drop this connection on purpose"; the binary's panic hook
 /// keeps it quiet.
 pub const DROP_MARKER: &str = "reference processor drops this connection on purpose";
 
-async fn totals(State(p): State<Arc<Processor>>) -> Json<Totals> {
-    Json(p.totals())
+async fn totals(State(p): State<Arc<Processor>>) -> Response {
+    if p.db.is_some() {
+        let msg =
+            "the records are in PostgreSQL: GET /usage, or pulse-producer verify --database-url";
+        return status(404, msg, None);
+    }
+    Json(p.totals()).into_response()
 }
 
 /// Counters only — cheap enough to poll while a large drain is running.
@@ -454,7 +655,10 @@ pub fn router(p: Arc<Processor>) -> axum::Router {
         .route("/stats", get(stats))
         .route("/records", get(records))
         .route("/admin/remove", post(remove))
+        .route("/usage", get(usage))
+        .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(p)
 }
