@@ -739,6 +739,7 @@ def callgrind(count=1000):
         wait_port(port, 120)
         log = os.path.join(tmp, "producer.log")
         limit = hincrby_limit(redis, rport, tmp)
+        bare = bare_handler_limit(procs, vg, tmp, count, log)
         scenarios = [("single pulses, no ids", [], 1), ("single pulses with ids", ["--ids"], 1),
                      ("batches of 100 with ids", ["--ids", "--batch", "100"], 100),
                      ("batches of 1,000 over 30,000 keys", ["--batch", "1000"], 1000)]
@@ -755,7 +756,11 @@ def callgrind(count=1000):
             for p in (ing, redis):
                 subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True)
             n = count * 10 if per >= 1000 else count
+            before = commandstats(rport)
             send(n)
+            after = commandstats(rport)
+            calls = {c: after[c] - before.get(c, 0) for c in after
+                     if after[c] - before.get(c, 0) > 0}
             ir = []
             for p, stem in ((ing, "ingestor"), (redis, "redis")):
                 for f in glob.glob(f"{tmp}/{stem}.{p.pid}*"):
@@ -771,20 +776,73 @@ def callgrind(count=1000):
                     os.rename(f, f"{tmp}/{stem}-{len(rows) + 1}.out")
                 ir.append(total)
             requests = n // per if per > 1 else n
-            rows.append((name, ir[0] / requests, ir[1] / n))
+            scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
+            inner = {c: v / n for c, v in sorted(calls.items(), key=lambda x: -x[1])
+                     if c not in ("evalsha", "eval", "info", "config|resetstat")}
+            rows.append((name, ir[0] / requests, ir[1] / n, n / max(scripts, 1), inner))
             print(f"{name}: {ir[0] / requests:,.0f} ingestor instructions per request, "
-                  f"{ir[1] / n:,.0f} Redis instructions per pulse", file=sys.stderr)
+                  f"{ir[1] / n:,.0f} Redis instructions per pulse, "
+                  f"{n / max(scripts, 1):.1f} pulses per script call; Redis commands per pulse: "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in inner.items()), file=sys.stderr)
     finally:
         procs.stop_all()
     print(f"callgrind files: {tmp}", file=sys.stderr)
-    print(f"limit: one pipelined HINCRBY into a 3,000-field hash = {limit:,.0f} Redis "
-          "instructions (same run)")
-    print("| replay (callgrind) | ingestor instructions / request | Redis instructions / pulse "
-          "| ÷ one HINCRBY |")
-    print("|---|---|---|---|")
-    for name, a, b in rows:
-        print(f"| {name} | {a:,.0f} | {b:,.0f} | {b / limit:.2f}× |")
+    print(f"limits (same run): one pipelined HINCRBY into a 3,000-field hash = {limit:,.0f} "
+          f"Redis instructions; the bare handler (pulse-ceiling) = {bare:,.0f} instructions per "
+          "single-pulse request")
+    print("| replay (callgrind) | ingestor instructions / request | ÷ bare handler "
+          "| Redis instructions / pulse | ÷ one HINCRBY | pulses / script call "
+          "| commands / pulse in the scripts |")
+    print("|---|---|---|---|---|---|---|")
+    for name, a, b, per_call, inner in rows:
+        cmds = ", ".join(f"{c} {v:.2f}" for c, v in list(inner.items())[:6])
+        ratio = f"{a / bare:.2f}×" if name.startswith("single") else "—"
+        print(f"| {name} | {a:,.0f} | {ratio} | {b:,.0f} | {b / limit:.2f}× | {per_call:.1f} "
+              f"| {cmds} |")
     return 0
+
+
+def commandstats(rport):
+    """Calls per command so far (`INFO commandstats`)."""
+    out = {}
+    for line in redis_cli(rport, "INFO", "commandstats").splitlines():
+        m = re.match(r"cmdstat_([^:]+):calls=(\d+)", line.strip())
+        if m:
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def redis_cli(rport, *args):
+    return subprocess.run(["redis-cli", "-p", str(rport)] + list(args), capture_output=True,
+                          text=True).stdout
+
+
+def bare_handler_limit(procs, vg, tmp, count, log):
+    """The limit the ingestor's cost per request is compared with, in the same run: the bare
+    axum handler (`pulse-ceiling`: parse the pulse, answer 202) under callgrind, the same
+    single-pulse replay, instructions per request."""
+    port = free_port()
+    c = procs.start(vg + [f"--callgrind-out-file={tmp}/ceiling.%p",
+                          os.path.join(BIN, "pulse-ceiling"), "--listen", f"127.0.0.1:{port}"],
+                    log=os.path.join(tmp, "ceiling.log"))
+    wait_port(port, 120)
+    send = lambda n: producer(["--url", f"http://127.0.0.1:{port}", "--mode", "max",
+                               "--concurrency", "64", "--count", str(n), "--tenants", "3000",
+                               "--duration", "600s"], log)
+    send(100)
+    subprocess.run(["callgrind_control", "-z", str(c.pid)], capture_output=True)
+    send(count)
+    for f in glob.glob(f"{tmp}/ceiling.{c.pid}*"):
+        os.remove(f)
+    subprocess.run(["callgrind_control", "-d", str(c.pid)], capture_output=True)
+    total = 0
+    for f in glob.glob(f"{tmp}/ceiling.{c.pid}*"):
+        with open(f) as fh:
+            for line in fh:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    total = max(total, int(line.split()[1]))
+    procs.stop(c)
+    return total / count
 
 
 def hincrby_limit(redis, rport, tmp, n=200_000):

@@ -215,7 +215,9 @@ end
 -- same count, so every replica looks in the same place; a bucket whose predecessor is unknown
 -- gets DEFAULT_SLOTS.
 local MARKS_PER_SLOT = tonumber(ARGV[9])
-local DEFAULT_SLOTS = 64
+-- 1,024 slot hashes over the deployment (64 per shard with 16 shards): a first bucket of ~100,000
+-- ids still fits Redis' listpack encoding, however many shards the deployment has.
+local DEFAULT_SLOTS = math.max(1, math.ceil(1024 / shards))
 
 local function slot(mk, slots)
   return (string.byte(mk, 1) * 256 + string.byte(mk, 2)) % slots
