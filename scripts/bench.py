@@ -84,8 +84,8 @@ def redis_info(port):
                          text=True, check=True).stdout
     cpu = sum(float(re.search(rf"^{k}:([\d.]+)", out, re.M).group(1))
               for k in ("used_cpu_user", "used_cpu_sys"))
-    m = re.search(r"^cmdstat_evalsha:calls=(\d+)", out, re.M)
-    return cpu, int(m.group(1)) if m else 0
+    calls = sum(int(c) for c in re.findall(r"^cmdstat_(?:evalsha|fcall):calls=(\d+)", out, re.M))
+    return cpu, calls
 
 
 def proc_cpu(pid):
@@ -784,9 +784,10 @@ def callgrind(count=1000):
                     os.rename(f, f"{tmp}/{stem}-{len(rows) + 1}.out")
                 ir.append(total)
             requests = n // per if per > 1 else n
-            scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
+            scripts = calls.get("evalsha", 0) + calls.get("eval", 0) + calls.get("fcall", 0)
             inner = {c: v / n for c, v in sorted(calls.items(), key=lambda x: -x[1])
-                     if c not in ("evalsha", "eval", "info", "config|resetstat")}
+                     if c not in ("evalsha", "eval", "fcall", "info", "config|resetstat",
+                                  "function|load")}
             rows.append((name, ir[0] / requests, ir[1] / n, n / max(scripts, 1), inner))
             print(f"{name}: {ir[0] / requests:,.0f} ingestor instructions per request, "
                   f"{ir[1] / n:,.0f} Redis instructions per pulse, "

@@ -2,7 +2,7 @@
 //! (invariants 1, 2, 3, 11, 12), and sealing a shard at its window boundary.
 
 use super::keys::marker_member;
-use super::scripts::{SEAL, WRITE};
+use super::scripts::{SEAL, WRITE, WRITE_LIBRARY};
 use super::{Conn, LateRefusal, Store, StoreError};
 
 /// One pulse (or a pre-aggregated group of pulses without ids) for the write script.
@@ -106,7 +106,11 @@ impl Store {
             });
         }
         let first = sections.first().map_or(0, |s| s.0);
-        let mut inv = WRITE.prepare_invoke();
+        let mut inv = if self.is_cluster() {
+            Call::Script(WRITE.prepare_invoke())
+        } else {
+            Call::function(&WRITE_LIBRARY.function)
+        };
         inv.key(self.keys.commit(first, token));
         inv.arg(self.window_arg())
             .arg(self.dedupe_ttl_secs)
@@ -124,7 +128,7 @@ impl Store {
             .iter()
             .map(|(shard, items)| self.push_section(&mut inv, *shard, items))
             .collect();
-        let reply: redis::Value = inv.invoke_async(conn).await.map_err(|e| {
+        let reply: redis::Value = inv.invoke(conn).await.map_err(|e| {
             match (e.code(), e.detail().and_then(|d| d.trim().parse().ok())) {
                 (Some("SHARDSCHANGED"), Some(deployment)) => StoreError::ShardsChanged {
                     configured: self.shards,
@@ -144,12 +148,7 @@ impl Store {
     /// one Redis routes nothing, and each declared key costs the call Redis CPU),
     /// its base and counts, then its items — without id (three values each), with an id, and
     /// stamped.
-    fn push_section(
-        &self,
-        inv: &mut redis::ScriptInvocation<'_>,
-        shard: u32,
-        items: &[WriteItem],
-    ) -> SectionLayout {
+    fn push_section(&self, inv: &mut Call<'_>, shard: u32, items: &[WriteItem]) -> SectionLayout {
         if self.is_cluster() {
             for k in self.keys.generation_keys(shard) {
                 inv.key(k);
@@ -303,6 +302,70 @@ impl SectionLayout {
             }
         }
         l
+    }
+}
+
+/// A write call in the making: the script (`EVALSHA`, on a cluster) or the library's function
+/// (`FCALL`, loaded on first use and again whenever Redis answers that it does not have it — a
+/// restarted Redis without persistence, a `FUNCTION FLUSH`).
+enum Call<'a> {
+    Script(redis::ScriptInvocation<'a>),
+    Function {
+        keys: Vec<Vec<u8>>,
+        args: Vec<Vec<u8>>,
+        name: &'a str,
+    },
+}
+
+impl<'a> Call<'a> {
+    fn function(name: &'a str) -> Self {
+        Call::Function {
+            keys: Vec::new(),
+            args: Vec::new(),
+            name,
+        }
+    }
+
+    fn key<T: redis::ToRedisArgs>(&mut self, k: T) -> &mut Self {
+        match self {
+            Call::Script(i) => {
+                i.key(k);
+            }
+            Call::Function { keys, .. } => keys.extend(k.to_redis_args()),
+        }
+        self
+    }
+
+    fn arg<T: redis::ToRedisArgs>(&mut self, a: T) -> &mut Self {
+        match self {
+            Call::Script(i) => {
+                i.arg(a);
+            }
+            Call::Function { args, .. } => args.extend(a.to_redis_args()),
+        }
+        self
+    }
+
+    async fn invoke(&self, conn: &mut Conn) -> Result<redis::Value, redis::RedisError> {
+        let (keys, args, name) = match self {
+            Call::Script(i) => return i.invoke_async(conn).await,
+            Call::Function { keys, args, name } => (keys, args, name),
+        };
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(*name).arg(keys.len()).arg(keys).arg(args);
+        match cmd.query_async(conn).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                // Nothing ran: load the library and call again.
+                redis::cmd("FUNCTION")
+                    .arg("LOAD")
+                    .arg("REPLACE")
+                    .arg(&WRITE_LIBRARY.code)
+                    .query_async::<String>(conn)
+                    .await?;
+                cmd.query_async(conn).await
+            }
+            r => r,
+        }
     }
 }
 
