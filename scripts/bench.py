@@ -771,18 +771,7 @@ def callgrind(count=1000):
                      if after[c] - before.get(c, 0) > 0}
             ir = []
             for p, stem in ((ing, "ingestor"), (redis, "redis")):
-                for f in glob.glob(f"{tmp}/{stem}.{p.pid}*"):
-                    os.remove(f)
-                subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True)
-                total = 0
-                for f in glob.glob(f"{tmp}/{stem}.{p.pid}*"):
-                    with open(f) as fh:
-                        for line in fh:
-                            if line.startswith("summary:") or line.startswith("totals:"):
-                                total = max(total, int(line.split()[1]))
-                    # Kept per scenario for callgrind_annotate.
-                    os.rename(f, f"{tmp}/{stem}-{len(rows) + 1}.out")
-                ir.append(total)
+                ir.append(callgrind_dump(p.pid, tmp, stem, f"{stem}-{len(rows) + 1}"))
             requests = n // per if per > 1 else n
             scripts = calls.get("evalsha", 0) + calls.get("eval", 0) + calls.get("fcall", 0)
             inner = {c: v / n for c, v in sorted(calls.items(), key=lambda x: -x[1])
@@ -826,6 +815,22 @@ def redis_cli(rport, *args):
                           text=True).stdout
 
 
+def callgrind_dump(pid, tmp, stem, keep_as):
+    """Dumps a callgrind'ed process' counters since they were zeroed: its instructions; the
+    file is kept as `<keep_as>.out` for callgrind_annotate."""
+    for f in glob.glob(f"{tmp}/{stem}.{pid}*"):
+        os.remove(f)
+    subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True)
+    total = 0
+    for f in glob.glob(f"{tmp}/{stem}.{pid}*"):
+        with open(f) as fh:
+            for line in fh:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    total = max(total, int(line.split()[1]))
+        os.rename(f, f"{tmp}/{keep_as}.out")
+    return total
+
+
 def bare_handler_limit(procs, vg, tmp, count, log):
     """The limit the ingestor's cost per request is compared with, in the same run: the bare
     axum handler (`pulse-ceiling`: parse the pulse, answer 202) under callgrind, the same
@@ -841,15 +846,7 @@ def bare_handler_limit(procs, vg, tmp, count, log):
     send(100)
     subprocess.run(["callgrind_control", "-z", str(c.pid)], capture_output=True)
     send(count)
-    for f in glob.glob(f"{tmp}/ceiling.{c.pid}*"):
-        os.remove(f)
-    subprocess.run(["callgrind_control", "-d", str(c.pid)], capture_output=True)
-    total = 0
-    for f in glob.glob(f"{tmp}/ceiling.{c.pid}*"):
-        with open(f) as fh:
-            for line in fh:
-                if line.startswith("summary:") or line.startswith("totals:"):
-                    total = max(total, int(line.split()[1]))
+    total = callgrind_dump(c.pid, tmp, "ceiling", "ceiling")
     procs.stop(c)
     return total / count
 
@@ -865,16 +862,7 @@ def hincrby_limit(redis, rport, tmp, n=200_000):
     run(20_000)  # warm-up: the hash reaches its 3,000 fields
     subprocess.run(["callgrind_control", "-z", str(redis.pid)], capture_output=True)
     run(n)
-    for f in glob.glob(f"{tmp}/redis.{redis.pid}*"):
-        os.remove(f)
-    subprocess.run(["callgrind_control", "-d", str(redis.pid)], capture_output=True)
-    total = 0
-    for f in glob.glob(f"{tmp}/redis.{redis.pid}*"):
-        with open(f) as fh:
-            for line in fh:
-                if line.startswith("summary:") or line.startswith("totals:"):
-                    total = max(total, int(line.split()[1]))
-        os.rename(f, f"{tmp}/redis-limit.out")
+    total = callgrind_dump(redis.pid, tmp, "redis", "redis-limit")
     subprocess.run(["redis-cli", "-p", str(rport), "DEL", "bench:limit"], capture_output=True)
     return total / n
 

@@ -312,36 +312,14 @@ local function seal(base, now, c)
 end
 
 -- window_at(base, t, len, off): the window [start, end) that holds Redis second t, from the
--- shard's window history, and whether it is recorded there: the recorded window containing t,
--- or — in a stretch with no recorded window (no write came, or before the shard's first) — the
--- window of length `len` aligned to `off`, clipped to its recorded neighbours. A caller that
--- writes into a window not yet recorded records it (write.lua `placed`), so every later pulse
--- of that time finds the same window, whatever WINDOW or WINDOW_OFFSET are by then: a start
--- never gets two ends.
+-- shard's window history, and whether it is recorded there: `decided` with no floor — the
+-- recorded window containing t, or, in a stretch with no recorded window (no write came, or
+-- before the shard's first), the window of length `len` aligned to `off`, clipped to its
+-- recorded neighbours. A caller that writes into a window not yet recorded records it
+-- (write.lua `placed`), so every later pulse of that time finds the same window, whatever
+-- WINDOW or WINDOW_OFFSET are by then: a start never gets two ends.
 local function window_at(base, t, len, off)
-  local before = redis.call('ZREVRANGEBYSCORE', key.wins(base), t, '-inf', 'LIMIT', 0, 1)[1]
-  local lo = nil
-  if before then
-    local s, wl = string.match(before, '^(%d+):(%d+)$')
-    s, wl = tonumber(s), tonumber(wl)
-    if t < s + wl then
-      return s, s + wl, true
-    end
-    lo = s + wl
-  end
-  local ws = align(t, len, off)
-  local we = ws + len
-  if lo and ws < lo then
-    ws = lo
-  end
-  local after = redis.call('ZRANGEBYSCORE', key.wins(base), '(' .. t, '+inf', 'LIMIT', 0, 1)[1]
-  if after then
-    local s = tonumber(string.match(after, '^(%d+):'))
-    if s < we then
-      we = s
-    end
-  end
-  return ws, we, false
+  return decided(base, t, 0, len, off)
 end
 
 local function redis_now()
