@@ -309,7 +309,13 @@ fn read_key_prefix(r: &mut Reader<'_>) -> String {
 
 /// `WINDOW` and `WINDOW_OFFSET`: whole seconds, the offset less than the window.
 fn read_window(r: &mut Reader<'_>) -> (Duration, Duration) {
-    let window = r.duration(env::WINDOW, Duration::from_secs(1));
+    // At most a day: the window history is kept 61 days by window start, LATE_MAX_AGE is at most
+    // 60 days, so every window a late pulse may reach is still in the history.
+    let window = r.duration_within(
+        env::WINDOW,
+        Duration::from_secs(1),
+        (Duration::from_secs(86_400), "1d"),
+    );
     if window.subsec_nanos() != 0 {
         r.fail(env::WINDOW.name, "must be a whole number of seconds");
     }
@@ -348,6 +354,13 @@ mod tests {
         assert_eq!(c.delivery.batch_size, 500);
         assert_eq!(c.ack_mode, AckMode::Durable);
         assert_eq!(c.listen_addr.port(), 8070);
+    }
+
+    #[test]
+    fn a_window_is_at_most_a_day() {
+        assert!(Config::from_map(&map(&[("WINDOW", "1d")])).is_ok());
+        let e = Config::from_map(&map(&[("WINDOW", "2d")])).unwrap_err();
+        assert!(e.to_string().contains("WINDOW"), "{e}");
     }
 
     #[test]

@@ -63,7 +63,7 @@ settings! {
     /// Only a new deployment takes the default: an existing one keeps its recorded count.
     SHARDS = "1 (16 on a cluster)", "Shards (hash tags); must match the deployment's (see `reshard`)";
     /// Billing is hourly.
-    WINDOW = "1h", "Aggregation window";
+    WINDOW = "1h", "Aggregation window (at most 1d)";
     /// UTC-aligned windows, as billing periods usually are.
     WINDOW_OFFSET = "0s", "Windows start at this offset from UTC boundaries (30m: hours begin at :30, for a +5:30 zone); less than WINDOW";
     /// Stripe's meter events accept 35 days back: a month's invoice can still be amended.

@@ -353,20 +353,45 @@ impl<'a> Call<'a> {
         };
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(*name).arg(keys.len()).arg(keys).arg(args);
+        // Nothing ran when the function is missing or may not be called: load the library and
+        // call again; where it cannot be loaded (an ACL without FUNCTION, a proxy without
+        // Functions) the same code runs as the script.
+        let as_script = || {
+            let mut inv = WRITE.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            for a in args {
+                inv.arg(a);
+            }
+            inv
+        };
         match cmd.query_async(conn).await {
             Err(e) if e.to_string().contains("Function not found") => {
-                // Nothing ran: load the library and call again.
-                redis::cmd("FUNCTION")
+                let loaded = redis::cmd("FUNCTION")
                     .arg("LOAD")
                     .arg("REPLACE")
                     .arg(&WRITE_LIBRARY.code)
                     .query_async::<String>(conn)
-                    .await?;
-                cmd.query_async(conn).await
+                    .await;
+                match loaded {
+                    Ok(_) => cmd.query_async(conn).await,
+                    Err(e) if unavailable_function(&e) => as_script().invoke_async(conn).await,
+                    Err(e) => Err(e),
+                }
             }
+            Err(e) if unavailable_function(&e) => as_script().invoke_async(conn).await,
             r => r,
         }
     }
+}
+
+/// Redis refused to run or load a function before running anything: no permission, or no such
+/// command (a proxy without Functions).
+fn unavailable_function(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("NOPERM"))
+        || e.to_string().contains("unknown command")
+        || e.to_string().contains("NOPERM")
 }
 
 /// The write script's refusal, `{"OVERFLOW", field...}` or

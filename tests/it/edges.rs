@@ -917,3 +917,81 @@ async fn a_redelivered_record_keeps_its_final_at() {
     );
     b.stop().await.unwrap();
 }
+
+/// Review finding: MAX_FUTURE_SKEW lowered. A pulse with an id stamped ahead under the old skew
+/// may have first arrived that far before its time, so its re-send is held to the largest skew
+/// ever recorded: refused once its id could be forgotten, never counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_future_skew_never_counts_a_resent_pulse_twice() {
+    let redis = RedisServer::start();
+    let vars = |skew: &str| {
+        settings(
+            &redis,
+            &[
+                ("DEDUPE_TTL", "4s"),
+                ("MAX_FUTURE_SKEW", skew),
+                ("WINDOW", "1h"),
+            ],
+        )
+    };
+    let c = http();
+    let a = TestApp::spawn(vars("4s")).await;
+    // Just before a 4 s marker bucket ends, so the marker is surely gone 6 s later.
+    at_phase(&redis, 4000, 3400, 3800).await;
+    let arrived = redis_ms(&redis);
+    let t = arrived / 1000 * 1000 + 4000;
+    let pulse = body("t", "S", "1", Some(t), Some("ahead-1"));
+    let (s, r) = post_raw(&c, &format!("{}/ingest", a.base), pulse.clone()).await;
+    assert_eq!((s, &r["accepted"]), (202, &serde_json::json!(1)), "{r}");
+    a.stop().await.unwrap();
+    let b = TestApp::spawn(vars("0s")).await;
+    until_ms(&redis, arrived + 6500).await;
+    let (s, r) = post_raw(&c, &format!("{}/ingest", b.base), pulse).await;
+    assert_ne!(r["accepted"], serde_json::json!(1), "counted twice: {r}");
+    assert_eq!(s, 422, "{r}");
+    b.stop().await.unwrap();
+}
+
+/// Where the write function cannot be loaded (an ACL user without FUNCTION), the same code runs
+/// as a script: nothing refused, nothing counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_functions_still_counts_exactly() {
+    let redis = RedisServer::start();
+    let _: String = redis.cmd(&[
+        "ACL",
+        "SETUSER",
+        "limited",
+        "on",
+        ">pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-function",
+    ]);
+    let mut vars = settings(&redis, &[]);
+    let url = redis.url().replacen("redis://", "redis://limited:pw@", 1);
+    vars.insert("REDIS_URL".into(), url);
+    let app = TestApp::spawn(vars).await;
+    let c = http();
+    for i in 0..20 {
+        let (s, r) = post_raw(
+            &c,
+            &format!("{}/ingest", app.base),
+            body("t", "S", "1", None, Some(&format!("p{i}"))),
+        )
+        .await;
+        assert_eq!(s, 202, "{r}");
+    }
+    let (s, r) = post_raw(
+        &c,
+        &format!("{}/ingest", app.base),
+        body("t", "S", "1", None, Some("p0")),
+    )
+    .await;
+    assert_eq!((s, &r["duplicates"]), (202, &serde_json::json!(1)), "{r}");
+    assert_eq!(
+        redis.totals("pulses")[&("t".into(), "S".into(), "u".into())],
+        dec(20.0)
+    );
+    app.stop().await.unwrap();
+}

@@ -18,12 +18,12 @@ local function pick(explicit, default)
   return default
 end
 local c = redis.call('HMGET', KEYS[1], 'window', 'ttl', 'prev_ttl', 'prev_until', 'late_max',
-  'late_prev', 'late_mode', 'skew', 'ttl_floor')
+  'late_prev', 'late_mode', 'skew', 'ttl_floor', 'skew_max')
 if not c[1] then
   redis.call('HSET', KEYS[1], 'window', pick(ARGV[1], ARGV[3]), 'ttl', pick(ARGV[2], ARGV[4]),
     'shards', ARGV[5], 'offset', pick(ARGV[6], ARGV[7]), 'since', now,
     'late_max', pick(ARGV[8], ARGV[9]), 'late_mode', pick(ARGV[10], ARGV[11]),
-    'skew', pick(ARGV[12], ARGV[13]))
+    'skew', pick(ARGV[12], ARGV[13]), 'skew_max', pick(ARGV[12], ARGV[13]))
   return 'recorded'
 end
 if ARGV[6] ~= '' then
@@ -46,7 +46,11 @@ if not c[7] or ARGV[10] ~= '' then
   redis.call('HSET', KEYS[1], 'late_mode', pick(ARGV[10], ARGV[11]))
 end
 if not c[8] or ARGV[12] ~= '' then
-  redis.call('HSET', KEYS[1], 'skew', pick(ARGV[12], ARGV[13]))
+  -- `skew_max`, the largest MAX_FUTURE_SKEW ever recorded, is what the write script holds a
+  -- stamped pulse with an id to: it may have first arrived that far before its time.
+  local skew = pick(ARGV[12], ARGV[13])
+  local most = math.max(tonumber(skew), tonumber(c[10]) or 0, tonumber(c[8]) or 0)
+  redis.call('HSET', KEYS[1], 'skew', skew, 'skew_max', most)
 end
 local ttl = tonumber(c[2])
 local new = tonumber(ARGV[2])

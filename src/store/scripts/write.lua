@@ -93,7 +93,7 @@ end
 local function late_conf(c)
   if not c.late then
     local v = redis.call('HMGET', c.key, 'late_max', 'late_mode', 'late_changed', 'late_prev',
-      'skew', 'ttl_changed', 'ttl_floor')
+      'skew_max', 'ttl_changed', 'ttl_floor', 'skew')
     local max = tonumber(v[1]) or tonumber(ARGV[6])
     -- A shard whose last DEDUPE_TTL change predates ttl_changed/ttl_floor: from prev_*.
     local ttl_changed = tonumber(v[6])
@@ -101,7 +101,8 @@ local function late_conf(c)
       ttl_changed = c.prev_until - 2 * c.prev_ttl
     end
     c.late = {max = max, refuse = (v[2] or ARGV[7]) == 'refuse', changed = tonumber(v[3]) or 0,
-      prev = tonumber(v[4]) or max, skew = tonumber(v[5]) or 0, ttl_changed = ttl_changed or 0,
+      prev = tonumber(v[4]) or max, skew = tonumber(v[5]) or tonumber(v[8]) or 0,
+      ttl_changed = ttl_changed or 0,
       ttl_floor = tonumber(v[7]) or (c.prev_ttl > 0 and c.prev_ttl) or c.ttl}
   end
   return c.late
@@ -109,8 +110,9 @@ end
 
 -- Whether a stamped pulse with an id is stamped too long ago for a re-send of it to be
 -- recognised: its marker is kept at least the dedupe TTL in force at its first arrival, which
--- may have been up to MAX_FUTURE_SKEW before its time; so its time must be within that TTL
--- less the skew of now. A pulse that may have first arrived before DEDUPE_TTL last changed
+-- may have been up to MAX_FUTURE_SKEW before its time (the largest ever recorded: it may have
+-- been lowered since); so its time must be within that TTL less that skew of now. A pulse
+-- that may have first arrived before DEDUPE_TTL last changed
 -- is held to the smallest TTL it had (`ttl_floor`). The edge checks the same with this
 -- replica's settings (`timestamp_errors`); this is the deployment's.
 local function too_old_for_its_id(c, t)
