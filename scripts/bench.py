@@ -308,7 +308,11 @@ class Bench:
         port = free_port()
         c = self.procs.start([os.path.join(BIN, "pulse-ceiling"), "--listen", f"127.0.0.1:{port}"])
         wait_port(port)
+        cpu0 = proc_cpu(c.pid)
         self.ceiling = wrk(f"http://127.0.0.1:{port}/ingest", self.scripts["single"])
+        # The limit an ingestor request's CPU is compared with: the bare handler's, same load.
+        self.ceiling_us = (proc_cpu(c.pid) - cpu0) * 1e6 / max(self.ceiling["rps"] * DUR, 1)
+        self.hincrby_us = self.hincrby_limit()
         self.ceiling_batch = wrk(f"http://127.0.0.1:{port}/ingest/batch", self.scripts["batch"],
                                  conns=8)
         self.procs.stop(c)
@@ -319,6 +323,25 @@ class Bench:
                           self.ceiling_batch["p50"], self.ceiling_batch["p99"], None, 1.0,
                           "n/a (no work)"))
         print(f"ceiling: {self.ceiling['rps']:,.0f} req/s", file=sys.stderr)
+
+    def hincrby_limit(self, n=1_000_000):
+        """The limit a pulse's Redis CPU is compared with, on this run's Redis (AOF as the
+        scenarios have it): one pipelined HINCRBY into a 3,000-field hash, Redis CPU µs per
+        command (`INFO` user+sys around `redis-benchmark -P 32`)."""
+        def run(count):
+            subprocess.run(["redis-benchmark", "-p", str(self.rport), "-P", "32", "-c", "4",
+                            "-n", str(count), "-r", "3000", "-q", "HINCRBY", "bench:limit",
+                            "__rand_int__", "1"], capture_output=True, check=True)
+        run(50_000)
+        cpu0, _ = redis_info(self.rport)
+        run(n)
+        cpu1, _ = redis_info(self.rport)
+        subprocess.run(["redis-cli", "-p", str(self.rport), "DEL", "bench:limit"],
+                       capture_output=True)
+        us = (cpu1 - cpu0) * 1e6 / n
+        print(f"limit: one pipelined HINCRBY = {us:.2f} µs of Redis CPU; bare handler = "
+              f"{self.ceiling_us:.1f} µs of CPU per request", file=sys.stderr)
+        return us
 
     def s2_durable(self):
         self.http_scenario("2. POST /ingest, durable ack, 64 conns", {"ACK_MODE": "durable"},
@@ -540,18 +563,26 @@ class Bench:
         for name, thr, p50, p99, rss, ratio, books_ in self.rows:
             table.append(f"| {name} | {thr} | {fmt(p50, '{:.2f}')} | {fmt(p99, '{:.2f}')} | "
                          f"{fmt(rss, '{:.0f}')} | {fmt(ratio, '{:.2f}')} | {books_} |")
+        h, b = getattr(self, "hincrby_us", 0) or 1e-9, getattr(self, "ceiling_us", 0) or 1e-9
         table += ["", "Cost model (same run; Redis CPU from `INFO` user+sys, script calls from "
                   "`INFO commandstats`, pulses per commit from `ingestor_commit_batch_pulses`, ingestor "
-                  "CPU from `/proc/<pid>/stat`):", "",
-                  "| scenario | Redis CPU µs per pulse | script calls per pulse | pulses per commit | ingestor CPU µs per request |",
-                  "|---|---|---|---|---|"]
+                  "CPU from `/proc/<pid>/stat`). Limits measured in the same run: one pipelined "
+                  f"`HINCRBY` into a 3,000-field hash = {h:.2f} µs of Redis CPU (`redis-benchmark "
+                  f"-P 32`, same Redis, AOF on); the bare handler (`pulse-ceiling`, scenario 1) = "
+                  f"{b:.1f} µs of CPU per request:", "",
+                  "| scenario | Redis CPU µs per pulse | ÷ one HINCRBY | script calls per pulse | pulses per commit | ingestor CPU µs per request | ÷ bare handler |",
+                  "|---|---|---|---|---|---|---|"]
         for name, c in self.costs:
-            table.append(f"| {name} | {c['redis_us']:.2f} | {c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} |")
+            single = "single" in name or name.startswith(("2", "3"))
+            ratio = f"{c['ingestor_us'] / b:.2f}×" if single else "—"
+            table.append(f"| {name} | {c['redis_us']:.2f} | {c['redis_us'] / h:.2f}× | "
+                         f"{c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} | {ratio} |")
         for n, rps, c in self.fleet:
             table.append(f"| 9. fleet: {n} replicas, one Redis, single pulses ({rps:,.0f} req/s in total, "
                          f"Redis busy {c['redis_busy'] / DUR * 100:.0f} % of a core; projected "
                          f"{1e6 / max(c['redis_us'], 0.01):,.0f} pulses/s per Redis core) | {c['redis_us']:.2f} | "
-                         f"{c['calls']:.3f} | {c['per_commit']:.1f} | {c['ingestor_us']:.1f} |")
+                         f"{c['redis_us'] / h:.2f}× | {c['calls']:.3f} | {c['per_commit']:.1f} | "
+                         f"{c['ingestor_us']:.1f} | {c['ingestor_us'] / b:.2f}× |")
         # Fleet projection: pulses per Redis core, from each scenario's Redis CPU per pulse.
         per_core = [f"{name.split('.')[0]}: {1e6 / max(c['redis_us'], 0.01):,.0f}"
                     for name, c in self.costs]
