@@ -9,7 +9,8 @@
 //! stay in Redis. 404 and 405, and a DNS or TLS failure, say the endpoint is wrong, not the
 //! records: retried too (reason `endpoint`, never dead-lettered), counted in
 //! `ingestor_processor_endpoint_errors_total` and shown on `/readyz` and the page. Any other
-//! status: a permanent refusal, whose records are dead-lettered (invariant 5). A Processor that already holds a `record_id` should answer 2xx (upsert).
+//! status: a permanent refusal, whose records are dead-lettered (invariant 5). A Processor
+//! that already holds a `record_id` should answer 2xx (upsert).
 
 use std::time::Duration;
 

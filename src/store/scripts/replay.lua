@@ -16,7 +16,7 @@ end
 local moved = 0
 for i = 1, #kv, 2 do
   local d = cjson.decode(kv[i + 1])
-  combine(KEYS[2], kv[i], d['lo'], d['hi'], d['ts'])
+  combine(KEYS[2], kv[i], aggregation_of(kv[i]), d['lo'], d['hi'], d['ts'])
   redis.call('HDEL', KEYS[1], kv[i])
   moved = moved + 1
 end

@@ -125,30 +125,28 @@ local function aggregation_of(f)
 end
 
 -- Combines one record's value (lo, hi limb strings; ts, a `latest` meter's event time in ms or
--- nil) into field f of hash h by the field's aggregation (invariant 18): sums and counts add,
--- a max or min keeps the larger or smaller, a latest keeps the later event time (a tie: the
--- value combined last, which arrived later). Every path that moves a record into a hash that
--- may already hold its field — a seal's merge, a replay — goes through here, so a max is never
--- added.
-local function combine(h, f, lo, hi, ts)
-  local op = aggregation_of(f)
-  if op == 'sum' or op == 'count' then
+-- nil) into field f of hash h by its aggregation `agg` (sum, count, max, min, latest;
+-- invariant 18): sums and counts add, a max or min keeps the larger or smaller, a latest keeps
+-- the later event time (a tie: the value combined last, which arrived later). The write
+-- script's meters, a seal's merge and a replay all go through here, so a max is never added.
+local function combine(h, f, agg, lo, hi, ts)
+  if agg == 'sum' or agg == 'count' then
     add(h, key.hi(h), f, lo, hi)
     return
   end
   local cl = redis.call('HGET', h, f)
-  if op == 'latest' then
+  if agg == 'latest' then
     local ct = tonumber(redis.call('HGET', key.ts(h), f))
     if not cl or not ct or (ts and tonumber(ts) >= ct) then
       put(h, f, lo, hi)
-      if ts then redis.call('HSET', key.ts(h), f, ts) end
+      if ts then redis.call('HSET', key.ts(h), f, string.format('%d', tonumber(ts))) end
     end
     return
   end
   local better = true
   if cl then
     local ch = redis.call('HGET', key.hi(h), f) or '0'
-    if op == 'max' then better = greater(hi, lo, ch, cl) else better = greater(ch, cl, hi, lo) end
+    if agg == 'max' then better = greater(hi, lo, ch, cl) else better = greater(ch, cl, hi, lo) end
   end
   if better then put(h, f, lo, hi) end
 end
@@ -161,7 +159,7 @@ local function merge_exact(from, into)
     local f = kv[i]
     local hi = redis.call('HGET', key.hi(from), f) or '0'
     local ts = redis.call('HGET', key.ts(from), f)
-    combine(into, f, kv[i + 1], hi, ts)
+    combine(into, f, aggregation_of(f), kv[i + 1], hi, ts)
   end
   redis.call('DEL', from, key.hi(from), key.ts(from))
 end

@@ -55,35 +55,22 @@ local now_ms = nil
 local function suffixed(f, name)
   return string.sub(f, 1, -2) .. ',"' .. name .. '"]'
 end
--- Applies one aggregation of a pulse to hash h; returns the field it wrote.
+-- A meter's aggregation letters (meters.rs) as the names its fields carry.
+local METER = {c = 'count', x = 'max', n = 'min', l = 'latest'}
+-- Applies one aggregation of a pulse to hash h (a count adds 1 per pulse); returns the
+-- field it wrote.
 local function apply(h, f, op, lo, hi, ts)
   if op == 's' then
     add(h, key.hi(h), f, lo, hi)
     return f
-  elseif op == 'c' then
-    local g = suffixed(f, 'count')
-    add(h, key.hi(h), g, '1000000000000', '0')
-    return g
-  elseif op == 'x' or op == 'n' then
-    local g = suffixed(f, op == 'x' and 'max' or 'min')
-    local cl = redis.call('HGET', h, g)
-    local better = true
-    if cl then
-      local ch = redis.call('HGET', key.hi(h), g) or '0'
-      if op == 'x' then better = greater(hi, lo, ch, cl) else better = greater(ch, cl, hi, lo) end
-    end
-    if better then put(h, g, lo, hi) end
-    return g
-  else
-    -- latest: by event time (ms), ties to the later arrival
-    local g = suffixed(f, 'latest')
-    local ct = tonumber(redis.call('HGET', key.ts(h), g))
-    if not ct or ts >= ct then
-      put(h, g, lo, hi)
-      redis.call('HSET', key.ts(h), g, string.format('%d', ts))
-    end
-    return g
   end
+  local agg = METER[op]
+  local g = suffixed(f, agg)
+  if op == 'c' then
+    lo, hi = '1000000000000', '0'
+  end
+  combine(h, g, agg, lo, hi, ts)
+  return g
 end
 
 -- The shard's late-pulse settings (recorded by settings.lua, so every replica places alike;
