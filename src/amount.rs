@@ -83,6 +83,17 @@ impl Amount {
         if text.len() > MAX_TEXT {
             return Err(AmountError::TooLong);
         }
+        if let Some(units) = plain_units(text, decimals) {
+            if units > max.0 {
+                return Err(AmountError::TooLarge(max));
+            }
+            return Ok(Amount(units));
+        }
+        Self::parse_general(text, decimals, max)
+    }
+
+    /// [`Self::parse_decimal`] by `bigdecimal`: any decimal text, exponents included.
+    fn parse_general(text: &str, decimals: u32, max: Amount) -> Result<Self, AmountError> {
         let d = BigDecimal::from_str(text).map_err(|_| AmountError::NotANumber)?;
         let d = d.normalized();
         if d.sign() == bigdecimal::num_bigint::Sign::Minus {
@@ -117,6 +128,38 @@ impl Amount {
     pub fn from_limbs(hi: u128, lo: u128) -> Option<Amount> {
         hi.checked_mul(LIMB)?.checked_add(lo).map(Amount)
     }
+}
+
+/// The common case without `bigdecimal` (which allocates a few times per amount): plain decimal
+/// text — digits, optionally a point and digits; no sign, no exponent — with at most 24 integer
+/// digits and at most `decimals` fractional digits once trailing zeros are set aside, as exact
+/// 10^-12 units. `None` for anything else, which the general parser then decides (and refuses
+/// or accepts exactly as before: the two agree wherever this answers, see the tests).
+fn plain_units(text: &str, decimals: u32) -> Option<u128> {
+    let (int, frac) = match text.split_once('.') {
+        Some((i, f)) => (i, f.trim_end_matches('0')),
+        None => (text, ""),
+    };
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty()
+        || int.len() > 24
+        || frac.len() > decimals.min(SCALE) as usize
+        || !digits(int)
+        || !digits(frac)
+        || (text.contains('.') && text.ends_with('.'))
+    {
+        return None;
+    }
+    let mut units: u128 = 0;
+    for b in int.bytes() {
+        units = units * 10 + u128::from(b - b'0');
+    }
+    let mut f: u128 = 0;
+    for b in frac.bytes() {
+        f = f * 10 + u128::from(b - b'0');
+    }
+    // 24 integer digits × 10^12 < 10^36 < u128::MAX: no overflow.
+    Some(units * ONE + f * 10u128.pow(SCALE - frac.len() as u32))
 }
 
 impl fmt::Display for Amount {
@@ -199,6 +242,28 @@ mod tests {
 
     fn p(s: &str) -> Result<Amount, AmountError> {
         Amount::parse_json(s, 9, MAX)
+    }
+
+    proptest! {
+        /// The fast path for plain decimals answers exactly what the general parser does.
+        #[test]
+        fn plain_decimals_parse_as_the_general_parser_does(
+            int in "[0-9]{1,26}",
+            frac in proptest::option::of("[0-9]{0,16}"),
+            decimals in 0u32..=12,
+        ) {
+            let text = match &frac { Some(f) => format!("{int}.{f}"), None => int.clone() };
+            let max = Amount(MAX_HI * LIMB);
+            if let (Some(units), Ok(general)) =
+                (plain_units(&text, decimals), Amount::parse_general(&text, decimals, max))
+            {
+                prop_assert_eq!(Amount(units), general);
+            }
+            prop_assert_eq!(
+                Amount::parse_decimal(&text, decimals, max),
+                Amount::parse_general(&text, decimals, max)
+            );
+        }
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! The two router-wide request layers, as plain tower services.
 //!
-//! axum's `middleware::from_fn` clones the service it wraps on every request — here each
-//! route's boxed service, one heap allocation per layer per request (~16 % of the ingestor's
-//! instructions in the callgrind replay, BENCHMARKS.md). These call the inner service in place:
-//! a route is always ready, and `poll_ready` is passed through.
+//! axum's `middleware::from_fn` clones the service it wraps on every request (one heap
+//! allocation per request). These call the inner service in place: the router is always ready,
+//! and `poll_ready` is passed through. They run around the router (see `router`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use futures::FutureExt;
 use futures::future::{Either, Map, Ready, ready};
@@ -82,9 +82,9 @@ where
     }
 }
 
-/// [`super::record`] around every route.
+/// [`super::record`] around the router, given the paths it serves.
 #[derive(Clone)]
-pub(crate) struct RecordLayer(pub(crate) AppState);
+pub(crate) struct RecordLayer(pub(crate) AppState, pub(crate) Arc<[&'static str]>);
 
 impl<S> Layer<S> for RecordLayer {
     type Service = Record<S>;
@@ -92,6 +92,7 @@ impl<S> Layer<S> for RecordLayer {
         Record {
             inner,
             state: self.0.clone(),
+            paths: self.1.clone(),
         }
     }
 }
@@ -100,6 +101,7 @@ impl<S> Layer<S> for RecordLayer {
 pub(crate) struct Record<S> {
     inner: S,
     state: AppState,
+    paths: Arc<[&'static str]>,
 }
 
 impl<S> Service<Request> for Record<S>
@@ -118,8 +120,7 @@ where
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {
-        // The matched path is an `Arc<str>`: cloned, not copied into a new string.
-        let route = req.extensions().get::<MatchedPath>().cloned();
+        let route = super::route_of(&self.paths, &req);
         let started = Instant::now();
         req.extensions_mut().insert(RequestStart(started));
         let state = self.state.clone();

@@ -30,11 +30,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware;
 use axum::response::Response;
 use axum::routing::{MethodRouter, get, post};
 use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -114,10 +115,48 @@ fn with_routes(
         .fold(router, |r, (path, handlers)| r.route(path, handlers))
 }
 
-/// Builds the router.
-pub(crate) fn router(state: AppState) -> Router {
+/// The paths the router serves (every route's, fixed: none has a parameter), for the request
+/// span and the per-route metrics, which run around the router and so before it has matched.
+fn served_paths(metrics_here: bool) -> Arc<[&'static str]> {
+    let mut paths: Vec<&'static str> = api_routes()
+        .into_iter()
+        .chain(admin_routes())
+        .map(|(p, _)| p)
+        .collect();
+    if metrics_here {
+        paths.push("/metrics");
+    }
+    paths.into()
+}
+
+/// The route a request is for, as axum would match it: its path if the router serves it,
+/// else `unmatched`.
+fn route_of(paths: &[&'static str], req: &Request) -> &'static str {
+    let path = req.uri().path();
+    paths
+        .iter()
+        .find(|p| **p == path)
+        .copied()
+        .unwrap_or("unmatched")
+}
+
+/// The service the HTTP server runs: every route, inside the request layers.
+///
+/// The layers wrap the router as a whole, not each route (`Router::layer` would): axum clones a
+/// route's boxed service on every request, and with the layers inside it that is one heap
+/// allocation per layer and method — 45 per single-pulse request, ~20 % of the ingestor's
+/// instructions (BENCHMARKS.md, round four). Around the router they are cloned with the
+/// connection's service, once per request, without allocating.
+pub(crate) fn router(
+    state: AppState,
+) -> impl Service<Request, Response = Response, Error = std::convert::Infallible, Future: Send + 'static>
++ Clone
++ Send
++ Sync
++ 'static {
     let body_limit = state.cfg.limits.max_body_bytes;
     let metrics_here = state.cfg.metrics_addr.is_none();
+    let paths = served_paths(metrics_here);
     // Operator routes: the admin token is checked once, for all of them.
     let admin = with_routes(Router::new(), admin_routes()).route_layer(
         middleware::from_fn_with_state(state.clone(), admin::require_token),
@@ -129,37 +168,36 @@ pub(crate) fn router(state: AppState) -> Router {
     } else {
         api
     };
-    api.layer(DefaultBodyLimit::max(body_limit))
-        // gzip and zstd bodies are decompressed while streaming; the body limit applies to the
-        // decompressed bytes, so a small bomb is refused (413) without being allocated.
-        .layer(RequestDecompressionLayer::new())
-        .layer(layers::EncodingCheckLayer)
+    let span_paths = paths.clone();
+    ServiceBuilder::new()
+        .map_response(axum::response::IntoResponse::into_response)
+        // Failures are logged by `recorded` with their route and reason, not as TraceLayer's
+        // bare ERROR "response failed".
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(move |req: &Request| request_span(route_of(&span_paths, req), req))
+                .on_failure(()),
+        )
+        // A panic in one handler answers that request 500 and leaves the rest running.
+        .layer(CatchPanicLayer::custom(panic_response(
+            state.metrics.clone(),
+        )))
+        .layer(layers::RecordLayer(state.clone(), paths))
         // A request that is not done in time (a body trickling in) is answered 408.
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             state.cfg.limits.request_timeout,
         ))
-        .layer(layers::RecordLayer(state.clone()))
-        // A panic in one handler answers that request 500 and leaves the rest running.
-        .layer(CatchPanicLayer::custom(panic_response(
-            state.metrics.clone(),
-        )))
-        // Failures are logged by `recorded` with their route and reason, not as TraceLayer's
-        // bare ERROR "response failed".
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(request_span)
-                .on_failure(()),
-        )
-        .with_state(state)
+        .layer(layers::EncodingCheckLayer)
+        // gzip and zstd bodies are decompressed while streaming; the body limit applies to the
+        // decompressed bytes, so a small bomb is refused (413) without being allocated.
+        .layer(RequestDecompressionLayer::new())
+        .layer(DefaultBodyLimit::max(body_limit))
+        .service(api.with_state(state))
 }
 
-/// The span of one request, with the route it matched (low cardinality, unlike the URI).
-fn request_span(req: &Request) -> tracing::Span {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str);
+/// The span of one request, with the route it is for (low cardinality, unlike the URI).
+fn request_span(route: &'static str, req: &Request) -> tracing::Span {
     // DEBUG, like TraceLayer's own span: at the default INFO level it costs the request nothing.
     tracing::debug_span!("request", method = %req.method(), matched_path = route)
 }
@@ -242,11 +280,10 @@ pub(crate) struct RequestStart(pub Instant);
 /// connection after a 413.
 fn recorded(
     state: &AppState,
-    route: Option<MatchedPath>,
+    route: &'static str,
     started: Instant,
     mut resp: Response,
 ) -> Response {
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     if let Some(r) = resp.extensions_mut().remove::<error::Rejection>()
         && route.starts_with("/ingest")
     {

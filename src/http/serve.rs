@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -18,13 +17,23 @@ use tracing::{debug, warn};
 
 /// Serves `router` on `listener` until `shutdown` fires, then waits for open connections to
 /// finish their current request (the caller bounds that wait).
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    router: S,
     header_read_timeout: Duration,
     max_connections: usize,
     shutdown: CancellationToken,
-) {
+) where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
