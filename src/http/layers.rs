@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use futures::FutureExt;
 use futures::future::{Either, Map, Ready, ready};
 use tower::{Layer, Service};
+use tower_http::decompression::{DecompressionBody, RequestDecompression};
 
 use super::{AppState, RequestStart};
 
@@ -36,50 +37,88 @@ where
     inner.poll_ready(cx).map_err(Into::into)
 }
 
-/// [`super::supported_encoding`] in front of every route.
-#[derive(Clone, Copy)]
-pub(crate) struct EncodingCheckLayer;
+/// [`super::supported_encoding`] in front of the router; gzip and zstd bodies are decompressed
+/// while streaming (the body limit applies to the decompressed bytes, so a small bomb is refused
+/// with 413 without being allocated), other bodies reach the router as they are — no
+/// decompression wrapper on the body of every plain request.
+#[derive(Clone)]
+pub(crate) struct EncodingCheck<S> {
+    plain: S,
+    decoding: RequestDecompression<S>,
+}
 
-impl<S> Layer<S> for EncodingCheckLayer {
-    type Service = EncodingCheck<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        EncodingCheck { inner }
+impl<S: Clone> EncodingCheck<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        EncodingCheck {
+            decoding: RequestDecompression::new(inner.clone()),
+            plain: inner,
+        }
     }
 }
 
-#[derive(Clone)]
-pub(crate) struct EncodingCheck<S> {
-    inner: S,
-}
+type Mapped<F, R, E> = Map<F, fn(Result<R, E>) -> Answer>;
 
-type Mapped<S> = Map<
-    <S as Service<Request>>::Future,
-    fn(Result<<S as Service<Request>>::Response, <S as Service<Request>>::Error>) -> Answer,
->;
+type Decoding<S> = RequestDecompression<S>;
 
-impl<S> Service<Request> for EncodingCheck<S>
+impl<S, B> Service<Request> for EncodingCheck<S>
 where
-    S: Service<Request>,
-    S::Response: IntoResponse,
-    S::Error: Into<Infallible>,
+    S: Service<Request, Response = axum::http::Response<B>, Error = Infallible>
+        + Service<
+            axum::http::Request<DecompressionBody<axum::body::Body>>,
+            Response = axum::http::Response<B>,
+            Error = Infallible,
+        >,
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<Ready<Answer>, Mapped<S>>;
+    #[allow(clippy::type_complexity)]
+    type Future = Either<
+        Ready<Answer>,
+        Either<
+            Mapped<<S as Service<Request>>::Future, axum::http::Response<B>, Infallible>,
+            Mapped<
+                <Decoding<S> as Service<Request>>::Future,
+                <Decoding<S> as Service<Request>>::Response,
+                <Decoding<S> as Service<Request>>::Error,
+            >,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        ready_inner(&mut self.inner, cx)
+        // The router is always ready (axum's routes are).
+        ready_inner(&mut self.plain, cx)
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         match super::supported_encoding(&mut req) {
-            Ok(()) => Either::Right(self.inner.call(req).map(answer as fn(_) -> _)),
+            Ok(false) => Either::Right(Either::Left(
+                Service::<Request>::call(&mut self.plain, req).map(answer as fn(_) -> _),
+            )),
+            Ok(true) => Either::Right(Either::Right(
+                self.decoding.call(req).map(decoded as fn(_) -> _),
+            )),
             Err(refused) => Either::Left(ready(Ok(super::error::ApiError::UnsupportedMediaType(
                 refused,
             )
             .into_response()))),
         }
     }
+}
+
+fn decoded<R: IntoResponse, E: Into<axum::BoxError>>(r: Result<R, E>) -> Answer {
+    Ok(match r {
+        Ok(r) => r.into_response(),
+        // Only the router's own error comes here, and it has none (a decompression error
+        // surfaces while the body is read: a 400 from the extractor).
+        Err(e) => super::error::ApiError::Invalid(vec![crate::pulse::FieldError {
+            index: None,
+            field: "body".into(),
+            message: e.into().to_string(),
+        }])
+        .into_response(),
+    })
 }
 
 /// [`super::record`] around the router, given the paths it serves.

@@ -35,9 +35,8 @@ use axum::middleware;
 use axum::response::Response;
 use axum::routing::{MethodRouter, get, post};
 use tokio_util::sync::CancellationToken;
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -188,12 +187,9 @@ pub(crate) fn router(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             state.cfg.limits.request_timeout,
         ))
-        .layer(layers::EncodingCheckLayer)
-        // gzip and zstd bodies are decompressed while streaming; the body limit applies to the
-        // decompressed bytes, so a small bomb is refused (413) without being allocated.
-        .layer(RequestDecompressionLayer::new())
-        .layer(DefaultBodyLimit::max(body_limit))
-        .service(api.with_state(state))
+        .service(layers::EncodingCheck::new(
+            DefaultBodyLimit::max(body_limit).layer(api.with_state(state)),
+        ))
 }
 
 /// The span of one request, with the route it is for (low cardinality, unlike the URI).
@@ -230,7 +226,7 @@ pub(crate) fn metrics_router(state: AppState) -> Router {
 /// codings are case-insensitive, and `identity` is no coding at all — so what this check
 /// accepts is exactly what gets decoded, never tower-http's bodiless 415.
 /// `Err`: the refusal's message.
-fn supported_encoding(req: &mut Request) -> Result<(), String> {
+fn supported_encoding(req: &mut Request) -> Result<bool, String> {
     use axum::http::{HeaderValue, header::CONTENT_ENCODING};
     if let Some(v) = req.headers().get(CONTENT_ENCODING) {
         let enc = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
@@ -238,10 +234,12 @@ fn supported_encoding(req: &mut Request) -> Result<(), String> {
             "gzip" | "x-gzip" => {
                 req.headers_mut()
                     .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                return Ok(true);
             }
             "zstd" => {
                 req.headers_mut()
                     .insert(CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+                return Ok(true);
             }
             "identity" | "" => {
                 req.headers_mut().remove(CONTENT_ENCODING);
@@ -253,7 +251,7 @@ fn supported_encoding(req: &mut Request) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// A JSON object (operator answers, health).

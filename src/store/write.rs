@@ -157,9 +157,15 @@ impl Store {
         let layout = SectionLayout::of(items);
         inv.arg(self.keys.base(shard))
             .arg(layout.plain.len())
+            .arg(layout.big.len())
             .arg(layout.ids.len())
             .arg(layout.stamped.len());
+        // A plain pulse below 1,000 units (nearly all) has no high limb: two arguments, not three.
         for &i in &layout.plain {
+            let (_, lo) = items[i].amount.limbs();
+            inv.arg(&items[i].field).arg(lo);
+        }
+        for &i in &layout.big {
             let (hi, lo) = items[i].amount.limbs();
             inv.arg(&items[i].field).arg(lo).arg(hi);
         }
@@ -283,7 +289,9 @@ impl Store {
 #[derive(Debug, Default, Clone, PartialEq)]
 struct SectionLayout {
     size: usize,
+    /// Plain items whose amount has no high limb (below 1,000 units), and those with one.
     plain: Vec<usize>,
+    big: Vec<usize>,
     ids: Vec<usize>,
     stamped: Vec<usize>,
 }
@@ -298,7 +306,8 @@ impl SectionLayout {
             match (it.timestamp_ms.is_some() || !it.ops.is_empty(), &it.digest) {
                 (true, _) => l.stamped.push(i),
                 (false, Some(_)) => l.ids.push(i),
-                (false, None) => l.plain.push(i),
+                (false, None) if it.amount.limbs().0 == 0 => l.plain.push(i),
+                (false, None) => l.big.push(i),
             }
         }
         l
@@ -560,6 +569,7 @@ mod tests {
             plain: (0..size)
                 .filter(|i| !ids.contains(i) && !stamped.contains(i))
                 .collect(),
+            big: Vec::new(),
             ids: ids.to_vec(),
             stamped: stamped.to_vec(),
         }

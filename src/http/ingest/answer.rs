@@ -90,6 +90,57 @@ impl Accepted {
         }
     }
 
+    /// The 202 response carrying this answer. The common answers — `status` with `accepted`,
+    /// `duplicates` and `window_start`, or `pulses` — are written directly (the derived
+    /// serializer costs ~2,300 instructions a single pulse, ~5 % of the request); any other is
+    /// serialized. Both write the same text (`the_common_answers_read_as_serialized`).
+    pub fn into_response(self) -> axum::response::Response {
+        use axum::http::{HeaderValue, StatusCode, header::CONTENT_TYPE};
+        use axum::response::IntoResponse;
+        let body = self.common_text().map_or_else(
+            || serde_json::to_vec(&self).expect("plain fields always serialize"),
+            String::into_bytes,
+        );
+        (
+            StatusCode::ACCEPTED,
+            [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        )
+            .into_response()
+    }
+
+    /// The text of an answer with no fields beyond the common ones; `None` otherwise.
+    fn common_text(&self) -> Option<String> {
+        let plain = self.windows.is_none()
+            && self.late.is_none()
+            && self.amended.is_none()
+            && self.ahead.is_none()
+            && self.refused.is_none()
+            && self.items.is_none();
+        if !plain {
+            return None;
+        }
+        let mut out = String::with_capacity(96);
+        out.push_str(match self.status {
+            AcceptedStatus::Committed => r#"{"status":"committed""#,
+            AcceptedStatus::Queued => r#"{"status":"queued""#,
+        });
+        let mut field = |name: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                out.push_str(",\"");
+                out.push_str(name);
+                out.push_str("\":");
+                out.push_str(itoa::Buffer::new().format(v));
+            }
+        };
+        field("accepted", self.accepted.map(|v| v as u64));
+        field("duplicates", self.duplicates.map(|v| v as u64));
+        field("window_start", self.window_start);
+        field("pulses", self.pulses.map(|v| v as u64));
+        out.push('}');
+        Some(out)
+    }
+
     /// A durable commit's answer.
     pub fn committed(o: &Outcome, shape: &Shape) -> Self {
         let mut a = Accepted {
@@ -253,5 +304,36 @@ pub fn refusal(r: Refused, counted: Counted) -> (&'static str, String) {
                 "too old: the window this timestamp falls in is final (older than the deployment's LATE_MAX_AGE for it); {tail}"
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod answer_text {
+    use super::*;
+
+    #[test]
+    fn the_common_answers_read_as_serialized() {
+        let committed = |accepted, duplicates, window_start| Accepted {
+            accepted: Some(accepted),
+            duplicates: Some(duplicates),
+            window_start,
+            ..Default::default()
+        };
+        for a in [
+            committed(1, 0, Some(1_700_000_000)),
+            committed(0, 1, Some(0)),
+            committed(1000, 24, None),
+            committed(usize::MAX, 0, Some(u64::MAX)),
+            Accepted::queued(7),
+            Accepted::default(),
+        ] {
+            let text = a.common_text().expect("a common answer");
+            assert_eq!(text, serde_json::to_string(&a).unwrap());
+        }
+        let with_windows = Accepted {
+            windows: Some(vec![60]),
+            ..committed(1, 0, Some(60))
+        };
+        assert_eq!(with_windows.common_text(), None);
     }
 }

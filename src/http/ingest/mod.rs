@@ -4,11 +4,10 @@
 mod answer;
 mod checks;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
 pub use answer::Accepted;
@@ -47,7 +46,7 @@ async fn submit(
             SubmitError::Closed => unavailable("shutting down; retry on another replica".into()),
         })?;
     let Some(rx) = rx else {
-        return Ok((StatusCode::ACCEPTED, Json(Accepted::queued(n))).into_response());
+        return Ok(Accepted::queued(n).into_response());
     };
     // Answer before the request timeout would: once queued, a pulse may be committed, and a
     // 408 would tell the client it was not. A little before the deadline we answer the
@@ -107,8 +106,7 @@ fn committed(
                 m.with_label_values(&["amendment"]).inc_by(o.amended as u64);
                 m.with_label_values(&["ahead"]).inc_by(o.ahead as u64);
             }
-            let body = Accepted::committed(&o, shape);
-            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+            Ok(Accepted::committed(&o, shape).into_response())
         }
         Err(CommitError::Unavailable(_)) => Err(ApiError::Unavailable(
             "storage unavailable; nothing was counted, retry later".into(),
@@ -404,8 +402,7 @@ async fn count(
     let pulses = decode(state, &raw, fmt, key, &mut shape)?;
     if pulses.is_empty() {
         // A partial batch with no valid item: nothing to count, every item answered refused.
-        let body = Accepted::committed(&crate::ingest::Outcome::default(), &shape);
-        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+        return Ok(Accepted::committed(&crate::ingest::Outcome::default(), &shape).into_response());
     }
     authorise(state, headers, &pulses)?;
     let taken = rate_limit(state, &pulses)?;

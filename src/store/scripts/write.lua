@@ -8,8 +8,9 @@
 -- SHARDS, ARGV[6] LATE_MAX_AGE (s), ARGV[7] LATE_PULSES ("amend" or "refuse"), ARGV[8] Redis
 -- time (s) until which the marker sets of the release before are consulted (0: none),
 -- ARGV[9] markers per slot hash (see MARKS_PER_SLOT); then per section:
--- shard base (e.g. "{pulses:7}"), count of items without id, count with id, count stamped;
--- the items without id as (field, lo, hi); the items with id as (field, lo, hi, marker); the
+-- shard base (e.g. "{pulses:7}"), count of items without id whose hi is 0, count of those
+-- with a hi, count with id, count stamped; the items without id as (field, lo) and, with a
+-- hi, as (field, lo, hi); the items with id as (field, lo, hi, marker); the
 -- rich items — stamped or metered — as (field, lo, hi, event time in ms or "", marker or "",
 -- aggregations or "" (sum)); aggregations are letters: s sum, c count, x max, n min, l latest (meters.rs). lo and hi are decimal limb strings (lo < 10^15);
 -- a marker is 12 bytes of digest and 2 of tenant placement.
@@ -303,16 +304,18 @@ local i = 10
 for s = 1, tonumber(ARGV[3]) do
   local base = ARGV[i]
   local plain = tonumber(ARGV[i + 1])
-  local ids = tonumber(ARGV[i + 2])
-  local timed = tonumber(ARGV[i + 3])
-  i = i + 4
+  local big = tonumber(ARGV[i + 2])
+  local ids = tonumber(ARGV[i + 3])
+  local timed = tonumber(ARGV[i + 4])
+  i = i + 5
   local c = conf(base, ARGV[1], ARGV[2], ARGV[5])
   if c.shards ~= shards then
     return redis.error_reply('SHARDSCHANGED ' .. c.shards)
   end
   local gen, start, _, stop = seal(base, now, c)
   local agg = key.agg(base, gen)
-  local first_id = i + plain * 3
+  local first_big = i + plain * 2
+  local first_id = first_big + big * 3
   local first_ts = first_id + ids * id_stride
   local after = first_ts + timed * ts_stride
   -- Stamped pulses first find their hashes.
@@ -345,7 +348,7 @@ for s = 1, tonumber(ARGV[3]) do
   -- smaller ones add at most one carry (+4,000) each, and 2^62 / 4,000 carries cannot happen
   -- within a window.
   local his = nil
-  local k = i
+  local k = first_big
   while k < after do
     local sums = k < first_ts or ARGV[k + 5] == '' or string.find(ARGV[k + 5], 's', 1, true)
     if ARGV[k + 2] ~= '0' and sums then
@@ -368,7 +371,7 @@ for s = 1, tonumber(ARGV[3]) do
       end
     end
   end
-  sections[s] = {base, i, first_id, first_ts, after, agg, start, c, targets, stop}
+  sections[s] = {base, i, first_big, first_id, first_ts, after, agg, start, c, targets, stop}
   i = after
 end
 -- Nothing of the commit is written when a key would leave the exact range or a stamped pulse's
@@ -385,10 +388,16 @@ end
 
 local out = {}
 for s = 1, #sections do
-  local base, first, first_id, first_ts, after, agg, start, c, targets, stop = unpack(sections[s])
+  local base, first, first_big, first_id, first_ts, after, agg, start, c, targets, stop =
+    unpack(sections[s])
   local len = c.window
   local hi = key.hi(agg)
-  for k = first, first_id - 1, 3 do
+  for k = first, first_big - 1, 2 do
+    if add(agg, hi, ARGV[k], ARGV[k + 1], '0') then
+      index(base, start, ARGV[k], len)
+    end
+  end
+  for k = first_big, first_id - 1, 3 do
     if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
       index(base, start, ARGV[k], len)
     end
