@@ -456,6 +456,58 @@ async fn a_pulse_id_is_remembered_for_at_least_the_dedupe_ttl() {
     app.stop().await.unwrap();
 }
 
+/// Each marker hash gets its expiry from the first commit that writes it (noted once per bucket,
+/// not set again per id): after many commits touching the same hashes, every one of them
+/// expires within two DEDUPE_TTLs, and every id is still a duplicate when sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_marker_hash_expires_though_its_expiry_is_set_once() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[("DEDUPE_TTL", "60s")])).await;
+    let batch = |round: usize| {
+        serde_json::Value::Array(
+            (0..200)
+                .map(|i| {
+                    let mut p = pulse("t", "s", "KB", 1.0);
+                    p["pulse_id"] = serde_json::json!(format!("id-{round}-{i}"));
+                    p
+                })
+                .collect(),
+        )
+    };
+    // 10 commits of 200 ids over the slot hashes of a first bucket: every hash is written by
+    // several commits.
+    for round in 0..10 {
+        let (s, _, body) = app.post_batch(&batch(round)).await;
+        assert_eq!(
+            (s, &body["accepted"]),
+            (202, &serde_json::json!(200)),
+            "{body}"
+        );
+    }
+    let keys: Vec<String> = redis.cmd(&["KEYS", "{pulses:*}:seen:*"]);
+    assert!(
+        keys.len() > 50,
+        "ids spread over the slot hashes: {}",
+        keys.len()
+    );
+    for k in &keys {
+        let ttl: i64 = redis.cmd(&["TTL", k]);
+        assert!(
+            ttl > 0 && ttl <= 120,
+            "{k} expires within two DEDUPE_TTLs: {ttl}"
+        );
+    }
+    for round in 0..10 {
+        let (s, _, body) = app.post_batch(&batch(round)).await;
+        assert_eq!(
+            (s, &body["duplicates"]),
+            (202, &serde_json::json!(200)),
+            "{body}"
+        );
+    }
+    app.stop().await.unwrap();
+}
+
 /// The release that kept one string key per pulse id (the float layout's markers): they are no
 /// longer read, so while they may be live — `DEDUPE_TTL` after the release before first started,
 /// or for a deployment that release never ran — the start is refused, saying until when.

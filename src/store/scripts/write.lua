@@ -209,8 +209,10 @@ local MARKS_PER_SLOT = tonumber(ARGV[9])
 -- ids still fits Redis' listpack encoding, however many shards the deployment has.
 local DEFAULT_SLOTS = math.max(1, math.ceil(1024 / shards))
 
-local function slot(mk, slots)
-  return (string.byte(mk, 1) * 256 + string.byte(mk, 2)) % slots
+-- The slot hash of a marker: the key prefix of its bucket and its slot number (see
+-- `slot_key_names` in keys_lib.lua).
+local function slot_key(prefix, mk, slots)
+  return slot_key_names(prefix, (string.byte(mk, 1) * 256 + string.byte(mk, 2)) % slots)
 end
 
 -- Where a section's markers go and where earlier ones may be: {cur = key prefix, slots,
@@ -281,11 +283,11 @@ end
 
 -- Whether a marker is remembered already (nothing is written).
 local function known(m, mk)
-  if redis.call('HEXISTS', m.cur .. slot(mk, m.slots), mk) == 1 then
+  if redis.call('HEXISTS', slot_key(m.cur, mk, m.slots), mk) == 1 then
     return true
   end
   for _, h in ipairs(m.hashes) do
-    if redis.call('HEXISTS', h[1] .. slot(mk, h[2]), mk) == 1 then
+    if redis.call('HEXISTS', slot_key(h[1], mk, h[2]), mk) == 1 then
       return true
     end
   end
@@ -409,14 +411,14 @@ for s = 1, #sections do
     local added = 0
     -- Whether the pulse id with this marker is new (and remembered from now on).
     local function first_time(mk)
-      local sk = m.cur .. slot(mk, m.slots)
-      if redis.call('HSETNX', sk, mk, 1) == 0 then
+      local sk = slot_key(m.cur, mk, m.slots)
+      if redis.call('HSETNX', sk, mk, '1') == 0 then
         return false
       end
       m.touched[sk] = true
       added = added + 1
       for _, h in ipairs(m.hashes) do
-        if redis.call('HEXISTS', h[1] .. slot(mk, h[2]), mk) == 1 then
+        if redis.call('HEXISTS', slot_key(h[1], mk, h[2]), mk) == 1 then
           return false
         end
       end
@@ -471,7 +473,7 @@ for s = 1, #sections do
       for sk in pairs(m.touched) do
         redis.call('EXPIREAT', sk, m.expire_at, 'NX')
       end
-      redis.call('HINCRBY', m.marks, m.count_field, added)
+      redis.call('HINCRBY', m.marks, m.count_field, string.format('%d', added))
     end
     flags, stamped = table.concat(flag), table.concat(stamp, ',')
   end
