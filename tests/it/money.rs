@@ -414,3 +414,36 @@ async fn data_of_the_float_layout_is_refused_at_start_and_left_as_it_is() {
     assert_eq!(s, 202);
     app.stop().await.unwrap();
 }
+
+/// The common write path (a plain pulse below 1,000 units, sent without its high limb) moves
+/// 4,000,000 units of a key's low limb into its high one when the low limb reaches them: 9,300
+/// single pulses of 999.999999999 to one key, one commit each — past what the low limb alone
+/// could hold (2^63 units of 10^-12, ~9,223,372 units) — sum exactly, in Redis and in the live
+/// usage, which lists the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_pulses_past_the_low_limbs_carry_sum_exactly() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(settings(&redis, &[("WINDOW", "1h")])).await;
+    let c = http();
+    let url = format!("{}/ingest", app.base);
+    for _ in 0..9_300 {
+        let (s, body) = post_raw(&c, &url, pulse_text("t", "S", "KB", "999.999999999")).await;
+        assert_eq!(s, 202, "{body}");
+    }
+    let want = "9299999.9999907";
+    let totals = redis.totals("pulses");
+    assert_eq!(
+        totals[&("t".into(), "S".into(), "KB".into())].to_string(),
+        want
+    );
+    let r: serde_json::Value = c
+        .get(format!("{}/v1/usage?tenant_id=t", app.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(r.to_string().contains(want), "{r}");
+    app.stop().await.unwrap();
+}

@@ -24,13 +24,18 @@ for n = 1, 18 do POW10[n] = 10 ^ n end
 -- compared first: a total that has grown past the increment's digits (the usual case) is told
 -- apart without turning the text into a number (`tonumber` costs Redis two strtod calls, ~9 %
 -- of a single pulse).
+-- Moves 4 × 10^18 of a field's lo into its hi (see above).
+local function carry(lohash, hihash, field)
+  redis.call('HINCRBY', lohash, field, CARRY_LO)
+  redis.call('HINCRBY', hihash, field, CARRY_HI)
+end
+
 local function add(lohash, hihash, field, lo, hi)
   local v = redis.call('HINCRBY', lohash, field, lo)
   local p = POW10[#lo]
   local fresh = (not p or v < p) and v == lo + 0
   if v >= CARRY_AT then
-    redis.call('HINCRBY', lohash, field, CARRY_LO)
-    redis.call('HINCRBY', hihash, field, CARRY_HI)
+    carry(lohash, hihash, field)
   end
   if hi ~= '0' then
     redis.call('HINCRBY', hihash, field, hi)
@@ -59,6 +64,24 @@ local function index(base, start, field, len)
   end
   if redis.call('SADD', key.idx(base, s, tenant), field) == 1 then
     redis.call('SADD', key.idxt(base, s), tenant)
+  end
+end
+
+-- `add` and `index` for a run of plain items — (field, lo) pairs of `args[from..to]`, no high
+-- limb — in one loop: the write path's common case, without a Lua call per pulse around its
+-- `HINCRBY` (~5 % of a pulse of a 1,000-pulse batch).
+local function add_plain(args, from, to, lohash, hihash, base, start, len)
+  local rcall = redis.call
+  for k = from, to, 2 do
+    local f, lo = args[k], args[k + 1]
+    local v = rcall('HINCRBY', lohash, f, lo)
+    if v >= CARRY_AT then
+      carry(lohash, hihash, f)
+    end
+    local p = POW10[#lo]
+    if (not p or v < p) and v == lo + 0 then
+      index(base, start, f, len)
+    end
   end
 end
 

@@ -394,11 +394,7 @@ for s = 1, #sections do
     unpack(sections[s])
   local len = c.window
   local hi = key.hi(agg)
-  for k = first, first_big - 1, 2 do
-    if add(agg, hi, ARGV[k], ARGV[k + 1], '0') then
-      index(base, start, ARGV[k], len)
-    end
-  end
+  add_plain(ARGV, first, first_big - 1, agg, hi, base, start, len)
   for k = first_big, first_id - 1, 3 do
     if add(agg, hi, ARGV[k], ARGV[k + 1], ARGV[k + 2]) then
       index(base, start, ARGV[k], len)
