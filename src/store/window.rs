@@ -5,11 +5,18 @@ use super::keys::PendingWindow;
 use super::scripts::{DELIVERED, FINISH_WINDOW};
 use super::{Conn, Store, StoreError};
 
-/// The exact total of a record from its two limbs, as canonical decimal text.
+/// The exact total of a record from its two limbs, as canonical decimal text. `lo` may be
+/// negative (by at most a few hundred units): releases before this one carried a low limb that
+/// Lua's doubles rounded up to the carry threshold, leaving `lo` just below zero and `hi` 4,000
+/// up — the total is still exact.
 pub fn exact_total(lo: &str, hi: &str) -> Option<String> {
-    let lo: u128 = lo.parse().ok()?;
+    let lo: i128 = lo.parse().ok()?;
     let hi: u128 = hi.parse().ok()?;
-    crate::amount::Amount::from_limbs(hi, lo).map(|a| a.to_string())
+    let total = i128::try_from(hi.checked_mul(crate::amount::LIMB)?)
+        .ok()?
+        .checked_add(lo)?;
+    let units = u128::try_from(total).ok()?;
+    Some(crate::amount::Amount::from_units(units).to_string())
 }
 
 /// A shard's recorded `LATE_MAX_AGE` and its last change: when a window becomes final.
@@ -226,5 +233,21 @@ impl Store {
     /// Length of a hash.
     pub async fn hlen(&self, conn: &mut Conn, key: &str) -> Result<u64, StoreError> {
         Ok(redis::cmd("HLEN").arg(key).query_async(conn).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exact_total;
+
+    #[test]
+    fn a_low_limb_left_just_below_zero_still_reads_exactly() {
+        assert_eq!(
+            exact_total("-200", "4000").as_deref(),
+            Some("3999999.9999999998")
+        );
+        assert_eq!(exact_total("1500000000000", "0").as_deref(), Some("1.5"));
+        assert_eq!(exact_total("-1", "0"), None);
+        assert_eq!(exact_total("x", "0"), None);
     }
 }

@@ -447,3 +447,50 @@ async fn small_pulses_past_the_low_limbs_carry_sum_exactly() {
     assert!(r.to_string().contains(want), "{r}");
     app.stop().await.unwrap();
 }
+
+/// Review finding: Lua reads a key's low limb as a double, whose step near the carry threshold
+/// (4 × 10^18) is 512. A total 200 units below it read as the threshold, was carried and left
+/// `lo` = -200 — a record the drain could not read, so dead-lettered. The carry now starts where
+/// every total read as past it is; the record is delivered exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_limb_just_below_the_carry_is_never_left_negative() {
+    let redis = RedisServer::start();
+    let (p, purl) = processor(Faults::default()).await;
+    let app = TestApp::spawn(settings(
+        &redis,
+        &[
+            ("WINDOW", "8s"),
+            ("SHARDS", "1"),
+            ("PROCESSOR_URL", &format!("{purl}/batches")),
+        ],
+    ))
+    .await;
+    let c = http();
+    let url = format!("{}/ingest", app.base);
+    // Right after a boundary, so the three steps land in one window.
+    let ok = eventually(Duration::from_secs(20), || async {
+        let (now, _): (u64, u64) = redis.cmd(&["TIME"]);
+        now % 8 == 1
+    })
+    .await;
+    assert!(ok);
+    let (s, body) = post_raw(&c, &url, pulse_text("t", "SKU", "KB", "0.000000001")).await;
+    assert_eq!(s, 202, "{body}");
+    // The key's total as if many pulses had brought it 1,200 units of 10^-12 below 4 × 10^18.
+    let generation: String = redis.cmd(&["HGET", "{pulses:0}:x:conf", "gen"]);
+    let field = serde_json::to_string(&["t", "SKU", "KB"]).unwrap();
+    let _: i64 = redis.cmd(&[
+        "HSET",
+        &format!("{{pulses:0}}:x:agg:{generation}"),
+        &field,
+        "3999999999999998800",
+    ]);
+    let (s, body) = post_raw(&c, &url, pulse_text("t", "SKU", "KB", "0.000000001")).await;
+    assert_eq!(s, 202, "{body}");
+    let lo: String = redis.cmd(&["HGET", &format!("{{pulses:0}}:x:agg:{generation}"), &field]);
+    assert_eq!(lo, "3999999999999999800", "no carry below the threshold");
+    flush_until_delivered(&app.base, &p, &["t"]).await;
+    assert_eq!(total_of(&p.records(), "t"), "3999999.9999999998");
+    assert_eq!(pending(&app.base).await["dead_letter_records"], 0);
+    app.stop().await.unwrap();
+}

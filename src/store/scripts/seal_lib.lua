@@ -11,7 +11,11 @@
 -- lo is below 10^15; once lo reaches 4 × 10^18 (4,000,000 whole units), 4 × 10^18 moves into hi
 -- (+4,000), so lo never nears int64's 9.2 × 10^18 — and a key carries once per 4 million units,
 -- not on every few pulses.
-local CARRY_AT = 4e18
+-- Lua sees a total as a double, whose step near 4 × 10^18 is 512: a total up to 256 below 4 ×
+-- 10^18 reads as 4 × 10^18, and carrying then would leave a negative lo (an adversarial review's
+-- finding: such a record was unreadable, so dead-lettered). The carry starts 1,024 above it,
+-- where every total that reads as past the threshold is.
+local CARRY_AT = 4e18 + 1024
 local CARRY_LO = '-4000000000000000000'
 local CARRY_HI = '4000'
 
