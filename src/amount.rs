@@ -137,6 +137,8 @@ impl Amount {
 /// or accepts exactly as before: the two agree wherever this answers, see the tests).
 fn plain_units(text: &str, decimals: u32) -> Option<u128> {
     let (int, frac) = match text.split_once('.') {
+        // "1." is not plain decimal text: the general parser decides.
+        Some((_, "")) => return None,
         Some((i, f)) => (i, f.trim_end_matches('0')),
         None => (text, ""),
     };
@@ -146,7 +148,6 @@ fn plain_units(text: &str, decimals: u32) -> Option<u128> {
         || frac.len() > decimals.min(SCALE) as usize
         || !digits(int)
         || !digits(frac)
-        || (text.contains('.') && text.ends_with('.'))
     {
         return None;
     }

@@ -281,11 +281,9 @@ local function markers(s, base, c)
   return places[s]
 end
 
--- Whether a marker is remembered already (nothing is written).
-local function known(m, mk)
-  if redis.call('HEXISTS', slot_key(m.cur, mk, m.slots), mk) == 1 then
-    return true
-  end
+-- Whether a marker is remembered by an earlier bucket (the previous one, the old bucketing's
+-- after a DEDUPE_TTL change, the release before's sets).
+local function remembered_before(m, mk)
   for _, h in ipairs(m.hashes) do
     if redis.call('HEXISTS', slot_key(h[1], mk, h[2]), mk) == 1 then
       return true
@@ -297,6 +295,12 @@ local function known(m, mk)
     end
   end
   return false
+end
+
+-- Whether a marker is remembered already (nothing is written).
+local function known(m, mk)
+  return redis.call('HEXISTS', slot_key(m.cur, mk, m.slots), mk) == 1
+    or remembered_before(m, mk)
 end
 
 local sections = {}
@@ -413,17 +417,7 @@ for s = 1, #sections do
       end
       m.touched[sk] = true
       added = added + 1
-      for _, h in ipairs(m.hashes) do
-        if redis.call('HEXISTS', slot_key(h[1], mk, h[2]), mk) == 1 then
-          return false
-        end
-      end
-      for _, set in ipairs(m.sets) do
-        if redis.call('SISMEMBER', set, mk) == 1 then
-          return false
-        end
-      end
-      return true
+      return not remembered_before(m, mk)
     end
     local flag = {}
     for k = first_id, first_ts - 1, id_stride do
